@@ -1,0 +1,160 @@
+"""Admin subcommands: the admin API from a terminal.
+
+They talk to a running gateway over HTTP rather than to its database, so that a revocation
+takes effect in the gateway's key cache at once and the server stays the one writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tokenworks.config import ADMIN_KEY_ENV
+
+URL_ENV = "TOKENWORKS_URL"
+DEFAULT_URL = "http://127.0.0.1:8000"
+REQUEST_TIMEOUT_S = 30
+
+
+class AdminError(Exception):
+    pass
+
+
+def request(method: str, path: str, body: Any = None, *, url: str, admin_key: str) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise AdminError(f"{exc.code}: {message}") from exc
+    except urllib.error.URLError as exc:
+        raise AdminError(f"cannot reach the gateway at {url}: {exc.reason}") from exc
+
+
+def add_subcommands(sub: Any, handler: Any) -> None:
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL))
+        parser.add_argument("--json", action="store_true", help="print raw JSON")
+        parser.set_defaults(func=handler)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="mint a key (the secret is shown once)")
+    create.add_argument("name")
+    create.add_argument("--model", action="append", dest="models", help="allow only this model")
+    create.add_argument("--account", default=None)
+    create.add_argument("--ttl-s", type=float, default=None)
+    common(create)
+    listing = keys_sub.add_parser("list", help="list keys")
+    common(listing)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key and every key minted under it")
+    revoke.add_argument("key_id")
+    common(revoke)
+
+    usage = sub.add_parser("usage", help="token usage, grouped")
+    usage.add_argument("--group-by", default="model", help="key,model,producer,day,...")
+    usage.add_argument("--since", default=None)
+    usage.add_argument("--until", default=None)
+    common(usage)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    admin_key = os.environ.get(ADMIN_KEY_ENV, "")
+    if not admin_key:
+        print(f"tokenworks: set {ADMIN_KEY_ENV} to the gateway's admin key", file=sys.stderr)
+        return 2
+    console = Console()
+    try:
+        if args.command == "keys":
+            return _keys(args, admin_key, console)
+        if args.command == "usage":
+            return _usage(args, admin_key, console)
+    except AdminError as exc:
+        print(f"tokenworks: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _keys(args: argparse.Namespace, admin_key: str, console: Console) -> int:
+    call = {"url": args.url, "admin_key": admin_key}
+    if args.keys_command == "create":
+        body = {"name": args.name, "models": args.models, "account": args.account}
+        if args.ttl_s is not None:
+            body["ttl_s"] = args.ttl_s
+        result = request("POST", "/admin/v1/keys", body, **call)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            console.print(f"id:  {result['id']}\nkey: {result['key']}  (shown once)")
+        return 0
+    if args.keys_command == "list":
+        result = request("GET", "/admin/v1/keys", **call)
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        table = Table("id", "name", "hint", "models", "account", "revoked")
+        for key in result["data"]:
+            models = ",".join(key["models"]) if key["models"] is not None else "*"
+            table.add_row(
+                key["id"],
+                key["name"],
+                key["hint"],
+                models,
+                key["account"] or "",
+                "yes" if key["revoked_at"] else "",
+            )
+        console.print(table)
+        return 0
+    result = request("DELETE", f"/admin/v1/keys/{urllib.parse.quote(args.key_id)}", **call)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        console.print(f"revoked: {', '.join(result['revoked']) or 'nothing (already revoked)'}")
+    return 0
+
+
+def _usage(args: argparse.Namespace, admin_key: str, console: Console) -> int:
+    query = {"group_by": args.group_by}
+    if args.since:
+        query["since"] = args.since
+    if args.until:
+        query["until"] = args.until
+    path = "/admin/v1/usage?" + urllib.parse.urlencode(query)
+    result = request("GET", path, url=args.url, admin_key=admin_key)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    columns = [*result["group_by"], "requests", "input_tokens", "cached_input_tokens"]
+    columns += ["output_tokens", "reasoning_tokens", "total_tokens"]
+    table = Table(*columns)
+    for row in result["data"]:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console.print(table)
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

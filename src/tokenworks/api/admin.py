@@ -1,0 +1,163 @@
+"""The admin API under /admin/v1, authorised by the admin key."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tokenworks.api.errors import ApiError
+from tokenworks.api.openai import gateway_of, read_json
+
+_encode = msgspec.json.encode
+MAX_ADMIN_BODY_BYTES = 1024 * 1024
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(_encode(data), status_code=status, media_type="application/json")
+
+
+def require_admin(request: Request) -> None:
+    expected = gateway_of(request).admin_key
+    if not expected:
+        raise ApiError(
+            403,
+            "the admin API is disabled: set TOKENWORKS_ADMIN_KEY or admin_key in the config",
+            code="admin_disabled",
+        )
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(secret.strip(), expected):
+        raise ApiError(401, "invalid admin key", code="invalid_admin_key")
+
+
+def parse_time_ms(value: str | None, name: str) -> int | None:
+    """`2026-11-29`, `2026-11-29T10:00:00Z`, or unix seconds; naive times are UTC."""
+    if value is None or value == "":
+        return None
+    try:
+        if value.replace(".", "", 1).isdigit():
+            return int(float(value) * 1000)
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ApiError(
+            400, f"'{name}' must be an ISO 8601 date/time or unix seconds", param=name
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+def _admin(handler: Any) -> Any:
+    async def wrapped(request: Request) -> Response:
+        try:
+            require_admin(request)
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+@_admin
+async def create_key(request: Request) -> Response:
+    body = await read_json(request, MAX_ADMIN_BODY_BYTES)
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, "'name' must be a non-empty string", param="name")
+    models = body.get("models")
+    if models is not None and (
+        not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+    ):
+        raise ApiError(400, "'models' must be null or an array of model names", param="models")
+    gateway = gateway_of(request)
+    if models is not None:
+        unknown = sorted(set(models) - set(gateway.router.routes))
+        if unknown:
+            raise ApiError(
+                400, f"unknown models: {', '.join(unknown)}", param="models", code="unknown_model"
+            )
+    ttl_s = body.get("ttl_s")
+    if ttl_s is not None and (not isinstance(ttl_s, int | float) or ttl_s <= 0):
+        raise ApiError(400, "'ttl_s' must be a positive number of seconds", param="ttl_s")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ApiError(400, "'metadata' must be an object", param="metadata")
+    key, secret = gateway.keys.create(
+        name.strip(),
+        models,
+        account_id=body.get("account") if isinstance(body.get("account"), str) else None,
+        ttl_s=ttl_s,
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )
+    return json_response({**key.public(), "key": secret}, status=201)
+
+
+@_admin
+async def list_keys(request: Request) -> Response:
+    include = request.query_params.get("include_revoked", "true").lower() != "false"
+    keys = gateway_of(request).keys.list(include_revoked=include)
+    return json_response({"data": [k.public() for k in keys]})
+
+
+@_admin
+async def get_key(request: Request) -> Response:
+    key = gateway_of(request).keys.get(request.path_params["key_id"])
+    if key is None:
+        raise ApiError(404, "no such key", code="key_not_found")
+    return json_response(key.public())
+
+
+@_admin
+async def revoke_key(request: Request) -> Response:
+    key_id = request.path_params["key_id"]
+    try:
+        revoked = gateway_of(request).keys.revoke(key_id)
+    except KeyError as exc:
+        raise ApiError(404, "no such key", code="key_not_found") from exc
+    return json_response({"id": key_id, "revoked": [k.id for k in revoked]})
+
+
+@_admin
+async def usage(request: Request) -> Response:
+    params = request.query_params
+    groups = [g for g in params.get("group_by", "").split(",") if g]
+    gateway = gateway_of(request)
+    await gateway.flush_usage()
+    try:
+        rows = gateway.store.query(
+            groups,
+            since_ms=parse_time_ms(params.get("since"), "since"),
+            until_ms=parse_time_ms(params.get("until"), "until"),
+            key_id=params.get("key") or None,
+        )
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="group_by") from exc
+    data = []
+    for row in rows:
+        item: dict[str, Any] = dict(row.group)
+        item["requests"] = row.requests
+        item.update(row.sums)
+        item["total_tokens"] = row.sums["input_tokens"] + row.sums["output_tokens"]
+        data.append(item)
+    return json_response({"object": "list", "group_by": groups, "data": data})
+
+
+@_admin
+async def health(request: Request) -> Response:
+    return json_response({"producers": gateway_of(request).router.health.snapshot()})
+
+
+routes = [
+    Route("/admin/v1/keys", create_key, methods=["POST"]),
+    Route("/admin/v1/keys", list_keys, methods=["GET"]),
+    Route("/admin/v1/keys/{key_id}", get_key, methods=["GET"]),
+    Route("/admin/v1/keys/{key_id}", revoke_key, methods=["DELETE"]),
+    Route("/admin/v1/usage", usage, methods=["GET"]),
+    Route("/admin/v1/health", health, methods=["GET"]),
+]

@@ -1,0 +1,207 @@
+"""The consumer API in the OpenAI shape: chat, completions, embeddings, models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tokenworks.api.errors import ApiError
+from tokenworks.auth import ApiKey
+from tokenworks.dispatch.relay import Call
+
+MAX_TAGS = 32
+MAX_TAG_BYTES = 256
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+def gateway_of(request: Request) -> Any:
+    return request.app.state.gateway
+
+
+def authenticate(request: Request) -> ApiKey:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(
+            401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
+        )
+    key = gateway_of(request).keys.authenticate(secret.strip())
+    if key is None:
+        raise ApiError(401, "invalid, expired or revoked API key", code="invalid_api_key")
+    return key
+
+
+async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object, refusing oversize bodies before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        payload = _decode(body)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+def _require(payload: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = payload.get(name)
+    if value is None:
+        raise ApiError(400, f"missing required parameter: '{name}'", param=name, code="missing")
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ApiError(400, f"'{name}' must be {what}", param=name, code="invalid_type")
+    return value
+
+
+def _optional_int(payload: dict[str, Any], name: str) -> None:
+    value = payload.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ApiError(400, f"'{name}' must be a positive integer", param=name, code="invalid_type")
+
+
+def _validate(endpoint: str, payload: dict[str, Any]) -> None:
+    _require(payload, "model", (str,), "a string")
+    if endpoint == "chat":
+        messages = _require(payload, "messages", (list,), "an array of messages")
+        if not messages:
+            raise ApiError(400, "'messages' must not be empty", param="messages", code="invalid")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ApiError(
+                    400,
+                    f"messages[{i}] must be an object with a string 'role'",
+                    param=f"messages[{i}]",
+                    code="invalid_type",
+                )
+    elif endpoint == "completions":
+        _require(payload, "prompt", (str, list), "a string or an array")
+    else:
+        _require(payload, "input", (str, list), "a string or an array")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
+    if stream and endpoint == "embeddings":
+        raise ApiError(400, "embeddings cannot be streamed", param="stream", code="invalid")
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        _optional_int(payload, name)
+
+
+def _tags(request: Request, payload: dict[str, Any]) -> dict[str, str]:
+    """Client tags: OpenAI's `user` and `metadata` fields and the `X-Tokenworks-Tags` header."""
+    tags: dict[str, str] = {}
+    user = payload.get("user")
+    if isinstance(user, str) and user:
+        tags["user"] = user
+    metadata = payload.get("metadata")
+    if isinstance(metadata, dict):
+        for k, v in metadata.items():
+            if isinstance(v, str | int | float) and not isinstance(v, bool):
+                tags[str(k)] = str(v)
+    header = request.headers.get("x-tokenworks-tags")
+    if header:
+        for part in header.split(","):
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip():
+                raise ApiError(
+                    400,
+                    "X-Tokenworks-Tags must be comma-separated name=value pairs",
+                    code="invalid_tags",
+                )
+            tags[name.strip()] = value.strip()
+    if len(tags) > MAX_TAGS or any(
+        len(k) + len(v) > MAX_TAG_BYTES for k, v in tags.items()
+    ):
+        raise ApiError(
+            400,
+            f"at most {MAX_TAGS} tags of at most {MAX_TAG_BYTES} bytes each",
+            code="invalid_tags",
+        )
+    return tags
+
+
+async def _relay(request: Request, endpoint: str) -> Any:
+    try:
+        gateway = gateway_of(request)
+        key = authenticate(request)
+        payload = await read_json(request, gateway.config.limits.max_body_bytes)
+        _validate(endpoint, payload)
+        name = payload["model"]
+        route = gateway.router.get(name)
+        if route is None or not key.allows(name):
+            # One answer for both, so a key cannot probe which models exist beyond its scope.
+            raise ApiError(
+                404,
+                f"The model '{name}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        stream = payload.get("stream") is True
+        options = payload.get("stream_options")
+        call = Call(
+            endpoint=endpoint,
+            payload=payload,
+            key=key,
+            route=route,
+            stream=stream,
+            client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            tags=_tags(request, payload),
+        )
+        return await gateway.relay.handle(call)
+    except ApiError as exc:
+        return exc.response()
+
+
+async def chat_completions(request: Request) -> Any:
+    return await _relay(request, "chat")
+
+
+async def completions(request: Request) -> Any:
+    return await _relay(request, "completions")
+
+
+async def embeddings(request: Request) -> Any:
+    return await _relay(request, "embeddings")
+
+
+async def models(request: Request) -> Response:
+    try:
+        key = authenticate(request)
+    except ApiError as exc:
+        return exc.response()
+    gateway = gateway_of(request)
+    created = int(gateway.started_s)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "tokenworks"}
+        for name in sorted(gateway.router.routes)
+        if key.allows(name)
+    ]
+    return Response(_encode({"object": "list", "data": data}), media_type="application/json")
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+]
+
+__all__ = ["routes"]

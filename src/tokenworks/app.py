@@ -1,0 +1,114 @@
+"""Wires keys, router, producers, relay and the usage store into one ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tokenworks.api import admin, openai
+from tokenworks.api.errors import ApiError
+from tokenworks.auth import KeyStore
+from tokenworks.config import Config
+from tokenworks.dispatch.health import Health
+from tokenworks.dispatch.relay import Relay
+from tokenworks.dispatch.router import Router
+from tokenworks.metering.store import UsageStore
+from tokenworks.metering.tokens import install_vocabularies
+from tokenworks.metrics import Metrics
+from tokenworks.producers.openai_compat import OpenAIProducer
+
+
+class Gateway:
+    """Everything one gateway process holds; built from the config, started by the app."""
+
+    def __init__(self, config: Config) -> None:
+        if not config.database.startswith("sqlite://"):
+            raise ValueError(
+                "only sqlite:// databases are supported by the usage store so far"
+            )
+        self.config = config
+        self.admin_key = config.resolved_admin_key()
+        self.started_s = time.time()
+        self.metrics = Metrics()
+        self.store = UsageStore(config.database)
+        self.keys = KeyStore(self.store._write_conn)
+        self.router = Router(config, Health())
+        self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
+        self.relay = Relay(
+            self.router, self.producers, self.store, self.metrics, config.limits.max_attempts
+        )
+
+    async def start(self) -> None:
+        # Vocabularies are copied before the first request, never during one.
+        await asyncio.to_thread(install_vocabularies)
+        for producer in self.producers.values():
+            await producer.start()
+
+    async def close(self) -> None:
+        for producer in self.producers.values():
+            await producer.close()
+        await asyncio.to_thread(self.store.close)
+
+    async def flush_usage(self) -> None:
+        await asyncio.to_thread(self.store.flush)
+
+
+async def healthz(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def metrics(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return ApiError(404, f"no such endpoint: {request.url.path}", code="unknown_url").response()
+    if exc.status_code == 405:
+        return ApiError(
+            405, f"method {request.method} not allowed here", code="method_not_allowed"
+        ).response()
+    return ApiError(exc.status_code, str(exc.detail)).response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return ApiError(500, "internal error; the request was not charged", code="internal").response()
+
+
+def build_app(config: Config) -> Starlette:
+    gateway = Gateway(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        await gateway.start()
+        try:
+            yield {}
+        finally:
+            await gateway.close()
+
+    app = Starlette(
+        routes=[
+            *openai.routes,
+            *admin.routes,
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+__all__ = ["Gateway", "build_app"]

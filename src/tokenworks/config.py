@@ -1,0 +1,194 @@
+"""The config file: its schema, loading it, and errors that name the line.
+
+The file is YAML. It is decoded into typed msgspec structs with unknown fields forbidden, so a
+misspelled key fails at start instead of being silently ignored. A validation error carries a
+JSON path (`$.producers[0].kind`); we walk the YAML node tree along that path to report the
+line and column a person has to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from tokenworks.pricing.spec import CostSpec
+
+ADMIN_KEY_ENV = "TOKENWORKS_ADMIN_KEY"
+CONFIG_ENV = "TOKENWORKS_CONFIG"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the place and what is wrong."""
+
+
+class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An upstream that produces tokens."""
+
+    name: str
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    max_connections: int = 1024
+    currency: str | None = None
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://", self.base_url):
+            raise ValueError("base_url must start with http:// or https://")
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0 seconds")
+        if not 1 <= self.max_connections <= 100_000:
+            raise ValueError("max_connections must be within 1..100000")
+
+
+class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One place a public model can be served: a producer and its name for the model."""
+
+    producer: str
+    model: str
+    cost: CostSpec | None = None
+
+
+class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A public model name and the deployments that serve it, tried in order."""
+
+    name: str
+    deployments: list[Deployment]
+    # tiktoken encoding used when the upstream reports no usage; guessed from the name if unset.
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.deployments:
+            raise ValueError("a model needs at least one deployment")
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Bounds on what one request may take."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_body_bytes <= 256 * 1024 * 1024:
+            raise ValueError("max_body_bytes must be within 1 KiB..256 MiB")
+        if not 1 <= self.max_attempts <= 10:
+            raise ValueError("max_attempts must be within 1..10")
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole file."""
+
+    database: str = "sqlite:///tokenworks.db"
+    admin_key: str | None = None
+    producers: list[Producer] = msgspec.field(default_factory=list)
+    models: list[Model] = msgspec.field(default_factory=list)
+    limits: Limits = msgspec.field(default_factory=Limits)
+
+    def resolved_admin_key(self) -> str | None:
+        return os.environ.get(ADMIN_KEY_ENV) or self.admin_key
+
+
+def load(path: str | Path) -> Config:
+    """Read and check a config file; raise ConfigError naming the line on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return loads(text, source=str(path))
+
+
+def loads(text: str, source: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}:1: the config must be a mapping of settings")
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        message, path = _split_msgspec_error(str(exc))
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+        if unknown:
+            path = f"{path}.{unknown.group(1)}"
+            message = "unknown field (not part of the config schema)"
+        line = _line_of(node, path)
+        where = f"{source}:{line}" if line else source
+        field = path.removeprefix("$").lstrip(".") or "(top level)"
+        raise ConfigError(f"{where}: {field}: {message}") from exc
+    _check_references(config, node, source)
+    return config
+
+
+def _split_msgspec_error(text: str) -> tuple[str, str]:
+    match = re.match(r"^(.*) - at `(\$[^`]*)`$", text, re.S)
+    if not match:
+        return text, "$"
+    return match.group(1), match.group(2)
+
+
+def _line_of(node: yaml.Node | None, path: str) -> int | None:
+    """The 1-based line of the YAML node at a msgspec path like `$.models[0].name`."""
+    if node is None:
+        return None
+    best = node
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        key, index = part
+        nxt: yaml.Node | None = None
+        if key and isinstance(best, yaml.MappingNode):
+            for k, v in best.value:
+                if getattr(k, "value", None) == key:
+                    nxt = v
+                    break
+        elif index and isinstance(best, yaml.SequenceNode):
+            i = int(index)
+            if i < len(best.value):
+                nxt = best.value[i]
+        if nxt is None:
+            break
+        best = nxt
+    return best.start_mark.line + 1
+
+
+def _check_references(config: Config, node: yaml.Node | None, source: str) -> None:
+    def fail(path: str, message: str) -> None:
+        line = _line_of(node, path)
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {path.removeprefix('$.')}: {message}")
+
+    producers: dict[str, Producer] = {}
+    for i, producer in enumerate(config.producers):
+        if producer.name in producers:
+            fail(f"$.producers[{i}].name", f"duplicate producer name {producer.name!r}")
+        producers[producer.name] = producer
+    seen: set[str] = set()
+    for i, model in enumerate(config.models):
+        if model.name in seen:
+            fail(f"$.models[{i}].name", f"duplicate model name {model.name!r}")
+        seen.add(model.name)
+        for j, deployment in enumerate(model.deployments):
+            if deployment.producer not in producers:
+                known = ", ".join(sorted(producers)) or "none defined"
+                fail(
+                    f"$.models[{i}].deployments[{j}].producer",
+                    f"unknown producer {deployment.producer!r} (known: {known})",
+                )
+    if not config.database.startswith(("sqlite://", "postgresql://", "postgres://")):
+        fail("$.database", "must be a sqlite:/// or postgresql:// URL")
+
+
+def to_builtins(config: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(config)

@@ -1,0 +1,478 @@
+"""Relay one client request to an upstream, fail over before the first byte, and meter it.
+
+The relay owns the part of the hot path between "we know which model and key" and "the last
+byte went out": pick candidates, send, pass the answer through byte for byte (rewriting only
+the model name), read usage on the way, and hand one usage record to the store when done,
+whatever happened: success, upstream failure, upstream crash mid-stream, or a client that
+went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+from starlette.responses import Response
+
+from tokenworks.api.errors import ApiError, error_body
+from tokenworks.auth import ApiKey
+from tokenworks.config import Deployment
+from tokenworks.dispatch.router import Route, Router
+from tokenworks.metering import extract
+from tokenworks.metering.store import UsageStore
+from tokenworks.metering.usage import Usage, UsageRecord
+from tokenworks.metrics import Metrics
+from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
+
+PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
+HTTP_CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
+
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(slots=True)
+class Call:
+    """One client request on its way through the gateway."""
+
+    endpoint: str
+    payload: dict[str, Any]
+    key: ApiKey
+    route: Route
+    stream: bool
+    client_wants_usage: bool
+    tags: dict[str, str]
+    started_s: float = field(default_factory=time.perf_counter)
+    request_id: str = field(default_factory=lambda: "req_" + uuid.uuid4().hex)
+    ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    @property
+    def public_model(self) -> str:
+        return self.route.model.name
+
+
+class Relay:
+    def __init__(
+        self,
+        router: Router,
+        producers: dict[str, OpenAIProducer],
+        store: UsageStore,
+        metrics: Metrics,
+        max_attempts: int,
+    ) -> None:
+        self.router = router
+        self.producers = producers
+        self.store = store
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+
+    async def handle(self, call: Call) -> Any:
+        """Serve a call; returns an ASGI response. Raises ApiError when no upstream served it."""
+        last: UpstreamError | None = None
+        for deployment in self.router.candidates(call.route, self.max_attempts):
+            producer = self.producers[deployment.producer]
+            body = self._upstream_body(call, deployment)
+            try:
+                if call.stream:
+                    return await self._open_stream(call, deployment, producer, body)
+                return await self._complete(call, deployment, producer, body)
+            except UpstreamError as exc:
+                last = exc
+                self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
+                retry_after = _seconds(exc.retry_after)
+                self.router.health.failed(exc.producer, retry_after)
+                if not exc.retryable:
+                    break
+        assert last is not None, "a route always has at least one deployment"
+        error = _client_error(last)
+        self._record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
+        raise error
+
+    def _upstream_body(self, call: Call, deployment: Deployment) -> bytes:
+        payload = dict(call.payload)
+        payload["model"] = deployment.model
+        if call.stream and call.endpoint in ("chat", "completions"):
+            options = payload.get("stream_options")
+            options = dict(options) if isinstance(options, dict) else {}
+            options["include_usage"] = True
+            payload["stream_options"] = options
+        return _encode(payload)
+
+    # -- plain responses -------------------------------------------------------------------
+
+    async def _complete(
+        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
+    ) -> Any:
+        response = await producer.post(PATHS[call.endpoint], body)
+        try:
+            data = await _read_bounded(response, MAX_RESPONSE_BYTES)
+        except TimeoutError as exc:
+            raise UpstreamError(producer.name, "timeout", "upstream timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(producer.name, "cut", f"upstream response broken: {exc}") from exc
+        finally:
+            response.release()
+        try:
+            parsed = _decode(data)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(
+                producer.name, "malformed", "upstream returned malformed JSON"
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
+        self.router.health.ok(producer.name)
+        usage = extract.usage_from_openai(parsed.get("usage"))
+        if usage is None:
+            usage = self._estimate(call, _response_texts(parsed))
+        self._record(call, deployment, response.status, usage, ttft_s=None)
+        return Response(
+            _rewrite_model(data, call.public_model),
+            status_code=response.status,
+            media_type="application/json",
+            headers={"x-request-id": call.request_id},
+        )
+
+    # -- streams -------------------------------------------------------------------------------
+
+    async def _open_stream(
+        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
+    ) -> Any:
+        response = await producer.post(PATHS[call.endpoint], body)
+        events = _SSEReader(response)
+        try:
+            first = await events.next()
+        except TimeoutError as exc:
+            response.close()
+            raise UpstreamError(producer.name, "timeout", "upstream timed out") from exc
+        except (aiohttp.ClientError, _SSEError) as exc:
+            response.close()
+            raise UpstreamError(producer.name, "cut", f"upstream stream broken: {exc}") from exc
+        if first is None:
+            response.close()
+            raise UpstreamError(producer.name, "cut", "upstream closed the stream at once")
+        self.router.health.ok(producer.name)
+        return _StreamResponse(self, call, deployment, response, events, first)
+
+    def _estimate(self, call: Call, output_texts: list[str]) -> Usage:
+        encoding = call.route.encoding
+        return Usage(
+            input_tokens=extract.estimate_input(call.endpoint, call.payload, encoding),
+            output_tokens=extract.estimate_output(output_texts, encoding),
+            estimated=True,
+        )
+
+    def _record(
+        self,
+        call: Call,
+        deployment: Deployment | None,
+        status: int,
+        usage: Usage,
+        *,
+        ttft_s: float | None,
+        error: str | None = None,
+    ) -> UsageRecord:
+        latency_s = time.perf_counter() - call.started_s
+        record = UsageRecord(
+            request_id=call.request_id,
+            ts_ms=call.ts_ms,
+            key_id=call.key.id,
+            account_id=call.key.account_id,
+            public_model=call.public_model,
+            producer=deployment.producer if deployment else None,
+            upstream_model=deployment.model if deployment else None,
+            endpoint=call.endpoint,
+            status=status,
+            usage=usage,
+            latency_ms=round(latency_s * 1000, 3),
+            ttft_ms=round(ttft_s * 1000, 3) if ttft_s is not None else None,
+            streamed=call.stream,
+            error=error,
+            service_tier=call.payload.get("service_tier")
+            if isinstance(call.payload.get("service_tier"), str)
+            else None,
+            tags=call.tags,
+        )
+        self.store.submit(record)
+        m = self.metrics
+        m.requests.labels(call.endpoint, call.public_model, str(status)).inc()
+        m.latency.labels(call.endpoint).observe(latency_s)
+        if ttft_s is not None:
+            m.ttft.labels(call.public_model).observe(ttft_s)
+        producer = record.producer or "none"
+        if usage.input_tokens:
+            m.tokens.labels(call.public_model, producer, "input").inc(usage.input_tokens)
+        if usage.output_tokens:
+            m.tokens.labels(call.public_model, producer, "output").inc(usage.output_tokens)
+        return record
+
+
+class _SSEError(Exception):
+    pass
+
+
+class _SSEReader:
+    """Splits an upstream byte stream into SSE events (`...\\n\\n`), bounded in size."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self._buffer = b""
+        self._eof = False
+
+    async def next(self) -> bytes | None:
+        """The next whole event without its trailing blank line; None at a clean end."""
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end >= 0:
+                event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+                if event.strip():
+                    return event
+                continue
+            if self._eof:
+                if self._buffer.strip():
+                    raise _SSEError("stream ended inside an event")
+                return None
+            if len(self._buffer) > MAX_SSE_EVENT_BYTES:
+                raise _SSEError("event too large")
+            chunk = await self._response.content.readany()
+            if not chunk:
+                self._eof = True
+                continue
+            if b"\r" in chunk:
+                chunk = chunk.replace(b"\r\n", b"\n")
+            self._buffer += chunk
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The payload of an event's `data:` line(s); None for comments and other fields."""
+    if event.startswith(b"data:") and b"\ndata:" not in event:
+        return event[5:].lstrip(b" ")
+    parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(parts) if parts else None
+
+
+class _StreamResponse:
+    """The ASGI response of a stream: pumps upstream events to the client until one ends."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        call: Call,
+        deployment: Deployment,
+        upstream: aiohttp.ClientResponse,
+        events: _SSEReader,
+        first: bytes,
+    ) -> None:
+        self.relay = relay
+        self.call = call
+        self.deployment = deployment
+        self.upstream = upstream
+        self.events = events
+        self.first = first
+        self.usage: Usage | None = None
+        self.texts: list[str] = []
+        self.ttft_s: float | None = None
+        self.status = 200
+        self.error: str | None = None
+        self.model_field = b'"model":' + _encode(call.public_model)
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-request-id", self.call.request_id.encode()),
+                ],
+            }
+        )
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                pump.cancel()
+                self.status = HTTP_CLIENT_CLOSED
+                self.error = "client disconnected mid-stream"
+            watch.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                exc = pump.exception()
+                if isinstance(exc, OSError):  # the client socket broke while we wrote
+                    self.status = HTTP_CLIENT_CLOSED
+                    self.error = "client disconnected mid-stream"
+                else:
+                    raise exc  # type: ignore[misc]
+        finally:
+            self.upstream.close()
+            self._finish()
+
+    async def _pump(self, send: Send) -> None:
+        event: bytes | None = self.first
+        while event is not None:
+            out = self._process(event)
+            if out is not None:
+                if self.ttft_s is None:
+                    self.ttft_s = time.perf_counter() - self.call.started_s
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            if self.error is not None:
+                break
+            try:
+                event = await self.events.next()
+            except TimeoutError:
+                self._fail(504, "upstream timed out mid-stream", "upstream_timeout")
+                break
+            except (aiohttp.ClientError, _SSEError) as exc:
+                self._fail(502, f"upstream stream broken: {exc}", "upstream_cut")
+                break
+            if event is None and self.error is None and not self._done:
+                self._fail(502, "upstream closed the stream before [DONE]", "upstream_cut")
+                break
+        tail = self._pending_error or b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    _done = False
+    _pending_error: bytes | None = None
+
+    def _fail(self, status: int, message: str, code: str) -> None:
+        self.status = status
+        self.error = message
+        self.relay.metrics.upstream_errors.labels(self.deployment.producer, code).inc()
+        self._pending_error = b"data: " + error_body(status, message, code) + b"\n\n"
+
+    def _process(self, event: bytes) -> bytes | None:
+        """Inspect one upstream event; return the bytes to send the client, or None to hide it."""
+        data = _event_data(event)
+        if data is None:
+            return event + b"\n\n"
+        if data == b"[DONE]":
+            self._done = True
+            return event + b"\n\n"
+        try:
+            chunk = _decode(data)
+        except msgspec.DecodeError:
+            self._fail(502, "upstream sent a malformed stream chunk", "upstream_malformed")
+            return None
+        if not isinstance(chunk, dict):
+            self._fail(502, "upstream sent a malformed stream chunk", "upstream_malformed")
+            return None
+        if "error" in chunk and "choices" not in chunk:
+            self.status = 502
+            self.error = "upstream reported an error mid-stream"
+            return event + b"\n\n"
+        usage = extract.usage_from_openai(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if isinstance(text, str):
+                    self.texts.append(text)
+                if isinstance(delta, dict):
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if isinstance(reasoning, str):
+                        self.texts.append(reasoning)
+        if not self.call.client_wants_usage:
+            if usage is not None and not chunk.get("choices"):
+                return None  # the usage chunk we asked for on the client's behalf
+            event = _USAGE_NULL.sub(b"", event)
+        return _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+
+    def _finish(self) -> None:
+        usage = self.usage
+        if usage is None:
+            usage = self.relay._estimate(self.call, self.texts)
+        self.relay._record(
+            self.call, self.deployment, self.status, usage, ttft_s=self.ttft_s, error=self.error
+        )
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> bytes:
+    length = response.content_length
+    if length is not None and length > limit_bytes:
+        raise aiohttp.ClientPayloadError(f"response of {length} bytes exceeds the limit")
+    if length is not None:
+        return await response.content.readexactly(length)
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise aiohttp.ClientPayloadError("response exceeds the size limit")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _rewrite_model(data: bytes, public_model: str) -> bytes:
+    return _MODEL_FIELD.sub(b'"model":' + _encode(public_model), data, count=1)
+
+
+def _response_texts(parsed: dict[str, Any]) -> list[str]:
+    texts: list[str] = []
+    for choice in parsed.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            texts.append(message["content"])
+        elif isinstance(choice.get("text"), str):
+            texts.append(choice["text"])
+    return texts
+
+
+def _seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _client_error(exc: UpstreamError) -> ApiError:
+    """What the client sees when no deployment could serve its request."""
+    if exc.status is not None and not exc.retryable and 400 <= exc.status < 500:
+        message = exc.message
+        try:
+            upstream = _decode(exc.body)
+            if isinstance(upstream, dict) and isinstance(upstream.get("error"), dict):
+                message = str(upstream["error"].get("message") or message)
+        except msgspec.DecodeError:
+            pass
+        return ApiError(exc.status, message, code="upstream_rejected")
+    if exc.status == 429:
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return ApiError(
+            429,
+            "every upstream for this model is at capacity; try again later",
+            code="upstream_capacity",
+            headers=headers,
+        )
+    if exc.reason == "timeout":
+        return ApiError(504, "the upstream timed out", code="upstream_timeout")
+    if exc.reason == "connect":
+        return ApiError(503, "no upstream for this model is reachable", code="upstream_unavailable")
+    return ApiError(502, f"the upstream failed: {exc.message}", code="upstream_error")

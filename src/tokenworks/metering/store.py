@@ -1,0 +1,337 @@
+"""The usage table: one row per request, written by group commit, queried by group.
+
+Writes leave the hot path at once: a request appends its record to a bounded queue and a
+single writer thread commits whatever has accumulated in one transaction (up to
+`MAX_BATCH_ROWS`). SQLite in WAL mode with `synchronous=NORMAL` gives one fsync per batch at
+checkpoint time, so thousands of requests per second cost a handful of commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenworks.metering.usage import Usage, UsageRecord
+
+MAX_BATCH_ROWS = 2048
+MAX_QUEUE_ROWS = 100_000
+FLUSH_INTERVAL_S = 0.02
+
+USAGE_COLUMNS = (
+    "request_id",
+    "ts_ms",
+    "key_id",
+    "account_id",
+    "public_model",
+    "producer",
+    "upstream_model",
+    "endpoint",
+    "status",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "estimated",
+    "latency_ms",
+    "ttft_ms",
+    "streamed",
+    "error",
+    "cost_nano",
+    "price_nano",
+    "service_tier",
+    "tags",
+)
+
+USAGE_DDL = """
+CREATE TABLE IF NOT EXISTS usage (
+    request_id TEXT PRIMARY KEY,
+    ts_ms BIGINT NOT NULL,
+    key_id TEXT,
+    account_id TEXT,
+    public_model TEXT NOT NULL,
+    producer TEXT,
+    upstream_model TEXT,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    cached_input_tokens BIGINT NOT NULL,
+    cache_write_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    reasoning_tokens BIGINT NOT NULL,
+    estimated INTEGER NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL,
+    ttft_ms DOUBLE PRECISION,
+    streamed INTEGER NOT NULL,
+    error TEXT,
+    cost_nano BIGINT NOT NULL,
+    price_nano BIGINT NOT NULL,
+    service_tier TEXT,
+    tags TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts_ms);
+CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts_ms);
+"""
+
+GROUPS = {
+    "key": "key_id",
+    "model": "public_model",
+    "producer": "producer",
+    "account": "account_id",
+    "upstream_model": "upstream_model",
+    "status": "status",
+    # UTC calendar day of the request.
+    "day": "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+}
+
+SUMS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_nano",
+    "price_nano",
+)
+
+
+def usage_row(record: UsageRecord) -> tuple[Any, ...]:
+    u = record.usage
+    return (
+        record.request_id,
+        record.ts_ms,
+        record.key_id,
+        record.account_id,
+        record.public_model,
+        record.producer,
+        record.upstream_model,
+        record.endpoint,
+        record.status,
+        u.input_tokens,
+        u.cached_input_tokens,
+        u.cache_write_tokens,
+        u.output_tokens,
+        u.reasoning_tokens,
+        int(u.estimated),
+        record.latency_ms,
+        record.ttft_ms,
+        int(record.streamed),
+        record.error,
+        record.cost_nano,
+        record.price_nano,
+        record.service_tier,
+        json.dumps(record.tags, separators=(",", ":"), sort_keys=True),
+    )
+
+
+def record_from_row(row: sqlite3.Row | dict[str, Any]) -> UsageRecord:
+    r = dict(row)
+    return UsageRecord(
+        request_id=r["request_id"],
+        ts_ms=r["ts_ms"],
+        key_id=r["key_id"],
+        account_id=r["account_id"],
+        public_model=r["public_model"],
+        producer=r["producer"],
+        upstream_model=r["upstream_model"],
+        endpoint=r["endpoint"],
+        status=r["status"],
+        usage=Usage(
+            input_tokens=r["input_tokens"],
+            cached_input_tokens=r["cached_input_tokens"],
+            cache_write_tokens=r["cache_write_tokens"],
+            output_tokens=r["output_tokens"],
+            reasoning_tokens=r["reasoning_tokens"],
+            estimated=bool(r["estimated"]),
+        ),
+        latency_ms=r["latency_ms"],
+        ttft_ms=r["ttft_ms"],
+        streamed=bool(r["streamed"]),
+        error=r["error"],
+        cost_nano=r["cost_nano"],
+        price_nano=r["price_nano"],
+        service_tier=r["service_tier"],
+        tags=json.loads(r["tags"] or "{}"),
+    )
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:`."""
+    assert url.startswith("sqlite://"), url
+    rest = url.removeprefix("sqlite://")
+    if rest in ("", "/:memory:", ":memory:"):
+        return ":memory:"
+    return rest.removeprefix("/") if not rest.startswith("//") else rest[1:]
+
+
+def connect_sqlite(path: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.executescript(USAGE_DDL)
+    return conn
+
+
+@dataclass(slots=True)
+class Summary:
+    group: dict[str, Any]
+    requests: int
+    sums: dict[str, int]
+
+
+class UsageStore:
+    """The usage table in SQLite, with a group-committing writer thread."""
+
+    def __init__(self, url: str) -> None:
+        self.path = sqlite_path(url)
+        self._write_conn = connect_sqlite(self.path)
+        self._read_conn = (
+            self._write_conn if self.path == ":memory:" else connect_sqlite(self.path)
+        )
+        self._read_lock = threading.Lock()
+        self._queue: queue.Queue[UsageRecord | None] = queue.Queue(MAX_QUEUE_ROWS)
+        self._flushed = threading.Condition()
+        self._submitted = 0
+        self._committed = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: UsageRecord) -> None:
+        """Queue a record; never blocks the event loop. A full queue is counted, not hidden."""
+        try:
+            self._queue.put_nowait(record)
+            self._submitted += 1
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything submitted so far is committed."""
+        target = self._submitted
+        deadline = time.monotonic() + timeout_s
+        with self._flushed:
+            while self._committed < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._flushed.wait(left)
+        return True
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        self._write_conn.close()
+        if self._read_conn is not self._write_conn:
+            self._read_conn.close()
+
+    def _run(self) -> None:
+        placeholders = ",".join("?" * len(USAGE_COLUMNS))
+        sql = (
+            f"INSERT OR IGNORE INTO usage ({','.join(USAGE_COLUMNS)}) VALUES ({placeholders})"
+        )
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH_ROWS:
+                try:
+                    item = self._queue.get(timeout=FLUSH_INTERVAL_S if len(batch) < 8 else 0)
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            self._commit(sql, batch)
+
+    def _commit(self, sql: str, batch: list[UsageRecord]) -> None:
+        rows = [usage_row(r) for r in batch]
+        for attempt in range(5):
+            try:
+                shared = self._read_conn is self._write_conn
+                with self._read_lock if shared else contextlib.nullcontext():
+                    self._write_conn.execute("BEGIN IMMEDIATE")
+                    self._write_conn.executemany(sql, rows)
+                    self._write_conn.execute("COMMIT")
+                break
+            except sqlite3.OperationalError:
+                self._write_conn.execute("ROLLBACK") if self._write_conn.in_transaction else None
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        with self._flushed:
+            self._committed += len(batch)
+            self._flushed.notify_all()
+
+    def query(
+        self,
+        group_by: Iterable[str] = (),
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        key_id: str | None = None,
+    ) -> list[Summary]:
+        groups = list(group_by)
+        for g in groups:
+            if g not in GROUPS:
+                raise ValueError(f"unknown group_by {g!r}; one of: {', '.join(GROUPS)}")
+        select = [f"{GROUPS[g]} AS {g}" for g in groups]
+        select += ["COUNT(*) AS requests"] + [f"COALESCE(SUM({s}),0) AS {s}" for s in SUMS]
+        where, params = [], []
+        if since_ms is not None:
+            where.append("ts_ms >= ?")
+            params.append(since_ms)
+        if until_ms is not None:
+            where.append("ts_ms < ?")
+            params.append(until_ms)
+        if key_id is not None:
+            where.append("key_id = ?")
+            params.append(key_id)
+        sql = f"SELECT {', '.join(select)} FROM usage"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if groups:
+            sql += " GROUP BY " + ", ".join(groups) + " ORDER BY " + ", ".join(groups)
+        with self._read_lock:
+            rows = self._read_conn.execute(sql, params).fetchall()
+        out = []
+        for row in rows:
+            out.append(
+                Summary(
+                    group={g: row[g] for g in groups},
+                    requests=row["requests"],
+                    sums={s: row[s] for s in SUMS},
+                )
+            )
+        return out
+
+    def records(
+        self, since_ms: int | None = None, until_ms: int | None = None, limit: int = 1_000_000
+    ) -> list[UsageRecord]:
+        where, params = [], []
+        if since_ms is not None:
+            where.append("ts_ms >= ?")
+            params.append(since_ms)
+        if until_ms is not None:
+            where.append("ts_ms < ?")
+            params.append(until_ms)
+        sql = "SELECT * FROM usage"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts_ms LIMIT ?"
+        params.append(limit)
+        with self._read_lock:
+            return [record_from_row(r) for r in self._read_conn.execute(sql, params)]

@@ -1,0 +1,56 @@
+"""Prometheus metrics: requests, tokens, latency and upstream errors, by model and producer.
+
+A private registry per app keeps several apps in one process (tests, the demo) from
+colliding on metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tokenworks_requests",
+            "Requests served, by endpoint, public model and HTTP status.",
+            ["endpoint", "model", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "tokenworks_tokens",
+            "Tokens metered, by public model, producer and direction (input/output).",
+            ["model", "producer", "direction"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tokenworks_request_latency_seconds",
+            "Time from request arrival to the last byte sent.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "tokenworks_time_to_first_token_seconds",
+            "Time from request arrival to the first streamed byte.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "tokenworks_upstream_errors",
+            "Failed upstream attempts, by producer and reason.",
+            ["producer", "reason"],
+            registry=self.registry,
+        )
+        self.usage_dropped = Counter(
+            "tokenworks_usage_records_dropped",
+            "Usage records lost because the writer queue was full.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

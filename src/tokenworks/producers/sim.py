@@ -1,0 +1,114 @@
+"""A simulated OpenAI-compatible token factory: `tokenworks upstream-sim`.
+
+It stands in for a real provider in the gateway's tests, the demo and the load benchmarks: it
+speaks the OpenAI wire format, produces deterministic one-token words (so usage is exact), has a
+capacity model (tokens/s shared by streams, slots, a bounded queue, time to first token, peak
+hours) and serves faults on demand. Control endpoints under /sim/ expose what it did.
+
+Public API: `SimProfile`, `PROFILES`, `FAULT_KINDS`, `build_app`, `get_profile`, `serve`,
+`running_sim`.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from tokenworks.producers.sim_app import SimApp, install_log_filter
+from tokenworks.producers.sim_profile import FAULT_KINDS, PROFILES, SimProfile
+
+__all__ = [
+    "FAULT_KINDS",
+    "PROFILES",
+    "SimApp",
+    "SimProfile",
+    "build_app",
+    "get_profile",
+    "running_sim",
+    "serve",
+]
+
+GRACEFUL_SHUTDOWN_S = 2  # in-flight hung requests are cut after this on shutdown
+
+
+def get_profile(profile: str | SimProfile) -> SimProfile:
+    if isinstance(profile, SimProfile):
+        return profile
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        known = ", ".join(sorted(PROFILES))
+        raise ValueError(f"unknown sim profile {profile!r}; known: {known}") from None
+
+
+def build_app(profile: str | SimProfile = "instant") -> SimApp:
+    """The raw ASGI app of one simulated producer; its state (stats, faults) lives on it."""
+    install_log_filter()
+    return SimApp(get_profile(profile))
+
+
+def _config(app: SimApp, log_level: str, **kwargs: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        access_log=False,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def serve(host: str, port: int, profile: str) -> int:
+    """Run the sim until interrupted (blocking); the CLI's `upstream-sim`. Returns an exit code."""
+    try:
+        app = build_app(profile)
+    except ValueError as exc:
+        print(f"tokenworks upstream-sim: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"tokenworks upstream-sim: profile {app.profile.name!r} on http://{host}:{port}/v1 "
+        "(control: /sim/stats, /sim/faults, /sim/reset)",
+        file=sys.stderr,
+    )
+    uvicorn.Server(_config(app, "info", host=host, port=port)).run()
+    return 0
+
+
+@contextmanager
+def running_sim(
+    profile: str | SimProfile = "instant", *, startup_timeout_s: float = 10.0
+) -> Iterator[str]:
+    """Run a sim on a free 127.0.0.1 port in a background thread; yield its base URL.
+
+    The URL has no path: clients use f"{url}/v1" as the OpenAI base URL and f"{url}/sim/..."
+    for control. The server is stopped, and its thread joined, on exit.
+    """
+    app = build_app(profile)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(_config(app, "warning"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"sim-{port}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the sim did not start on 127.0.0.1:{port}")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=GRACEFUL_SHUTDOWN_S + 5)
+        sock.close()

@@ -1,0 +1,151 @@
+"""Shared fixtures: simulated producers and gateways on 127.0.0.1, over real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tokenworks.app import build_app
+from tokenworks.config import loads
+from tokenworks.serving import serve_in_thread
+
+ADMIN_KEY = "test-admin-key"
+
+
+@dataclass
+class Sim:
+    url: str  # base URL, without /v1
+
+    def fault(self, kind: str, count: int = 1) -> None:
+        r = httpx.post(f"{self.url}/sim/faults", json={"kind": kind, "count": count})
+        r.raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.url}/sim/faults").raise_for_status()
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/sim/stats").json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/sim/reset").raise_for_status()
+        self.clear_faults()
+
+
+@contextlib.contextmanager
+def running_sim(profile: str = "instant") -> Iterator[Sim]:
+    from tokenworks.producers.sim import build_app as build_sim
+
+    with serve_in_thread(build_sim(profile)) as url:
+        yield Sim(url)
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: object
+    db_path: Path
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
+
+    def create_key(self, name: str = "test", models: list[str] | None = None, **extra) -> dict:
+        r = self.admin("POST", "/admin/v1/keys", json={"name": name, "models": models, **extra})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def usage(self, **params: str) -> list[dict]:
+        r = self.admin("GET", "/admin/v1/usage", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    def records(self) -> list:
+        gateway = self.app.state.gateway
+        gateway.store.flush()
+        return gateway.store.records()
+
+
+def gateway_config(
+    db: Path, producers: dict[str, str | tuple[str, float]], models: str, extra: str = ""
+) -> str:
+    """A config for producers given as `name: url` or `name: (url, timeout_s)`."""
+    lines = [f"database: sqlite:///{db}", f"admin_key: {ADMIN_KEY}", "producers:"]
+    for name, where in producers.items():
+        url, timeout_s = where if isinstance(where, tuple) else (where, 5.0)
+        lines += [f"  - name: {name}", f"    base_url: {url}/v1", f"    timeout_s: {timeout_s}"]
+    return "\n".join(lines) + "\n" + textwrap.dedent(models) + textwrap.dedent(extra)
+
+
+@contextlib.contextmanager
+def running_gateway(config_text: str, db: Path) -> Iterator[Gateway]:
+    app = build_app(loads(config_text, "test.yaml"))
+    with serve_in_thread(app) as url:
+        yield Gateway(url, app, db)
+
+
+@pytest.fixture(scope="session")
+def sim_a() -> Iterator[Sim]:
+    with running_sim("instant") as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def sim_b() -> Iterator[Sim]:
+    with running_sim("instant") as sim:
+        yield sim
+
+
+@pytest.fixture
+def sims(sim_a: Sim, sim_b: Sim) -> Iterator[tuple[Sim, Sim]]:
+    sim_a.reset()
+    sim_b.reset()
+    yield sim_a, sim_b
+    sim_a.clear_faults()
+    sim_b.clear_faults()
+
+
+MODELS = """\
+models:
+  - name: chat-fast
+    deployments:
+      - {producer: a, model: sim-small}
+      - {producer: b, model: sim-small}
+  - name: chat-a-only
+    deployments:
+      - {producer: a, model: sim-large}
+  - name: embed
+    deployments:
+      - {producer: a, model: sim-embed}
+"""
+
+
+@pytest.fixture
+def gateway(sims: tuple[Sim, Sim], tmp_path: Path) -> Iterator[Gateway]:
+    a, b = sims
+    text = gateway_config(tmp_path / "gw.db", {"a": a.url, "b": b.url}, MODELS)
+    with running_gateway(text, tmp_path / "gw.db") as gw:
+        yield gw
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[Callable[..., contextlib.AbstractContextManager]]:
+    def make(producers: dict[str, str | tuple[str, float]], models: str, extra: str = "", name: str = "gw"):
+        db = tmp_path / f"{name}.db"
+        return running_gateway(gateway_config(db, producers, models, extra), db)
+
+    yield make
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"CI={os.environ.get('CI', '')}"
