@@ -232,7 +232,7 @@ def test_failover_before_the_first_byte(
 def test_stream_failover_when_the_first_deployment_fails(
     gateway: Gateway, sims: tuple[Sim, Sim]
 ) -> None:
-    a, b = sims
+    a, _b = sims
     a.fault("500")
     key = gateway.create_key()
     chunks = list(
@@ -309,7 +309,7 @@ def test_all_upstreams_failing_gives_502_and_429_keeps_retry_after(
 def test_mid_stream_crash_ends_with_an_error_event_and_is_metered(
     gateway: Gateway, sims: tuple[Sim, Sim], fault: str
 ) -> None:
-    a, b = sims
+    _a, b = sims
     key = gateway.create_key()
     with httpx.stream(
         "POST",
@@ -406,7 +406,7 @@ def test_client_disconnect_cancels_upstream_and_charges_what_was_produced(
 def test_usage_totals_equal_what_the_upstreams_reported(
     gateway: Gateway, sims: tuple[Sim, Sim]
 ) -> None:
-    a, b = sims
+    a, _b = sims
     key = gateway.create_key(name="alice")
     c = client(gateway, key["key"])
     for i in range(6):

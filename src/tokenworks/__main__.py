@@ -1,0 +1,3 @@
+from tokenworks.cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""The `tokenworks` command: config errors at start, and the admin subcommands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import ADMIN_KEY, Gateway
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def tokenworks(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenworks", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("producers:\n  - name: a\n    base_url: http://x\n    colour: red\n", ":4: producers[0].colour: unknown field"),
+        ("models:\n  - name: m\n    deployments:\n      - {producer: ghost, model: x}\n", ":4: models[0].deployments[0].producer: unknown producer 'ghost'"),
+        ("producers:\n  - name: a\n    base_url: http://x\n    timeout_s: fast\n", ":4: producers[0].timeout_s: Expected `float`"),
+        ("producers: [\n", "invalid YAML"),
+        ("database: mysql://x\n", ":1: database: must be a sqlite:/// or postgresql:// URL"),
+    ],
+)
+def test_a_bad_config_fails_at_start_naming_the_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = tokenworks("serve", "--config", str(path), "--port", "1")
+    assert result.returncode == 2
+    assert f"{path}" in result.stderr and expected in result.stderr, result.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = tokenworks("serve", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_the_example_config_loads() -> None:
+    from tokenworks.config import load
+
+    config = load(Path(__file__).parent.parent / "examples" / "tokenworks.yaml")
+    assert [m.name for m in config.models] == ["chat-fast", "embed"]
+
+
+def test_keys_and_usage_subcommands(gateway: Gateway) -> None:
+    env = {"TOKENWORKS_URL": gateway.url, "TOKENWORKS_ADMIN_KEY": ADMIN_KEY}
+    created = tokenworks("keys", "create", "bob", "--model", "chat-fast", "--json", env=env)
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert key["key"].startswith("tw-") and key["models"] == ["chat-fast"]
+    c = openai.OpenAI(base_url=gateway.v1, api_key=key["key"], max_retries=0)
+    c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=3)
+
+    listed = tokenworks("keys", "list", env=env)
+    assert listed.returncode == 0 and key["id"] in listed.stdout and "bob" in listed.stdout
+    usage = tokenworks("usage", "--group-by", "key", "--json", env=env)
+    [row] = json.loads(usage.stdout)["data"]
+    assert row["key"] == key["id"] and row["output_tokens"] == 3
+    table = tokenworks("usage", "--group-by", "model", env=env)
+    assert "chat-fast" in table.stdout
+
+    revoked = tokenworks("keys", "revoke", key["id"], env=env)
+    assert revoked.returncode == 0 and key["id"] in revoked.stdout
+    with pytest.raises(openai.AuthenticationError):
+        c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=3)
+
+    wrong = tokenworks("keys", "list", env={**env, "TOKENWORKS_ADMIN_KEY": "nope"})
+    assert wrong.returncode == 1 and "401" in wrong.stderr
