@@ -288,6 +288,8 @@ class _StreamResponse:
         self.status = 200
         self.error: str | None = None
         self.model_field = b'"model":' + _encode(call.public_model)
+        self.done = False  # the upstream sent [DONE]
+        self.pending_error: bytes | None = None  # an SSE error event to end the stream with
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         await send(
@@ -340,20 +342,17 @@ class _StreamResponse:
             except (aiohttp.ClientError, _SSEError) as exc:
                 self._fail(502, f"upstream stream broken: {exc}", "upstream_cut")
                 break
-            if event is None and self.error is None and not self._done:
+            if event is None and self.error is None and not self.done:
                 self._fail(502, "upstream closed the stream before [DONE]", "upstream_cut")
                 break
-        tail = self._pending_error or b""
+        tail = self.pending_error or b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
-
-    _done = False
-    _pending_error: bytes | None = None
 
     def _fail(self, status: int, message: str, code: str) -> None:
         self.status = status
         self.error = message
         self.relay.metrics.upstream_errors.labels(self.deployment.producer, code).inc()
-        self._pending_error = b"data: " + error_body(status, message, code) + b"\n\n"
+        self.pending_error = b"data: " + error_body(status, message, code) + b"\n\n"
 
     def _process(self, event: bytes) -> bytes | None:
         """Inspect one upstream event; return the bytes to send the client, or None to hide it."""
@@ -361,7 +360,7 @@ class _StreamResponse:
         if data is None:
             return event + b"\n\n"
         if data == b"[DONE]":
-            self._done = True
+            self.done = True
             return event + b"\n\n"
         try:
             chunk = _decode(data)
