@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +72,17 @@ class Gateway:
         assert r.status_code == 200, r.text
         return r.json()["data"]
 
-    def records(self) -> list:
-        gateway = self.app.state.gateway
-        gateway.store.flush()
-        return gateway.store.records()
+    def records(self, expect: int = 1, timeout_s: float = 5.0) -> list:
+        """Usage records, waiting (bounded) for at least `expect` of them: a stream's record
+        is written just after its last byte, so a fast client can look before it lands."""
+        store = self.app.state.gateway.store
+        deadline = time.monotonic() + timeout_s
+        while True:
+            store.flush()
+            records = store.records()
+            if len(records) >= expect or time.monotonic() > deadline:
+                return records
+            time.sleep(0.02)
 
 
 def gateway_config(
@@ -84,7 +93,16 @@ def gateway_config(
     for name, where in producers.items():
         url, timeout_s = where if isinstance(where, tuple) else (where, 5.0)
         lines += [f"  - name: {name}", f"    base_url: {url}/v1", f"    timeout_s: {timeout_s}"]
-    return "\n".join(lines) + "\n" + textwrap.dedent(models) + textwrap.dedent(extra)
+    return "\n".join(lines) + "\n" + with_prices(textwrap.dedent(models)) + textwrap.dedent(extra)
+
+
+# Test deployments cost 1.00 input / 2.00 output per million tokens unless they say otherwise:
+# the gateway refuses a deployment with no known cost.
+TEST_COST = '{input_per_mtok: "1.00", output_per_mtok: "2.00"}'
+
+
+def with_prices(models: str) -> str:
+    return re.sub(r"(\{producer: [^{}]*?)\}", rf"\1, cost: {TEST_COST}}}", models)
 
 
 @contextlib.contextmanager

@@ -55,7 +55,8 @@ def test_the_example_config_loads() -> None:
     from tokenworks.config import load
 
     config = load(Path(__file__).parent.parent / "examples" / "tokenworks.yaml")
-    assert [m.name for m in config.models] == ["chat-fast", "embed"]
+    assert [m.name for m in config.models] == ["chat-fast", "gpt", "deepseek", "embed"]
+    assert config.pricing.default_tariff == "retail"
 
 
 def test_keys_and_usage_subcommands(gateway: Gateway) -> None:

@@ -93,7 +93,7 @@ def test_completions_and_embeddings_and_models(gateway: Gateway) -> None:
     emb = c.embeddings.create(model="embed", input=["a cat", "a dog"])
     assert len(emb.data) == 2 and emb.usage.prompt_tokens > 0
     assert {m.id for m in c.models.list()} == {"chat-fast", "chat-a-only", "embed"}
-    records = gateway.records()
+    records = gateway.records(expect=3)
     assert sorted(r.endpoint for r in records) == ["completions", "completions", "embeddings"]
     assert all(not r.usage.estimated for r in records)
 
@@ -114,7 +114,7 @@ def test_unknown_model_is_404_in_openai_shape(gateway: Gateway) -> None:
         client(gateway, key["key"]).chat.completions.create(model="gpt-nope", messages=CHAT)
     assert err.value.status_code == 404
     assert err.value.body["type"] == "not_found_error"
-    assert gateway.records() == []
+    assert gateway.records(expect=0) == []
 
 
 def test_bad_keys_and_revocation(gateway: Gateway) -> None:
@@ -169,7 +169,7 @@ def test_malformed_requests_get_400(gateway: Gateway, body: bytes, param: str | 
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
-    assert gateway.records() == []
+    assert gateway.records(expect=0) == []
 
 
 def test_huge_body_is_413_without_reading_it(gateway: Gateway) -> None:
@@ -280,7 +280,7 @@ def test_unreachable_producer_fails_over_and_all_down_is_503(make_gateway, sims)
             c.chat.completions.create(model="only-dead", messages=CHAT, max_tokens=1)
         assert err.value.status_code == 503
         assert err.value.body["code"] == "upstream_unavailable"
-        failed = [r for r in gw.records() if r.status == 503]
+        failed = [r for r in gw.records(expect=2) if r.status == 503]
         assert len(failed) == 1 and failed[0].usage.output_tokens == 0
 
 
@@ -300,9 +300,7 @@ def test_all_upstreams_failing_gives_502_and_429_keeps_retry_after(
     with pytest.raises(openai.RateLimitError) as err:
         c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=1)
     assert err.value.response.headers.get("retry-after")
-    assert [r.status for r in gateway.records()] == [502, 429] or sorted(
-        r.status for r in gateway.records()
-    ) == [429, 502]
+    assert sorted(r.status for r in gateway.records(expect=2)) == [429, 502]
 
 
 @pytest.mark.parametrize("fault", ["cut", "malformed"])
@@ -358,7 +356,7 @@ def test_missing_usage_is_counted_offline(gateway: Gateway) -> None:
         extra_body={"sim_fault": "no_usage"},
     )
     list(stream)
-    records = gateway.records()
+    records = gateway.records(expect=2)
     assert len(records) == 2
     for record in records:
         assert record.usage.estimated
@@ -416,6 +414,7 @@ def test_usage_totals_equal_what_the_upstreams_reported(
                 model="chat-a-only", messages=CHAT, max_tokens=2 + i, stream=True
             )
         )
+    assert len(gateway.records(expect=12)) == 12
     by_producer = {row["producer"]: row for row in gateway.usage(group_by="producer")}
     stats = a.stats()
     assert by_producer["a"]["requests"] == 12

@@ -24,6 +24,7 @@ from tokenworks.dispatch.router import Router
 from tokenworks.metering.store import UsageStore
 from tokenworks.metering.tokens import install_vocabularies
 from tokenworks.metrics import Metrics
+from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer
 
 
@@ -41,10 +42,16 @@ class Gateway:
         self.metrics = Metrics()
         self.store = UsageStore(config.database)
         self.keys = KeyStore(self.store._write_conn)
+        self.pricer = Pricer.from_config(config)
         self.router = Router(config, Health())
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
         self.relay = Relay(
-            self.router, self.producers, self.store, self.metrics, config.limits.max_attempts
+            self.router,
+            self.producers,
+            self.store,
+            self.metrics,
+            self.pricer,
+            config.limits.max_attempts,
         )
 
     async def start(self) -> None:

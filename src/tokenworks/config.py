@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from tokenworks.pricing.spec import CostSpec
+from tokenworks.pricing.spec import CostSpec, PricingSpec
 
 ADMIN_KEY_ENV = "TOKENWORKS_ADMIN_KEY"
 CONFIG_ENV = "TOKENWORKS_CONFIG"
@@ -36,7 +36,11 @@ class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     max_connections: int = 1024
+    # The producer's billing currency (for cost overrides), and its genai-prices provider id
+    # (openai, anthropic, google, deepseek, zhipuai, ...) for published prices; when unset the
+    # provider is matched by base_url, never guessed from a model name.
     currency: str | None = None
+    provider: str | None = None
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://", self.base_url):
@@ -89,6 +93,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     producers: list[Producer] = msgspec.field(default_factory=list)
     models: list[Model] = msgspec.field(default_factory=list)
     limits: Limits = msgspec.field(default_factory=Limits)
+    pricing: PricingSpec = msgspec.field(default_factory=PricingSpec)
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(ADMIN_KEY_ENV) or self.admin_key
@@ -104,7 +109,9 @@ def load(path: str | Path) -> Config:
     return loads(text, source=str(path))
 
 
-def loads(text: str, source: str = "<config>") -> Config:
+def loads(text: str, source: str = "<config>", *, check_prices: bool = True) -> Config:
+    """Parse and check a config; `check_prices=False` skips building the price book, for
+    callers that build their own from parts (the pricing tests)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -130,7 +137,25 @@ def loads(text: str, source: str = "<config>") -> Config:
         field = path.removeprefix("$").lstrip(".") or "(top level)"
         raise ConfigError(f"{where}: {field}: {message}") from exc
     _check_references(config, node, source)
+    if check_prices:
+        _check_prices(config, node, source)
     return config
+
+
+def _check_prices(config: Config, node: yaml.Node | None, source: str) -> None:
+    """Every deployment must have a known cost: an unpriced model is an error, not free."""
+    from tokenworks.pricing.quote import Pricer, PricingConfigError
+
+    try:
+        Pricer.from_config(config)
+    except PricingConfigError as exc:
+        path = "$.models"
+        match = re.search(r"models\[(\d+)\]\.deployments\[(\d+)\]", str(exc))
+        if match:
+            path = f"$.models[{match.group(1)}].deployments[{match.group(2)}]"
+        line = _line_of(node, path)
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _split_msgspec_error(text: str) -> tuple[str, str]:

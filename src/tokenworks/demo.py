@@ -15,9 +15,11 @@ import json
 import os
 import random
 import signal
+import string
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from rich.table import Table
 
 from tokenworks.app import build_app
 from tokenworks.config import loads
+from tokenworks.pricing.money import format_nano
 from tokenworks.producers.sim import build_app as build_sim
 from tokenworks.serving import serve_in_thread
 
@@ -39,28 +42,6 @@ MAX_CONTEXT_MESSAGES = 24
 REQUEST_TIMEOUT_S = 60
 REPORT_DIR = Path("demo-report")
 
-CONFIG = """\
-database: sqlite:///{db}
-admin_key: {admin}
-producers:
-  - {{name: fast, base_url: "{fast}/v1", timeout_s: 60}}
-  - {{name: cheap, base_url: "{cheap}/v1", timeout_s: 60}}
-  - {{name: slow, base_url: "{slow}/v1", timeout_s: 60}}
-models:
-  - name: chat-fast
-    deployments:
-      - {{producer: fast, model: sim-large}}
-      - {{producer: cheap, model: sim-large}}
-  - name: chat-cheap
-    deployments:
-      - {{producer: cheap, model: sim-small}}
-      - {{producer: slow, model: sim-small}}
-      - {{producer: fast, model: sim-small}}
-  - name: reasoner
-    deployments:
-      - {{producer: fast, model: sim-reasoner}}
-      - {{producer: slow, model: sim-reasoner}}
-"""
 
 TOPICS = (
     "refactor the billing module",
@@ -206,7 +187,7 @@ def _summary(store: Any, key_names: dict[str, str]) -> tuple[list[Table], dict[s
     for group, title in (("key", "agent"), ("model", "model"), ("producer", "producer")):
         rows = store.query([group])
         table = Table(title=f"tokens by {title}")
-        for column in (title, "requests", "input", "cached", "output", "reasoning"):
+        for column in (title, "requests", "input", "cached", "output", "reasoning", "price"):
             table.add_column(column, justify="left" if column == title else "right")
         data = []
         if group == "key":
@@ -222,6 +203,7 @@ def _summary(store: Any, key_names: dict[str, str]) -> tuple[list[Table], dict[s
                 f"{s['cached_input_tokens']:,}",
                 f"{s['output_tokens']:,}",
                 f"{s['reasoning_tokens']:,}",
+                format_nano(s["price_nano"]),
             )
             data.append({title: label, "requests": row.requests, **s})
         tables.append(table)
@@ -268,7 +250,8 @@ def run(duration_s: float | None = None) -> int:
             name: stack.enter_context(serve_in_thread(build_sim(name)))
             for name in ("fast", "cheap", "slow")
         }
-        config = loads(CONFIG.format(db=db, admin=ADMIN_KEY, **urls), "demo-config")
+        template = string.Template((resources.files("tokenworks") / "demo.yaml").read_text())
+        config = loads(template.substitute(db=db, admin=ADMIN_KEY, **urls), "demo.yaml")
         app = build_app(config)
         gateway_url = stack.enter_context(serve_in_thread(app))
         console.print(

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import gateway_of, read_json
+from tokenworks.pricing.money import format_nano
 
 _encode = msgspec.json.encode
 MAX_ADMIN_BODY_BYTES = 1024 * 1024
@@ -142,8 +143,12 @@ async def usage(request: Request) -> Response:
     for row in rows:
         item: dict[str, Any] = dict(row.group)
         item["requests"] = row.requests
-        item.update(row.sums)
-        item["total_tokens"] = row.sums["input_tokens"] + row.sums["output_tokens"]
+        sums = dict(row.sums)
+        item.update(sums)
+        item["total_tokens"] = sums["input_tokens"] + sums["output_tokens"]
+        # Amounts are decimal strings in the ledger currency; the nano integers stay exact.
+        item["cost"] = format_nano(sums["cost_nano"])
+        item["price"] = format_nano(sums["price_nano"])
         data.append(item)
     return json_response({"object": "list", "group_by": groups, "data": data})
 

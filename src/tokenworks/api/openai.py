@@ -164,6 +164,7 @@ async def _relay(request: Request, endpoint: str) -> Any:
             stream=stream,
             client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
             tags=_tags(request, payload),
+            tariff=gateway.pricer.tariff_for(key.account_id),
         )
         return await gateway.relay.handle(call)
     except ApiError as exc:
@@ -189,11 +190,26 @@ async def models(request: Request) -> Response:
         return exc.response()
     gateway = gateway_of(request)
     created = int(gateway.started_s)
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "tokenworks"}
-        for name in sorted(gateway.router.routes)
-        if key.allows(name)
-    ]
+    tariff = gateway.pricer.tariff_for(key.account_id)
+    data = []
+    for name in sorted(gateway.router.routes):
+        if not key.allows(name):
+            continue
+        input_per_mtok, output_per_mtok = gateway.pricer.list_price(name, tariff=tariff)
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "tokenworks",
+                # What this key pays now, per million tokens, in the ledger currency.
+                "pricing": {
+                    "currency": gateway.pricer.currency,
+                    "input_per_mtok": input_per_mtok,
+                    "output_per_mtok": output_per_mtok,
+                },
+            }
+        )
     return Response(_encode({"object": "list", "data": data}), media_type="application/json")
 
 

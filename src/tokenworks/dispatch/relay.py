@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,8 @@ from tokenworks.metering import extract
 from tokenworks.metering.store import UsageStore
 from tokenworks.metering.usage import Usage, UsageRecord
 from tokenworks.metrics import Metrics
+from tokenworks.pricing.money import format_nano
+from tokenworks.pricing.quote import Pricer, PricingError, Quote
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
@@ -38,6 +41,7 @@ HTTP_CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
 
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+_USAGE_OPEN = re.compile(rb'"usage"\s*:\s*\{\s*(\}?)')
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
@@ -56,6 +60,7 @@ class Call:
     stream: bool
     client_wants_usage: bool
     tags: dict[str, str]
+    tariff: str | None = None
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: "req_" + uuid.uuid4().hex)
     ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
@@ -63,6 +68,16 @@ class Call:
     @property
     def public_model(self) -> str:
         return self.route.model.name
+
+    @property
+    def at(self) -> datetime:
+        """When the request started: the moment its prices are taken at."""
+        return datetime.fromtimestamp(self.ts_ms / 1000, UTC)
+
+    @property
+    def service_tier(self) -> str | None:
+        tier = self.payload.get("service_tier")
+        return tier if isinstance(tier, str) else None
 
 
 class Relay:
@@ -72,8 +87,10 @@ class Relay:
         producers: dict[str, OpenAIProducer],
         store: UsageStore,
         metrics: Metrics,
+        pricer: Pricer,
         max_attempts: int,
     ) -> None:
+        self.pricer = pricer
         self.router = router
         self.producers = producers
         self.store = store
@@ -82,6 +99,14 @@ class Relay:
 
     async def handle(self, call: Call) -> Any:
         """Serve a call; returns an ASGI response. Raises ApiError when no upstream served it."""
+        first = call.route.deployments[0]
+        try:  # an unknown service tier or tariff is the client's error, found before any work
+            self.pricer.worst_case(
+                call.public_model, first.producer, first.model, 0, 0,
+                at=call.at, service_tier=call.service_tier, tariff=call.tariff,
+            )  # fmt: skip
+        except PricingError as exc:
+            raise ApiError(400, str(exc), param="service_tier", code="invalid_value") from exc
         last: UpstreamError | None = None
         for deployment in self.router.candidates(call.route, self.max_attempts):
             producer = self.producers[deployment.producer]
@@ -138,12 +163,16 @@ class Relay:
         usage = extract.usage_from_openai(parsed.get("usage"))
         if usage is None:
             usage = self._estimate(call, _response_texts(parsed))
-        self._record(call, deployment, response.status, usage, ttft_s=None)
+        quote = self.price(call, deployment, usage, parsed.get("service_tier"))
+        self._record(call, deployment, response.status, usage, ttft_s=None, quote=quote)
+        body = _rewrite_model(data, call.public_model)
+        headers = {"x-request-id": call.request_id}
+        if quote is not None:
+            body = _with_cost(body, quote.price_nano)
+            headers["x-tokenworks-cost"] = format_nano(quote.cost_nano)
+            headers["x-tokenworks-price"] = format_nano(quote.price_nano)
         return Response(
-            _rewrite_model(data, call.public_model),
-            status_code=response.status,
-            media_type="application/json",
-            headers={"x-request-id": call.request_id},
+            body, status_code=response.status, media_type="application/json", headers=headers
         )
 
     # -- streams -------------------------------------------------------------------------------
@@ -167,6 +196,22 @@ class Relay:
         self.router.health.ok(producer.name)
         return _StreamResponse(self, call, deployment, response, events, first)
 
+    def price(
+        self, call: Call, deployment: Deployment, usage: Usage, reported_tier: Any
+    ) -> Quote | None:
+        """Cost and price of what was used, at the tier the upstream says it served."""
+        tiers = [reported_tier] if isinstance(reported_tier, str) else []
+        for tier in [*tiers, call.service_tier]:
+            try:
+                return self.pricer.quote(
+                    call.public_model, deployment.producer, deployment.model, usage,
+                    at=call.at, service_tier=tier, tariff=call.tariff,
+                )  # fmt: skip
+            except PricingError:
+                continue  # e.g. the upstream reported a tier we have no price for
+        self.metrics.upstream_errors.labels(deployment.producer, "unpriced").inc()
+        return None
+
     def _estimate(self, call: Call, output_texts: list[str]) -> Usage:
         encoding = call.route.encoding
         return Usage(
@@ -184,6 +229,7 @@ class Relay:
         *,
         ttft_s: float | None,
         error: str | None = None,
+        quote: Quote | None = None,
     ) -> UsageRecord:
         latency_s = time.perf_counter() - call.started_s
         record = UsageRecord(
@@ -201,9 +247,9 @@ class Relay:
             ttft_ms=round(ttft_s * 1000, 3) if ttft_s is not None else None,
             streamed=call.stream,
             error=error,
-            service_tier=call.payload.get("service_tier")
-            if isinstance(call.payload.get("service_tier"), str)
-            else None,
+            cost_nano=quote.cost_nano if quote else 0,
+            price_nano=quote.price_nano if quote else 0,
+            service_tier=quote.service_tier if quote else call.service_tier,
             tags=call.tags,
         )
         self.store.submit(record)
@@ -283,6 +329,7 @@ class _StreamResponse:
         self.events = events
         self.first = first
         self.usage: Usage | None = None
+        self.quote: Quote | None = None
         self.texts: list[str] = []
         self.ttft_s: float | None = None
         self.status = 200
@@ -377,6 +424,9 @@ class _StreamResponse:
         usage = extract.usage_from_openai(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
+            self.quote = self.relay.price(
+                self.call, self.deployment, usage, chunk.get("service_tier")
+            )
         for choice in chunk.get("choices") or ():
             if isinstance(choice, dict):
                 delta = choice.get("delta")
@@ -391,14 +441,23 @@ class _StreamResponse:
             if usage is not None and not chunk.get("choices"):
                 return None  # the usage chunk we asked for on the client's behalf
             event = _USAGE_NULL.sub(b"", event)
+        elif self.quote is not None and usage is not None:
+            event = _with_cost(event, self.quote.price_nano)
         return _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
 
     def _finish(self) -> None:
-        usage = self.usage
+        usage, quote = self.usage, self.quote
         if usage is None:
             usage = self.relay._estimate(self.call, self.texts)
+            quote = self.relay.price(self.call, self.deployment, usage, None)
         self.relay._record(
-            self.call, self.deployment, self.status, usage, ttft_s=self.ttft_s, error=self.error
+            self.call,
+            self.deployment,
+            self.status,
+            usage,
+            ttft_s=self.ttft_s,
+            error=self.error,
+            quote=quote,
         )
 
 
@@ -427,6 +486,17 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
 
 def _rewrite_model(data: bytes, public_model: str) -> bytes:
     return _MODEL_FIELD.sub(b'"model":' + _encode(public_model), data, count=1)
+
+
+def _with_cost(data: bytes, price_nano: int) -> bytes:
+    """Add `"cost": "<decimal>"` to the first `usage` object, as OpenRouter does."""
+    match = _USAGE_OPEN.search(data)
+    if match is None:
+        return data
+    field = b'"cost":"' + format_nano(price_nano).encode() + b'"'
+    insert_at = match.start(1)
+    separator = b"" if match.group(1) else b","
+    return data[:insert_at] + field + separator + data[insert_at:]
 
 
 def _response_texts(parsed: dict[str, Any]) -> list[str]:

@@ -1,1 +1,43 @@
-"""ledger."""
+"""The ledger: exact credits, allowances, holds and budgets (see docs/ledger.md).
+
+`Ledger.open(url)` gives the async facade; `Engine` is the pure state machine under it.
+"""
+
+from tokenworks.ledger.domain import (
+    AccountKind,
+    BalanceView,
+    HoldClosed,
+    IdempotencyConflict,
+    InvalidRequest,
+    LedgerError,
+    NotFound,
+    Period,
+    PolicyDenied,
+    Recurrence,
+    Refused,
+    Rollover,
+    StoreUnavailable,
+)
+from tokenworks.ledger.engine import Engine, default_transfer_policy
+from tokenworks.ledger.facade import Account, HoldView, Ledger
+
+__all__ = [
+    "Account",
+    "AccountKind",
+    "BalanceView",
+    "Engine",
+    "HoldClosed",
+    "HoldView",
+    "IdempotencyConflict",
+    "InvalidRequest",
+    "Ledger",
+    "LedgerError",
+    "NotFound",
+    "Period",
+    "PolicyDenied",
+    "Recurrence",
+    "Refused",
+    "Rollover",
+    "StoreUnavailable",
+    "default_transfer_policy",
+]

@@ -17,34 +17,48 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+
+def _get(mapping: Any, *path: str) -> int:
+    for key in path:
+        if not isinstance(mapping, dict):
+            return 0
+        mapping = mapping.get(key)
+    return _int(mapping)
+
+
 def usage_from_openai(raw: Any) -> Usage | None:
-    """Usage from an OpenAI-style `usage` object; None when there is none to read."""
+    """Usage from an OpenAI-style `usage` object; None when there is none to read.
+
+    genai-prices' own DeepSeek reader ignores `prompt_cache_hit_tokens`, which would price a
+    cached prompt as uncached (up to ~50x on that part); we read the providers' native fields.
+    """
     if not isinstance(raw, dict):
         return None
-    prompt = _int(raw.get("prompt_tokens", raw.get("input_tokens")))
-    completion = _int(raw.get("completion_tokens", raw.get("output_tokens")))
-    prompt_details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
-    completion_details = (
-        raw.get("completion_tokens_details") or raw.get("output_tokens_details") or {}
+    prompt = _get(raw, "prompt_tokens") or _get(raw, "input_tokens")
+    completion = _get(raw, "completion_tokens") or _get(raw, "output_tokens")
+    cached = (
+        _get(raw, "prompt_tokens_details", "cached_tokens")
+        or _get(raw, "input_tokens_details", "cached_tokens")
+        or _get(raw, "prompt_cache_hit_tokens")  # DeepSeek
+        or _get(raw, "cached_tokens")  # Moonshot / Kimi
     )
-    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
-    cached = cached or _int(raw.get("prompt_cache_hit_tokens"))
-    cache_write = _int(raw.get("cache_creation_input_tokens"))
-    reasoning = (
-        _int(completion_details.get("reasoning_tokens"))
-        if isinstance(completion_details, dict)
-        else 0
+    cache_write = _get(raw, "prompt_tokens_details", "cache_write_tokens") or _get(
+        raw, "cache_creation_input_tokens"
+    )
+    cache_write_1h = _get(raw, "cache_creation", "ephemeral_1h_input_tokens")
+    reasoning = _get(raw, "completion_tokens_details", "reasoning_tokens") or _get(
+        raw, "output_tokens_details", "reasoning_tokens"
     )
     # Keep the parts within the whole even when an upstream reports inconsistent numbers.
     cached = min(cached, prompt)
     cache_write = min(cache_write, prompt - cached)
-    reasoning = min(reasoning, completion)
     return Usage(
         input_tokens=prompt,
         cached_input_tokens=cached,
         cache_write_tokens=cache_write,
+        cache_write_1h_tokens=min(cache_write_1h, cache_write),
         output_tokens=completion,
-        reasoning_tokens=reasoning,
+        reasoning_tokens=min(reasoning, completion),
         estimated=False,
     )
 

@@ -19,12 +19,15 @@ class Usage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     estimated: bool = False
+    # The part of cache_write_tokens written for 1 hour (Anthropic prices it apart).
+    cache_write_1h_tokens: int = 0
 
     def __post_init__(self) -> None:
         assert self.input_tokens >= 0 and self.output_tokens >= 0
         assert 0 <= self.cached_input_tokens + self.cache_write_tokens <= self.input_tokens or (
             self.estimated
         )
+        assert 0 <= self.cache_write_1h_tokens <= self.cache_write_tokens
         assert 0 <= self.reasoning_tokens <= self.output_tokens or self.estimated
 
 

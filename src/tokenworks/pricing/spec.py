@@ -9,7 +9,6 @@ integer tables (`book.py`, `tariff.py`). All prices are decimal strings, never Y
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -18,13 +17,13 @@ from tokenworks.pricing.money import parse_factor, parse_rate
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 SERVICE_TIERS = ("standard", "priority", "flex")
-_TIME_RE = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)$")
-_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+_TIME_RE = re.compile(r"([01][0-9]|2[0-4]):([0-5][0-9])")
+_CURRENCY_RE = re.compile(r"[A-Z]{3}")
 
 
 def check_time(text: str) -> int:
     """'09:30' -> minutes after midnight; '24:00' is allowed as an end."""
-    match = _TIME_RE.match(text)
+    match = _TIME_RE.fullmatch(text)
     if match is None:
         raise ValueError(f"time {text!r} must be HH:MM")
     minutes = int(match.group(1)) * 60 + int(match.group(2))
@@ -41,7 +40,7 @@ def check_zone(name: str) -> ZoneInfo:
 
 
 def check_currency(code: str) -> str:
-    if not _CURRENCY_RE.match(code):
+    if not _CURRENCY_RE.fullmatch(code):
         raise ValueError(f"currency {code!r} must be a 3-letter ISO code like 'USD'")
     return code
 
@@ -137,8 +136,12 @@ class CostSpec(RatesSpec, kw_only=True):
         if (self.input_per_mtok is None) != (self.output_per_mtok is None):
             raise ValueError("give both input_per_mtok and output_per_mtok, or neither")
         if self.is_override and (self.provider or self.model_ref):
-            raise ValueError("provider/model_ref look a price up; they cannot go with explicit rates")
-        if not self.is_override and (self.tiers or self.windows or self.service_tiers or self.batch):
+            raise ValueError(
+                "provider/model_ref look a price up; they cannot go with explicit rates"
+            )
+        if not self.is_override and (
+            self.tiers or self.windows or self.service_tiers or self.batch
+        ):
             raise ValueError("tiers, windows, service_tiers and batch need explicit base rates")
 
     @property
@@ -206,7 +209,9 @@ class PricingSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Units of that currency that one unit of the ledger currency buys: with a USD ledger,
     # `CNY: "7.25"` means 1 USD = 7.25 CNY, so 8 CNY is 8 / 7.25 USD.
     exchange_rates: dict[str, str] = msgspec.field(default_factory=dict)
-    tariffs: dict[str, TariffSpec] = msgspec.field(default_factory=lambda: {"default": TariffSpec()})
+    tariffs: dict[str, TariffSpec] = msgspec.field(
+        default_factory=lambda: {"default": TariffSpec()}
+    )
     default_tariff: str = "default"
     # Account id -> tariff name, for accounts that do not pay the default tariff.
     accounts: dict[str, str] = msgspec.field(default_factory=dict)
@@ -289,9 +294,3 @@ class ScenarioSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str = "scenario"
     description: str = ""
     changes: list[Change]
-    # Optional pricing time for every record (ISO 8601 with offset); default: each record's own.
-    at: datetime | None = None
-
-    def __post_init__(self) -> None:
-        if self.at is not None and self.at.tzinfo is None:
-            raise ValueError("at needs a UTC offset, e.g. 2026-11-20T12:00:00+00:00")

@@ -311,10 +311,16 @@ class Job:
     finish_reason: str
     fault: str | None
     fault_delay_s: float | None
+    # The tier served, echoed as OpenAI does: "priority"/"flex" when asked for, else "default".
+    service_tier: str = "default"
 
     def stream_builder(self) -> wire.ChatStream | wire.TextStream:
         include_usage = self.include_usage and self.fault != "no_usage"
         cls = wire.ChatStream if self.endpoint == "chat" else wire.TextStream
+        if cls is wire.ChatStream:
+            return cls(
+                self.request_id, self.created, self.model, include_usage, self.service_tier
+            )
         return cls(self.request_id, self.created, self.model, include_usage)
 
     def deltas(self, builder: wire.ChatStream | wire.TextStream) -> list[bytes]:
@@ -339,6 +345,7 @@ class Job:
                 reasoning,
                 self.finish_reason,
                 counts,
+                self.service_tier,
             )
         return wire.text_body(
             self.request_id, self.created, self.model, content, self.finish_reason, counts
@@ -351,6 +358,11 @@ def _positive_int(value: object, param: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest(f"Invalid '{param}': expected an integer >= 1.", param, "invalid_value")
     return value
+
+
+def _served_tier(req: dict[str, Any]) -> str:
+    tier = req.get("service_tier")
+    return tier if tier in ("priority", "flex") else "default"
 
 
 def _include_usage(req: dict[str, Any]) -> bool:
@@ -654,6 +666,7 @@ class SimApp:
             finish_reason=finish,
             fault=fault,
             fault_delay_s=delay_s,
+            service_tier=_served_tier(req),
         )
 
     def _cached_tokens(self, prompt_text: str, prompt_tokens: int, model: str) -> int:

@@ -98,11 +98,18 @@ class ChatStream:
 
     __slots__ = ("_content", "_head", "_reasoning", "_tail", "_usage_field")
 
-    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        service_tier: str = "default",
+    ) -> None:
         self._head = (
             b'data: {"id":"' + request_id.encode() + b'","object":"chat.completion.chunk",'
             b'"created":' + str(created).encode() + b',"model":' + _encode(model) + b","
-            b'"service_tier":"default","system_fingerprint":"'
+            b'"service_tier":' + _encode(service_tier) + b',"system_fingerprint":"'
             + SYSTEM_FINGERPRINT.encode()
             + b'","choices":['
         )
@@ -180,6 +187,7 @@ def chat_body(
     reasoning: bytes | None,
     finish_reason: str,
     counts: Counts | None,
+    service_tier: str = "default",
 ) -> bytes:
     """A non-stream chat.completion; `counts` None omits usage (the no_usage fault)."""
     message: dict[str, object] = {
@@ -201,7 +209,7 @@ def chat_body(
     }
     if counts is not None:
         body["usage"] = counts.chat_usage()
-    body["service_tier"] = "default"
+    body["service_tier"] = service_tier
     body["system_fingerprint"] = SYSTEM_FINGERPRINT
     return _encode(body)
 

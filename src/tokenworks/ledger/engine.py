@@ -1,0 +1,1372 @@
+"""The ledger state machine: pure, synchronous, in memory, asserting its invariants.
+
+Like TigerBeetle's state machine, it is the single authority for balances, holds and budget
+counters while the process runs: every operation is applied here in O(depth of the chain),
+recorded in a journal, and the group-commit writer persists the journal in order. The
+durable state is therefore always a prefix of the engine's history, and a restart rebuilds
+the engine from it (`Engine.restore`).
+
+Time is passed in (`now_ms`), never read, so the engine is deterministic and testable.
+A re-entrant lock makes every public method atomic, so threads may share one engine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenworks.ledger import grants as grantmath
+from tokenworks.ledger.domain import (
+    CASH_PRIORITY,
+    CUSTOMER_KINDS,
+    Account,
+    AccountKind,
+    BalanceView,
+    Bucket,
+    Budget,
+    Grant,
+    Hold,
+    HoldClosed,
+    HoldLeg,
+    HoldStatus,
+    IdempotencyConflict,
+    InvalidRequest,
+    NotFound,
+    Period,
+    PolicyDenied,
+    Recurrence,
+    Refused,
+    Transfer,
+    TransferKind,
+    account_scope,
+    body_hash,
+    check_amount,
+)
+from tokenworks.ledger.periods import period_end_ms, period_start_ms, zone
+from tokenworks.ledger.schema import ACCOUNTS
+
+OPERATOR_ACCOUNTS = (
+    ("operator:topups", AccountKind.TOPUPS),
+    ("operator:grants", AccountKind.GRANTS),
+    ("operator:revenue", AccountKind.REVENUE),
+    ("operator:expense", AccountKind.EXPENSE),
+    ("operator:expired", AccountKind.EXPIRED),
+)
+MAX_CHAIN_DEPTH = 16
+MAX_KEY_DEPTH = 16
+MAX_CATCHUP_PERIODS = 10_000
+CLOSED_HOLDS_KEPT = 100_000
+IDEMPOTENCY_KEPT = 100_000
+
+TransferPolicy = Callable[["Engine", str, Account, Account, int], str | None]
+"""(engine, actor, source, destination, amount) -> reason to deny, or None to allow."""
+
+
+def default_transfer_policy(
+    engine: Engine, actor: str, src: Account, dst: Account, amount_nano: int
+) -> str | None:
+    """Customers move cash inside their own organisation; an account may move what it owns
+    or what any account below it owns. The operator may move anything between customers."""
+    if src.kind not in CUSTOMER_KINDS or dst.kind not in CUSTOMER_KINDS:
+        return "transfers move credit between customer accounts only"
+    if engine.root_of(src.id) != engine.root_of(dst.id):
+        return "source and destination belong to different organisations"
+    if actor == "operator":
+        return None
+    kind, _, ident = actor.partition(":")
+    if kind != "account" or not ident.isdigit():
+        return f"unknown actor {actor!r}"
+    if int(ident) not in engine.path_ids(src.id):
+        return f"{actor} may not move credit out of account:{src.id}"
+    return None
+
+
+@dataclass(slots=True)
+class Journal:
+    """What changed since the writer last took a batch: objects, so rows show final values."""
+
+    accounts: dict[int, Account] = field(default_factory=dict)
+    buckets: dict[int, tuple[Bucket, bool]] = field(default_factory=dict)  # (bucket, closed)
+    grants: dict[int, Grant] = field(default_factory=dict)
+    budgets: dict[tuple[str, str], Budget] = field(default_factory=dict)
+    holds: dict[str, Hold] = field(default_factory=dict)
+    transfers: list[Transfer] = field(default_factory=list)
+    idempotency: list[tuple[str, str, str, str]] = field(default_factory=list)
+    meta_dirty: bool = False
+
+    def __len__(self) -> int:
+        return len(self.transfers) + len(self.holds) + len(self.idempotency)
+
+
+@dataclass(slots=True)
+class Batch:
+    """One group commit: rows in `schema` column order, plus the op sequence they cover."""
+
+    seq: int
+    accounts: list[tuple[Any, ...]]
+    buckets: list[tuple[Any, ...]]
+    grants: list[tuple[Any, ...]]
+    budgets: list[tuple[Any, ...]]
+    holds: list[tuple[Any, ...]]
+    transfers: list[tuple[Any, ...]]
+    idempotency: list[tuple[Any, ...]]
+    meta: list[tuple[str, int]]
+
+    def is_empty(self) -> bool:
+        return not (
+            self.accounts
+            or self.buckets
+            or self.grants
+            or self.budgets
+            or self.holds
+            or self.transfers
+            or self.idempotency
+            or self.meta
+        )
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The durable state a restart rebuilds from (open things only)."""
+
+    accounts: list[tuple[Any, ...]]
+    buckets: list[tuple[Any, ...]]
+    grants: list[tuple[Any, ...]]
+    budgets: list[tuple[Any, ...]]
+    holds: list[tuple[Any, ...]]
+    meta: dict[str, int]
+
+
+def _hold_row(h: Hold) -> tuple[Any, ...]:
+    return (
+        h.id,
+        str(h.status),
+        json.dumps(list(h.chain), separators=(",", ":")),
+        json.dumps(list(h.scopes), separators=(",", ":")),
+        json.dumps(
+            [[g.bucket_id, g.account_id, g.amount_nano] for g in h.legs], separators=(",", ":")
+        ),
+        h.amount_nano,
+        h.created_ms,
+        h.expires_ms,
+        h.closed_ms,
+        h.price_nano,
+        h.cost_nano,
+        h.clamped_nano,
+        h.producer,
+        h.model,
+    )
+
+
+def hold_from_row(r: tuple[Any, ...]) -> Hold:
+    return Hold(
+        id=r[0],
+        status=HoldStatus(r[1]),
+        chain=tuple(json.loads(r[2])),
+        scopes=tuple(json.loads(r[3])),
+        legs=[HoldLeg(b, a, n) for b, a, n in json.loads(r[4])],
+        amount_nano=r[5],
+        created_ms=r[6],
+        expires_ms=r[7],
+        closed_ms=r[8],
+        price_nano=r[9],
+        cost_nano=r[10],
+        clamped_nano=r[11],
+        producer=r[12],
+        model=r[13],
+    )
+
+
+class Engine:
+    """Accounts, buckets, grants, budgets and holds, with every movement a transfer."""
+
+    def __init__(self, *, transfer_policy: TransferPolicy = default_transfer_policy) -> None:
+        self._lock = threading.RLock()
+        self.transfer_policy = transfer_policy
+        self.accounts: dict[int, Account] = {}
+        self.buckets: dict[int, Bucket] = {}
+        self.grants: dict[int, Grant] = {}
+        self.budgets: dict[str, dict[Period, Budget]] = {}
+        self.scope_parent: dict[str, str] = {}  # live delegations: child -> parent
+        self.scope_children: dict[str, set[str]] = {}
+        self.holds: dict[str, Hold] = {}  # open
+        self.closed_holds: OrderedDict[str, Hold] = OrderedDict()
+        self._idem: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (hash, result)
+        self._payables: dict[str, int] = {}
+        self._names: dict[str, int] = {}  # operator account name -> id
+        self._hold_heap: list[tuple[int, str]] = []
+        self._grant_heap: list[tuple[int, int]] = []
+        self._scope_expiry_heap: list[tuple[int, str]] = []
+        self.next_account_id = 1
+        self.next_bucket_id = 1
+        self.next_grant_id = 1
+        self.next_transfer_id = 1
+        self.bucket_seq = 0
+        self.last_sweep_ms = 0
+        self.seq = 0  # bumps on every state change; the writer acknowledges up to a seq
+        self.journal = Journal()
+
+    # ------------------------------------------------------------------ bootstrap
+
+    def bootstrap(self, now_ms: int) -> None:
+        """Create the operator accounts once (a fresh ledger)."""
+        with self._lock:
+            for name, kind in OPERATOR_ACCOUNTS:
+                if name not in self._names:
+                    acc = self._new_account(name, None, kind, False, now_ms)
+                    self._names[name] = acc.id
+
+    def operator_account(self, kind: AccountKind) -> Account:
+        return self.accounts[self._names[f"operator:{kind}"]]
+
+    @classmethod
+    def restore(cls, snap: Snapshot, **kwargs: Any) -> Engine:
+        """Rebuild from the store: open buckets, active grants, budgets and open holds."""
+        eng = cls(**kwargs)
+        names = [c for c, _ in ACCOUNTS.columns]
+        for r in snap.accounts:
+            d = dict(zip(names, r, strict=True))
+            acc = Account(
+                id=d["id"],
+                name=d["name"],
+                parent_id=d["parent_id"],
+                kind=AccountKind(d["kind"]),
+                draws_on_parent=bool(d["draws_on_parent"]),
+                created_ms=d["created_ms"],
+                balance_nano=d["balance_nano"],
+                held_nano=d["held_nano"],
+            )
+            eng.accounts[acc.id] = acc
+            if acc.kind is AccountKind.PAYABLE:
+                eng._payables[acc.name.removeprefix("payable:")] = acc.id
+            elif acc.kind not in CUSTOMER_KINDS:
+                eng._names[acc.name] = acc.id
+        for r in snap.buckets:
+            b = Bucket(
+                id=r[0],
+                account_id=r[1],
+                grant_id=r[2],
+                priority=r[3],
+                expires_ms=r[4],
+                created_seq=r[5],
+                remaining_nano=r[6],
+                held_nano=r[7],
+                ended=bool(r[8]),
+            )
+            eng.buckets[b.id] = b
+            acc = eng.accounts[b.account_id]
+            grantmath.insert_in_order(acc.bucket_ids, b, eng.buckets)
+            if b.grant_id is None:
+                acc.cash_bucket_id = b.id
+        for r in snap.grants:
+            g = Grant(
+                id=r[0],
+                account_id=r[1],
+                amount_nano=r[2],
+                priority=r[3],
+                effective_ms=r[4],
+                expires_ms=r[5],
+                period=Period(r[6]) if r[6] else None,
+                tz=r[7],
+                rollover_cap_nano=r[8],
+                next_due_ms=r[9],
+                bucket_id=r[10],
+                active=bool(r[11]),
+            )
+            eng.grants[g.id] = g
+            if g.active and g.next_due_ms is not None:
+                heapq.heappush(eng._grant_heap, (g.next_due_ms, g.id))
+        for r in snap.budgets:
+            b = Budget(
+                scope=r[0],
+                period=Period(r[1]),
+                tz=r[2],
+                limit_nano=r[3],
+                spent_nano=r[4],
+                held_nano=r[5],
+                delegated_nano=r[6],
+                period_start_ms=r[7],
+                period_end_ms=r[8],
+                parent_scope=r[9],
+                expires_ms=r[10],
+                revoked=bool(r[11]),
+            )
+            eng.budgets.setdefault(b.scope, {})[b.period] = b
+            if b.parent_scope and not b.revoked:
+                eng.scope_parent[b.scope] = b.parent_scope
+                eng.scope_children.setdefault(b.parent_scope, set()).add(b.scope)
+            if b.expires_ms is not None and not b.revoked:
+                heapq.heappush(eng._scope_expiry_heap, (b.expires_ms, b.scope))
+        for r in snap.holds:
+            h = hold_from_row(r)
+            assert h.status is HoldStatus.OPEN
+            eng.holds[h.id] = h
+            heapq.heappush(eng._hold_heap, (h.expires_ms, h.id))
+        m = snap.meta
+        eng.next_account_id = m.get("next_account_id", 1)
+        eng.next_bucket_id = m.get("next_bucket_id", 1)
+        eng.next_grant_id = m.get("next_grant_id", 1)
+        eng.next_transfer_id = m.get("next_transfer_id", 1)
+        eng.bucket_seq = m.get("bucket_seq", 0)
+        eng.last_sweep_ms = m.get("last_sweep_ms", 0)
+        return eng
+
+    # ------------------------------------------------------------------ journal
+
+    def take_batch(self) -> Batch:
+        """Hand the writer everything changed since the last batch, as rows."""
+        with self._lock:
+            j = self.journal
+            self.journal = Journal()
+            meta: list[tuple[str, int]] = []
+            if j.meta_dirty or j.transfers or j.accounts or j.buckets or j.grants:
+                meta = [
+                    ("next_account_id", self.next_account_id),
+                    ("next_bucket_id", self.next_bucket_id),
+                    ("next_grant_id", self.next_grant_id),
+                    ("next_transfer_id", self.next_transfer_id),
+                    ("bucket_seq", self.bucket_seq),
+                    ("last_sweep_ms", self.last_sweep_ms),
+                ]
+            return Batch(
+                seq=self.seq,
+                accounts=[
+                    (
+                        a.id,
+                        a.name,
+                        a.parent_id,
+                        str(a.kind),
+                        int(a.draws_on_parent),
+                        a.created_ms,
+                        a.balance_nano,
+                        a.held_nano,
+                    )
+                    for a in j.accounts.values()
+                ],
+                buckets=[
+                    (
+                        b.id,
+                        b.account_id,
+                        b.grant_id,
+                        b.priority,
+                        b.expires_ms,
+                        b.created_seq,
+                        b.remaining_nano,
+                        b.held_nano,
+                        int(b.ended),
+                        int(closed),
+                    )
+                    for b, closed in j.buckets.values()
+                ],
+                grants=[
+                    (
+                        g.id,
+                        g.account_id,
+                        g.amount_nano,
+                        g.priority,
+                        g.effective_ms,
+                        g.expires_ms,
+                        str(g.period) if g.period else None,
+                        g.tz,
+                        g.rollover_cap_nano,
+                        g.next_due_ms,
+                        g.bucket_id,
+                        int(g.active),
+                    )
+                    for g in j.grants.values()
+                ],
+                budgets=[
+                    (
+                        b.scope,
+                        str(b.period),
+                        b.tz,
+                        b.limit_nano,
+                        b.spent_nano,
+                        b.held_nano,
+                        b.delegated_nano,
+                        b.period_start_ms,
+                        b.period_end_ms,
+                        b.parent_scope,
+                        b.expires_ms,
+                        int(b.revoked),
+                    )
+                    for b in j.budgets.values()
+                ],
+                holds=[_hold_row(h) for h in j.holds.values()],
+                transfers=[
+                    (
+                        t.id,
+                        t.ts_ms,
+                        str(t.kind),
+                        t.debit_account_id,
+                        t.credit_account_id,
+                        t.amount_nano,
+                        t.debit_bucket_id,
+                        t.credit_bucket_id,
+                        t.hold_id,
+                        t.model,
+                        t.producer,
+                    )
+                    for t in j.transfers
+                ],
+                idempotency=list(j.idempotency),
+                meta=meta,
+            )
+
+    def pending_ops(self) -> int:
+        return len(self.journal)
+
+    def _dirty_account(self, a: Account) -> None:
+        self.journal.accounts[a.id] = a
+
+    def _dirty_bucket(self, b: Bucket, closed: bool = False) -> None:
+        self.journal.buckets[b.id] = (b, closed)
+
+    def _dirty_budget(self, b: Budget) -> None:
+        self.journal.budgets[(b.scope, str(b.period))] = b
+
+    # ------------------------------------------------------------------ idempotency
+
+    def knows_key(self, key: str) -> bool:
+        return key in self._idem
+
+    def prime_key(self, key: str, digest: str, result: str) -> None:
+        """Teach the engine a key the store remembers (it fell out of the memory cache)."""
+        with self._lock:
+            self._idem.setdefault(key, (digest, result))
+
+    def _idempotent(
+        self, key: str, op: str, body: dict[str, Any], fn: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        if not key:
+            raise InvalidRequest("an idempotency key is required")
+        digest = body_hash({"op": op, **body})
+        seen = self._idem.get(key)
+        if seen is not None:
+            if seen[0] != digest:
+                raise IdempotencyConflict(f"idempotency key {key!r} was used for another request")
+            self._idem.move_to_end(key)
+            return json.loads(seen[1])
+        result = fn()
+        raw = json.dumps(result, separators=(",", ":"), sort_keys=True)
+        self._idem[key] = (digest, raw)
+        if len(self._idem) > IDEMPOTENCY_KEPT:
+            self._idem.popitem(last=False)
+        self.journal.idempotency.append((key, op, digest, raw))
+        self.seq += 1
+        return result
+
+    # ------------------------------------------------------------------ accounts
+
+    def _new_account(
+        self, name: str, parent_id: int | None, kind: AccountKind, draws: bool, now_ms: int
+    ) -> Account:
+        acc = Account(self.next_account_id, name, parent_id, kind, draws, now_ms)
+        self.next_account_id += 1
+        self.accounts[acc.id] = acc
+        if kind in CUSTOMER_KINDS:
+            cash = self._new_bucket(acc, None, CASH_PRIORITY, None)
+            acc.cash_bucket_id = cash.id
+        self._dirty_account(acc)
+        self.journal.meta_dirty = True
+        self.seq += 1
+        return acc
+
+    def _new_bucket(
+        self, acc: Account, grant_id: int | None, priority: int, expires_ms: int | None
+    ) -> Bucket:
+        self.bucket_seq += 1
+        b = Bucket(self.next_bucket_id, acc.id, grant_id, priority, expires_ms, self.bucket_seq)
+        self.next_bucket_id += 1
+        self.buckets[b.id] = b
+        grantmath.insert_in_order(acc.bucket_ids, b, self.buckets)
+        self._dirty_bucket(b)
+        return b
+
+    def account(self, account_id: int) -> Account:
+        acc = self.accounts.get(account_id)
+        if acc is None:
+            raise NotFound(f"no account {account_id}")
+        return acc
+
+    def customer(self, account_id: int) -> Account:
+        acc = self.account(account_id)
+        if acc.kind not in CUSTOMER_KINDS:
+            raise InvalidRequest(f"account {account_id} is an operator account")
+        return acc
+
+    def path_ids(self, account_id: int) -> list[int]:
+        """Root-first ids from the organisation down to `account_id`."""
+        path = []
+        cur: int | None = account_id
+        while cur is not None:
+            path.append(cur)
+            if len(path) > MAX_CHAIN_DEPTH:
+                raise InvalidRequest("account tree deeper than the limit")
+            cur = self.accounts[cur].parent_id
+        path.reverse()
+        return path
+
+    def root_of(self, account_id: int) -> int:
+        return self.path_ids(account_id)[0]
+
+    def create_account(
+        self,
+        name: str,
+        parent_id: int | None,
+        kind: AccountKind,
+        *,
+        draws_on_parent: bool = True,
+        idempotency_key: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        kind = AccountKind(kind)
+        body = {"name": name, "parent": parent_id, "kind": str(kind), "draws": draws_on_parent}
+
+        def apply() -> dict[str, Any]:
+            if kind not in CUSTOMER_KINDS:
+                raise InvalidRequest("operator accounts are created by the ledger itself")
+            if not name or len(name) > 200:
+                raise InvalidRequest("account names are 1-200 characters")
+            if parent_id is not None:
+                self.customer(parent_id)
+                if len(self.path_ids(parent_id)) >= MAX_CHAIN_DEPTH:
+                    raise InvalidRequest("account tree deeper than the limit")
+            draws = draws_on_parent and parent_id is not None
+            return self._new_account(name, parent_id, kind, draws, now_ms).public()
+
+        with self._lock:
+            return self._idempotent(idempotency_key, "create_account", body, apply)
+
+    def payable_for(self, producer: str, now_ms: int) -> Account:
+        acc_id = self._payables.get(producer)
+        if acc_id is None:
+            acc = self._new_account(f"payable:{producer}", None, AccountKind.PAYABLE, False, now_ms)
+            self._payables[producer] = acc.id
+            return acc
+        return self.accounts[acc_id]
+
+    # ------------------------------------------------------------------ postings
+
+    def _post(
+        self,
+        kind: TransferKind,
+        debit: Account,
+        credit: Account,
+        amount_nano: int,
+        now_ms: int,
+        *,
+        debit_bucket: Bucket | None = None,
+        credit_bucket: Bucket | None = None,
+        hold_id: str | None = None,
+        model: str | None = None,
+        producer: str | None = None,
+    ) -> Transfer:
+        assert amount_nano > 0, amount_nano
+        t = Transfer(
+            self.next_transfer_id,
+            now_ms,
+            kind,
+            debit.id,
+            credit.id,
+            amount_nano,
+            debit_bucket.id if debit_bucket else None,
+            credit_bucket.id if credit_bucket else None,
+            hold_id,
+            model,
+            producer,
+        )
+        self.next_transfer_id += 1
+        debit.balance_nano -= amount_nano
+        credit.balance_nano += amount_nano
+        if debit_bucket is not None:
+            assert debit_bucket.account_id == debit.id
+            debit_bucket.remaining_nano -= amount_nano
+            assert debit_bucket.remaining_nano >= debit_bucket.held_nano, debit_bucket
+            self._dirty_bucket(debit_bucket)
+        if credit_bucket is not None:
+            assert credit_bucket.account_id == credit.id
+            credit_bucket.remaining_nano += amount_nano
+            self._dirty_bucket(credit_bucket)
+        assert debit.allow_negative or debit.balance_nano >= debit.held_nano, debit
+        self._dirty_account(debit)
+        self._dirty_account(credit)
+        self.journal.transfers.append(t)
+        self.seq += 1
+        return t
+
+    def _maybe_close(self, b: Bucket) -> None:
+        """Forget an ended bucket once nothing is left in it or held on it."""
+        if b.ended and b.remaining_nano == 0 and b.held_nano == 0:
+            acc = self.accounts[b.account_id]
+            acc.bucket_ids.remove(b.id)
+            del self.buckets[b.id]
+            self._dirty_bucket(b, closed=True)
+
+    # ------------------------------------------------------------------ credit in
+
+    def top_up(
+        self, account_id: int, amount_nano: int, *, idempotency_key: str, now_ms: int
+    ) -> dict[str, Any]:
+        check_amount(amount_nano)
+
+        def apply() -> dict[str, Any]:
+            acc = self.customer(account_id)
+            cash = self.buckets[acc.cash_bucket_id]  # type: ignore[index]
+            t = self._post(
+                TransferKind.TOP_UP,
+                self.operator_account(AccountKind.TOPUPS),
+                acc,
+                amount_nano,
+                now_ms,
+                credit_bucket=cash,
+            )
+            return {"transfer_id": t.id, "amount_nano": amount_nano}
+
+        with self._lock:
+            body = {"account": account_id, "amount": amount_nano}
+            return self._idempotent(idempotency_key, "top_up", body, apply)
+
+    def grant(
+        self,
+        account_id: int,
+        amount_nano: int,
+        *,
+        expires_ms: int | None = None,
+        recurring: Recurrence | None = None,
+        rollover_cap_nano: int | None = 0,
+        priority: int = 0,
+        effective_ms: int | None = None,
+        idempotency_key: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        """An allowance: credit from the operator's grant account, optionally recurring."""
+        check_amount(amount_nano)
+        if rollover_cap_nano is not None:
+            check_amount(rollover_cap_nano, allow_zero=True)
+        if not 0 <= priority < CASH_PRIORITY:
+            raise InvalidRequest("grant priority must be in [0, 2**31)")
+        effective = now_ms if effective_ms is None else effective_ms
+        body = {
+            "account": account_id,
+            "amount": amount_nano,
+            "expires": expires_ms,
+            "period": str(recurring.period) if recurring else None,
+            "tz": recurring.tz if recurring else None,
+            "cap": rollover_cap_nano,
+            "priority": priority,
+            "effective": effective_ms,
+        }
+
+        def apply() -> dict[str, Any]:
+            self.customer(account_id)
+            if recurring:
+                zone(recurring.tz)
+            if expires_ms is not None and expires_ms <= effective:
+                raise InvalidRequest("a grant must expire after it takes effect")
+            g = Grant(
+                id=self.next_grant_id,
+                account_id=account_id,
+                amount_nano=amount_nano,
+                priority=priority,
+                effective_ms=effective,
+                expires_ms=expires_ms,
+                period=recurring.period if recurring else None,
+                tz=recurring.tz if recurring else "UTC",
+                rollover_cap_nano=rollover_cap_nano if recurring else 0,
+                next_due_ms=effective,
+            )
+            self.next_grant_id += 1
+            self.grants[g.id] = g
+            self.journal.grants[g.id] = g
+            self.journal.meta_dirty = True
+            self.seq += 1
+            heapq.heappush(self._grant_heap, (effective, g.id))
+            self._advance_grants(now_ms)
+            return {"grant_id": g.id, "bucket_id": g.bucket_id}
+
+        with self._lock:
+            return self._idempotent(idempotency_key, "grant", body, apply)
+
+    def _advance_grants(self, now_ms: int) -> None:
+        """Issue, refill, roll over and expire every grant that is due at `now_ms`."""
+        heap = self._grant_heap
+        while heap and heap[0][0] <= now_ms:
+            due, gid = heapq.heappop(heap)
+            g = self.grants.get(gid)
+            if g is None or not g.active or g.next_due_ms != due:
+                continue
+            for _ in range(MAX_CATCHUP_PERIODS):
+                self._grant_step(g, now_ms)
+                if not g.active or g.next_due_ms is None or g.next_due_ms > now_ms:
+                    break
+            if g.active and g.next_due_ms is not None:
+                heapq.heappush(heap, (g.next_due_ms, g.id))
+
+    def _grant_step(self, g: Grant, now_ms: int) -> None:
+        """One boundary of a grant: issue it, or end its bucket and maybe refill."""
+        due = g.next_due_ms
+        assert due is not None and due <= now_ms
+        acc = self.accounts[g.account_id]
+        issuer = self.operator_account(AccountKind.GRANTS)
+        expired_acc = self.operator_account(AccountKind.EXPIRED)
+        old = self.buckets.get(g.bucket_id) if g.bucket_id is not None else None
+        refill = g.bucket_id is None or (
+            g.period is not None and (g.expires_ms is None or due < g.expires_ms)
+        )
+        new: Bucket | None = None
+        if refill:
+            end = period_end_ms(g.period, g.tz, due) if g.period else None
+            if g.expires_ms is not None:
+                end = g.expires_ms if end is None else min(end, g.expires_ms)
+            new = self._new_bucket(acc, g.id, g.priority, end)
+            kind = TransferKind.GRANT if g.bucket_id is None else TransferKind.REFILL
+            self._post(kind, issuer, acc, g.amount_nano, due, credit_bucket=new)
+            g.bucket_id = new.id
+            g.next_due_ms = end
+        else:
+            g.active = False
+            g.next_due_ms = None
+        if old is not None:
+            free = old.remaining_nano - old.held_nano
+            carry, expire = grantmath.rollover_split(free, g.rollover_cap_nano if new else 0)
+            if carry:
+                assert new is not None
+                self._post(
+                    TransferKind.ROLLOVER, acc, acc, carry, due, debit_bucket=old, credit_bucket=new
+                )
+            if expire:
+                self._post(TransferKind.EXPIRE, acc, expired_acc, expire, due, debit_bucket=old)
+            old.ended = True
+            self._dirty_bucket(old)
+            self._maybe_close(old)
+        self.journal.grants[g.id] = g
+        self.seq += 1
+
+    # ------------------------------------------------------------------ transfers
+
+    def transfer(
+        self,
+        from_id: int,
+        to_id: int,
+        amount_nano: int,
+        *,
+        actor: str,
+        idempotency_key: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        """Move cash (not allowances: those belong to their grantee) between accounts."""
+        check_amount(amount_nano)
+
+        def apply() -> dict[str, Any]:
+            src, dst = self.customer(from_id), self.customer(to_id)
+            if src.id == dst.id:
+                raise InvalidRequest("a transfer needs two different accounts")
+            reason = self.transfer_policy(self, actor, src, dst, amount_nano)
+            if reason:
+                raise PolicyDenied(reason)
+            cash = self.buckets[src.cash_bucket_id]  # type: ignore[index]
+            free = cash.remaining_nano - cash.held_nano
+            if free < amount_nano:
+                raise Refused(account_scope(src.id), "credit", amount_nano, free)
+            t = self._post(
+                TransferKind.TRANSFER,
+                src,
+                dst,
+                amount_nano,
+                now_ms,
+                debit_bucket=cash,
+                credit_bucket=self.buckets[dst.cash_bucket_id],  # type: ignore[index]
+            )
+            return {"transfer_id": t.id, "amount_nano": amount_nano}
+
+        with self._lock:
+            body = {"from": from_id, "to": to_id, "amount": amount_nano, "actor": actor}
+            return self._idempotent(idempotency_key, "transfer", body, apply)
+
+    # ------------------------------------------------------------------ budgets
+
+    def _roll(self, b: Budget, now_ms: int) -> Budget:
+        if b.period_end_ms is not None and now_ms >= b.period_end_ms:
+            b.spent_nano = 0
+            b.period_start_ms = period_start_ms(b.period, b.tz, now_ms)
+            b.period_end_ms = period_end_ms(b.period, b.tz, now_ms)
+            self._dirty_budget(b)
+        return b
+
+    def _budgets_of(self, scope: str, now_ms: int) -> list[Budget]:
+        per = self.budgets.get(scope)
+        if not per:
+            return []
+        return [self._roll(b, now_ms) for b in per.values()]
+
+    def _open_holds_on(self, scope: str) -> int:
+        return sum(h.amount_nano for h in self.holds.values() if scope in h.scopes)
+
+    def _children_unused(self, scope: str) -> int:
+        total = 0
+        for c in self.scope_children.get(scope, ()):
+            cb = self.budgets[c].get(Period.TOTAL)
+            if cb is not None and not cb.revoked:
+                total += cb.unused_nano
+        return total
+
+    def set_budget(
+        self,
+        scope: str,
+        limit_nano: int,
+        period: Period,
+        *,
+        tz: str = "UTC",
+        idempotency_key: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        """Create or change the limit of one (scope, period); what was spent is kept."""
+        check_amount(limit_nano, allow_zero=True)
+        period = Period(period)
+        body = {"scope": scope, "limit": limit_nano, "period": str(period), "tz": tz}
+
+        def apply() -> dict[str, Any]:
+            zone(tz)
+            self._check_scope(scope)
+            per = self.budgets.setdefault(scope, {})
+            b = per.get(period)
+            if b is None:
+                b = Budget(
+                    scope=scope,
+                    period=period,
+                    tz=tz,
+                    limit_nano=limit_nano,
+                    held_nano=self._open_holds_on(scope),
+                    delegated_nano=self._children_unused(scope),
+                    # A new budget counts spend from now: its first period is partial.
+                    period_start_ms=now_ms,
+                    period_end_ms=period_end_ms(period, tz, now_ms),
+                )
+                per[period] = b
+            else:
+                if b.revoked:
+                    raise InvalidRequest(f"{scope} is revoked")
+                if b.parent_scope is not None and limit_nano != b.limit_nano:
+                    raise InvalidRequest("a delegated budget's limit is fixed when it is minted")
+                self._roll(b, now_ms)
+                b.limit_nano = limit_nano
+            self._dirty_budget(b)
+            self.seq += 1
+            return b.public()
+
+        with self._lock:
+            return self._idempotent(idempotency_key, "set_budget", body, apply)
+
+    def _check_scope(self, scope: str) -> None:
+        kind, _, ident = scope.partition(":")
+        if kind == "account":
+            self.account(int(ident))
+        elif kind != "key" or not ident:
+            raise InvalidRequest(f"bad scope {scope!r}")
+
+    def delegate(
+        self,
+        parent_scope: str,
+        child_scope: str,
+        limit_nano: int,
+        *,
+        expires_ms: int | None,
+        idempotency_key: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        """Mint a child budget (a sub-agent key) carved out of the parent's room.
+
+        The child's limit is reserved in every budget of the parent until the child spends
+        it (then it counts as the parent's spend) or is revoked or expires (then it returns).
+        """
+        check_amount(limit_nano, allow_zero=True)
+        body = {
+            "parent": parent_scope,
+            "child": child_scope,
+            "limit": limit_nano,
+            "exp": expires_ms,
+        }
+
+        def apply() -> dict[str, Any]:
+            if not child_scope.startswith("key:") or not parent_scope.startswith("key:"):
+                raise InvalidRequest("delegation is between key scopes")
+            if child_scope in self.budgets or child_scope == parent_scope:
+                raise InvalidRequest(f"{child_scope} already has a budget")
+            if self._open_holds_on(child_scope):
+                raise InvalidRequest(f"{child_scope} has open holds: mint a fresh key")
+            depth = len(self._key_lineage(parent_scope))
+            if depth >= MAX_KEY_DEPTH:
+                raise InvalidRequest("sub-agent keys nested deeper than the limit")
+            parents = self._budgets_of(parent_scope, now_ms)
+            exp = expires_ms
+            for pb in parents:
+                if pb.revoked:
+                    raise Refused(parent_scope, "revoked", limit_nano, 0)
+                if pb.expires_ms is not None:
+                    if pb.expires_ms <= now_ms:
+                        raise Refused(parent_scope, "expired", limit_nano, 0)
+                    exp = pb.expires_ms if exp is None else min(exp, pb.expires_ms)
+                if pb.room_nano < limit_nano:
+                    raise Refused(
+                        parent_scope, f"budget:{pb.period}", limit_nano, max(0, pb.room_nano)
+                    )
+            child = Budget(
+                scope=child_scope,
+                period=Period.TOTAL,
+                tz="UTC",
+                limit_nano=limit_nano,
+                parent_scope=parent_scope,
+                expires_ms=exp,
+                period_start_ms=now_ms,
+            )
+            self.budgets[child_scope] = {Period.TOTAL: child}
+            self.scope_parent[child_scope] = parent_scope
+            self.scope_children.setdefault(parent_scope, set()).add(child_scope)
+            for pb in parents:
+                pb.delegated_nano += limit_nano
+                self._dirty_budget(pb)
+            if exp is not None:
+                heapq.heappush(self._scope_expiry_heap, (exp, child_scope))
+            self._dirty_budget(child)
+            self.seq += 1
+            return child.public()
+
+        with self._lock:
+            return self._idempotent(idempotency_key, "delegate", body, apply)
+
+    def revoke(self, scope: str, *, idempotency_key: str, now_ms: int) -> dict[str, Any]:
+        """Revoke a scope and every scope delegated from it; their unspent room returns."""
+
+        def apply() -> dict[str, Any]:
+            self._check_scope(scope)
+            return {"revoked": self._revoke_tree(scope, now_ms)}
+
+        with self._lock:
+            return self._idempotent(idempotency_key, "revoke", {"scope": scope}, apply)
+
+    def _revoke_tree(self, scope: str, now_ms: int) -> list[str]:
+        done: list[str] = []
+        gone: set[str] = set()
+        stack = [scope]
+        while stack:
+            s = stack.pop()
+            stack.extend(self.scope_children.pop(s, ()))
+            parent = self.scope_parent.pop(s, None)
+            per = self.budgets.setdefault(s, {})
+            if parent is not None and parent not in gone:  # a revoked parent holds nothing
+                own = per.get(Period.TOTAL)
+                unused = own.unused_nano if own is not None and not own.revoked else 0
+                for pb in self._budgets_of(parent, now_ms):
+                    pb.delegated_nano -= unused
+                    assert pb.delegated_nano >= 0, pb
+                    self._dirty_budget(pb)
+                self.scope_children.get(parent, set()).discard(s)
+            if not per:  # remember the revocation even where no limit was set
+                per[Period.TOTAL] = Budget(
+                    s, Period.TOTAL, "UTC", 0, held_nano=self._open_holds_on(s)
+                )
+            for b in per.values():
+                b.revoked = True
+                b.delegated_nano = 0
+                self._dirty_budget(b)
+            done.append(s)
+            gone.add(s)
+        self.seq += 1
+        return done
+
+    def _key_lineage(self, scope: str) -> list[str]:
+        """Root-first delegation ancestors of a key scope, itself last."""
+        out = [scope]
+        cur = scope
+        while (cur := self.scope_parent.get(cur)) is not None:  # type: ignore[assignment]
+            out.append(cur)
+            if len(out) > MAX_KEY_DEPTH:
+                raise InvalidRequest("delegation deeper than the limit")
+        out.reverse()
+        return out
+
+    # ------------------------------------------------------------------ holds
+
+    def _resolve_chain(self, chain: Iterable[int]) -> list[int]:
+        given = list(chain)
+        if not given:
+            raise InvalidRequest("a hold needs a paying account")
+        path = self.path_ids(self.customer(given[-1]).id)
+        if path[len(path) - len(given) :] != given:
+            raise InvalidRequest(f"chain {given} is not a path of the account tree")
+        return path
+
+    def _funding(self, path: list[int]) -> list[Account]:
+        """Leaf first: the payer, then each parent it may draw on."""
+        out = []
+        for acc_id in reversed(path):
+            acc = self.accounts[acc_id]
+            out.append(acc)
+            if not acc.draws_on_parent:
+                break
+        return out
+
+    def hold(
+        self,
+        request_id: str,
+        chain: Iterable[int],
+        amount_nano: int,
+        *,
+        key_scopes: Iterable[str] = (),
+        ttl_ms: int,
+        now_ms: int,
+    ) -> Hold:
+        """Reserve a request's worst-case price on its chain, or refuse with the reason.
+
+        Every account on the chain and every key scope (with its delegation ancestors) must
+        have budget room, and the payer plus the parents it draws on must have the credit.
+        """
+        check_amount(amount_nano, allow_zero=True)
+        if not 0 < ttl_ms <= 86_400_000:
+            raise InvalidRequest("hold ttl must be in (0, 1 day]")
+        with self._lock:
+            path = self._resolve_chain(chain)
+            scopes = [account_scope(a) for a in path]
+            for k in key_scopes:
+                for s in self._key_lineage(k if k.startswith("key:") else f"key:{k}"):
+                    if s not in scopes:
+                        scopes.append(s)
+            existing = self.holds.get(request_id) or self.closed_holds.get(request_id)
+            if existing is not None:
+                probe = Hold(request_id, tuple(path), tuple(scopes), amount_nano, [], 0, 0)
+                if probe.body_hash() != existing.body_hash():
+                    raise IdempotencyConflict(
+                        f"request {request_id!r} already holds another amount"
+                    )
+                return existing
+            if self._grant_heap and self._grant_heap[0][0] <= now_ms:
+                self._advance_grants(now_ms)
+            # Budgets first: they are cheap and name the tighter limit.
+            parents_in_hold = {self.scope_parent[s] for s in scopes if s in self.scope_parent}
+            touched: list[Budget] = []
+            for s in scopes:
+                for b in self._budgets_of(s, now_ms):
+                    if b.revoked:
+                        raise Refused(s, "revoked", amount_nano, 0)
+                    if b.expires_ms is not None and b.expires_ms <= now_ms:
+                        raise Refused(s, "expired", amount_nano, 0)
+                    if s not in parents_in_hold and b.room_nano < amount_nano:
+                        raise Refused(s, f"budget:{b.period}", amount_nano, max(0, b.room_nano))
+                    touched.append(b)
+            funding = self._funding(path)
+            available = sum(a.available_nano for a in funding)
+            if available < amount_nano:
+                raise Refused(account_scope(funding[-1].id), "credit", amount_nano, available)
+            # Apply: legs leaf first, each account's buckets in consumption order.
+            legs: list[HoldLeg] = []
+            left = amount_nano
+            for acc in funding:
+                if left == 0:
+                    break
+                picked = grantmath.allocate((self.buckets[i] for i in acc.bucket_ids), left)
+                for bucket, take in picked:
+                    bucket.held_nano += take
+                    self._dirty_bucket(bucket)
+                    legs.append(HoldLeg(bucket.id, acc.id, take))
+                    left -= take
+                    acc.held_nano += take
+                self._dirty_account(acc)
+            assert left == 0, (left, amount_nano)
+            for b in touched:
+                b.held_nano += amount_nano
+                self._dirty_budget(b)
+            self._shift_delegated(scopes, -amount_nano, now_ms)
+            h = Hold(
+                id=request_id,
+                chain=tuple(path),
+                scopes=tuple(scopes),
+                amount_nano=amount_nano,
+                legs=legs,
+                created_ms=now_ms,
+                expires_ms=now_ms + ttl_ms,
+                available_after_nano=available - amount_nano,
+            )
+            self.holds[request_id] = h
+            heapq.heappush(self._hold_heap, (h.expires_ms, h.id))
+            self.journal.holds[h.id] = h
+            self.seq += 1
+            return h
+
+    def _shift_delegated(self, scopes: Iterable[str], delta_nano: int, now_ms: int) -> None:
+        """A delegated child's unused room changed by -delta: its parent's reservation follows."""
+        if delta_nano == 0:
+            return
+        for s in scopes:
+            parent = self.scope_parent.get(s)
+            if parent is None:
+                continue
+            for pb in self._budgets_of(parent, now_ms):
+                pb.delegated_nano += delta_nano
+                assert pb.delegated_nano >= 0, pb
+                self._dirty_budget(pb)
+
+    def _release(self, h: Hold, price_nano: int, now_ms: int) -> None:
+        """Charge `price_nano` from the hold's legs in order and release the rest."""
+        revenue = self.operator_account(AccountKind.REVENUE)
+        expired_acc = self.operator_account(AccountKind.EXPIRED)
+        left = price_nano
+        for leg in h.legs:
+            b = self.buckets[leg.bucket_id]
+            acc = self.accounts[leg.account_id]
+            b.held_nano -= leg.amount_nano
+            acc.held_nano -= leg.amount_nano
+            assert b.held_nano >= 0 and acc.held_nano >= 0
+            take = min(leg.amount_nano, left)
+            left -= take
+            if take:
+                self._post(
+                    TransferKind.SPEND,
+                    acc,
+                    revenue,
+                    take,
+                    now_ms,
+                    debit_bucket=b,
+                    hold_id=h.id,
+                    model=h.model,
+                    producer=h.producer,
+                )
+            freed = leg.amount_nano - take
+            if freed and b.ended:  # its period is over: what the hold kept now expires
+                self._post(TransferKind.EXPIRE, acc, expired_acc, freed, now_ms, debit_bucket=b)
+            self._dirty_bucket(b)
+            self._dirty_account(acc)
+            self._maybe_close(b)
+        assert left == 0
+        for s in h.scopes:
+            for b in self._budgets_of(s, now_ms):
+                b.held_nano -= h.amount_nano
+                b.spent_nano += price_nano
+                assert b.held_nano >= 0, b
+                self._dirty_budget(b)
+        self._shift_delegated(h.scopes, h.amount_nano - price_nano, now_ms)
+
+    def _close(self, h: Hold, status: HoldStatus, now_ms: int) -> None:
+        h.status = status
+        h.closed_ms = now_ms
+        del self.holds[h.id]
+        self.closed_holds[h.id] = h
+        if len(self.closed_holds) > CLOSED_HOLDS_KEPT:
+            self.closed_holds.popitem(last=False)
+        self.journal.holds[h.id] = h
+        self.seq += 1
+
+    def find_hold(self, hold_id: str) -> Hold | None:
+        return self.holds.get(hold_id) or self.closed_holds.get(hold_id)
+
+    def remember_hold(self, h: Hold) -> None:
+        """Cache a closed hold loaded from the store, so retries answer from memory."""
+        with self._lock:
+            if h.id not in self.holds:
+                self.closed_holds[h.id] = h
+
+    def settle(
+        self,
+        hold_id: str,
+        *,
+        price_nano: int,
+        cost_nano: int,
+        producer: str,
+        model: str,
+        now_ms: int,
+    ) -> Hold:
+        """Post the actual price (at most the hold; any excess is recorded as clamped, not
+        charged) to revenue and the producer's cost to its payable; release the rest."""
+        check_amount(price_nano, allow_zero=True)
+        check_amount(cost_nano, allow_zero=True)
+        with self._lock:
+            h = self.find_hold(hold_id)
+            if h is None:
+                raise NotFound(f"no hold {hold_id}")
+            if h.status is not HoldStatus.OPEN:
+                probe = Hold(h.id, (), (), 0, [], 0, 0, status=HoldStatus.SETTLED)
+                probe.price_nano, probe.cost_nano = price_nano, cost_nano
+                probe.producer, probe.model = producer, model
+                if h.status is HoldStatus.SETTLED and probe.settle_hash() == h.settle_hash():
+                    return h
+                if h.status is HoldStatus.SETTLED:
+                    raise IdempotencyConflict(f"hold {hold_id} was settled with another price")
+                raise HoldClosed(hold_id, str(h.status))
+            charged = min(price_nano, h.amount_nano)
+            h.clamped_nano = price_nano - charged
+            h.price_nano = charged
+            h.cost_nano = cost_nano
+            h.producer = producer
+            h.model = model
+            self._release(h, charged, now_ms)
+            if cost_nano:
+                self._post(
+                    TransferKind.COST,
+                    self.operator_account(AccountKind.EXPENSE),
+                    self.payable_for(producer, now_ms),
+                    cost_nano,
+                    now_ms,
+                    hold_id=h.id,
+                    model=model,
+                    producer=producer,
+                )
+            self._close(h, HoldStatus.SETTLED, now_ms)
+            return h
+
+    def void(self, hold_id: str, *, now_ms: int) -> Hold:
+        with self._lock:
+            h = self.find_hold(hold_id)
+            if h is None:
+                raise NotFound(f"no hold {hold_id}")
+            if h.status is HoldStatus.VOIDED:
+                return h
+            if h.status is not HoldStatus.OPEN:
+                raise HoldClosed(hold_id, str(h.status))
+            self._release(h, 0, now_ms)
+            self._close(h, HoldStatus.VOIDED, now_ms)
+            return h
+
+    def extend(self, hold_id: str, *, ttl_ms: int, now_ms: int) -> Hold:
+        """Push a long stream's hold expiry to now + ttl (never earlier than it was)."""
+        if not 0 < ttl_ms <= 86_400_000:
+            raise InvalidRequest("hold ttl must be in (0, 1 day]")
+        with self._lock:
+            h = self.holds.get(hold_id)
+            if h is None:
+                found = self.find_hold(hold_id)
+                raise HoldClosed(hold_id, str(found.status)) if found else NotFound(hold_id)
+            if now_ms + ttl_ms > h.expires_ms:
+                h.expires_ms = now_ms + ttl_ms
+                heapq.heappush(self._hold_heap, (h.expires_ms, h.id))
+                self.journal.holds[h.id] = h
+                self.seq += 1
+            return h
+
+    # ------------------------------------------------------------------ sweep
+
+    def sweep(self, now_ms: int, *, max_items: int = 100_000) -> dict[str, int]:
+        """Expire holds, grants and delegated budgets that are due; bounded per call."""
+        with self._lock:
+            n_holds = n_scopes = 0
+            while self._hold_heap and self._hold_heap[0][0] <= now_ms and n_holds < max_items:
+                exp, hid = heapq.heappop(self._hold_heap)
+                h = self.holds.get(hid)
+                if h is None or h.expires_ms != exp:
+                    continue
+                self._release(h, 0, now_ms)
+                self._close(h, HoldStatus.EXPIRED, now_ms)
+                n_holds += 1
+            before = self.seq
+            self._advance_grants(now_ms)
+            heap = self._scope_expiry_heap
+            while heap and heap[0][0] <= now_ms and n_scopes < max_items:
+                _, scope = heapq.heappop(heap)
+                own = self.budgets.get(scope, {}).get(Period.TOTAL)
+                if own is not None and not own.revoked:
+                    n_scopes += len(self._revoke_tree(scope, now_ms))
+            done = not self._hold_heap or self._hold_heap[0][0] > now_ms
+            if done and now_ms > self.last_sweep_ms:
+                self.last_sweep_ms = now_ms
+                self.journal.meta_dirty = True
+                self.seq += 1
+            return {
+                "holds_expired": n_holds,
+                "grant_events": int(self.seq != before),
+                "scopes_expired": n_scopes,
+            }
+
+    # ------------------------------------------------------------------ reads
+
+    def balance(self, account_id: int, now_ms: int) -> BalanceView:
+        with self._lock:
+            if self._grant_heap and self._grant_heap[0][0] <= now_ms:
+                self._advance_grants(now_ms)
+            acc = self.account(account_id)
+            chain_avail = (
+                sum(a.available_nano for a in self._funding(self.path_ids(account_id)))
+                if acc.kind in CUSTOMER_KINDS
+                else acc.available_nano
+            )
+            spent = {
+                str(b.period): b.spent_nano for b in self._budgets_of(account_scope(acc.id), now_ms)
+            }
+            return BalanceView(
+                account_id=acc.id,
+                balance_nano=acc.balance_nano,
+                held_nano=acc.held_nano,
+                available_nano=acc.available_nano,
+                chain_available_nano=chain_avail,
+                spent_this_period_nano=spent,
+            )
+
+    def all_budgets(self, now_ms: int) -> list[Budget]:
+        """Every budget, rolled to `now_ms` (for audits; O(budgets))."""
+        with self._lock:
+            return [self._roll(b, now_ms) for per in self.budgets.values() for b in per.values()]
+
+    def budget_view(self, scope: str, now_ms: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [b.public() for b in self._budgets_of(scope, now_ms)]
+
+    # ------------------------------------------------------------------ invariants
+
+    def check(self, now_ms: int) -> list[str]:
+        """Every in-memory invariant; an empty list means the state is sound."""
+        with self._lock:
+            v: list[str] = []
+            total = sum(a.balance_nano for a in self.accounts.values())
+            if total != 0:
+                v.append(f"sum of balances is {total}, not 0")
+            per_acc: dict[int, list[int]] = {}
+            for b in self.buckets.values():
+                if not 0 <= b.held_nano <= b.remaining_nano:
+                    v.append(f"bucket {b.id}: held {b.held_nano} outside [0, {b.remaining_nano}]")
+                if b.ended and b.remaining_nano != b.held_nano:
+                    v.append(f"bucket {b.id}: ended with unheld credit")
+                if b.expires_ms is not None and b.expires_ms <= now_ms and not b.ended:
+                    due = self._grant_heap and self._grant_heap[0][0] <= now_ms
+                    if not due:
+                        v.append(f"bucket {b.id}: past expiry but not ended")
+                s = per_acc.setdefault(b.account_id, [0, 0])
+                s[0] += b.remaining_nano
+                s[1] += b.held_nano
+            for a in self.accounts.values():
+                if not a.allow_negative and a.balance_nano < 0:
+                    v.append(f"account {a.id}: negative balance {a.balance_nano}")
+                if not 0 <= a.held_nano <= max(a.balance_nano, 0):
+                    v.append(f"account {a.id}: held {a.held_nano} > balance {a.balance_nano}")
+                if a.kind in CUSTOMER_KINDS:
+                    rem, held = per_acc.get(a.id, [0, 0])
+                    if (rem, held) != (a.balance_nano, a.held_nano):
+                        v.append(f"account {a.id}: buckets {rem}/{held} != balance/held")
+            leg_sum: dict[int, int] = {}
+            scope_held: dict[str, int] = {}
+            for h in self.holds.values():
+                if sum(g.amount_nano for g in h.legs) != h.amount_nano:
+                    v.append(f"hold {h.id}: legs do not add up to {h.amount_nano}")
+                for g in h.legs:
+                    leg_sum[g.bucket_id] = leg_sum.get(g.bucket_id, 0) + g.amount_nano
+                for s in h.scopes:
+                    scope_held[s] = scope_held.get(s, 0) + h.amount_nano
+                if h.expires_ms <= self.last_sweep_ms:
+                    v.append(f"hold {h.id}: open past its expiry after a sweep")
+            for b in self.buckets.values():
+                if leg_sum.get(b.id, 0) != b.held_nano:
+                    v.append(
+                        f"bucket {b.id}: held {b.held_nano} != open legs {leg_sum.get(b.id, 0)}"
+                    )
+            for scope, per in self.budgets.items():
+                for b in per.values():
+                    if b.held_nano != scope_held.get(scope, 0):
+                        v.append(f"budget {scope}/{b.period}: held {b.held_nano} != open holds")
+                    want = 0 if b.revoked else self._children_unused(scope)
+                    if b.delegated_nano != want:
+                        v.append(
+                            f"budget {scope}/{b.period}: delegated {b.delegated_nano} != {want}"
+                        )
+            return v

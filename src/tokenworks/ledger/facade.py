@@ -1,0 +1,535 @@
+"""`Ledger`: the async face of the engine and its store, what the gateway and admin call.
+
+Holds are applied in memory and acknowledged at once (a hold lost in a crash reserved
+nothing durable, and one that persisted expires by its TTL); settlements and admin writes
+return only when their group commit is durable. One `Ledger` serves one event loop; the
+engine under it is thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from tokenworks.ledger.domain import (
+    AccountKind,
+    BalanceView,
+    Hold,
+    LedgerError,
+    NotFound,
+    Period,
+    Recurrence,
+    Refused,
+    Rollover,
+    StoreUnavailable,
+    scope_name,
+)
+from tokenworks.ledger.engine import (
+    CLOSED_HOLDS_KEPT,
+    Engine,
+    TransferPolicy,
+    default_transfer_policy,
+    hold_from_row,
+)
+from tokenworks.ledger.periods import to_ms
+from tokenworks.ledger.statement import build_statement, statement_csv
+from tokenworks.ledger.store import Store, open_store
+from tokenworks.ledger.writer import GroupCommitWriter
+
+log = logging.getLogger("tokenworks.ledger")
+
+DEFAULT_HOLD_TTL_S = 600.0
+MAX_PENDING_OPS = 50_000
+BACKPRESSURE_WAIT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    """A hold as its caller sees it; `available_after_nano` feeds the balance header."""
+
+    id: str
+    status: str
+    amount_nano: int
+    price_nano: int
+    cost_nano: int
+    clamped_nano: int
+    expires_ms: int
+    available_after_nano: int
+
+    @classmethod
+    def of(cls, h: Hold) -> HoldView:
+        return cls(
+            h.id,
+            str(h.status),
+            h.amount_nano,
+            h.price_nano,
+            h.cost_nano,
+            h.clamped_nano,
+            h.expires_ms,
+            h.available_after_nano,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    name: str
+    parent_id: int | None
+    kind: str
+    draws_on_parent: bool
+
+
+class Ledger:
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_pending_ops: int = MAX_PENDING_OPS,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.writer = GroupCommitWriter(engine, store)
+        self.clock = clock
+        self.max_pending_ops = max_pending_ops
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        transfer_policy: TransferPolicy = default_transfer_policy,
+        sweep_interval_s: float | None = 1.0,
+        max_pending_ops: int = MAX_PENDING_OPS,
+    ) -> Ledger:
+        """Open (or create) the ledger at `url` and rebuild the engine from it."""
+        store = open_store(url)
+        await store.open()
+        try:
+            snap = await store.load()
+            now_ms = int(clock() * 1000)
+            if snap is None:
+                engine = Engine(transfer_policy=transfer_policy)
+                engine.bootstrap(now_ms)
+            else:
+                engine = Engine.restore(snap, transfer_policy=transfer_policy)
+                for row in reversed(await store.recent_closed_holds(CLOSED_HOLDS_KEPT)):
+                    engine.remember_hold(hold_from_row(row))
+            ledger = cls(engine, store, clock=clock, max_pending_ops=max_pending_ops)
+            ledger.writer.start()
+            await ledger.writer.flush()
+        except BaseException:
+            await store.close()
+            raise
+        if sweep_interval_s:
+            ledger._sweeper = asyncio.get_running_loop().create_task(
+                ledger._sweep_loop(sweep_interval_s), name="ledger-sweeper"
+            )
+        return ledger
+
+    async def close(self) -> None:
+        """Stop sweeping, flush everything journalled, close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.writer.stop()
+        await self.store.close()
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def flush(self) -> None:
+        """Wait until everything applied so far is durable."""
+        await self.writer.flush()
+
+    async def _sweep_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.engine.sweep(self.now_ms())
+                self.writer.poke()
+            except Exception:  # a sweep bug must not kill the loop silently
+                log.exception("ledger sweep failed")
+
+    def _usable(self) -> None:
+        if self.writer.failure is not None:
+            raise StoreUnavailable(f"ledger store failed: {self.writer.failure!r}")
+        if self._closed:
+            raise LedgerError("ledger is closed")
+
+    async def _durable(self, fn: Callable[[], Any], key: str | None = None) -> Any:
+        """Apply an admin write (consulting the store for keys the engine forgot) and wait
+        for it to be committed."""
+        self._usable()
+        if key and not self.engine.knows_key(key):
+            seen = await self.store.get_idempotency(key)
+            if seen is not None:
+                self.engine.prime_key(key, seen[1], seen[2])
+        result = fn()
+        self.writer.poke()
+        await self.writer.wait_durable(self.engine.seq)
+        return result
+
+    # ------------------------------------------------------------------ accounts & credit
+
+    async def create_account(
+        self,
+        name: str,
+        parent_id: int | None,
+        kind: AccountKind | str,
+        *,
+        idempotency_key: str,
+        draws_on_parent: bool = True,
+    ) -> Account:
+        """A customer account; with `draws_on_parent` its holds may use its parents' credit."""
+        r = await self._durable(
+            lambda: self.engine.create_account(
+                name,
+                parent_id,
+                AccountKind(kind),
+                draws_on_parent=draws_on_parent,
+                idempotency_key=idempotency_key,
+                now_ms=self.now_ms(),
+            ),
+            idempotency_key,
+        )
+        return Account(**r)
+
+    async def top_up(self, account_id: int, amount_nano: int, *, idempotency_key: str) -> int:
+        """Paid credit into an account's cash; returns the transfer id."""
+        r = await self._durable(
+            lambda: self.engine.top_up(
+                account_id, amount_nano, idempotency_key=idempotency_key, now_ms=self.now_ms()
+            ),
+            idempotency_key,
+        )
+        return int(r["transfer_id"])
+
+    async def grant(
+        self,
+        account_id: int,
+        amount_nano: int,
+        *,
+        idempotency_key: str,
+        expires_at: datetime | None = None,
+        recurring: Recurrence | None = None,
+        rollover: Rollover | None = None,
+        priority: int = 0,
+        effective_at: datetime | None = None,
+    ) -> int:
+        """An allowance; returns the grant id. Lower `priority` is spent first."""
+        r = await self._durable(
+            lambda: self.engine.grant(
+                account_id,
+                amount_nano,
+                expires_ms=to_ms(expires_at) if expires_at else None,
+                recurring=recurring,
+                rollover_cap_nano=(rollover or Rollover.expire()).cap_nano,
+                priority=priority,
+                effective_ms=to_ms(effective_at) if effective_at else None,
+                idempotency_key=idempotency_key,
+                now_ms=self.now_ms(),
+            ),
+            idempotency_key,
+        )
+        return int(r["grant_id"])
+
+    async def transfer(
+        self,
+        from_id: int,
+        to_id: int,
+        amount_nano: int,
+        *,
+        idempotency_key: str,
+        actor: str,
+    ) -> int:
+        """Move cash between customer accounts if the transfer policy lets `actor` do it
+        ("operator" or "account:<id>"); returns the transfer id."""
+        r = await self._durable(
+            lambda: self.engine.transfer(
+                from_id,
+                to_id,
+                amount_nano,
+                actor=actor,
+                idempotency_key=idempotency_key,
+                now_ms=self.now_ms(),
+            ),
+            idempotency_key,
+        )
+        return int(r["transfer_id"])
+
+    # ------------------------------------------------------------------ budgets
+
+    async def set_budget(
+        self,
+        scope: int | str | tuple[str, str],
+        limit_nano: int,
+        period: Period | str,
+        *,
+        idempotency_key: str,
+        tz: str = "UTC",
+    ) -> dict[str, Any]:
+        """Limit an account (`7`) or key (`("key", "k1")`) per day/week/month/total."""
+        name = scope_name(scope)
+        return await self._durable(  # type: ignore[no-any-return]
+            lambda: self.engine.set_budget(
+                name,
+                limit_nano,
+                Period(period),
+                tz=tz,
+                idempotency_key=idempotency_key,
+                now_ms=self.now_ms(),
+            ),
+            idempotency_key,
+        )
+
+    async def delegate(
+        self,
+        parent_key_id: str,
+        child_key_id: str,
+        limit_nano: int,
+        *,
+        idempotency_key: str,
+        ttl_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Give a freshly minted child key a budget carved out of its parent key's room.
+
+        Raises `Refused` naming the parent when its room is smaller than `limit_nano`. The
+        child's spend counts against the parent; revoking or expiring the parent revokes the
+        child; whatever the child leaves unspent returns to the parent.
+        """
+        now = self.now_ms()
+        return await self._durable(  # type: ignore[no-any-return]
+            lambda: self.engine.delegate(
+                scope_name(("key", parent_key_id)),
+                scope_name(("key", child_key_id)),
+                limit_nano,
+                expires_ms=now + int(ttl_s * 1000) if ttl_s else None,
+                idempotency_key=idempotency_key,
+                now_ms=now,
+            ),
+            idempotency_key,
+        )
+
+    async def revoke(
+        self, scope: int | str | tuple[str, str], *, idempotency_key: str
+    ) -> list[str]:
+        """Revoke a scope and everything delegated from it; returns the revoked scopes."""
+        r = await self._durable(
+            lambda: self.engine.revoke(
+                scope_name(scope), idempotency_key=idempotency_key, now_ms=self.now_ms()
+            ),
+            idempotency_key,
+        )
+        return list(r["revoked"])
+
+    def budgets(self, scope: int | str | tuple[str, str]) -> list[dict[str, Any]]:
+        return self.engine.budget_view(scope_name(scope), self.now_ms())
+
+    # ------------------------------------------------------------------ the hot path
+
+    async def hold(
+        self,
+        chain: Sequence[int],
+        amount_nano: int,
+        *,
+        request_id: str,
+        key_scopes: Iterable[str] = (),
+        ttl_s: float = DEFAULT_HOLD_TTL_S,
+    ) -> HoldView:
+        """Reserve `amount_nano` for `request_id` on the account chain (payer last).
+
+        Raises `Refused(scope, limit_kind, needed_nano, available_nano)`. Idempotent per
+        request id. Not awaited for durability: see the module docstring.
+        """
+        self._usable()
+        if self.engine.pending_ops() > self.max_pending_ops:
+            await self._backpressure()
+        h = self.engine.hold(
+            request_id,
+            chain,
+            amount_nano,
+            key_scopes=key_scopes,
+            ttl_ms=int(ttl_s * 1000),
+            now_ms=self.now_ms(),
+        )
+        self.writer.poke()
+        return HoldView.of(h)
+
+    async def _backpressure(self) -> None:
+        self.writer.poke()
+        try:
+            await asyncio.wait_for(self.writer.flush(), BACKPRESSURE_WAIT_S)
+        except TimeoutError:
+            raise Refused("ledger:writer", "busy", 0, 0) from None
+
+    async def _known(self, hold_id: str) -> None:
+        if self.engine.find_hold(hold_id) is None:
+            row = await self.store.get_hold(hold_id)
+            if row is None:
+                raise NotFound(f"no hold {hold_id}")
+            self.engine.remember_hold(hold_from_row(row))
+
+    async def settle(
+        self,
+        hold_id: str,
+        *,
+        price_nano: int,
+        cost_nano: int,
+        producer: str,
+        model: str,
+        durable: bool = True,
+    ) -> HoldView:
+        """Charge the actual price (at most the hold) and the producer's cost; release the
+        rest. Idempotent per hold: a retry with the same figures returns the first result.
+        Returns once durable unless `durable=False`."""
+        self._usable()
+        await self._known(hold_id)
+        h = self.engine.settle(
+            hold_id,
+            price_nano=price_nano,
+            cost_nano=cost_nano,
+            producer=producer,
+            model=model,
+            now_ms=self.now_ms(),
+        )
+        view = HoldView.of(h)
+        self.writer.poke()
+        if durable:
+            await self.writer.wait_durable(self.engine.seq)
+        return view
+
+    async def void(self, hold_id: str) -> HoldView:
+        """Release a hold entirely (request failed before any token was produced)."""
+        self._usable()
+        await self._known(hold_id)
+        h = self.engine.void(hold_id, now_ms=self.now_ms())
+        self.writer.poke()
+        return HoldView.of(h)
+
+    async def extend_hold(self, hold_id: str, ttl_s: float) -> HoldView:
+        """Keep a long stream's hold alive for another `ttl_s`."""
+        self._usable()
+        h = self.engine.extend(hold_id, ttl_ms=int(ttl_s * 1000), now_ms=self.now_ms())
+        self.writer.poke()
+        return HoldView.of(h)
+
+    async def sweep_expired(self, now: datetime | None = None) -> dict[str, int]:
+        """Expire holds, grant periods and delegated budgets due by `now` (default: clock)."""
+        self._usable()
+        result = self.engine.sweep(to_ms(now) if now else self.now_ms())
+        self.writer.poke()
+        await self.writer.wait_durable(self.engine.seq)
+        return result
+
+    # ------------------------------------------------------------------ reads
+
+    def balance(self, account_id: int) -> BalanceView:
+        """From memory: always current, never waits on the store."""
+        return self.engine.balance(account_id, self.now_ms())
+
+    async def statement(self, account_id: int, since: datetime, until: datetime) -> dict[str, Any]:
+        """Opening balance, credits in, spend by model, expiries and closing balance."""
+        since_ms, until_ms = to_ms(since), to_ms(until)
+        if until_ms <= since_ms:
+            raise ValueError("a statement needs since < until")
+        acc = self.engine.account(account_id)
+        await self.flush()
+        opening = await self.store.net_before(account_id, since_ms)
+        closing = await self.store.net_before(account_id, until_ms)
+        moves = await self.store.movements(account_id, since_ms, until_ms)
+        return build_statement(acc.public(), since_ms, until_ms, opening, closing, moves)
+
+    async def statement_csv(self, account_id: int, since: datetime, until: datetime) -> str:
+        return statement_csv(await self.statement(account_id, since, until))
+
+    async def check(self) -> list[str]:
+        """Every invariant, in memory and in the store; an empty list means sound.
+
+        The store/engine comparison needs a quiet moment: it is retried a few times and
+        reported as skipped when traffic never pauses.
+        """
+        for _ in range(5):
+            await self.flush()
+            now = self.now_ms()
+            seq = self.engine.seq
+            violations = self.engine.check(now)
+            budgets = [
+                (b.scope, str(b.period), b.spent_nano, b.period_start_ms)
+                for b in self.engine.all_budgets(now)
+            ]
+            accounts = {a.id: (a.balance_nano, a.held_nano) for a in self.engine.accounts.values()}
+            buckets = {b.id: b.remaining_nano for b in self.engine.buckets.values()}
+            open_holds = set(self.engine.holds)
+            seq = self.engine.seq  # rolling budgets may journal; compare against that
+            await self.flush()
+            audit = await self.store.audit()
+            since = min((b[3] for b in budgets), default=now)
+            settled = await self.store.settled_scopes(since, now + 1)
+            if self.engine.seq == seq:
+                break
+        else:
+            return [*self.engine.check(self.now_ms()), "store comparison skipped: never quiet"]
+        total = 0
+        for acc_id, stored, held, net in audit.accounts:
+            total += stored
+            if stored != net:
+                violations.append(f"store account {acc_id}: balance {stored} != transfers {net}")
+            if accounts.get(acc_id) != (stored, held):
+                violations.append(
+                    f"store account {acc_id}: {stored}/{held} != engine {accounts.get(acc_id)}"
+                )
+        if total != 0:
+            violations.append(f"store: sum of balances is {total}, not 0")
+        for bucket_id, remaining, closed, net in audit.buckets:
+            if remaining != net:
+                violations.append(f"store bucket {bucket_id}: {remaining} != transfers {net}")
+            if closed and remaining:
+                violations.append(f"store bucket {bucket_id}: closed with {remaining} left")
+            if not closed and buckets.get(bucket_id) != remaining:
+                violations.append(f"store bucket {bucket_id}: {remaining} != engine")
+        for hold_id, price, posted in audit.mischarged:
+            violations.append(f"hold {hold_id}: price {price} but spend postings {posted}")
+        if audit.bad_transfers:
+            violations.append(f"{audit.bad_transfers} malformed transfers")
+        if set(audit.open_holds) != open_holds:
+            violations.append("open holds differ between store and engine")
+        spent: dict[tuple[str, int], int] = {}
+        starts: dict[str, set[int]] = {}
+        for scope, _, _, start in budgets:
+            starts.setdefault(scope, set()).add(start)
+        for scopes_json, price, closed_ms in settled:
+            for s in json.loads(scopes_json):
+                for start in starts.get(s, ()):
+                    if closed_ms >= start:
+                        spent[(s, start)] = spent.get((s, start), 0) + price
+        for scope, period, engine_spent, start in budgets:
+            want = spent.get((scope, start), 0)
+            if engine_spent != want:
+                violations.append(
+                    f"budget {scope}/{period}: spent {engine_spent} != settled {want} in period"
+                )
+        return violations

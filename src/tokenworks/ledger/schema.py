@@ -1,0 +1,163 @@
+"""The ledger's tables, declared once and rendered for SQLite and PostgreSQL.
+
+Rows travel between the engine and the stores as tuples in these column orders, so both
+stores write and load exactly the same shape. Booleans are 0/1 integers in both dialects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    key: tuple[str, ...]
+    columns: tuple[tuple[str, str], ...]  # (name, "bigint" | "text")
+    upsert: bool = True  # False: insert-only, a conflict is ignored (immutable rows)
+    update_when: str | None = None  # only rows in this state may still change
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.columns)
+
+
+B, T = "bigint", "text"
+
+ACCOUNTS = Table(
+    "ledger_accounts",
+    ("id",),
+    (
+        ("id", B),
+        ("name", T),
+        ("parent_id", B),
+        ("kind", T),
+        ("draws_on_parent", B),
+        ("created_ms", B),
+        ("balance_nano", B),
+        ("held_nano", B),
+    ),
+)
+BUCKETS = Table(
+    "ledger_buckets",
+    ("id",),
+    (
+        ("id", B),
+        ("account_id", B),
+        ("grant_id", B),
+        ("priority", B),
+        ("expires_ms", B),
+        ("created_seq", B),
+        ("remaining_nano", B),
+        ("held_nano", B),
+        ("ended", B),
+        ("closed", B),
+    ),
+)
+GRANTS = Table(
+    "ledger_grants",
+    ("id",),
+    (
+        ("id", B),
+        ("account_id", B),
+        ("amount_nano", B),
+        ("priority", B),
+        ("effective_ms", B),
+        ("expires_ms", B),
+        ("period", T),
+        ("tz", T),
+        ("rollover_cap_nano", B),
+        ("next_due_ms", B),
+        ("bucket_id", B),
+        ("active", B),
+    ),
+)
+BUDGETS = Table(
+    "ledger_budgets",
+    ("scope", "period"),
+    (
+        ("scope", T),
+        ("period", T),
+        ("tz", T),
+        ("limit_nano", B),
+        ("spent_nano", B),
+        ("held_nano", B),
+        ("delegated_nano", B),
+        ("period_start_ms", B),
+        ("period_end_ms", B),
+        ("parent_scope", T),
+        ("expires_ms", B),
+        ("revoked", B),
+    ),
+)
+HOLDS = Table(
+    "ledger_holds",
+    ("id",),
+    (
+        ("id", T),
+        ("status", T),
+        ("chain", T),  # JSON [account ids], root first
+        ("scopes", T),  # JSON [scope names]
+        ("legs", T),  # JSON [[bucket_id, account_id, amount_nano], ...]
+        ("amount_nano", B),
+        ("created_ms", B),
+        ("expires_ms", B),
+        ("closed_ms", B),
+        ("price_nano", B),
+        ("cost_nano", B),
+        ("clamped_nano", B),
+        ("producer", T),
+        ("model", T),
+    ),
+    update_when="ledger_holds.status = 'open'",  # a closed hold is final
+)
+TRANSFERS = Table(
+    "ledger_transfers",
+    ("id",),
+    (
+        ("id", B),
+        ("ts_ms", B),
+        ("kind", T),
+        ("debit_account_id", B),
+        ("credit_account_id", B),
+        ("amount_nano", B),
+        ("debit_bucket_id", B),
+        ("credit_bucket_id", B),
+        ("hold_id", T),
+        ("model", T),
+        ("producer", T),
+    ),
+    upsert=False,
+)
+IDEMPOTENCY = Table(
+    "ledger_idempotency",
+    ("key",),
+    (("key", T), ("op", T), ("body_hash", T), ("result", T)),
+    upsert=False,
+)
+META = Table("ledger_meta", ("k",), (("k", T), ("v", B)))
+
+TABLES = (ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META)
+
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS ledger_transfers_debit ON ledger_transfers "
+    "(debit_account_id, ts_ms)",
+    "CREATE INDEX IF NOT EXISTS ledger_transfers_credit ON ledger_transfers "
+    "(credit_account_id, ts_ms)",
+    "CREATE INDEX IF NOT EXISTS ledger_transfers_hold ON ledger_transfers (hold_id)",
+    "CREATE INDEX IF NOT EXISTS ledger_holds_open ON ledger_holds (status, expires_ms)",
+    "CREATE INDEX IF NOT EXISTS ledger_holds_closed ON ledger_holds (closed_ms)",
+)
+
+
+def ddl(dialect: str) -> list[str]:
+    """CREATE statements for `sqlite` or `postgres`."""
+    types = {"sqlite": {B: "INTEGER", T: "TEXT"}, "postgres": {B: "BIGINT", T: "TEXT"}}[dialect]
+    out = []
+    for t in TABLES:
+        cols = ", ".join(f"{c} {types[ty]}" for c, ty in t.columns)
+        out.append(
+            f"CREATE TABLE IF NOT EXISTS {t.name} ({cols}, PRIMARY KEY ({', '.join(t.key)}))"
+        )
+    out.extend(INDEXES)
+    return out

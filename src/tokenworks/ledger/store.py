@@ -1,0 +1,188 @@
+"""The store interface both backends implement, and the SQL they share.
+
+A store is dumb on purpose: it writes the engine's batches atomically (one transaction per
+batch, upserts of final values plus inserts of immutable transfers), loads the open state
+back, and answers the audit and statement queries. All judgement lives in the engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tokenworks.ledger.engine import Batch, Snapshot
+from tokenworks.ledger.schema import (
+    ACCOUNTS,
+    BUCKETS,
+    BUDGETS,
+    GRANTS,
+    HOLDS,
+    IDEMPOTENCY,
+    META,
+    TRANSFERS,
+    Table,
+)
+
+
+@dataclass(slots=True)
+class AuditData:
+    """What `check()` compares the engine against, straight from the store."""
+
+    # (account_id, stored balance, stored held, net of its transfers)
+    accounts: list[tuple[int, int, int, int]]
+    # (bucket_id, stored remaining, closed, net of its transfers)
+    buckets: list[tuple[int, int, int, int]]
+    # settled holds whose spend transfers do not add up to their price: (id, price, posted)
+    mischarged: list[tuple[str, int, int]]
+    bad_transfers: int  # non-positive amounts or self-transfers other than rollovers
+    open_holds: list[str]
+
+
+class Store(Protocol):
+    dialect: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, batch: Batch) -> None:
+        """Persist a batch in one transaction; it is durable when this returns."""
+
+    async def load(self) -> Snapshot | None:
+        """The open state, or None for an empty store."""
+
+    async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None: ...
+
+    async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
+        """(op, body_hash, result) of a key the engine no longer caches."""
+
+    async def audit(self) -> AuditData: ...
+
+    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
+        """(scopes JSON, price, closed_ms) of holds settled in [since, until)."""
+
+    async def recent_closed_holds(self, limit: int) -> list[tuple[Any, ...]]:
+        """The latest closed holds, so a restarted engine still answers their retries."""
+
+    async def movements(
+        self, account_id: int, since_ms: int, until_ms: int
+    ) -> list[tuple[str, int, str | None, int, str | None]]:
+        """(kind, incoming 0/1, model, amount, hold_id) for the account's transfers in range."""
+
+    async def net_before(self, account_id: int, until_ms: int) -> int: ...
+
+
+BATCH_TABLES: tuple[tuple[Table, str], ...] = (
+    (ACCOUNTS, "accounts"),
+    (BUCKETS, "buckets"),
+    (GRANTS, "grants"),
+    (BUDGETS, "budgets"),
+    (HOLDS, "holds"),
+    (TRANSFERS, "transfers"),
+    (IDEMPOTENCY, "idempotency"),
+    (META, "meta"),
+)
+
+LOAD_QUERIES = {
+    "accounts": f"SELECT {', '.join(ACCOUNTS.column_names)} FROM ledger_accounts ORDER BY id",
+    "buckets": f"SELECT {', '.join(BUCKETS.column_names)} FROM ledger_buckets WHERE closed = 0",
+    "grants": f"SELECT {', '.join(GRANTS.column_names)} FROM ledger_grants WHERE active = 1",
+    "budgets": f"SELECT {', '.join(BUDGETS.column_names)} FROM ledger_budgets",
+    "holds": f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE status = 'open'",
+    "meta": "SELECT k, v FROM ledger_meta",
+}
+GET_HOLD = f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE id = :id"
+RECENT_CLOSED_HOLDS = (
+    f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE closed_ms IS NOT NULL "
+    "ORDER BY closed_ms DESC LIMIT :limit"
+)
+GET_IDEMPOTENCY = "SELECT op, body_hash, result FROM ledger_idempotency WHERE key = :key"
+
+AUDIT_ACCOUNTS = """
+SELECT a.id, a.balance_nano, a.held_nano,
+       COALESCE(c.s, 0) - COALESCE(d.s, 0)
+FROM ledger_accounts a
+LEFT JOIN (SELECT credit_account_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+           FROM ledger_transfers GROUP BY credit_account_id) c ON c.id = a.id
+LEFT JOIN (SELECT debit_account_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+           FROM ledger_transfers GROUP BY debit_account_id) d ON d.id = a.id
+"""
+AUDIT_BUCKETS = """
+SELECT b.id, b.remaining_nano, b.closed, COALESCE(c.s, 0) - COALESCE(d.s, 0)
+FROM ledger_buckets b
+LEFT JOIN (SELECT credit_bucket_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+           FROM ledger_transfers WHERE credit_bucket_id IS NOT NULL
+           GROUP BY credit_bucket_id) c ON c.id = b.id
+LEFT JOIN (SELECT debit_bucket_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+           FROM ledger_transfers WHERE debit_bucket_id IS NOT NULL
+           GROUP BY debit_bucket_id) d ON d.id = b.id
+"""
+AUDIT_MISCHARGED = """
+SELECT h.id, h.price_nano, COALESCE(t.s, 0)
+FROM ledger_holds h
+LEFT JOIN (SELECT hold_id, CAST(SUM(amount_nano) AS BIGINT) AS s FROM ledger_transfers
+           WHERE kind = 'spend' GROUP BY hold_id) t ON t.hold_id = h.id
+WHERE (h.status = 'settled' AND h.price_nano <> COALESCE(t.s, 0))
+   OR (h.status <> 'settled' AND COALESCE(t.s, 0) <> 0)
+"""
+AUDIT_BAD_TRANSFERS = """
+SELECT COUNT(*) FROM ledger_transfers
+WHERE amount_nano <= 0 OR (debit_account_id = credit_account_id AND kind <> 'rollover')
+"""
+AUDIT_OPEN_HOLDS = "SELECT id FROM ledger_holds WHERE status = 'open'"
+SETTLED_SCOPES = """
+SELECT scopes, price_nano, closed_ms FROM ledger_holds
+WHERE status = 'settled' AND closed_ms >= :since AND closed_ms < :until
+"""
+MOVEMENTS = """
+SELECT kind, 0, model, amount_nano, hold_id FROM ledger_transfers
+WHERE debit_account_id = :acc AND ts_ms >= :since AND ts_ms < :until AND kind <> 'rollover'
+UNION ALL
+SELECT kind, 1, model, amount_nano, hold_id FROM ledger_transfers
+WHERE credit_account_id = :acc AND ts_ms >= :since AND ts_ms < :until AND kind <> 'rollover'
+"""
+NET_BEFORE = """
+SELECT COALESCE((SELECT CAST(SUM(amount_nano) AS BIGINT) FROM ledger_transfers
+                 WHERE credit_account_id = :acc AND ts_ms < :until), 0)
+     - COALESCE((SELECT CAST(SUM(amount_nano) AS BIGINT) FROM ledger_transfers
+                 WHERE debit_account_id = :acc AND ts_ms < :until), 0)
+"""
+
+
+def upsert_tail(table: Table, excluded: str) -> str:
+    """The ON CONFLICT clause: update mutable rows, ignore repeats of immutable ones."""
+    key = ", ".join(table.key)
+    if not table.upsert:
+        return f" ON CONFLICT ({key}) DO NOTHING"
+    sets = ", ".join(f"{c} = {excluded}.{c}" for c in table.column_names if c not in table.key)
+    where = f" WHERE {table.update_when}" if table.update_when else ""
+    return f" ON CONFLICT ({key}) DO UPDATE SET {sets}{where}"
+
+
+def numbered(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+    """Rewrite `:name` placeholders as PostgreSQL's `$n`, reusing numbers for repeats."""
+    order: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in order:
+            order.append(name)
+        return f"${order.index(name) + 1}"
+
+    out = re.sub(r"(?<!:):([a-z_]+)", sub, sql)
+    return out, [params[n] for n in order]
+
+
+def open_store(url: str) -> Store:
+    """`sqlite:///relative.db`, `sqlite:////abs.db`, `sqlite://:memory:` or `postgresql://...`
+    (a `?schema=name` query parameter puts the tables in that schema)."""
+    if url.startswith("sqlite:"):
+        from tokenworks.ledger.store_sqlite import SqliteStore
+
+        return SqliteStore(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from tokenworks.ledger.store_postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported ledger url {url!r}")

@@ -1,0 +1,181 @@
+"""The PostgreSQL store: one writer connection, a small read pool.
+
+Each batch is one transaction of `INSERT ... SELECT * FROM unnest(arrays) ON CONFLICT`,
+one statement per table, so thousands of settlements cost a handful of round trips. A
+session advisory lock on the writer connection makes this process the ledger's only writer
+(a crash drops the connection and with it the lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from tokenworks.ledger.domain import LedgerError
+from tokenworks.ledger.engine import Batch, Snapshot
+from tokenworks.ledger.schema import ddl
+from tokenworks.ledger.store import (
+    AUDIT_ACCOUNTS,
+    AUDIT_BAD_TRANSFERS,
+    AUDIT_BUCKETS,
+    AUDIT_MISCHARGED,
+    AUDIT_OPEN_HOLDS,
+    BATCH_TABLES,
+    GET_HOLD,
+    GET_IDEMPOTENCY,
+    LOAD_QUERIES,
+    MOVEMENTS,
+    NET_BEFORE,
+    RECENT_CLOSED_HOLDS,
+    SETTLED_SCOPES,
+    AuditData,
+    numbered,
+    upsert_tail,
+)
+
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 60.0
+
+
+def split_schema(url: str) -> tuple[str, str | None]:
+    """Take our `schema=` query parameter out of the URL asyncpg will see."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = [(k, v) for k, v in query if k != "schema"]
+    if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise ValueError(f"bad schema name {schema!r}")
+    return urlunsplit(parts._replace(query=urlencode(rest))), schema
+
+
+class PostgresStore:
+    dialect = "postgres"
+
+    def __init__(self, url: str) -> None:
+        self.url, self.schema = split_schema(url)
+        self._writer: asyncpg.Connection | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._insert_sql = {}
+        for t, name in BATCH_TABLES:
+            arrays = ", ".join(f"${i + 1}::{ty}[]" for i, (_, ty) in enumerate(t.columns))
+            self._insert_sql[name] = (
+                f"INSERT INTO {t.name} ({', '.join(t.column_names)}) "
+                f"SELECT * FROM unnest({arrays})" + upsert_tail(t, "EXCLUDED")
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        settings = {"search_path": self.schema} if self.schema else {}
+        w = await asyncpg.connect(
+            self.url,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings=settings,
+        )
+        try:
+            if self.schema:
+                await w.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            lock_id = int.from_bytes(
+                hashlib.blake2b(
+                    f"tokenworks-ledger:{self.schema}".encode(), digest_size=8
+                ).digest(),
+                "big",
+                signed=True,
+            )
+            if not await w.fetchval("SELECT pg_try_advisory_lock($1)", lock_id):
+                raise LedgerError("another process is the writer of this ledger")
+            async with w.transaction():
+                # Concurrent first opens of one database would race on CREATE TABLE.
+                await w.execute("SELECT pg_advisory_xact_lock(7412)")
+                for stmt in ddl("postgres"):
+                    await w.execute(stmt)
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=4,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+                server_settings=settings,
+            )
+        except BaseException:
+            await w.close()
+            raise
+        self._writer = w
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, batch: Batch) -> None:
+        w = self._writer
+        assert w is not None, "store is not open"
+        async with w.transaction():
+            for _, name in BATCH_TABLES:
+                rows = getattr(batch, name)
+                if rows:
+                    await w.execute(self._insert_sql[name], *zip(*rows, strict=True))
+
+    # ------------------------------------------------------------------ reads
+
+    async def _all(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        assert self._pool is not None, "store is not open"
+        text, args = numbered(sql, params or {})
+        async with self._pool.acquire() as c:
+            return [tuple(r) for r in await c.fetch(text, *args)]
+
+    async def load(self) -> Snapshot | None:
+        rows = {name: await self._all(sql) for name, sql in LOAD_QUERIES.items()}
+        if not rows["accounts"]:
+            return None
+        return Snapshot(
+            accounts=rows["accounts"],
+            buckets=rows["buckets"],
+            grants=rows["grants"],
+            budgets=rows["budgets"],
+            holds=rows["holds"],
+            meta={k: v for k, v in rows["meta"]},
+        )
+
+    async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None:
+        rows = await self._all(GET_HOLD, {"id": hold_id})
+        return rows[0] if rows else None
+
+    async def recent_closed_holds(self, limit: int) -> list[tuple[Any, ...]]:
+        return await self._all(RECENT_CLOSED_HOLDS, {"limit": limit})
+
+    async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
+        rows = await self._all(GET_IDEMPOTENCY, {"key": key})
+        return rows[0] if rows else None  # type: ignore[return-value]
+
+    async def audit(self) -> AuditData:
+        return AuditData(
+            accounts=await self._all(AUDIT_ACCOUNTS),  # type: ignore[arg-type]
+            buckets=await self._all(AUDIT_BUCKETS),  # type: ignore[arg-type]
+            mischarged=await self._all(AUDIT_MISCHARGED),  # type: ignore[arg-type]
+            bad_transfers=(await self._all(AUDIT_BAD_TRANSFERS))[0][0],
+            open_holds=[r[0] for r in await self._all(AUDIT_OPEN_HOLDS)],
+        )
+
+    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
+        return await self._all(SETTLED_SCOPES, {"since": since_ms, "until": until_ms})  # type: ignore[return-value]
+
+    async def movements(
+        self, account_id: int, since_ms: int, until_ms: int
+    ) -> list[tuple[str, int, str | None, int, str | None]]:
+        params = {"acc": account_id, "since": since_ms, "until": until_ms}
+        return await self._all(MOVEMENTS, params)  # type: ignore[return-value]
+
+    async def net_before(self, account_id: int, until_ms: int) -> int:
+        rows = await self._all(NET_BEFORE, {"acc": account_id, "until": until_ms})
+        return int(rows[0][0])
