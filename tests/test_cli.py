@@ -83,3 +83,37 @@ def test_keys_and_usage_subcommands(gateway: Gateway) -> None:
 
     wrong = tokenworks("keys", "list", env={**env, "TOKENWORKS_ADMIN_KEY": "nope"})
     assert wrong.returncode == 1 and "401" in wrong.stderr
+
+
+def test_reprice_shows_what_a_price_rise_would_have_cost(gateway: Gateway, tmp_path: Path) -> None:
+    key = gateway.create_key()
+    c = openai.OpenAI(base_url=gateway.v1, api_key=key["key"], max_retries=0)
+    for _ in range(3):
+        c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=10)
+    records = gateway.records(expect=3)
+    cost = sum(r.cost_nano for r in records)
+    assert cost > 0
+    config = tmp_path / "gw.yaml"
+    from tests.conftest import MODELS, gateway_config
+
+    sims = {"a": "http://127.0.0.1:1", "b": "http://127.0.0.1:2"}
+    config.write_text(gateway_config(gateway.db_path, sims, MODELS))
+    scenario = tmp_path / "rise.yaml"
+    scenario.write_text('name: rise\nchanges:\n  - {kind: scale_cost, factor: "1.3"}\n')
+    result = tokenworks("reprice", "--config", str(config), "--scenario", str(scenario), "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    total = out["rows"][-1]
+    assert total["requests"] == 3
+    from decimal import Decimal
+
+    base = int(Decimal(total["cost"]) * 10**9)
+    new = int(Decimal(total["new_cost"]) * 10**9)
+    assert base == cost
+    assert abs(new - cost * 13 // 10) <= 3  # each request rounds once, half a nano at most
+    table = tokenworks("reprice", "--config", str(config), "--scenario", str(scenario))
+    assert "rise" in table.stdout or "chat-fast" in table.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nchanges:\n  - {kind: scale_cost, factor: 1.3e}\n")
+    failed = tokenworks("reprice", "--config", str(config), "--scenario", str(bad))
+    assert failed.returncode == 2 and "bad.yaml" in failed.stderr

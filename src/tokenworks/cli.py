@@ -24,6 +24,72 @@ def _demo(args: argparse.Namespace) -> int:
     return run(duration_s=args.duration)
 
 
+def _reprice(args: argparse.Namespace) -> int:
+    """What recorded usage would have cost and been billed under a changed price book."""
+    import json
+    import os
+
+    from tokenworks.api.admin import parse_time_ms
+    from tokenworks.api.errors import ApiError
+    from tokenworks.config import CONFIG_ENV, ConfigError, load
+    from tokenworks.metering.store import UsageStore
+    from tokenworks.pricing.money import format_nano
+    from tokenworks.pricing.quote import Pricer
+    from tokenworks.pricing.whatif import ScenarioError, format_table, load_scenario, reprice
+
+    path = args.config or os.environ.get(CONFIG_ENV)
+    if not path:
+        print(f"tokenworks: pass --config FILE or set {CONFIG_ENV}", file=sys.stderr)
+        return 2
+    try:
+        config = load(path)
+        scenario = load_scenario(args.scenario)
+        since_ms = parse_time_ms(args.since, "since")
+        until_ms = parse_time_ms(args.until, "until")
+    except (ConfigError, ScenarioError, OSError) as exc:
+        print(f"tokenworks: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"tokenworks: {exc.message}", file=sys.stderr)
+        return 2
+    store = UsageStore(config.database)
+    try:
+        records = store.records(since_ms=since_ms, until_ms=until_ms)
+    finally:
+        store.close()
+    try:
+        result = reprice(records, Pricer.from_config(config), scenario)
+    except ScenarioError as exc:
+        print(f"tokenworks: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows = [*result.rows, result.total]
+        print(
+            json.dumps(
+                {
+                    "scenario": result.scenario,
+                    "currency": result.currency,
+                    "rows": [
+                        {
+                            "account": r.account_id,
+                            "model": r.public_model,
+                            "requests": r.requests,
+                            "cost": format_nano(r.base_cost_nano),
+                            "new_cost": format_nano(r.new_cost_nano),
+                            "price": format_nano(r.base_price_nano),
+                            "new_price": format_nano(r.new_price_nano),
+                        }
+                        for r in rows
+                    ],
+                    "skipped": len(result.skipped),
+                }
+            )
+        )
+    else:
+        print(format_table(result))
+    return 0
+
+
 def _admin(args: argparse.Namespace) -> int:
     from tokenworks import admin_cli
 
@@ -49,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole system on the embedded default")
     demo.add_argument("--duration", type=float, default=None, help="seconds, then report and exit")
     demo.set_defaults(func=_demo)
+
+    what_if = sub.add_parser("reprice", help="re-price recorded usage under a scenario")
+    what_if.add_argument("--config", default=None, help="config file (or $TOKENWORKS_CONFIG)")
+    what_if.add_argument("--scenario", required=True, help="scenario file (docs/pricing.md)")
+    what_if.add_argument("--since", default=None)
+    what_if.add_argument("--until", default=None)
+    what_if.add_argument("--json", action="store_true")
+    what_if.set_defaults(func=_reprice)
 
     from tokenworks.admin_cli import add_subcommands
 
