@@ -467,15 +467,17 @@ def pick_cpus(spec: str | None) -> tuple[set[int] | None, set[int] | None]:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def signals_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    # SIGINT too: a shell that starts us in the background hands us SIGINT ignored.
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def main() -> int:
@@ -509,7 +511,7 @@ def main() -> int:
     db = work / "usage.db"
     t0 = time.monotonic()
     try:
-        with sigterm_as_interrupt():
+        with signals_as_interrupt():
             servers.start(
                 "sim",
                 tokenworks_argv(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -71,6 +73,22 @@ class Gateway:
         r = self.admin("GET", "/admin/v1/usage", params=params)
         assert r.status_code == 200, r.text
         return r.json()["data"]
+
+    def ledger(self, use: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run `use(ledger)` on the gateway's own event loop (the ledger is loop-bound)."""
+        gateway = self.app.state.gateway
+        return asyncio.run_coroutine_threadsafe(use(gateway.ledger), gateway.loop).result(30)
+
+    def funded_key(self, amount_nano: int, name: str = "payer", **key: Any) -> tuple[int, dict]:
+        """A fresh account holding `amount_nano` of credit, and a key that pays from it."""
+        async def setup(ledger: Any) -> int:
+            account = await ledger.create_account(name, None, "organisation", idempotency_key=f"acct:{name}")
+            if amount_nano:
+                await ledger.top_up(account.id, amount_nano, idempotency_key=f"topup:{name}")
+            return account.id
+
+        account_id = self.ledger(setup)
+        return account_id, self.create_key(name=name, account=account_id, **key)
 
     def records(self, expect: int = 1, timeout_s: float = 5.0) -> list:
         """Usage records, waiting (bounded) for at least `expect` of them: a stream's record

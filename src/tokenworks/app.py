@@ -14,13 +14,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenworks.api import admin, openai
+from tokenworks.api import admin, admin_ledger, agent_keys, openai
 from tokenworks.api.errors import ApiError
 from tokenworks.auth import KeyStore
 from tokenworks.config import Config
 from tokenworks.dispatch.health import Health
 from tokenworks.dispatch.relay import Relay
 from tokenworks.dispatch.router import Router
+from tokenworks.ledger import Ledger
 from tokenworks.metering.store import UsageStore
 from tokenworks.metering.tokens import install_vocabularies
 from tokenworks.metrics import Metrics
@@ -42,6 +43,7 @@ class Gateway:
         self.metrics = Metrics()
         self.store = UsageStore(config.database)
         self.keys = KeyStore(self.store._write_conn)
+        self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
         self.pricer = Pricer.from_config(config)
         self.router = Router(config, Health())
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
@@ -57,12 +59,24 @@ class Gateway:
     async def start(self) -> None:
         # Vocabularies are copied before the first request, never during one.
         await asyncio.to_thread(install_vocabularies)
+        self.loop = asyncio.get_running_loop()
+        # The ledger shares the database; it rebuilds its in-memory state from it here.
+        self.ledger = await Ledger.open(self.config.database)
+        # The ledger has one writer (it is locked to this process), so a hold still open now
+        # belonged to a request of a process that died: release it rather than let it strand
+        # credit until it expires.
+        for hold_id in list(self.ledger.engine.holds):
+            await self.ledger.void(hold_id)
+        await self.ledger.flush()
+        self.relay.ledger = self.ledger
         for producer in self.producers.values():
             await producer.start()
 
     async def close(self) -> None:
         for producer in self.producers.values():
             await producer.close()
+        if self.ledger is not None:
+            await self.ledger.close()
         await asyncio.to_thread(self.store.close)
 
     async def flush_usage(self) -> None:
@@ -107,7 +121,9 @@ def build_app(config: Config) -> Starlette:
     app = Starlette(
         routes=[
             *openai.routes,
+            *agent_keys.routes,
             *admin.routes,
+            *admin_ledger.routes,
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],

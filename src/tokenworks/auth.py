@@ -53,6 +53,9 @@ class ApiKey:
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def allows_all(self, models: list[str]) -> bool:
+        return self.models is None or set(models) <= self.models
+
     def active(self, now_ms: int) -> bool:
         if self.revoked_ms is not None:
             return False

@@ -96,6 +96,12 @@ def _admin(args: argparse.Namespace) -> int:
     return admin_cli.dispatch(args)
 
 
+def _ledger_admin(args: argparse.Namespace) -> int:
+    from tokenworks import ledger_cli
+
+    return ledger_cli.dispatch(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenworks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenworks.admin_cli import add_subcommands
 
     add_subcommands(sub, _admin)
+    from tokenworks import ledger_cli
+
+    ledger_cli.add_subcommands(sub, _ledger_admin)
     return parser
 
 

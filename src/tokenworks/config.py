@@ -66,10 +66,14 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     deployments: list[Deployment]
     # tiktoken encoding used when the upstream reports no usage; guessed from the name if unset.
     tokenizer: str | None = None
+    # Output the gateway holds credit for when a request sets no max_tokens.
+    max_output_tokens: int = 16_384
 
     def __post_init__(self) -> None:
         if not self.deployments:
             raise ValueError("a model needs at least one deployment")
+        if not 1 <= self.max_output_tokens <= 10_000_000:
+            raise ValueError("max_output_tokens must be within 1..10000000")
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -52,5 +52,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.refused = Counter(
+            "tokenworks_requests_refused",
+            "Requests refused before dispatch for lack of credit or budget, by limit kind.",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.settlement_failures = Counter(
+            "tokenworks_settlement_failures",
+            "Holds the ledger could not settle or void (they expire instead).",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

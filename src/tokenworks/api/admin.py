@@ -13,7 +13,10 @@ from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import gateway_of, read_json
-from tokenworks.pricing.money import format_nano
+from tokenworks.ledger import LedgerError
+from tokenworks.pricing.money import format_nano, parse_amount
+
+PERIODS = ("day", "week", "month", "total")
 
 _encode = msgspec.json.encode
 MAX_ADMIN_BODY_BYTES = 1024 * 1024
@@ -65,17 +68,55 @@ def _admin(handler: Any) -> Any:
     return wrapped
 
 
+def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str] | None:
+    """`"limit": {"amount": "5.00", "period": "day"}` -> (nano, period); absent -> None."""
+    limit = body.get("limit")
+    if limit is None:
+        return None
+    if not isinstance(limit, dict) or not isinstance(limit.get("amount"), str):
+        raise ApiError(
+            400, "'limit' must be {\"amount\": \"<decimal string>\", \"period\": ...}",
+            param="limit",
+        )  # fmt: skip
+    try:
+        amount_nano = parse_amount(limit["amount"])
+    except ValueError as exc:
+        raise ApiError(400, f"limit.amount: {exc}", param="limit.amount") from exc
+    if amount_nano < 0:
+        raise ApiError(400, "limit.amount must be >= 0", param="limit.amount")
+    period = limit.get("period", default_period)
+    if period not in PERIODS:
+        raise ApiError(
+            400, f"limit.period must be one of {', '.join(PERIODS)}", param="limit.period"
+        )
+    return amount_nano, period
+
+
+def parse_models(body: dict[str, Any]) -> list[str] | None:
+    models = body.get("models")
+    if models is not None and (
+        not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+    ):
+        raise ApiError(400, "'models' must be null or an array of model names", param="models")
+    return models
+
+
+def parse_ttl(body: dict[str, Any]) -> float | None:
+    ttl_s = body.get("ttl_s")
+    if ttl_s is not None and (
+        not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool) or ttl_s <= 0
+    ):
+        raise ApiError(400, "'ttl_s' must be a positive number of seconds", param="ttl_s")
+    return ttl_s
+
+
 @_admin
 async def create_key(request: Request) -> Response:
     body = await read_json(request, MAX_ADMIN_BODY_BYTES)
     name = body.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ApiError(400, "'name' must be a non-empty string", param="name")
-    models = body.get("models")
-    if models is not None and (
-        not isinstance(models, list) or not all(isinstance(m, str) for m in models)
-    ):
-        raise ApiError(400, "'models' must be null or an array of model names", param="models")
+    models = parse_models(body)
     gateway = gateway_of(request)
     if models is not None:
         unknown = sorted(set(models) - set(gateway.router.routes))
@@ -83,20 +124,38 @@ async def create_key(request: Request) -> Response:
             raise ApiError(
                 400, f"unknown models: {', '.join(unknown)}", param="models", code="unknown_model"
             )
-    ttl_s = body.get("ttl_s")
-    if ttl_s is not None and (not isinstance(ttl_s, int | float) or ttl_s <= 0):
-        raise ApiError(400, "'ttl_s' must be a positive number of seconds", param="ttl_s")
+    ttl_s = parse_ttl(body)
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ApiError(400, "'metadata' must be an object", param="metadata")
+    account = body.get("account")
+    if account is not None:
+        if isinstance(account, bool) or not isinstance(account, int | str):
+            raise ApiError(400, "'account' must be an account id", param="account")
+        try:
+            gateway.ledger.engine.account(int(account))
+        except (ValueError, LedgerError) as exc:
+            raise ApiError(404, f"no account {account!r}", param="account") from exc
+        account = str(int(account))
+    limit = parse_limit(body, default_period="month")
+    if limit is not None and account is None:
+        raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")
     key, secret = gateway.keys.create(
         name.strip(),
         models,
-        account_id=body.get("account") if isinstance(body.get("account"), str) else None,
+        account_id=account,
         ttl_s=ttl_s,
         metadata={str(k): str(v) for k, v in metadata.items()},
     )
-    return json_response({**key.public(), "key": secret}, status=201)
+    if limit is not None:
+        await gateway.ledger.set_budget(
+            ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
+        )
+    return json_response({**key.public(), "key": secret, "limit": _limit_view(limit)}, 201)
+
+
+def _limit_view(limit: tuple[int, str] | None) -> dict[str, str] | None:
+    return None if limit is None else {"amount": format_nano(limit[0]), "period": limit[1]}
 
 
 @_admin
@@ -117,11 +176,19 @@ async def get_key(request: Request) -> Response:
 @_admin
 async def revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
+    gateway = gateway_of(request)
     try:
-        revoked = gateway_of(request).keys.revoke(key_id)
+        revoked = gateway.keys.revoke(key_id)
     except KeyError as exc:
         raise ApiError(404, "no such key", code="key_not_found") from exc
+    await revoke_budgets(gateway, key_id)
     return json_response({"id": key_id, "revoked": [k.id for k in revoked]})
+
+
+async def revoke_budgets(gateway: Any, key_id: str) -> None:
+    """Close a revoked key's delegated budget so its unspent room returns to the parent."""
+    if gateway.ledger.budgets(("key", key_id)):
+        await gateway.ledger.revoke(("key", key_id), idempotency_key=f"revoke-key:{key_id}")
 
 
 @_admin

@@ -39,6 +39,12 @@ def authenticate(request: Request) -> ApiKey:
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     """The request body as a JSON object, refusing oversize bodies before reading them all."""
+    payload, _ = await read_json_sized(request, max_bytes)
+    return payload
+
+
+async def read_json_sized(request: Request, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """`read_json`, and the body's size in bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")
@@ -58,7 +64,7 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    return payload
+    return payload, size
 
 
 def _require(payload: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -142,7 +148,7 @@ async def _relay(request: Request, endpoint: str) -> Any:
     try:
         gateway = gateway_of(request)
         key = authenticate(request)
-        payload = await read_json(request, gateway.config.limits.max_body_bytes)
+        payload, size = await read_json_sized(request, gateway.config.limits.max_body_bytes)
         _validate(endpoint, payload)
         name = payload["model"]
         route = gateway.router.get(name)
@@ -165,6 +171,7 @@ async def _relay(request: Request, endpoint: str) -> Any:
             client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
             tags=_tags(request, payload),
             tariff=gateway.pricer.tariff_for(key.account_id),
+            body_bytes=size,
         )
         return await gateway.relay.handle(call)
     except ApiError as exc:

@@ -26,6 +26,7 @@ from tokenworks.api.errors import ApiError, error_body
 from tokenworks.auth import ApiKey
 from tokenworks.config import Deployment
 from tokenworks.dispatch.router import Route, Router
+from tokenworks.ledger import HoldView, Ledger, LedgerError, Refused
 from tokenworks.metering import extract
 from tokenworks.metering.store import UsageStore
 from tokenworks.metering.usage import Usage, UsageRecord
@@ -38,6 +39,7 @@ PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 HTTP_CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
+HOLD_MARGIN_S = 60.0  # a hold outlives the longest upstream timeout by this much
 
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
@@ -61,6 +63,8 @@ class Call:
     client_wants_usage: bool
     tags: dict[str, str]
     tariff: str | None = None
+    body_bytes: int = 0
+    hold: HoldView | None = None
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: "req_" + uuid.uuid4().hex)
     ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
@@ -79,6 +83,16 @@ class Call:
         tier = self.payload.get("service_tier")
         return tier if isinstance(tier, str) else None
 
+    @property
+    def max_output_tokens(self) -> int:
+        """The most output this request may produce: what it asked for, else the model's cap."""
+        if self.endpoint == "embeddings":
+            return 0
+        asked = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens")
+        limit = asked if isinstance(asked, int) else self.route.model.max_output_tokens
+        n = self.payload.get("n")
+        return limit * (n if isinstance(n, int) and n > 1 else 1)
+
 
 class Relay:
     def __init__(
@@ -91,6 +105,7 @@ class Relay:
         max_attempts: int,
     ) -> None:
         self.pricer = pricer
+        self.ledger: Ledger | None = None  # set when the gateway starts
         self.router = router
         self.producers = producers
         self.store = store
@@ -107,8 +122,10 @@ class Relay:
             )  # fmt: skip
         except PricingError as exc:
             raise ApiError(400, str(exc), param="service_tier", code="invalid_value") from exc
+        candidates = self.router.candidates(call.route, self.max_attempts)
+        call.hold = await self._hold(call, candidates)
         last: UpstreamError | None = None
-        for deployment in self.router.candidates(call.route, self.max_attempts):
+        for deployment in candidates:
             producer = self.producers[deployment.producer]
             body = self._upstream_body(call, deployment)
             try:
@@ -125,7 +142,87 @@ class Relay:
         assert last is not None, "a route always has at least one deployment"
         error = _client_error(last)
         self._record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
+        await self._void(call)
         raise error
+
+    # -- paying for it ---------------------------------------------------------------------
+
+    async def _hold(self, call: Call, candidates: list[Deployment]) -> HoldView | None:
+        """Reserve the worst-case price before any upstream work: no hold, no call.
+
+        Input is bounded by the body's size in bytes (a token is at least one byte), which
+        costs nothing to compute; counting with the tokenizer would cost ~20 µs per KiB on
+        the event loop. The excess is released at settlement.
+        """
+        ledger = self.ledger
+        if ledger is None or call.key.account_id is None:
+            return None
+        worst = 0
+        for d in candidates:
+            quote = self.pricer.worst_case(
+                call.public_model, d.producer, d.model, call.body_bytes, call.max_output_tokens,
+                at=call.at, service_tier=call.service_tier, tariff=call.tariff,
+            )  # fmt: skip
+            worst = max(worst, quote.price_nano)
+        ttl_s = max(self.producers[d.producer].spec.timeout_s for d in candidates) + HOLD_MARGIN_S
+        try:
+            return await ledger.hold(
+                [int(call.key.account_id)],
+                worst,
+                request_id=call.request_id,
+                key_scopes=[call.key.id],
+                ttl_s=min(ttl_s, 86_400.0),
+            )
+        except Refused as exc:
+            self.metrics.refused.labels(exc.limit_kind.partition(":")[0]).inc()
+            what = {"credit": "insufficient credit"}.get(exc.limit_kind, exc.limit_kind)
+            if exc.limit_kind.startswith("budget:"):
+                what = f"{exc.limit_kind.removeprefix('budget:')} budget exhausted"
+            raise ApiError(
+                402,
+                f"{what} on {exc.scope}: this request may cost up to "
+                f"{format_nano(exc.needed_nano)}, {format_nano(max(exc.available_nano, 0))} "
+                "available",
+                code="insufficient_quota",
+            ) from exc
+        except LedgerError as exc:
+            raise ApiError(
+                503, f"the ledger cannot take holds now: {exc}", code="ledger_unavailable"
+            ) from exc
+
+    async def settle(
+        self, call: Call, deployment: Deployment, quote: Quote | None, *, durable: bool
+    ) -> int | None:
+        """Post the actual price of a served call; returns the payer's balance after it."""
+        hold, ledger = call.hold, self.ledger
+        if hold is None or ledger is None:
+            return None
+        # An unpriceable answer (should not happen: prices are checked at start) is charged
+        # its worst case rather than given away.
+        price = quote.price_nano if quote else hold.amount_nano
+        cost = quote.cost_nano if quote else 0
+        try:
+            await ledger.settle(
+                hold.id,
+                price_nano=price,
+                cost_nano=cost,
+                producer=deployment.producer,
+                model=call.public_model,
+                durable=durable,
+            )
+            # What the payer can still spend, counting the parents it draws on.
+            return ledger.balance(int(hold_payer(call))).chain_available_nano
+        except LedgerError:
+            # The hold expires on its own; the request goes uncharged rather than twice.
+            self.metrics.settlement_failures.inc()
+            return None
+
+    async def _void(self, call: Call) -> None:
+        if call.hold is not None and self.ledger is not None:
+            try:
+                await self.ledger.void(call.hold.id)
+            except LedgerError:
+                self.metrics.settlement_failures.inc()
 
     def _upstream_body(self, call: Call, deployment: Deployment) -> bytes:
         payload = dict(call.payload)
@@ -164,9 +261,12 @@ class Relay:
         if usage is None:
             usage = self._estimate(call, _response_texts(parsed))
         quote = self.price(call, deployment, usage, parsed.get("service_tier"))
+        balance_nano = await self.settle(call, deployment, quote, durable=True)
         self._record(call, deployment, response.status, usage, ttft_s=None, quote=quote)
         body = _rewrite_model(data, call.public_model)
         headers = {"x-request-id": call.request_id}
+        if balance_nano is not None:
+            headers["x-tokenworks-balance"] = format_nano(balance_nano)
         if quote is not None:
             body = _with_cost(body, quote.price_nano)
             headers["x-tokenworks-cost"] = format_nano(quote.cost_nano)
@@ -336,20 +436,19 @@ class _StreamResponse:
         self.error: str | None = None
         self.model_field = b'"model":' + _encode(call.public_model)
         self.done = False  # the upstream sent [DONE]
+        self.finished = False  # settled and recorded
         self.pending_error: bytes | None = None  # an SSE error event to end the stream with
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-request-id", self.call.request_id.encode()),
-                ],
-            }
-        )
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-request-id", self.call.request_id.encode()),
+        ]
+        if self.call.hold is not None:  # what is left with this request's hold in place
+            balance = format_nano(self.call.hold.available_after_nano).encode()
+            headers.append((b"x-tokenworks-balance", balance))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
@@ -369,7 +468,7 @@ class _StreamResponse:
                     raise exc  # type: ignore[misc]
         finally:
             self.upstream.close()
-            self._finish()
+            await self._finish()
 
     async def _pump(self, send: Send) -> None:
         event: bytes | None = self.first
@@ -392,6 +491,8 @@ class _StreamResponse:
             if event is None and self.error is None and not self.done:
                 self._fail(502, "upstream closed the stream before [DONE]", "upstream_cut")
                 break
+        # Charge before the last byte: a client that saw the end of its answer has paid.
+        await self._finish()
         tail = self.pending_error or b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
@@ -445,7 +546,11 @@ class _StreamResponse:
             event = _with_cost(event, self.quote.price_nano)
         return _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
 
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
+        """Settle and record once, whichever way the stream ended."""
+        if self.finished:
+            return
+        self.finished = True
         usage, quote = self.usage, self.quote
         if usage is None:
             usage = self.relay._estimate(self.call, self.texts)
@@ -458,6 +563,9 @@ class _StreamResponse:
             ttft_s=self.ttft_s,
             error=self.error,
             quote=quote,
+        )
+        await self.relay.settle(
+            self.call, self.deployment, quote, durable=self.status != HTTP_CLIENT_CLOSED
         )
 
 
@@ -486,6 +594,11 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
 
 def _rewrite_model(data: bytes, public_model: str) -> bytes:
     return _MODEL_FIELD.sub(b'"model":' + _encode(public_model), data, count=1)
+
+
+def hold_payer(call: Call) -> str:
+    assert call.key.account_id is not None
+    return call.key.account_id
 
 
 def _with_cost(data: bytes, price_nano: int) -> bytes:

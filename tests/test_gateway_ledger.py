@@ -1,0 +1,253 @@
+"""Paying for tokens through the gateway: holds, settlement, 402s, limits and sub-agent keys.
+
+Test deployments cost 1.00/2.00 per million input/output tokens and the default tariff charges
+cost, so a request's price is input x 1,000 + output x 2,000 nano-units.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import random
+import time
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, Sim
+
+CHAT = [{"role": "user", "content": "Summarise the grid report."}]
+
+
+def nano(text: str) -> int:
+    return int(Decimal(text) * 1_000_000_000)
+
+
+def client(gw: Gateway, secret: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.v1, api_key=secret, max_retries=0)
+
+
+def spent(gw: Gateway, account_id: int) -> int:
+    async def read(ledger):
+        return ledger.balance(account_id)
+
+    balance = gw.ledger(read)
+    return balance
+
+
+def check(gw: Gateway) -> list[str]:
+    async def run(ledger):
+        await ledger.sweep_expired()
+        return await ledger.check()
+
+    return gw.ledger(run)
+
+
+def test_a_served_request_is_charged_its_exact_price(gateway: Gateway) -> None:
+    account, key = gateway.funded_key(1_000_000_000)  # 1.00
+    raw = client(gateway, key["key"]).chat.completions.with_raw_response.create(
+        model="chat-fast", messages=CHAT, max_tokens=10
+    )
+    reply = raw.parse()
+    price = reply.usage.prompt_tokens * 1_000 + 10 * 2_000
+    assert nano(raw.headers["x-tokenworks-price"]) == price
+    assert nano(raw.headers["x-tokenworks-balance"]) == 1_000_000_000 - price
+    balance = spent(gateway, account)
+    assert balance.available_nano == 1_000_000_000 - price
+    assert balance.held_nano == 0
+    assert check(gateway) == []
+
+
+def test_streams_are_charged_before_their_last_byte(gateway: Gateway) -> None:
+    account, key = gateway.funded_key(1_000_000_000)
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        headers={"Authorization": f"Bearer {key['key']}"},
+        json={"model": "chat-fast", "messages": CHAT, "max_tokens": 12, "stream": True,
+              "stream_options": {"include_usage": True}},
+    ) as r:
+        held_balance = nano(r.headers["x-tokenworks-balance"])
+        body = r.read().decode()
+        # The last byte has arrived: the charge is already in the ledger.
+        balance = spent(gateway, account)
+    usage = next(
+        json.loads(e[6:])["usage"] for e in body.split("\n\n") if e.startswith('data: {"') and '"usage":{' in e
+    )
+    price = usage["prompt_tokens"] * 1_000 + 12 * 2_000
+    assert nano(usage["cost"]) == price
+    assert balance.available_nano == 1_000_000_000 - price and balance.held_nano == 0
+    assert held_balance < 1_000_000_000 - price  # the hold was the worst case, then released
+
+
+def test_no_credit_is_402_and_no_upstream_work(gateway: Gateway, sims: tuple[Sim, Sim]) -> None:
+    a, _ = sims
+    account, key = gateway.funded_key(10_000)  # 0.00001: less than any request's worst case
+    with pytest.raises(openai.APIStatusError) as err:
+        client(gateway, key["key"]).chat.completions.create(
+            model="chat-fast", messages=CHAT, max_tokens=100
+        )
+    assert err.value.status_code == 402
+    body = err.value.body
+    assert body["code"] == "insufficient_quota"
+    assert f"account:{account}" in body["message"] and "insufficient credit" in body["message"]
+    assert a.stats()["requests_total"] == 0
+    assert spent(gateway, account).available_nano == 10_000
+
+
+def test_a_failed_request_releases_its_hold(gateway: Gateway, sims: tuple[Sim, Sim]) -> None:
+    a, b = sims
+    account, key = gateway.funded_key(1_000_000_000)
+    a.fault("500")
+    b.fault("500")
+    with pytest.raises(openai.InternalServerError):
+        client(gateway, key["key"]).chat.completions.create(
+            model="chat-fast", messages=CHAT, max_tokens=10
+        )
+    balance = spent(gateway, account)
+    assert balance.available_nano == 1_000_000_000 and balance.held_nano == 0
+
+
+def test_a_key_limit_stops_spending_at_the_limit(gateway: Gateway) -> None:
+    limit = 200_000  # 0.0002: a few small requests
+    account, key = gateway.funded_key(
+        1_000_000_000, limit={"amount": "0.0002", "period": "day"}
+    )
+    c = client(gateway, key["key"])
+    served = 0
+    refused = None
+    for _ in range(40):  # bounded: each request costs >= 10,000 nano
+        try:
+            c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=5)
+            served += 1
+        except openai.APIStatusError as exc:
+            refused = exc
+            break
+    assert served >= 1 and refused is not None and refused.status_code == 402
+    assert f"key:{key['id']}" in refused.body["message"]
+    assert "day budget exhausted" in refused.body["message"]
+    charged = 1_000_000_000 - spent(gateway, account).available_nano
+    assert 0 < charged <= limit
+    assert check(gateway) == []
+
+
+def test_sub_agent_keys_spend_from_the_parent_and_die_with_it(gateway: Gateway) -> None:
+    account, parent = gateway.funded_key(
+        1_000_000_000, limit={"amount": "0.01", "period": "total"}
+    )
+    headers = {"Authorization": f"Bearer {parent['key']}"}
+    r = httpx.post(
+        f"{gateway.v1}/keys", headers=headers, json={"name": "sub-1", "limit": {"amount": "0.002"}}
+    )
+    assert r.status_code == 201, r.text
+    child = r.json()
+    assert child["parent"] == parent["id"] and child["account"] == str(account)
+    # More than the parent's room is refused.
+    r = httpx.post(
+        f"{gateway.v1}/keys", headers=headers, json={"name": "greedy", "limit": {"amount": "1"}}
+    )
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_quota"
+    # The child spends from the parent's account.
+    reply = client(gateway, child["key"]).chat.completions.create(
+        model="chat-fast", messages=CHAT, max_tokens=4
+    )
+    price = reply.usage.prompt_tokens * 1_000 + 4 * 2_000
+    assert spent(gateway, account).available_nano == 1_000_000_000 - price
+    # Revoking the parent revokes the child at once.
+    r = gateway.admin("DELETE", f"/admin/v1/keys/{parent['id']}")
+    assert set(r.json()["revoked"]) == {parent["id"], child["id"]}
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, child["key"]).chat.completions.create(
+            model="chat-fast", messages=CHAT, max_tokens=4
+        )
+    assert check(gateway) == []
+
+
+def test_a_child_key_cannot_widen_its_models(gateway: Gateway) -> None:
+    _, parent = gateway.funded_key(1_000_000_000, models=["chat-fast"])
+    r = httpx.post(
+        f"{gateway.v1}/keys",
+        headers={"Authorization": f"Bearer {parent['key']}"},
+        json={"name": "wide", "models": ["chat-a-only"], "limit": {"amount": "0.001"}},
+    )
+    assert r.status_code == 403
+
+
+def test_spawning_many_sub_agents_is_cheap_and_bounded(gateway: Gateway) -> None:
+    account, parent = gateway.funded_key(
+        1_000_000_000, limit={"amount": "1.00", "period": "total"}
+    )
+    headers = {"Authorization": f"Bearer {parent['key']}"}
+    with httpx.Client(base_url=gateway.v1, headers=headers) as http:
+        for i in range(200):
+            r = http.post("/keys", json={"name": f"sub-{i}", "limit": {"amount": "0.005"}})
+            assert r.status_code == 201
+        # 200 x 0.005 = 1.00: the parent's room is used up; one more is refused.
+        r = http.post("/keys", json={"name": "one-too-many", "limit": {"amount": "0.001"}})
+        assert r.status_code == 402
+    assert spent(gateway, account).available_nano == 1_000_000_000  # delegation is not spend
+    r = gateway.admin("DELETE", f"/admin/v1/keys/{parent['id']}")
+    assert len(r.json()["revoked"]) == 201
+    assert check(gateway) == []
+
+
+def test_concurrent_hammer_never_exceeds_a_limit(gateway: Gateway) -> None:
+    """Hundreds of concurrent requests, streaming and not, on small limits: no overrun."""
+    credit = 3_000_000  # 0.003 of credit on the account
+    account, tight = gateway.funded_key(credit, name="hammer")
+    key_limit = 1_000_000
+    _, limited = gateway.funded_key(
+        5_000_000, name="hammer-limited", limit={"amount": "0.001", "period": "total"}
+    )
+    rng = random.Random(11)
+
+    def one(secret: str) -> tuple[int, int]:
+        stream = rng.random() < 0.5
+        body = {"model": "chat-fast", "messages": CHAT, "max_tokens": rng.randint(1, 40), "stream": stream}
+        r = httpx.post(
+            f"{gateway.v1}/chat/completions",
+            headers={"Authorization": f"Bearer {secret}"},
+            json=body,
+            timeout=30,
+        )
+        return r.status_code, len(r.content)
+
+    deadline = time.monotonic() + 60
+    jobs = [tight["key"], limited["key"]] * 150
+    statuses: dict[int, int] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=48) as pool:
+        for status, _ in pool.map(one, jobs):
+            statuses[status] = statuses.get(status, 0) + 1
+            assert time.monotonic() < deadline
+    assert set(statuses) <= {200, 402}, statuses
+    assert statuses.get(402, 0) > 0 and statuses.get(200, 0) > 0
+    assert 0 <= spent(gateway, account).available_nano <= credit
+    # The limited key's spend never passes its limit.
+    records = gateway.records(expect=statuses[200])
+    limited_spend = sum(r.price_nano for r in records if r.key_id == limited["id"] and r.status == 200)
+    tight_spend = sum(r.price_nano for r in records if r.key_id == tight["id"] and r.status == 200)
+    assert limited_spend <= key_limit
+    assert tight_spend == credit - spent(gateway, account).available_nano
+    assert check(gateway) == []
+
+
+def test_keys_without_an_account_are_metered_but_not_charged(gateway: Gateway) -> None:
+    key = gateway.create_key()
+    raw = client(gateway, key["key"]).chat.completions.with_raw_response.create(
+        model="chat-fast", messages=CHAT, max_tokens=3
+    )
+    assert "x-tokenworks-balance" not in raw.headers
+    assert gateway.records()[0].price_nano > 0
+
+
+def test_admin_key_options_are_checked(gateway: Gateway) -> None:
+    r = gateway.admin("POST", "/admin/v1/keys", json={"name": "x", "account": 99999})
+    assert r.status_code == 404
+    r = gateway.admin("POST", "/admin/v1/keys", json={"name": "x", "limit": {"amount": "1"}})
+    assert r.status_code == 400 and "account" in r.json()["error"]["message"]
+    account, _ = gateway.funded_key(0, name="empty")
+    for bad in ({"amount": 1.5}, {"amount": "1e3"}, {"amount": "1", "period": "hour"}):
+        r = gateway.admin("POST", "/admin/v1/keys", json={"name": "x", "account": account, "limit": bad})
+        assert r.status_code == 400, bad
