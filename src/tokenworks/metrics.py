@@ -6,6 +6,8 @@ colliding on metric names.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -63,6 +65,37 @@ class Metrics:
             "Holds the ledger could not settle or void (they expire instead).",
             registry=self.registry,
         )
+
+        # Labelled children by label values: `labels()` costs more than the increment itself.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request_done(
+        self,
+        endpoint: str,
+        model: str,
+        producer: str,
+        status: int,
+        latency_s: float,
+        ttft_s: float | None,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        """Everything one finished request adds to the metrics."""
+        self._child(self.requests, endpoint, model, str(status)).inc()
+        self._child(self.latency, endpoint).observe(latency_s)
+        if ttft_s is not None:
+            self._child(self.ttft, model).observe(ttft_s)
+        if input_tokens:
+            self._child(self.tokens, model, producer, "input").inc(input_tokens)
+        if output_tokens:
+            self._child(self.tokens, model, producer, "output").inc(output_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

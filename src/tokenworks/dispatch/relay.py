@@ -10,9 +10,10 @@ went away.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,6 +52,16 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
+# Request ids name ledger holds, so they must never repeat, across restarts too: a random
+# per-process prefix and a counter (a uuid4 per request costs ~25x more).
+_ID_PREFIX = "req_" + secrets.token_hex(8)
+_ids = itertools.count()
+
+
+def next_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):010x}"
+
+
 @dataclass(slots=True)
 class Call:
     """One client request on its way through the gateway."""
@@ -66,7 +77,7 @@ class Call:
     body_bytes: int = 0
     hold: HoldView | None = None
     started_s: float = field(default_factory=time.perf_counter)
-    request_id: str = field(default_factory=lambda: "req_" + uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: next_request_id())
     ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
     @property
@@ -353,16 +364,16 @@ class Relay:
             tags=call.tags,
         )
         self.store.submit(record)
-        m = self.metrics
-        m.requests.labels(call.endpoint, call.public_model, str(status)).inc()
-        m.latency.labels(call.endpoint).observe(latency_s)
-        if ttft_s is not None:
-            m.ttft.labels(call.public_model).observe(ttft_s)
-        producer = record.producer or "none"
-        if usage.input_tokens:
-            m.tokens.labels(call.public_model, producer, "input").inc(usage.input_tokens)
-        if usage.output_tokens:
-            m.tokens.labels(call.public_model, producer, "output").inc(usage.output_tokens)
+        self.metrics.request_done(
+            call.endpoint,
+            call.public_model,
+            record.producer or "none",
+            status,
+            latency_s,
+            ttft_s,
+            usage.input_tokens,
+            usage.output_tokens,
+        )
         return record
 
 
@@ -377,6 +388,14 @@ class _SSEReader:
         self._response = response
         self._buffer = b""
         self._eof = False
+
+    def buffered(self) -> bytes | None:
+        """The next whole event if one is already buffered; never waits."""
+        while (end := self._buffer.find(b"\n\n")) >= 0:
+            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            if event.strip():
+                return event
+        return None
 
     async def next(self) -> bytes | None:
         """The next whole event without its trailing blank line; None at a clean end."""
@@ -436,6 +455,7 @@ class _StreamResponse:
         self.error: str | None = None
         self.model_field = b'"model":' + _encode(call.public_model)
         self.done = False  # the upstream sent [DONE]
+        self.done_event = b""
         self.finished = False  # settled and recorded
         self.pending_error: bytes | None = None  # an SSE error event to end the stream with
 
@@ -472,13 +492,24 @@ class _StreamResponse:
 
     async def _pump(self, send: Send) -> None:
         event: bytes | None = self.first
-        while event is not None:
-            out = self._process(event)
-            if out is not None:
+        while True:
+            # Everything the upstream already delivered goes out in one write: one socket
+            # send per event would cost more than all our per-event work together.
+            chunks: list[bytes] = []
+            while event is not None:
+                out = self._process(event)
+                if out is not None:
+                    chunks.append(out)
+                if self.error is not None or self.done:
+                    break
+                event = self.events.buffered()
+            if chunks:
                 if self.ttft_s is None:
                     self.ttft_s = time.perf_counter() - self.call.started_s
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-            if self.error is not None:
+                await send(
+                    {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
+                )
+            if self.error is not None or self.done:
                 break
             try:
                 event = await self.events.next()
@@ -488,12 +519,12 @@ class _StreamResponse:
             except (aiohttp.ClientError, _SSEError) as exc:
                 self._fail(502, f"upstream stream broken: {exc}", "upstream_cut")
                 break
-            if event is None and self.error is None and not self.done:
+            if event is None:
                 self._fail(502, "upstream closed the stream before [DONE]", "upstream_cut")
                 break
         # Charge before the last byte: a client that saw the end of its answer has paid.
         await self._finish()
-        tail = self.pending_error or b""
+        tail = self.pending_error or self.done_event
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     def _fail(self, status: int, message: str, code: str) -> None:
@@ -509,7 +540,8 @@ class _StreamResponse:
             return event + b"\n\n"
         if data == b"[DONE]":
             self.done = True
-            return event + b"\n\n"
+            self.done_event = event + b"\n\n"  # sent after settlement, as the last byte
+            return None
         try:
             chunk = _decode(data)
         except msgspec.DecodeError:

@@ -2,55 +2,69 @@
 
 Writes leave the hot path at once: a request appends its record to a bounded queue and a
 single writer thread commits whatever has accumulated in one transaction (up to
-`MAX_BATCH_ROWS`). SQLite in WAL mode with `synchronous=NORMAL` gives one fsync per batch at
-checkpoint time, so thousands of requests per second cost a handful of commits.
+`MAX_BATCH_ROWS`). Two backends share this module's columns, row mapping, query building and
+writer loop, and differ only in how a batch is written and a query is run:
+
+- SQLite (`sqlite:///path`, the default, here): WAL mode with `synchronous=NORMAL` gives one
+  fsync per batch at checkpoint time, so thousands of requests per second cost a handful of
+  commits.
+- PostgreSQL (`postgresql://...[?schema=NAME]`, `store_postgres.py`): one
+  `INSERT ... SELECT FROM unnest(arrays)` statement per batch.
+
+`open_usage_store(url)` (or `UsageStore(url)`) picks the backend from the URL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenworks.metering.usage import Usage, UsageRecord
 
+log = logging.getLogger(__name__)
+
 MAX_BATCH_ROWS = 2048
 MAX_QUEUE_ROWS = 100_000
 FLUSH_INTERVAL_S = 0.02
 
-USAGE_COLUMNS = (
-    "request_id",
-    "ts_ms",
-    "key_id",
-    "account_id",
-    "public_model",
-    "producer",
-    "upstream_model",
-    "endpoint",
-    "status",
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "estimated",
-    "latency_ms",
-    "ttft_ms",
-    "streamed",
-    "error",
-    "cost_nano",
-    "price_nano",
-    "service_tier",
-    "tags",
+# (column, SQL type); the order is the row order of `usage_row`.
+USAGE_SCHEMA = (
+    ("request_id", "TEXT"),
+    ("ts_ms", "BIGINT"),
+    ("key_id", "TEXT"),
+    ("account_id", "TEXT"),
+    ("public_model", "TEXT"),
+    ("producer", "TEXT"),
+    ("upstream_model", "TEXT"),
+    ("endpoint", "TEXT"),
+    ("status", "INTEGER"),
+    ("input_tokens", "BIGINT"),
+    ("cached_input_tokens", "BIGINT"),
+    ("cache_write_tokens", "BIGINT"),
+    ("output_tokens", "BIGINT"),
+    ("reasoning_tokens", "BIGINT"),
+    ("estimated", "INTEGER"),
+    ("latency_ms", "DOUBLE PRECISION"),
+    ("ttft_ms", "DOUBLE PRECISION"),
+    ("streamed", "INTEGER"),
+    ("error", "TEXT"),
+    ("cost_nano", "BIGINT"),
+    ("price_nano", "BIGINT"),
+    ("service_tier", "TEXT"),
+    ("tags", "TEXT"),
 )
+USAGE_COLUMNS = tuple(name for name, _ in USAGE_SCHEMA)
 
+# Valid in both dialects.
 USAGE_DDL = """
 CREATE TABLE IF NOT EXISTS usage (
     request_id TEXT PRIMARY KEY,
@@ -88,8 +102,14 @@ GROUPS = {
     "account": "account_id",
     "upstream_model": "upstream_model",
     "status": "status",
-    # UTC calendar day of the request.
-    "day": "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+    # UTC calendar day of the request, YYYY-MM-DD; dialect-specific, see DAY_EXPR.
+    "day": "",
+}
+
+# `ts_ms / 1000` is integer division in both dialects, so both truncate the same way.
+DAY_EXPR = {
+    "sqlite": "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+    "postgres": "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
 
 SUMS = (
@@ -132,7 +152,7 @@ def usage_row(record: UsageRecord) -> tuple[Any, ...]:
     )
 
 
-def record_from_row(row: sqlite3.Row | dict[str, Any]) -> UsageRecord:
+def record_from_row(row: sqlite3.Row | Mapping[str, Any]) -> UsageRecord:
     r = dict(row)
     return UsageRecord(
         request_id=r["request_id"],
@@ -163,25 +183,56 @@ def record_from_row(row: sqlite3.Row | dict[str, Any]) -> UsageRecord:
     )
 
 
-def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:`."""
-    assert url.startswith("sqlite://"), url
-    rest = url.removeprefix("sqlite://")
-    if rest in ("", "/:memory:", ":memory:"):
-        return ":memory:"
-    return rest.removeprefix("/") if not rest.startswith("//") else rest[1:]
+def group_expr(group: str, dialect: str) -> str:
+    if group not in GROUPS:
+        raise ValueError(f"unknown group_by {group!r}; one of: {', '.join(GROUPS)}")
+    return DAY_EXPR[dialect] if group == "day" else GROUPS[group]
 
 
-def connect_sqlite(path: str) -> sqlite3.Connection:
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.executescript(USAGE_DDL)
-    return conn
+def _where(
+    ph: str, since_ms: int | None, until_ms: int | None, key_id: str | None = None
+) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if since_ms is not None:
+        where.append(f"ts_ms >= {ph}")
+        params.append(since_ms)
+    if until_ms is not None:
+        where.append(f"ts_ms < {ph}")
+        params.append(until_ms)
+    if key_id is not None:
+        where.append(f"key_id = {ph}")
+        params.append(key_id)
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
+def query_sql(
+    dialect: str,
+    groups: list[str],
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    key_id: str | None = None,
+) -> tuple[str, list[Any]]:
+    """The summary query for a dialect (`?` placeholders for SQLite, `%s` for PostgreSQL)."""
+    select = [f"{group_expr(g, dialect)} AS {g}" for g in groups]
+    select += ["COUNT(*) AS requests"] + [f"COALESCE(SUM({s}),0) AS {s}" for s in SUMS]
+    where, params = _where(PLACEHOLDER[dialect], since_ms, until_ms, key_id)
+    sql = f"SELECT {', '.join(select)} FROM usage{where}"
+    if groups:
+        sql += " GROUP BY " + ", ".join(groups) + " ORDER BY " + ", ".join(groups)
+    return sql, params
+
+
+def records_sql(
+    dialect: str, since_ms: int | None, until_ms: int | None, limit: int
+) -> tuple[str, list[Any]]:
+    ph = PLACEHOLDER[dialect]
+    where, params = _where(ph, since_ms, until_ms)
+    # request_id breaks ties so both dialects return equal-time rows in the same order.
+    return f"SELECT * FROM usage{where} ORDER BY ts_ms, request_id LIMIT {ph}", [*params, limit]
+
+
+PLACEHOLDER = {"sqlite": "?", "postgres": "%s"}
 
 
 @dataclass(slots=True)
@@ -191,23 +242,58 @@ class Summary:
     sums: dict[str, int]
 
 
+def summaries(groups: list[str], rows: Iterable[Mapping[str, Any]]) -> list[Summary]:
+    # int(): PostgreSQL's SUM(bigint) is numeric, which arrives as Decimal.
+    return [
+        Summary(
+            group={g: row[g] for g in groups},
+            requests=int(row["requests"]),
+            sums={s: int(row[s]) for s in SUMS},
+        )
+        for row in rows
+    ]
+
+
+def open_usage_store(url: str) -> UsageStore:
+    """The usage store for a `sqlite://` or `postgresql://` (`postgres://`) URL."""
+    if url.startswith("sqlite://"):
+        return SqliteUsageStore(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from tokenworks.metering.store_postgres import PostgresUsageStore
+
+        return PostgresUsageStore(url)
+    raise ValueError(f"unsupported database URL {url.split(':', 1)[0]}://...")
+
+
 class UsageStore:
-    """The usage table in SQLite, with a group-committing writer thread."""
+    """The usage table with a group-committing writer thread; one interface, two backends.
+
+    `UsageStore(url)` returns the backend for the URL (like `open_usage_store`). Subclasses
+    implement `_write` (one transaction per batch), `_fetch` and `_close_connections`.
+    `submit` never blocks; `flush`, `query`, `records` and `close` are synchronous and cheap
+    enough to call from the event loop (admin, CLI).
+    """
+
+    dialect = ""
+
+    def __new__(cls, url: str) -> UsageStore:
+        if cls is UsageStore:
+            return open_usage_store(url)
+        return super().__new__(cls)
 
     def __init__(self, url: str) -> None:
-        self.path = sqlite_path(url)
-        self._write_conn = connect_sqlite(self.path)
-        self._read_conn = (
-            self._write_conn if self.path == ":memory:" else connect_sqlite(self.path)
-        )
-        self._read_lock = threading.Lock()
+        self.url = url
         self._queue: queue.Queue[UsageRecord | None] = queue.Queue(MAX_QUEUE_ROWS)
         self._flushed = threading.Condition()
         self._submitted = 0
         self._committed = 0
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+
+    def _start(self) -> None:
         self._thread.start()
+
+    # ------------------------------------------------------------------ writes
 
     def submit(self, record: UsageRecord) -> None:
         """Queue a record; never blocks the event loop. A full queue is counted, not hidden."""
@@ -233,15 +319,9 @@ class UsageStore:
         self.flush()
         self._queue.put(None)
         self._thread.join(timeout=10)
-        self._write_conn.close()
-        if self._read_conn is not self._write_conn:
-            self._read_conn.close()
+        self._close_connections()
 
     def _run(self) -> None:
-        placeholders = ",".join("?" * len(USAGE_COLUMNS))
-        sql = (
-            f"INSERT OR IGNORE INTO usage ({','.join(USAGE_COLUMNS)}) VALUES ({placeholders})"
-        )
         while True:
             first = self._queue.get()
             if first is None:
@@ -256,26 +336,24 @@ class UsageStore:
                     self._queue.put(None)
                     break
                 batch.append(item)
-            self._commit(sql, batch)
-
-    def _commit(self, sql: str, batch: list[UsageRecord]) -> None:
-        rows = [usage_row(r) for r in batch]
-        for attempt in range(5):
             try:
-                shared = self._read_conn is self._write_conn
-                with self._read_lock if shared else contextlib.nullcontext():
-                    self._write_conn.execute("BEGIN IMMEDIATE")
-                    self._write_conn.executemany(sql, rows)
-                    self._write_conn.execute("COMMIT")
-                break
-            except sqlite3.OperationalError:
-                self._write_conn.execute("ROLLBACK") if self._write_conn.in_transaction else None
-                if attempt == 4:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        with self._flushed:
-            self._committed += len(batch)
-            self._flushed.notify_all()
+                self._write([usage_row(r) for r in batch])
+            finally:
+                with self._flushed:
+                    self._committed += len(batch)
+                    self._flushed.notify_all()
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """Commit the rows in one transaction (existing request_ids are ignored)."""
+        raise NotImplementedError
+
+    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
+        raise NotImplementedError
+
+    def _close_connections(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ reads
 
     def query(
         self,
@@ -285,53 +363,92 @@ class UsageStore:
         key_id: str | None = None,
     ) -> list[Summary]:
         groups = list(group_by)
-        for g in groups:
-            if g not in GROUPS:
-                raise ValueError(f"unknown group_by {g!r}; one of: {', '.join(GROUPS)}")
-        select = [f"{GROUPS[g]} AS {g}" for g in groups]
-        select += ["COUNT(*) AS requests"] + [f"COALESCE(SUM({s}),0) AS {s}" for s in SUMS]
-        where, params = [], []
-        if since_ms is not None:
-            where.append("ts_ms >= ?")
-            params.append(since_ms)
-        if until_ms is not None:
-            where.append("ts_ms < ?")
-            params.append(until_ms)
-        if key_id is not None:
-            where.append("key_id = ?")
-            params.append(key_id)
-        sql = f"SELECT {', '.join(select)} FROM usage"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        if groups:
-            sql += " GROUP BY " + ", ".join(groups) + " ORDER BY " + ", ".join(groups)
-        with self._read_lock:
-            rows = self._read_conn.execute(sql, params).fetchall()
-        out = []
-        for row in rows:
-            out.append(
-                Summary(
-                    group={g: row[g] for g in groups},
-                    requests=row["requests"],
-                    sums={s: row[s] for s in SUMS},
-                )
-            )
-        return out
+        sql, params = query_sql(self.dialect, groups, since_ms, until_ms, key_id)
+        return summaries(groups, self._fetch(sql, params))
 
     def records(
         self, since_ms: int | None = None, until_ms: int | None = None, limit: int = 1_000_000
     ) -> list[UsageRecord]:
-        where, params = [], []
-        if since_ms is not None:
-            where.append("ts_ms >= ?")
-            params.append(since_ms)
-        if until_ms is not None:
-            where.append("ts_ms < ?")
-            params.append(until_ms)
-        sql = "SELECT * FROM usage"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts_ms LIMIT ?"
-        params.append(limit)
+        sql, params = records_sql(self.dialect, since_ms, until_ms, limit)
+        return [record_from_row(r) for r in self._fetch(sql, params)]
+
+
+# ---------------------------------------------------------------------- SQLite
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:`."""
+    assert url.startswith("sqlite://"), url
+    rest = url.removeprefix("sqlite://")
+    if rest in ("", "/:memory:", ":memory:"):
+        return ":memory:"
+    return rest.removeprefix("/") if not rest.startswith("//") else rest[1:]
+
+
+def connect_sqlite(path: str, ddl: str = USAGE_DDL) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.executescript(ddl)
+    return conn
+
+
+class SqliteUsageStore(UsageStore):
+    """The usage table in SQLite (WAL): a writer connection and a reader connection."""
+
+    dialect = "sqlite"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.path = sqlite_path(url)
+        self._write_conn = connect_sqlite(self.path)
+        self._read_conn = (
+            self._write_conn if self.path == ":memory:" else connect_sqlite(self.path)
+        )
+        self._read_lock = threading.Lock()
+        placeholders = ",".join("?" * len(USAGE_COLUMNS))
+        self._insert_sql = (
+            f"INSERT OR IGNORE INTO usage ({','.join(USAGE_COLUMNS)}) VALUES ({placeholders})"
+        )
+        self._start()
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        for attempt in range(5):
+            try:
+                shared = self._read_conn is self._write_conn
+                with self._read_lock if shared else contextlib.nullcontext():
+                    self._write_conn.execute("BEGIN IMMEDIATE")
+                    self._write_conn.executemany(self._insert_sql, rows)
+                    self._write_conn.execute("COMMIT")
+                return
+            except sqlite3.OperationalError:
+                self._write_conn.execute("ROLLBACK") if self._write_conn.in_transaction else None
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
         with self._read_lock:
-            return [record_from_row(r) for r in self._read_conn.execute(sql, params)]
+            return self._read_conn.execute(sql, params).fetchall()
+
+    def _close_connections(self) -> None:
+        self._write_conn.close()
+        if self._read_conn is not self._write_conn:
+            self._read_conn.close()
+
+
+__all__ = [
+    "GROUPS",
+    "SUMS",
+    "USAGE_COLUMNS",
+    "SqliteUsageStore",
+    "Summary",
+    "UsageStore",
+    "open_usage_store",
+    "record_from_row",
+    "usage_row",
+]
