@@ -8,6 +8,8 @@ import os
 import re
 import textwrap
 import time
+import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,12 @@ from tokenworks.config import loads
 from tokenworks.serving import serve_in_thread
 
 ADMIN_KEY = "test-admin-key"
+
+# The PostgreSQL server the `database` fixture's postgres variant makes its schemas in.
+PG_URL = os.environ.get("TOKENWORKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+STORES = ["sqlite", "postgres"]
+# Run a test once per store: `@both_stores` on a test, or `pytestmark = both_stores`.
+both_stores = pytest.mark.parametrize("database", STORES, indirect=True)
 
 
 @dataclass
@@ -54,7 +62,19 @@ def running_sim(profile: str = "instant") -> Iterator[Sim]:
 class Gateway:
     url: str
     app: object
-    db_path: Path
+    database: str | Path  # the database URL (a bare Path means a SQLite file)
+
+    @property
+    def database_url(self) -> str:
+        return self.database if isinstance(self.database, str) else f"sqlite:///{self.database}"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file; only for tests that read it directly."""
+        if isinstance(self.database, Path):
+            return self.database
+        assert self.database.startswith("sqlite:///"), f"not a SQLite gateway: {self.database}"
+        return Path(self.database.removeprefix("sqlite:///"))
 
     @property
     def v1(self) -> str:
@@ -104,10 +124,15 @@ class Gateway:
 
 
 def gateway_config(
-    db: Path, producers: dict[str, str | tuple[str, float]], models: str, extra: str = ""
+    database: str | Path,
+    producers: dict[str, str | tuple[str, float]],
+    models: str,
+    extra: str = "",
 ) -> str:
-    """A config for producers given as `name: url` or `name: (url, timeout_s)`."""
-    lines = [f"database: sqlite:///{db}", f"admin_key: {ADMIN_KEY}", "producers:"]
+    """A config for producers given as `name: url` or `name: (url, timeout_s)`, on a database
+    URL (or a SQLite file path)."""
+    url = database if isinstance(database, str) else f"sqlite:///{database}"
+    lines = [f"database: {url}", f"admin_key: {ADMIN_KEY}", "producers:"]
     for name, where in producers.items():
         url, timeout_s = where if isinstance(where, tuple) else (where, 5.0)
         lines += [f"  - name: {name}", f"    base_url: {url}/v1", f"    timeout_s: {timeout_s}"]
@@ -124,10 +149,78 @@ def with_prices(models: str) -> str:
 
 
 @contextlib.contextmanager
-def running_gateway(config_text: str, db: Path) -> Iterator[Gateway]:
+def running_gateway(config_text: str, database: str | Path) -> Iterator[Gateway]:
     app = build_app(loads(config_text, "test.yaml"))
     with serve_in_thread(app) as url:
-        yield Gateway(url, app, db)
+        yield Gateway(url, app, database)
+
+
+# ---------------------------------------------------------------------- databases
+
+_pg_reachable: bool | None = None
+
+
+def require_postgres() -> None:
+    """Skip, loudly, when PostgreSQL does not answer at PG_URL; fail instead when CI=true."""
+    global _pg_reachable
+    if _pg_reachable is None:
+        import psycopg
+
+        try:
+            psycopg.connect(PG_URL, connect_timeout=3).close()
+            _pg_reachable = True
+        except psycopg.Error:
+            _pg_reachable = False
+    if not _pg_reachable:
+        reason = (
+            f"POSTGRESQL NOT REACHABLE AT {PG_URL}: THE POSTGRES STORE TESTS DID NOT RUN "
+            "(set TOKENWORKS_TEST_PG)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true requires it)")
+        warnings.warn(reason, stacklevel=2)
+        pytest.skip(reason)
+
+
+def drop_pg_schemas(prefix: str) -> None:
+    """Drop the schema `prefix` and every `prefix_*` schema (make_gateway's named ones)."""
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as c:
+        c.execute("SET lock_timeout = '10s'")
+        names = c.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
+            (prefix, prefix.replace("_", "\\_") + "\\_%"),
+        ).fetchall()
+        for (name,) in names:
+            c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def database_named(database: str, name: str) -> str:
+    """A second database next to `database` for make_gateway(name=...); "gw" is itself."""
+    if name == "gw":
+        return database
+    if database.startswith("sqlite:///"):
+        path = Path(database.removeprefix("sqlite:///"))
+        return f"sqlite:///{path.with_name(f'{name}.db')}"
+    return f"{database}_{name}"
+
+
+@pytest.fixture
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database URL: SQLite in tmp_path by default; parametrize it indirectly over
+    STORES (`both_stores`) for a fresh PostgreSQL schema per test, dropped afterwards."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gw.db'}"
+        return
+    assert kind == "postgres", kind
+    require_postgres()
+    schema = f"tw_{uuid.uuid4().hex[:12]}"
+    try:
+        yield f"{PG_URL}?schema={schema}"
+    finally:
+        drop_pg_schemas(schema)
 
 
 @pytest.fixture(scope="session")
@@ -167,17 +260,17 @@ models:
 
 
 @pytest.fixture
-def gateway(sims: tuple[Sim, Sim], tmp_path: Path) -> Iterator[Gateway]:
+def gateway(sims: tuple[Sim, Sim], database: str) -> Iterator[Gateway]:
     a, b = sims
-    text = gateway_config(tmp_path / "gw.db", {"a": a.url, "b": b.url}, MODELS)
-    with running_gateway(text, tmp_path / "gw.db") as gw:
+    text = gateway_config(database, {"a": a.url, "b": b.url}, MODELS)
+    with running_gateway(text, database) as gw:
         yield gw
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path) -> Iterator[Callable[..., contextlib.AbstractContextManager]]:
+def make_gateway(database: str) -> Iterator[Callable[..., contextlib.AbstractContextManager]]:
     def make(producers: dict[str, str | tuple[str, float]], models: str, extra: str = "", name: str = "gw"):
-        db = tmp_path / f"{name}.db"
+        db = database_named(database, name)
         return running_gateway(gateway_config(db, producers, models, extra), db)
 
     yield make

@@ -199,12 +199,23 @@ def test_account_lifecycle_with_exact_balances(gateway: Gateway) -> None:
     spend(gateway, user, 1_250_000_000, "chat-fast")
     view = account(gateway, user)
     assert view["balance"]["available"] == "24.25"
-    assert view["balance"]["spent_this_period"] == {"month": "1.25"}
+    assert view["balance"]["spent_this_period"] == "1.25"
+    assert view["balance"]["period"] == "month"
+    assert view["balance"]["spent_by_period"] == {"month": "1.25"}
+    # A daily budget set now counts from now; the month stays the period reported.
+    day = {"amount": "2.00", "period": "day", "tz": "Europe/Paris"}
+    ok(post(gateway, f"/admin/v1/accounts/{user}/budgets", day), 200)
+    balance = account(gateway, user)["balance"]
+    assert balance["spent_by_period"] == {"month": "1.25", "day": "0"}
+    assert (balance["spent_this_period"], balance["period"]) == ("1.25", "month")
     assert view["budgets"][0]["room"] == "1.75"
     by_source = {(b["source"], b["grant_id"]): b for b in view["buckets"]}
     assert by_source[("grant", monthly["id"])]["remaining"] == "13.75"
     listed = ok(gateway.admin("GET", f"/admin/v1/accounts/{user}/budgets"), 200)["data"]
-    assert [b["spent"] for b in listed] == ["1.25"]
+    assert {b["period"]: (b["spent"], b["tz"]) for b in listed} == {
+        "month": ("1.25", "UTC"),
+        "day": ("0", "Europe/Paris"),
+    }
 
     # Listing: the tree, filtered by parent; operator accounts only when asked.
     children = ok(gateway.admin("GET", f"/admin/v1/accounts?parent={team['id']}"), 200)["data"]
@@ -312,6 +323,12 @@ def test_ledger_errors_are_openai_shaped(gateway: Gateway) -> None:
     assert r.status_code == 201
     r = send(gateway, "GET", "/admin/v1/ledger/check", {"Authorization": "Bearer no"})
     error(r, 401)
+    # A refused write records nothing under its key: once the cause is gone, it goes through.
+    body = {"from": org, "to": team, "amount": "2"}
+    error(post(gateway, transfers, body, key="move-2"), 402)
+    top_up(gateway, org, "1")
+    ok(post(gateway, transfers, body, key="move-2"))
+    assert available_nano(gateway, team) == 2 * NANO
 
 
 # --------------------------------------------------------------------------- idempotency
@@ -337,7 +354,7 @@ def _fill(value: Any, ids: dict[str, int]) -> Any:
 def _state(gw: Gateway) -> list[tuple[int, int, dict[str, int]]]:
     accounts = ok(gw.admin("GET", "/admin/v1/accounts?include_operator=true"), 200)["data"]
     return [
-        (a["id"], a["balance"]["total_nano"], a["balance"]["spent_this_period_nano"])
+        (a["id"], a["balance"]["total_nano"], a["balance"]["spent_by_period_nano"])
         for a in accounts
     ]
 
@@ -389,6 +406,9 @@ def test_retries_are_recognised_after_a_restart(make_gateway, sim_a: Sim) -> Non
     with make_gateway(producers, MODELS, name="restart") as gw:
         again = ok(post(gw, f"/admin/v1/accounts/{org}/topups", {"amount": "4"}, key="t-1"))
         assert again == first
+        # The same amount spelt differently is the same request.
+        same = ok(post(gw, f"/admin/v1/accounts/{org}/topups", {"amount": "4.000"}, key="t-1"))
+        assert same == first
         assert available_nano(gw, org) == 4 * NANO
         error(post(gw, f"/admin/v1/accounts/{org}/topups", {"amount": "5"}, key="t-1"), 409)
 

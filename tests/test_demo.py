@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 
 def test_demo_runs_for_its_duration_and_writes_a_report(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tokenworks", "demo", "--duration", "4"],
+        [sys.executable, "-m", "tokenworks", "demo", "--duration", "8"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -30,3 +31,15 @@ def test_demo_runs_for_its_duration_and_writes_a_report(tmp_path: Path) -> None:
     agents = {row["agent"] for row in report["by_agent"]}
     assert any("/sub-" in a for a in agents) or fleet["subagents"] == 0
     assert all(row["output_tokens"] > 0 for row in report["by_model"])
+    # The organisation paid for it all, exactly, and the runaway agent hit its limit.
+    assert report["ledger_check"]["ok"] is True
+    assert fleet["runaway_stopped_after_turns"] is not None
+    assert fleet["statuses"].get("402", 0) >= 1
+    accounts = {row["account"]: row for row in report["accounts"]}
+    assert set(accounts) == {"acme", "platform", "research", "alice", "bob", "carol", "dave"}
+    assert all(row["held"] == "0" for row in accounts.values())
+    spent = sum(Decimal(row["price_nano"]) for row in report["by_model"]) / 10**9
+    team_spend = Decimal(accounts["platform"]["spent_this_period"]) + Decimal(
+        accounts["research"]["spent_this_period"]
+    )
+    assert team_spend == spent

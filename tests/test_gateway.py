@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ADMIN_KEY, Gateway, Sim
+from tests.conftest import ADMIN_KEY, Gateway, Sim, both_stores
 
 CHAT = [{"role": "user", "content": "Tell me about the power grid."}]
 
@@ -19,6 +19,7 @@ def client(gw: Gateway, secret: str, **kwargs: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.v1, api_key=secret, max_retries=0, **kwargs)
 
 
+@both_stores
 def test_chat_plain_returns_the_upstream_answer_under_the_public_name(
     gateway: Gateway, sims: tuple[Sim, Sim]
 ) -> None:
@@ -43,6 +44,7 @@ def test_chat_plain_returns_the_upstream_answer_under_the_public_name(
     assert record.status == 200 and record.key_id == key["id"]
 
 
+@both_stores
 def test_stream_with_usage_passes_chunks_and_the_usage_chunk(gateway: Gateway) -> None:
     key = gateway.create_key()
     stream = client(gateway, key["key"]).chat.completions.create(
@@ -117,6 +119,7 @@ def test_unknown_model_is_404_in_openai_shape(gateway: Gateway) -> None:
     assert gateway.records(expect=0) == []
 
 
+@both_stores
 def test_bad_keys_and_revocation(gateway: Gateway) -> None:
     with pytest.raises(openai.AuthenticationError):
         client(gateway, "tw-wrong").chat.completions.create(model="chat-fast", messages=CHAT)
@@ -401,6 +404,7 @@ def test_client_disconnect_cancels_upstream_and_charges_what_was_produced(
             assert 5 <= record.usage.output_tokens < 2000
 
 
+@both_stores
 def test_usage_totals_equal_what_the_upstreams_reported(
     gateway: Gateway, sims: tuple[Sim, Sim]
 ) -> None:

@@ -16,7 +16,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, Sim
+from tests.conftest import Gateway, Sim, both_stores
+
+# Every test here runs on SQLite and on PostgreSQL.
+pytestmark = both_stores
 
 CHAT = [{"role": "user", "content": "Summarise the grid report."}]
 

@@ -22,7 +22,7 @@ from tokenworks.dispatch.health import Health
 from tokenworks.dispatch.relay import Relay
 from tokenworks.dispatch.router import Router
 from tokenworks.ledger import Ledger
-from tokenworks.metering.store import UsageStore
+from tokenworks.metering.store import UsageStore, open_usage_store
 from tokenworks.metering.tokens import install_vocabularies
 from tokenworks.metrics import Metrics
 from tokenworks.pricing.quote import Pricer
@@ -33,16 +33,13 @@ class Gateway:
     """Everything one gateway process holds; built from the config, started by the app."""
 
     def __init__(self, config: Config) -> None:
-        if not config.database.startswith("sqlite://"):
-            raise ValueError(
-                "only sqlite:// databases are supported by the usage store so far"
-            )
         self.config = config
         self.admin_key = config.resolved_admin_key()
         self.started_s = time.time()
         self.metrics = Metrics()
-        self.store = UsageStore(config.database)
-        self.keys = KeyStore(self.store._write_conn)
+        # sqlite:///path or postgresql://...[?schema=NAME]; each store on its own connections.
+        self.store: UsageStore = open_usage_store(config.database)
+        self.keys = KeyStore.open(config.database)
         self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
         self.pricer = Pricer.from_config(config)
         self.router = Router(config, Health())
@@ -78,6 +75,7 @@ class Gateway:
         if self.ledger is not None:
             await self.ledger.close()
         await asyncio.to_thread(self.store.close)
+        self.keys.close()
 
     async def flush_usage(self) -> None:
         await asyncio.to_thread(self.store.flush)

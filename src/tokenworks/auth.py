@@ -4,6 +4,10 @@ A key is shown once (`tw-` + 43 url-safe characters, 256 bits); only its SHA-256
 A slow password hash buys nothing for random 256-bit secrets and would cost the hot path,
 so a plain digest is the right tool. Lookups are one dict probe; revocation updates the
 table and the cache in the same call, so it takes effect on the next request.
+
+Storage is a small seam, `KeyRows`: the `api_keys` table in SQLite or PostgreSQL, each on its
+own connection (`open_key_rows(url)`, `KeyStore.open(url)`). The store only loads every row
+at start and writes on create and revoke; all reads come from memory.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 KEY_PREFIX = "tw-"
 
@@ -84,19 +89,143 @@ def new_secret() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class KeyStore:
-    """Keys in SQLite, mirrored in memory. Writes are rare; reads are on every request."""
+KEY_COLUMNS = (
+    "id",
+    "name",
+    "key_hash",
+    "key_hint",
+    "models",
+    "account_id",
+    "parent_id",
+    "created_ms",
+    "expires_ms",
+    "revoked_ms",
+    "metadata",
+)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+
+class KeyRows(Protocol):
+    """Where the `api_keys` rows live. Each call is its own committed transaction."""
+
+    def load(self) -> list[Mapping[str, Any]]:
+        """Every row, as mappings of column name to value."""
+
+    def insert(self, row: Sequence[Any]) -> None:
+        """One row, values in `KEY_COLUMNS` order."""
+
+    def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
+        """Set `revoked_ms` on those of the keys not revoked yet."""
+
+    def close(self) -> None: ...
+
+
+class _SqlKeyRows:
+    """The SQL both dialects share; subclasses bring the connection and the placeholder."""
+
+    placeholder = "?"
+
+    def __init__(self, conn: Any) -> None:
         self._conn = conn
+        ph = self.placeholder
+        self._insert = (
+            f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
+            f"VALUES ({', '.join([ph] * len(KEY_COLUMNS))})"
+        )
+        self._revoke = (
+            f"UPDATE api_keys SET revoked_ms = {ph} WHERE id = {ph} AND revoked_ms IS NULL"
+        )
+
+    def load(self) -> list[Mapping[str, Any]]:
+        return list(self._conn.execute("SELECT * FROM api_keys").fetchall())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class SqliteKeyRows(_SqlKeyRows):
+    """`api_keys` in SQLite, on its own autocommit connection (WAL, like the usage store)."""
+
+    placeholder = "?"
+
+    def __init__(self, path: str) -> None:
+        from tokenworks.metering.store import connect_sqlite
+
+        super().__init__(connect_sqlite(path, KEYS_DDL))
+
+    def insert(self, row: Sequence[Any]) -> None:
+        self._conn.execute(self._insert, tuple(row))
+
+    def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.executemany(self._revoke, [(now_ms, k) for k in key_ids])
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+
+class PostgresKeyRows(_SqlKeyRows):
+    """`api_keys` in PostgreSQL (psycopg 3, sync, autocommit), honouring `?schema=`."""
+
+    placeholder = "%s"
+
+    def __init__(self, url: str) -> None:
+        from tokenworks.metering.store_postgres import connect
+
+        self._url = url
+        super().__init__(connect(url, KEYS_DDL))
+
+    def _reconnect_if_broken(self) -> None:
+        if self._conn.broken or self._conn.closed:
+            from tokenworks.metering.store_postgres import connect
+
+            self._conn.close()
+            self._conn = connect(self._url)
+
+    def insert(self, row: Sequence[Any]) -> None:
+        self._reconnect_if_broken()
+        self._conn.execute(self._insert, tuple(row))
+
+    def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
+        self._reconnect_if_broken()
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            cur.executemany(self._revoke, [(now_ms, k) for k in key_ids])
+
+
+def open_key_rows(url: str) -> KeyRows:
+    """The `api_keys` table for a `sqlite://` or `postgresql://` database URL."""
+    if url.startswith("sqlite://"):
+        from tokenworks.metering.store import sqlite_path
+
+        return SqliteKeyRows(sqlite_path(url))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresKeyRows(url)
+    raise ValueError(f"unsupported database URL {url.split(':', 1)[0]}://...")
+
+
+class KeyStore:
+    """Keys in a `KeyRows` table, mirrored in memory. Writes are rare; reads are on every
+    request. Writes run synchronously on the caller's thread (one short statement)."""
+
+    def __init__(self, rows: KeyRows) -> None:
+        self._rows = rows
         self._lock = threading.Lock()
-        with self._lock:
-            conn.executescript(KEYS_DDL)
         self._by_hash: dict[str, ApiKey] = {}
         self._by_id: dict[str, ApiKey] = {}
         self._children: dict[str, list[str]] = {}
-        for row in conn.execute("SELECT * FROM api_keys"):
+        with self._lock:
+            loaded = rows.load()
+        for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"])):
             self._remember(_from_row(row))
+
+    @classmethod
+    def open(cls, url: str) -> KeyStore:
+        return cls(open_key_rows(url))
+
+    def close(self) -> None:
+        with self._lock:
+            self._rows.close()
 
     def _remember(self, key: ApiKey) -> None:
         self._by_hash[key.key_hash] = key
@@ -141,10 +270,7 @@ class KeyStore:
             metadata=metadata or {},
         )
         with self._lock:
-            self._conn.execute(
-                "INSERT INTO api_keys (id, name, key_hash, key_hint, models, account_id, "
-                "parent_id, created_ms, expires_ms, revoked_ms, metadata) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            self._rows.insert(
                 (
                     key.id,
                     key.name,
@@ -157,7 +283,7 @@ class KeyStore:
                     key.expires_ms,
                     None,
                     json.dumps(key.metadata),
-                ),
+                )
             )
             self._remember(key)
         return key, secret
@@ -190,15 +316,13 @@ class KeyStore:
                 key.revoked_ms = now_ms
                 revoked.append(key)
             pending.extend(k.id for k in self.children(current))
-        with self._lock:
-            self._conn.executemany(
-                "UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL",
-                [(now_ms, k.id) for k in revoked],
-            )
+        if revoked:
+            with self._lock:
+                self._rows.revoke([k.id for k in revoked], now_ms)
         return revoked
 
 
-def _from_row(row: sqlite3.Row) -> ApiKey:
+def _from_row(row: Mapping[str, Any]) -> ApiKey:
     models = json.loads(row["models"]) if row["models"] is not None else None
     return ApiKey(
         id=row["id"],

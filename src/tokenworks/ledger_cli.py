@@ -205,7 +205,7 @@ def _accounts(args: argparse.Namespace, call: _Call) -> int:
         table = Table("id", "name", "kind", "parent", "available", "held", "spent this period")
         for a in r["data"]:
             b = a["balance"]
-            spent = ", ".join(f"{p}: {v}" for p, v in b["spent_this_period"].items())
+            spent = ", ".join(f"{p}: {v}" for p, v in b["spent_by_period"].items())
             table.add_row(
                 str(a["id"]),
                 a["name"],

@@ -222,19 +222,31 @@ def _money(nano: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- views
 
 
+# The period `spent_this_period` reports when an account has several budgets: the billing
+# month first, then the next-longest resetting period.
+_REPORTED_PERIODS = ("month", "week", "day", "total")
+
+
 def _balance_view(ledger: Ledger, account_id: int) -> dict[str, Any]:
     b = ledger.balance(account_id)
+    by_period = b.spent_this_period_nano
+    period = next((p for p in _REPORTED_PERIODS if p in by_period), None)
+    spent = by_period[period] if period is not None else 0
     return {
         "total": format_nano(b.balance_nano),
         "available": format_nano(b.available_nano),
         "held": format_nano(b.held_nano),
         "chain_available": format_nano(b.chain_available_nano),
-        "spent_this_period": {p: format_nano(v) for p, v in b.spent_this_period_nano.items()},
+        # Spend is counted per budget period: "0" with `period: null` when no budget counts it.
+        "spent_this_period": format_nano(spent),
+        "period": period,
+        "spent_by_period": {p: format_nano(v) for p, v in by_period.items()},
         "total_nano": b.balance_nano,
         "available_nano": b.available_nano,
         "held_nano": b.held_nano,
         "chain_available_nano": b.chain_available_nano,
-        "spent_this_period_nano": dict(b.spent_this_period_nano),
+        "spent_this_period_nano": spent,
+        "spent_by_period_nano": dict(by_period),
     }
 
 

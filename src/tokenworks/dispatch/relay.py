@@ -189,13 +189,16 @@ class Relay:
             what = {"credit": "insufficient credit"}.get(exc.limit_kind, exc.limit_kind)
             if exc.limit_kind.startswith("budget:"):
                 what = f"{exc.limit_kind.removeprefix('budget:')} budget exhausted"
-            raise ApiError(
+            error = ApiError(
                 402,
                 f"{what} on {exc.scope}: this request may cost up to "
                 f"{format_nano(exc.needed_nano)}, {format_nano(max(exc.available_nano, 0))} "
                 "available",
                 code="insufficient_quota",
-            ) from exc
+            )
+            # Refusals are metered too: a runaway agent shows up in usage, not only in logs.
+            self._record(call, None, 402, Usage(), ttft_s=None, error=error.message)
+            raise error from exc
         except LedgerError as exc:
             raise ApiError(
                 503, f"the ledger cannot take holds now: {exc}", code="ledger_unavailable"

@@ -219,8 +219,20 @@ def query_sql(
     where, params = _where(PLACEHOLDER[dialect], since_ms, until_ms, key_id)
     sql = f"SELECT {', '.join(select)} FROM usage{where}"
     if groups:
-        sql += " GROUP BY " + ", ".join(groups) + " ORDER BY " + ", ".join(groups)
+        sql += (
+            " GROUP BY "
+            + ", ".join(groups)
+            + " ORDER BY "
+            + ", ".join(_order(g, dialect) for g in groups)
+        )
     return sql, params
+
+
+def _order(group: str, dialect: str) -> str:
+    # Both dialects order the same way: NULL first (SQLite's default) and text by code point
+    # (PostgreSQL would otherwise use the database's locale).
+    collate = ' COLLATE "C"' if dialect == "postgres" and group != "status" else ""
+    return f"{group_expr(group, dialect)}{collate} NULLS FIRST"
 
 
 def records_sql(
@@ -256,12 +268,16 @@ def summaries(groups: list[str], rows: Iterable[Mapping[str, Any]]) -> list[Summ
 
 def open_usage_store(url: str) -> UsageStore:
     """The usage store for a `sqlite://` or `postgresql://` (`postgres://`) URL."""
+    return _backend(url)(url)
+
+
+def _backend(url: str) -> type[UsageStore]:
     if url.startswith("sqlite://"):
-        return SqliteUsageStore(url)
+        return SqliteUsageStore
     if url.startswith(("postgresql://", "postgres://")):
         from tokenworks.metering.store_postgres import PostgresUsageStore
 
-        return PostgresUsageStore(url)
+        return PostgresUsageStore
     raise ValueError(f"unsupported database URL {url.split(':', 1)[0]}://...")
 
 
@@ -277,17 +293,17 @@ class UsageStore:
     dialect = ""
 
     def __new__(cls, url: str) -> UsageStore:
-        if cls is UsageStore:
-            return open_usage_store(url)
-        return super().__new__(cls)
+        # Like pathlib.Path: the base class constructs the URL's backend.
+        return super().__new__(_backend(url) if cls is UsageStore else cls)
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._queue: queue.Queue[UsageRecord | None] = queue.Queue(MAX_QUEUE_ROWS)
         self._flushed = threading.Condition()
         self._submitted = 0
-        self._committed = 0
-        self.dropped = 0
+        self._committed = 0  # written or given up on: what flush() waits for
+        self.dropped = 0  # rows lost: queue full, or a batch the backend could not write
+        self._failed_batches = 0
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
 
     def _start(self) -> None:
@@ -304,8 +320,10 @@ class UsageStore:
             self.dropped += 1
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything submitted so far is committed."""
+        """Wait until everything submitted so far is committed. False on timeout or when a
+        batch in the meantime could not be written (its rows are counted in `dropped`)."""
         target = self._submitted
+        failed = self._failed_batches
         deadline = time.monotonic() + timeout_s
         with self._flushed:
             while self._committed < target:
@@ -313,7 +331,7 @@ class UsageStore:
                 if left <= 0:
                     return False
                 self._flushed.wait(left)
-        return True
+        return self._failed_batches == failed
 
     def close(self) -> None:
         self.flush()
@@ -338,10 +356,15 @@ class UsageStore:
                 batch.append(item)
             try:
                 self._write([usage_row(r) for r in batch])
-            finally:
-                with self._flushed:
-                    self._committed += len(batch)
-                    self._flushed.notify_all()
+            except Exception:
+                # The backend has retried already. Keep the writer alive for the next batches
+                # and say what was lost, rather than die and silently drop everything after.
+                log.exception("usage store: dropped a batch of %d rows", len(batch))
+                self.dropped += len(batch)
+                self._failed_batches += 1
+            with self._flushed:
+                self._committed += len(batch)
+                self._flushed.notify_all()
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         """Commit the rows in one transaction (existing request_ids are ignored)."""
@@ -406,9 +429,7 @@ class SqliteUsageStore(UsageStore):
         super().__init__(url)
         self.path = sqlite_path(url)
         self._write_conn = connect_sqlite(self.path)
-        self._read_conn = (
-            self._write_conn if self.path == ":memory:" else connect_sqlite(self.path)
-        )
+        self._read_conn = self._write_conn if self.path == ":memory:" else connect_sqlite(self.path)
         self._read_lock = threading.Lock()
         placeholders = ",".join("?" * len(USAGE_COLUMNS))
         self._insert_sql = (
