@@ -63,6 +63,8 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     create.add_argument("--model", action="append", dest="models", help="allow only this model")
     create.add_argument("--account", default=None)
     create.add_argument("--ttl-s", type=float, default=None)
+    create.add_argument("--limit", default=None, help='spending limit, e.g. "5.00"')
+    create.add_argument("--period", default="month", choices=("day", "week", "month", "total"))
     common(create)
     listing = keys_sub.add_parser("list", help="list keys")
     common(listing)
@@ -97,9 +99,11 @@ def dispatch(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace, admin_key: str, console: Console) -> int:
     call = {"url": args.url, "admin_key": admin_key}
     if args.keys_command == "create":
-        body = {"name": args.name, "models": args.models, "account": args.account}
+        body: dict[str, Any] = {"name": args.name, "models": args.models, "account": args.account}
         if args.ttl_s is not None:
             body["ttl_s"] = args.ttl_s
+        if args.limit is not None:
+            body["limit"] = {"amount": args.limit, "period": args.period}
         result = request("POST", "/admin/v1/keys", body, **call)
         if args.json:
             print(json.dumps(result))
@@ -144,7 +148,7 @@ def _usage(args: argparse.Namespace, admin_key: str, console: Console) -> int:
         print(json.dumps(result))
         return 0
     columns = [*result["group_by"], "requests", "input_tokens", "cached_input_tokens"]
-    columns += ["output_tokens", "reasoning_tokens", "total_tokens"]
+    columns += ["output_tokens", "reasoning_tokens", "total_tokens", "cost", "price"]
     table = Table(*columns)
     for row in result["data"]:
         table.add_row(*(_cell(row.get(c)) for c in columns))
