@@ -254,3 +254,35 @@ def test_admin_key_options_are_checked(gateway: Gateway) -> None:
     for bad in ({"amount": 1.5}, {"amount": "1e3"}, {"amount": "1", "period": "hour"}):
         r = gateway.admin("POST", "/admin/v1/keys", json={"name": "x", "account": account, "limit": bad})
         assert r.status_code == 400, bad
+
+
+def test_a_client_that_hangs_up_pays_for_what_was_produced_and_leaks_no_hold(
+    make_gateway,
+) -> None:
+    from tests.conftest import running_sim
+
+    with running_sim("fast") as slow:
+        models = "models:\n  - name: m\n    deployments:\n      - {producer: s, model: x}\n"
+        with make_gateway({"s": slow.url}, models) as gw:
+            account, key = gw.funded_key(1_000_000_000)
+            with httpx.stream(
+                "POST",
+                f"{gw.v1}/chat/completions",
+                headers={"Authorization": f"Bearer {key['key']}"},
+                json={"model": "m", "messages": CHAT, "max_tokens": 2000, "stream": True},
+                timeout=10,
+            ) as r:
+                assert nano(r.headers["x-tokenworks-balance"]) < 1_000_000_000 - 2000 * 2_000
+                for line in r.iter_lines():
+                    if line.count('"content":"') and '"content":""' not in line:
+                        break
+            [record] = gw.records()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and spent(gw, account).held_nano:
+                time.sleep(0.05)
+            balance = spent(gw, account)
+            assert record.status == 499 and 0 < record.usage.output_tokens < 2000
+            assert balance.held_nano == 0, "a cancelled stream must not strand its hold"
+            assert balance.available_nano == 1_000_000_000 - record.price_nano
+            assert record.price_nano == record.usage.input_tokens * 1_000 + record.usage.output_tokens * 2_000
+            assert check(gw) == []

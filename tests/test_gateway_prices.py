@@ -126,3 +126,19 @@ def test_unpriced_deployment_is_refused_at_config_load(make_gateway, sims) -> No
         pass
     assert "cannot price" in str(err.value) and "mystery" in str(err.value)
     assert json.dumps(str(err.value))
+
+
+def test_a_key_default_service_tier_prices_and_routes_its_requests(priced) -> None:
+    r = priced.admin("POST", "/admin/v1/keys", json={"name": "night", "service_tier": "flex"})
+    assert r.status_code == 201, r.text
+    key = r.json()
+    reply = openai.OpenAI(base_url=priced.v1, api_key=key["key"], max_retries=0).chat.completions.create(
+        model="m", messages=CHAT, max_tokens=10
+    )
+    assert reply.service_tier == "flex"  # the upstream was asked for flex too
+    cost = reply.usage.prompt_tokens * 1_000 + 10 * 2_000
+    [record] = priced.records()
+    assert record.service_tier == "flex"
+    assert record.price_nano == cost * 3 // 4  # x1.5 markup x0.5 flex
+    r = priced.admin("POST", "/admin/v1/keys", json={"name": "bad", "service_tier": "gold"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "service_tier"

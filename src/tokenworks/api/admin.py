@@ -15,6 +15,7 @@ from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import gateway_of, read_json
 from tokenworks.ledger import LedgerError
 from tokenworks.pricing.money import format_nano, parse_amount
+from tokenworks.pricing.quote import PricingError
 
 PERIODS = ("day", "week", "month", "total")
 
@@ -92,6 +93,23 @@ def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str]
     return amount_nano, period
 
 
+def check_service_tier(gateway: Any, tier: Any, account: str | None) -> None:
+    """A key's default service tier must be one its tariff sells."""
+    if not isinstance(tier, str):
+        raise ApiError(400, "'service_tier' must be a string", param="service_tier")
+    tariff = gateway.pricer.tariff_for(account)
+    for route in gateway.router.routes.values():
+        d = route.deployments[0]
+        try:
+            gateway.pricer.worst_case(
+                route.model.name, d.producer, d.model, 0, 0,
+                at=datetime.now(UTC), service_tier=tier, tariff=tariff,
+            )  # fmt: skip
+        except PricingError as exc:
+            raise ApiError(400, str(exc), param="service_tier") from exc
+        return
+
+
 def parse_models(body: dict[str, Any]) -> list[str] | None:
     models = body.get("models")
     if models is not None and (
@@ -137,6 +155,10 @@ async def create_key(request: Request) -> Response:
         except (ValueError, LedgerError) as exc:
             raise ApiError(404, f"no account {account!r}", param="account") from exc
         account = str(int(account))
+    tier = body.get("service_tier")
+    if tier is not None:
+        check_service_tier(gateway, tier, account)
+        metadata = {**metadata, "service_tier": tier}
     limit = parse_limit(body, default_period="month")
     if limit is not None and account is None:
         raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")

@@ -64,6 +64,8 @@ async def mint_child_key(request: Request) -> Response:
             account_id=parent.account_id,
             parent_id=parent.id,
             ttl_s=ttl_s,
+            # A sub-agent is served at its parent's default tier.
+            metadata={k: v for k, v in parent.metadata.items() if k == "service_tier"},
         )
         try:
             await gateway.ledger.delegate(

@@ -160,6 +160,9 @@ async def _relay(request: Request, endpoint: str) -> Any:
                 param="model",
                 code="model_not_found",
             )
+        if "service_tier" not in payload and "service_tier" in key.metadata:
+            # The key's default tier, asked of the upstream too so it serves what we bill.
+            payload["service_tier"] = key.metadata["service_tier"]
         stream = payload.get("stream") is True
         options = payload.get("stream_options")
         call = Call(
