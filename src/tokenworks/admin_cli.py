@@ -30,6 +30,11 @@ class AdminError(Exception):
 
 
 def request(method: str, path: str, body: Any = None, *, url: str, admin_key: str) -> Any:
+    """An admin API call; its JSON answer, or AdminError with the API's own message."""
+    return json.loads(request_bytes(method, path, body, url=url, admin_key=admin_key) or b"null")
+
+
+def request_bytes(method: str, path: str, body: Any = None, *, url: str, admin_key: str) -> bytes:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
         url.rstrip("/") + path,
@@ -39,7 +44,7 @@ def request(method: str, path: str, body: Any = None, *, url: str, admin_key: st
     )
     try:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
-            return json.loads(response.read() or b"null")
+            return bytes(response.read())
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -79,10 +84,18 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     common(usage)
 
 
-def dispatch(args: argparse.Namespace) -> int:
+def admin_key_from_env() -> str | None:
+    """The admin key, or None after telling the user how to set it."""
     admin_key = os.environ.get(ADMIN_KEY_ENV, "")
     if not admin_key:
         print(f"tokenworks: set {ADMIN_KEY_ENV} to the gateway's admin key", file=sys.stderr)
+        return None
+    return admin_key
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    admin_key = admin_key_from_env()
+    if admin_key is None:
         return 2
     console = Console()
     try:

@@ -21,8 +21,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tokenworks.admin_cli import DEFAULT_URL, REQUEST_TIMEOUT_S, URL_ENV, AdminError, request
-from tokenworks.config import ADMIN_KEY_ENV
+from tokenworks.admin_cli import (
+    DEFAULT_URL,
+    URL_ENV,
+    AdminError,
+    admin_key_from_env,
+    request,
+    request_bytes,
+)
 
 COMMANDS = ("accounts", "grants", "topup", "transfer", "budgets", "statement", "ledger")
 
@@ -110,9 +116,8 @@ def add_subcommands(sub: Any, handler: Any) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    admin_key = os.environ.get(ADMIN_KEY_ENV, "")
-    if not admin_key:
-        print(f"tokenworks: set {ADMIN_KEY_ENV} to the gateway's admin key", file=sys.stderr)
+    admin_key = admin_key_from_env()
+    if admin_key is None:
         return 2
     call = _Call(args.url, admin_key, args.json, getattr(args, "idempotency_key", None))
     try:
@@ -159,21 +164,7 @@ class _Call:
         return request("POST", path, body, url=self.url, admin_key=self.admin_key)
 
     def get_text(self, path: str) -> str:
-        req = urllib.request.Request(
-            self.url.rstrip("/") + path,
-            headers={"Authorization": f"Bearer {self.admin_key}"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
-                return str(response.read().decode())
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = exc.reason
-            raise AdminError(f"{exc.code}: {message}") from exc
-        except urllib.error.URLError as exc:
-            raise AdminError(f"cannot reach the gateway at {self.url}: {exc.reason}") from exc
+        return request_bytes("GET", path, url=self.url, admin_key=self.admin_key).decode()
 
     def show(self, result: Any, text: str) -> int:
         if self.raw:
