@@ -144,10 +144,16 @@ def test_kill_9_under_load_charges_every_finished_answer_exactly_once(tmp_path: 
                 row[0]: (row[1], row[2])
                 for row in conn.execute("SELECT id, status, price_nano FROM ledger_holds")
             }
+            usage = {
+                row[0]: row[1]
+                for row in conn.execute("SELECT request_id, price_nano FROM usage")
+            }
         for request_id, price in finished.items():
             status, charged = holds.get(request_id, (None, None))
             assert status == "settled", (request_id, status)
             assert charged == price, (request_id, charged, price)
+            # The usage row was committed in the settlement's transaction: none is lost.
+            assert usage.get(request_id) == price, (request_id, usage.get(request_id), price)
 
         proc = start_gateway(config, port)
         try:

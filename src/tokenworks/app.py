@@ -78,6 +78,9 @@ class Gateway:
         self.keys.close()
 
     async def flush_usage(self) -> None:
+        """Wait until every usage row submitted so far is committed, wherever it was sent."""
+        if self.ledger is not None:
+            await self.ledger.flush()
         await asyncio.to_thread(self.store.flush)
 
 

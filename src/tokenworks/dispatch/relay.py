@@ -29,7 +29,7 @@ from tokenworks.config import Deployment
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.ledger import HoldView, Ledger, LedgerError, Refused
 from tokenworks.metering import extract
-from tokenworks.metering.store import UsageStore
+from tokenworks.metering.store import USAGE_COLUMNS, UsageStore, usage_row
 from tokenworks.metering.usage import Usage, UsageRecord
 from tokenworks.metrics import Metrics
 from tokenworks.pricing.money import format_nano
@@ -275,8 +275,8 @@ class Relay:
         if usage is None:
             usage = self._estimate(call, _response_texts(parsed))
         quote = self.price(call, deployment, usage, parsed.get("service_tier"))
-        balance_nano = await self.settle(call, deployment, quote, durable=True)
         self._record(call, deployment, response.status, usage, ttft_s=None, quote=quote)
+        balance_nano = await self.settle(call, deployment, quote, durable=True)
         body = _rewrite_model(data, call.public_model)
         headers = {"x-request-id": call.request_id}
         if balance_nano is not None:
@@ -366,7 +366,11 @@ class Relay:
             service_tier=quote.service_tier if quote else call.service_tier,
             tags=call.tags,
         )
-        self.store.submit(record)
+        # With the ledger open, the row rides in the ledger's next transaction: a settled
+        # request's usage is durable exactly when its charge is.
+        ledger = self.ledger
+        if ledger is None or not ledger.attach("usage", USAGE_COLUMNS, usage_row(record)):
+            self.store.submit(record)
         self.metrics.request_done(
             call.endpoint,
             call.public_model,

@@ -162,8 +162,14 @@ class Ledger:
         return int(self.clock() * 1000)
 
     async def flush(self) -> None:
-        """Wait until everything applied so far is durable."""
+        """Wait until everything applied (and attached) so far is durable."""
         await self.writer.flush()
+
+    def attach(self, table: str, columns: tuple[str, ...], row: tuple[Any, ...]) -> bool:
+        """Commit a row of another table in the ledger's next transaction, so that a request's
+        usage row becomes durable with its settlement. False: not taken (store failed or
+        backlog full); the caller must store it otherwise."""
+        return not self._closed and self.writer.attach(table, columns, row)
 
     async def _sweep_loop(self, interval_s: float) -> None:
         while True:

@@ -8,6 +8,7 @@ back, and answers the audit and statement queries. All judgement lives in the en
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +40,19 @@ class AuditData:
     open_holds: list[str]
 
 
+# Rows of other tables committed in the ledger's transaction (the usage rows of the requests
+# a batch settles): (table, columns, rows). Inserted with ON CONFLICT DO NOTHING.
+Attachment = tuple[str, tuple[str, ...], list[tuple[Any, ...]]]
+
+
+def attachment_sql(table: str, columns: tuple[str, ...], placeholders: list[str]) -> str:
+    assert len(columns) == len(placeholders)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(placeholders)}) "
+        "ON CONFLICT DO NOTHING"
+    )
+
+
 class Store(Protocol):
     dialect: str
 
@@ -46,8 +60,8 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def write(self, batch: Batch) -> None:
-        """Persist a batch in one transaction; it is durable when this returns."""
+    async def write(self, batch: Batch, attached: Sequence[Attachment] = ()) -> None:
+        """Persist a batch, and rows attached to it, in one transaction; durable on return."""
 
     async def load(self) -> Snapshot | None:
         """The open state, or None for an empty store."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -32,7 +33,9 @@ from tokenworks.ledger.store import (
     NET_BEFORE,
     RECENT_CLOSED_HOLDS,
     SETTLED_SCOPES,
+    Attachment,
     AuditData,
+    attachment_sql,
     numbered,
     upsert_tail,
 )
@@ -117,7 +120,7 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def write(self, batch: Batch) -> None:
+    async def write(self, batch: Batch, attached: Sequence[Attachment] = ()) -> None:
         w = self._writer
         assert w is not None, "store is not open"
         async with w.transaction():
@@ -125,6 +128,9 @@ class PostgresStore:
                 rows = getattr(batch, name)
                 if rows:
                     await w.execute(self._insert_sql[name], *zip(*rows, strict=True))
+            for table, columns, rows in attached:
+                marks = [f"${i + 1}" for i in range(len(columns))]
+                await w.executemany(attachment_sql(table, columns, marks), rows)
 
     # ------------------------------------------------------------------ reads
 

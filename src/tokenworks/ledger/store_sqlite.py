@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +34,9 @@ from tokenworks.ledger.store import (
     NET_BEFORE,
     RECENT_CLOSED_HOLDS,
     SETTLED_SCOPES,
+    Attachment,
     AuditData,
+    attachment_sql,
     upsert_tail,
 )
 
@@ -111,10 +114,10 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def write(self, batch: Batch) -> None:
-        await self._run(self._write_sync, batch)
+    async def write(self, batch: Batch, attached: Sequence[Attachment] = ()) -> None:
+        await self._run(self._write_sync, batch, attached)
 
-    def _write_sync(self, batch: Batch) -> None:
+    def _write_sync(self, batch: Batch, attached: Sequence[Attachment]) -> None:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -122,6 +125,8 @@ class SqliteStore:
                 rows = getattr(batch, name)
                 if rows:
                     c.executemany(self._insert_sql[name], rows)
+            for table, columns, rows in attached:
+                c.executemany(attachment_sql(table, columns, ["?"] * len(columns)), rows)
             c.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):

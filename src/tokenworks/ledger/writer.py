@@ -17,12 +17,13 @@ from collections import deque
 
 from tokenworks.ledger.domain import StoreUnavailable
 from tokenworks.ledger.engine import Batch, Engine
-from tokenworks.ledger.store import Store
+from tokenworks.ledger.store import Attachment, Store
 
 log = logging.getLogger("tokenworks.ledger")
 
 WRITE_RETRIES = 5
 RETRY_BASE_S = 0.05
+MAX_ATTACHED_ROWS = 100_000  # past this, attach() refuses and the caller writes elsewhere
 
 
 class GroupCommitWriter:
@@ -36,7 +37,29 @@ class GroupCommitWriter:
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Rows of other tables that ride in the next transaction, by (table, columns).
+        self._attached: dict[tuple[str, tuple[str, ...]], list[tuple[object, ...]]] = {}
+        self._attached_rows = 0
+        self.attached_seq = 0  # rows attached so far
+        self.durable_attached_seq = 0  # of those, committed
+        self._attach_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
+    def attach(self, table: str, columns: tuple[str, ...], row: tuple[object, ...]) -> bool:
+        """Commit `row` in the next batch's transaction; False when the writer is failed or
+        full (the caller then stores the row by other means)."""
+        if self.failure is not None or self._attached_rows >= MAX_ATTACHED_ROWS:
+            return False
+        self._attached.setdefault((table, columns), []).append(row)
+        self._attached_rows += 1
+        self.attached_seq += 1
+        self._wake.set()
+        return True
+
+    def _take_attached(self) -> tuple[list[Attachment], int]:
+        taken = [(table, cols, rows) for (table, cols), rows in self._attached.items()]
+        self._attached = {}
+        self._attached_rows = 0
+        return taken, self.attached_seq
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
 
@@ -55,16 +78,25 @@ class GroupCommitWriter:
         await fut
 
     async def flush(self) -> None:
+        """Wait until everything journalled and attached so far is committed."""
+        target = self.attached_seq
         await self.wait_durable(self.engine.seq)
+        if self.durable_attached_seq >= target:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._attach_waiters.append((target, fut))
+        self._wake.set()
+        await fut
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             batch = self.engine.take_batch()
-            if not batch.is_empty():
+            attached, attached_seq = self._take_attached()
+            if not batch.is_empty() or attached:
                 try:
-                    await self._write(batch)
+                    await self._write(batch, attached)
                 except BaseException as exc:
                     self.failure = exc
                     log.error("ledger store failed, writes stop: %r", exc)
@@ -72,19 +104,24 @@ class GroupCommitWriter:
                     return
                 self.batches += 1
             self.durable_seq = max(self.durable_seq, batch.seq)
-            while self._waiters and self._waiters[0][0] <= self.durable_seq:
-                _, fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-            if self._waiters or self.engine.pending_ops():
+            self.durable_attached_seq = attached_seq
+            for waiters, durable in (
+                (self._waiters, self.durable_seq),
+                (self._attach_waiters, self.durable_attached_seq),
+            ):
+                while waiters and waiters[0][0] <= durable:
+                    _, fut = waiters.popleft()
+                    if not fut.done():
+                        fut.set_result(None)
+            if self._waiters or self._attach_waiters or self.engine.pending_ops() or self._attached:
                 self._wake.set()
             elif self._stopping:
                 return
 
-    async def _write(self, batch: Batch) -> None:
+    async def _write(self, batch: Batch, attached: list[Attachment]) -> None:
         for attempt in range(WRITE_RETRIES):
             try:
-                await self.store.write(batch)
+                await self.store.write(batch, attached)
                 return
             except asyncio.CancelledError:
                 raise
@@ -95,10 +132,11 @@ class GroupCommitWriter:
                 await asyncio.sleep(RETRY_BASE_S * 2**attempt)
 
     def _fail_waiters(self, exc: BaseException) -> None:
-        while self._waiters:
-            _, fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(StoreUnavailable(f"ledger store failed: {exc!r}"))
+        for waiters in (self._waiters, self._attach_waiters):
+            while waiters:
+                _, fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(StoreUnavailable(f"ledger store failed: {exc!r}"))
 
     async def stop(self) -> None:
         """Flush what is journalled, then end the task."""
