@@ -502,7 +502,7 @@ def test_ledger_check_endpoint_and_cli(gateway: Gateway) -> None:
     top_up(gateway, org, "3")
     spend(gateway, org, 10, "chat-fast")
     r = ok(gateway.admin("GET", "/admin/v1/ledger/check"), 200)
-    assert r["ok"] is True and r["violations"] == []
+    assert r["ok"] is True and r["violations"] == [] and r["store_compared"] is True
     cli = tokenworks(gateway, "ledger", "check")
     assert cli.returncode == 0 and "sound" in cli.stdout, cli.stderr
 

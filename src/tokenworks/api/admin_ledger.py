@@ -603,6 +603,8 @@ async def check(request: Request, ledger: Ledger) -> Response:
         "object": "ledger.check",
         "ok": not violations,
         "violations": violations,
+        # False when traffic never paused long enough to compare the store with memory.
+        "store_compared": ledger.store_compared,
         "checked_at": _iso(ledger.now_ms()),
     }
     if not violations:
