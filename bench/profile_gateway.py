@@ -7,7 +7,9 @@ GIL, i.e. where its one core's Python time goes), and prints the top functions b
 (leaf samples) and by inclusive time, and the share of each package.
 
     .venv/bin/pip install py-spy
-    .venv/bin/python bench/profile_gateway.py [--seconds 8] [--concurrency 64]
+    .venv/bin/python bench/profile_gateway.py [--seconds 8] [--concurrency 64] [--ledger]
+
+`--ledger` profiles the ledger on: the key pays from a funded account (hold, durable settle).
 
 Raw stacks (py-spy's collapsed format) are left in the log folder it prints.
 """
@@ -35,6 +37,8 @@ PACKAGE_PATTERNS = (
     ("tokenworks/api/", "tokenworks.api"),
     ("tokenworks/auth.py", "tokenworks.auth"),
     ("tokenworks/metering/", "tokenworks.metering"),
+    ("tokenworks/ledger/", "tokenworks.ledger"),
+    ("tokenworks/pricing/", "tokenworks.pricing"),
     ("tokenworks/producers/", "tokenworks.producers"),
     ("tokenworks/", "tokenworks.other"),
     ("starlette/", "starlette"),
@@ -122,6 +126,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--ledger", action="store_true", help="a key that pays: the ledger on")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
@@ -147,11 +152,14 @@ def main() -> int:
         )
         run.wait_http(f"http://127.0.0.1:{sim_port}/sim/stats", servers)
         run.wait_http(f"http://127.0.0.1:{gw_port}/healthz", servers)
-        key = str(
-            run.post_json(
-                f"http://127.0.0.1:{gw_port}/admin/v1/keys", {"name": "bench"}, run.ADMIN_KEY
-            )["key"]
-        )
+        if args.ledger:
+            key = run.funded_key(gw_port)[0]
+        else:
+            key = str(
+                run.post_json(
+                    f"http://127.0.0.1:{gw_port}/admin/v1/keys", {"name": "bench"}, run.ADMIN_KEY
+                )["key"]
+            )
         if lg_cpus:
             os.sched_setaffinity(0, lg_cpus)
         for name, stream in (("chat", False), ("chat-stream", True)):

@@ -81,7 +81,7 @@ class Gateway:
         return f"{self.url}/v1"
 
     def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}", **kwargs.pop("headers", {})}  # type: ignore[dict-item]
         return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
 
     def create_key(self, name: str = "test", models: list[str] | None = None, **extra) -> dict:

@@ -286,3 +286,34 @@ def test_a_client_that_hangs_up_pays_for_what_was_produced_and_leaks_no_hold(
             assert balance.available_nano == 1_000_000_000 - record.price_nano
             assert record.price_nano == record.usage.input_tokens * 1_000 + record.usage.output_tokens * 2_000
             assert check(gw) == []
+
+
+def test_key_creation_retries_are_idempotent(gateway: Gateway) -> None:
+    account, parent = gateway.funded_key(1_000_000_000)
+    body = {"name": "ci-bot", "account": account, "limit": {"amount": "0.50", "period": "day"}}
+    first = gateway.admin("POST", "/admin/v1/keys", json=body, headers={"Idempotency-Key": "k-1"})
+    again = gateway.admin("POST", "/admin/v1/keys", json=body, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json()  # the same key, and the same secret, shown again
+    names = [k["name"] for k in gateway.admin("GET", "/admin/v1/keys").json()["data"]]
+    assert names.count("ci-bot") == 1
+    other = gateway.admin(
+        "POST", "/admin/v1/keys", json={**body, "name": "other"}, headers={"Idempotency-Key": "k-1"}
+    )
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+    dearer = gateway.admin(
+        "POST", "/admin/v1/keys", json={**body, "limit": {"amount": "5", "period": "day"}},
+        headers={"Idempotency-Key": "k-1"},
+    )
+    assert dearer.status_code == 409
+    # A sub-agent key retried by its agent: one child, one delegated budget.
+    headers = {"Authorization": f"Bearer {parent['key']}", "Idempotency-Key": "spawn-7"}
+    child_body = {"name": "sub-7", "limit": {"amount": "0.01"}}
+    a = httpx.post(f"{gateway.v1}/keys", headers=headers, json=child_body)
+    b = httpx.post(f"{gateway.v1}/keys", headers=headers, json=child_body)
+    assert a.status_code == b.status_code == 201 and a.json() == b.json()
+    c = httpx.post(f"{gateway.v1}/keys", headers=headers, json={**child_body, "name": "sub-8"})
+    assert c.status_code == 409
+    children = [k for k in gateway.admin("GET", "/admin/v1/keys").json()["data"] if k["parent"] == parent["id"]]
+    assert len(children) == 1
+    assert check(gateway) == []

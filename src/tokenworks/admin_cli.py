@@ -13,6 +13,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from typing import Any
 
 from rich.console import Console
@@ -70,6 +71,11 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     create.add_argument("--ttl-s", type=float, default=None)
     create.add_argument("--limit", default=None, help='spending limit, e.g. "5.00"')
     create.add_argument("--period", default="month", choices=("day", "week", "month", "total"))
+    create.add_argument(
+        "--idempotency-key",
+        default=None,
+        help="reuse to retry safely: the retry shows the same key and secret (default: fresh)",
+    )
     common(create)
     listing = keys_sub.add_parser("list", help="list keys")
     common(listing)
@@ -117,6 +123,7 @@ def _keys(args: argparse.Namespace, admin_key: str, console: Console) -> int:
             body["ttl_s"] = args.ttl_s
         if args.limit is not None:
             body["limit"] = {"amount": args.limit, "period": args.period}
+        body["idempotency_key"] = args.idempotency_key or f"cli-{uuid.uuid4()}"
         result = request("POST", "/admin/v1/keys", body, **call)
         if args.json:
             print(json.dumps(result))

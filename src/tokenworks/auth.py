@@ -12,7 +12,9 @@ at start and writes on create and revoke; all reads come from memory.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -87,6 +89,17 @@ def hash_key(secret: str) -> str:
 
 def new_secret() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def derived_secret(seed: str, idempotency_key: str) -> str:
+    """The secret a retried key creation gets again: HMAC(seed, idempotency key).
+
+    The seed is a secret the caller already proved it holds (the admin key, or the parent
+    key of a sub-agent key), so a retry can be answered with the same secret while only its
+    hash is stored, and nobody without the seed can compute it.
+    """
+    mac = hmac.new(seed.encode(), b"tokenworks-key:" + idempotency_key.encode(), "sha256")
+    return KEY_PREFIX + base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
 KEY_COLUMNS = (
@@ -253,11 +266,16 @@ class KeyStore:
         parent_id: str | None = None,
         ttl_s: float | None = None,
         metadata: dict[str, str] | None = None,
+        secret: str | None = None,
     ) -> tuple[ApiKey, str]:
-        secret = new_secret()
+        """Mint a key; with `secret` (a derived one) its id is derived too, so a retry finds it."""
+        digest = hash_key(secret) if secret is not None else None
+        if digest is not None:
+            assert digest not in self._by_hash, "look the secret up before creating it again"
+        secret = secret or new_secret()
         now_ms = int(time.time() * 1000)
         key = ApiKey(
-            id="key_" + uuid.uuid4().hex[:20],
+            id="key_" + (digest[:20] if digest else uuid.uuid4().hex[:20]),
             name=name,
             key_hash=hash_key(secret),
             key_hint=secret[:7] + "..." + secret[-4:],
@@ -290,6 +308,10 @@ class KeyStore:
 
     def get(self, key_id: str) -> ApiKey | None:
         return self._by_id.get(key_id)
+
+    def by_secret(self, secret: str) -> ApiKey | None:
+        """The key for a secret, revoked or expired ones included (for idempotent retries)."""
+        return self._by_hash.get(hash_key(secret))
 
     def list(self, include_revoked: bool = True) -> list[ApiKey]:
         keys = sorted(self._by_id.values(), key=lambda k: (k.created_ms, k.id))

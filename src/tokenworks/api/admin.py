@@ -13,7 +13,8 @@ from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import gateway_of, read_json
-from tokenworks.ledger import LedgerError
+from tokenworks.auth import derived_secret
+from tokenworks.ledger import IdempotencyConflict, LedgerError
 from tokenworks.pricing.money import format_nano, parse_amount
 from tokenworks.pricing.quote import PricingError
 
@@ -21,6 +22,7 @@ PERIODS = ("day", "week", "month", "total")
 
 _encode = msgspec.json.encode
 MAX_ADMIN_BODY_BYTES = 1024 * 1024
+MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -162,18 +164,80 @@ async def create_key(request: Request) -> Response:
     limit = parse_limit(body, default_period="month")
     if limit is not None and account is None:
         raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")
-    key, secret = gateway.keys.create(
-        name.strip(),
-        models,
-        account_id=account,
-        ttl_s=ttl_s,
-        metadata={str(k): str(v) for k, v in metadata.items()},
-    )
-    if limit is not None:
-        await gateway.ledger.set_budget(
-            ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
-        )
+    metadata = {str(k): str(v) for k, v in metadata.items()}
+    idempotency_key = optional_idempotency_key(request, body)
+    secret = derived_secret(gateway.admin_key, idempotency_key) if idempotency_key else None
+    key = gateway.keys.by_secret(secret) if secret else None
+    if key is not None:  # a retry: the same request must find the same key
+        same_request(key, name.strip(), models, account, None, ttl_s, metadata)
+    else:
+        key, secret = gateway.keys.create(
+            name.strip(), models, account_id=account, ttl_s=ttl_s, metadata=metadata,
+            secret=secret,
+        )  # fmt: skip
+    if limit is not None:  # idempotent too, so a retry finishes what a failed call began
+        try:
+            await gateway.ledger.set_budget(
+                ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
+            )
+        except IdempotencyConflict as exc:
+            raise _conflict() from exc
     return json_response({**key.public(), "key": secret, "limit": _limit_view(limit)}, 201)
+
+
+def optional_idempotency_key(request: Request, body: dict[str, Any]) -> str | None:
+    """`idempotency_key` in the body or the `Idempotency-Key` header (they must agree)."""
+    in_body = body.get("idempotency_key")
+    header = request.headers.get("idempotency-key")
+    if in_body is not None and (not isinstance(in_body, str) or not in_body):
+        raise ApiError(400, "'idempotency_key' must be a non-empty string", param="idempotency_key")
+    if in_body and header and in_body != header:
+        raise ApiError(
+            400, "the Idempotency-Key header and the body's idempotency_key differ",
+            param="idempotency_key",
+        )  # fmt: skip
+    key = in_body or header
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise ApiError(400, "idempotency keys are at most 200 characters", param="idempotency_key")
+    return key
+
+
+def _conflict() -> ApiError:
+    return ApiError(
+        409,
+        "this idempotency key was already used for a different request; "
+        "use a new key for a new request",
+        code="idempotency_conflict",
+    )
+
+
+def same_request(
+    key: Any,
+    name: str,
+    models: list[str] | None,
+    account: str | None,
+    parent: str | None,
+    ttl_s: float | None,
+    metadata: dict[str, str],
+    *,
+    check_ttl: bool = True,
+) -> None:
+    """409 unless a retried key creation asks for exactly the key it made the first time.
+
+    A child key's TTL is capped by its parent's remaining life, which shrinks between
+    retries, so that comparison is skipped there (`check_ttl=False`).
+    """
+    ttl_ms = int(ttl_s * 1000) if ttl_s is not None else None
+    made_ttl_ms = key.expires_ms - key.created_ms if key.expires_ms is not None else None
+    if (
+        key.name != name
+        or key.models != (frozenset(models) if models is not None else None)
+        or key.account_id != account
+        or key.parent_id != parent
+        or (check_ttl and ttl_ms != made_ttl_ms)
+        or key.metadata != metadata
+    ):
+        raise _conflict()
 
 
 def _limit_view(limit: tuple[int, str] | None) -> dict[str, str] | None:

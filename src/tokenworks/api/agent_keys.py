@@ -19,13 +19,16 @@ from tokenworks.api.admin import (
     MAX_ADMIN_BODY_BYTES,
     _limit_view,
     json_response,
+    optional_idempotency_key,
     parse_limit,
     parse_models,
     parse_ttl,
+    same_request,
 )
 from tokenworks.api.errors import ApiError
-from tokenworks.api.openai import authenticate, gateway_of, read_json
-from tokenworks.ledger import LedgerError, Refused
+from tokenworks.api.openai import authenticate, bearer, gateway_of, read_json
+from tokenworks.auth import derived_secret
+from tokenworks.ledger import IdempotencyConflict, LedgerError, Refused
 from tokenworks.pricing.money import format_nano
 
 
@@ -58,15 +61,23 @@ async def mint_child_key(request: Request) -> Response:
         if parent.expires_ms is not None:
             left_s = (parent.expires_ms - now_ms) / 1000
             ttl_s = left_s if ttl_s is None else min(ttl_s, left_s)
-        child, secret = gateway.keys.create(
-            name.strip(),
-            models,
-            account_id=parent.account_id,
-            parent_id=parent.id,
-            ttl_s=ttl_s,
-            # A sub-agent is served at its parent's default tier.
-            metadata={k: v for k, v in parent.metadata.items() if k == "service_tier"},
-        )
+        # A sub-agent is served at its parent's default tier.
+        metadata = {k: v for k, v in parent.metadata.items() if k == "service_tier"}
+        # A retry (same Idempotency-Key) gets the same child and secret, derived from the
+        # parent's own secret: an agent that lost the answer does not mint a second budget.
+        idempotency_key = optional_idempotency_key(request, body)
+        secret = derived_secret(bearer(request), idempotency_key) if idempotency_key else None
+        child = gateway.keys.by_secret(secret) if secret else None
+        if child is not None:
+            same_request(
+                child, name.strip(), models, parent.account_id, parent.id, None, metadata,
+                check_ttl=False,
+            )  # fmt: skip
+        else:
+            child, secret = gateway.keys.create(
+                name.strip(), models, account_id=parent.account_id, parent_id=parent.id,
+                ttl_s=ttl_s, metadata=metadata, secret=secret,
+            )  # fmt: skip
         try:
             await gateway.ledger.delegate(
                 parent.id, child.id, limit[0], idempotency_key=f"delegate:{child.id}", ttl_s=ttl_s
@@ -79,6 +90,11 @@ async def mint_child_key(request: Request) -> Response:
                 f"less than the {format_nano(limit[0])} asked for",
                 code="insufficient_quota",
             ) from exc
+        except IdempotencyConflict as exc:
+            raise ApiError(
+                409, "this idempotency key was used for a different child key",
+                code="idempotency_conflict",
+            ) from exc  # fmt: skip
         except LedgerError as exc:
             gateway.keys.revoke(child.id)
             raise ApiError(400, str(exc), code="delegation_refused") from exc

@@ -24,14 +24,18 @@ def gateway_of(request: Request) -> Any:
     return request.app.state.gateway
 
 
-def authenticate(request: Request) -> ApiKey:
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
+def bearer(request: Request) -> str:
+    """The secret of `Authorization: Bearer <secret>`, or a 401."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise ApiError(
             401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
         )
-    key = gateway_of(request).keys.authenticate(secret.strip())
+    return secret.strip()
+
+
+def authenticate(request: Request) -> ApiKey:
+    key = gateway_of(request).keys.authenticate(bearer(request))
     if key is None:
         raise ApiError(401, "invalid, expired or revoked API key", code="invalid_api_key")
     return key
