@@ -125,16 +125,14 @@ class Relay:
 
     async def handle(self, call: Call) -> Any:
         """Serve a call; returns an ASGI response. Raises ApiError when no upstream served it."""
-        first = call.route.deployments[0]
+        candidates = self.router.candidates(call.route, self.max_attempts)
+        paying = self.ledger is not None and call.key.account_id is not None
         try:  # an unknown service tier or tariff is the client's error, found before any work
-            self.pricer.worst_case(
-                call.public_model, first.producer, first.model, 0, 0,
-                at=call.at, service_tier=call.service_tier, tariff=call.tariff,
-            )  # fmt: skip
+            worst_nano = self._worst_case(call, candidates if paying else candidates[:1])
         except PricingError as exc:
             raise ApiError(400, str(exc), param="service_tier", code="invalid_value") from exc
-        candidates = self.router.candidates(call.route, self.max_attempts)
-        call.hold = await self._hold(call, candidates)
+        if paying:
+            call.hold = await self._hold(call, candidates, worst_nano)
         last: UpstreamError | None = None
         for deployment in candidates:
             producer = self.producers[deployment.producer]
@@ -158,16 +156,13 @@ class Relay:
 
     # -- paying for it ---------------------------------------------------------------------
 
-    async def _hold(self, call: Call, candidates: list[Deployment]) -> HoldView | None:
-        """Reserve the worst-case price before any upstream work: no hold, no call.
+    def _worst_case(self, call: Call, candidates: list[Deployment]) -> int:
+        """The most this request can cost on any of these deployments.
 
         Input is bounded by the body's size in bytes (a token is at least one byte), which
         costs nothing to compute; counting with the tokenizer would cost ~20 µs per KiB on
-        the event loop. The excess is released at settlement.
+        the event loop. The excess over the actual price is released at settlement.
         """
-        ledger = self.ledger
-        if ledger is None or call.key.account_id is None:
-            return None
         worst = 0
         for d in candidates:
             quote = self.pricer.worst_case(
@@ -175,6 +170,12 @@ class Relay:
                 at=call.at, service_tier=call.service_tier, tariff=call.tariff,
             )  # fmt: skip
             worst = max(worst, quote.price_nano)
+        return worst
+
+    async def _hold(self, call: Call, candidates: list[Deployment], worst: int) -> HoldView:
+        """Reserve the worst-case price before any upstream work: no hold, no call."""
+        ledger = self.ledger
+        assert ledger is not None and call.key.account_id is not None
         ttl_s = max(self.producers[d.producer].spec.timeout_s for d in candidates) + HOLD_MARGIN_S
         try:
             return await ledger.hold(
@@ -225,7 +226,7 @@ class Relay:
                 durable=durable,
             )
             # What the payer can still spend, counting the parents it draws on.
-            return ledger.balance(int(hold_payer(call))).chain_available_nano
+            return ledger.engine.chain_available(int(hold_payer(call)))
         except LedgerError:
             # The hold expires on its own; the request goes uncharged rather than twice.
             self.metrics.settlement_failures.inc()

@@ -7,10 +7,11 @@ milliseconds since the epoch, UTC. Nothing here does I/O; the engine owns the be
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import msgspec
 
 MAX_AMOUNT_NANO = 2**62
 """Largest amount any single operation accepts: leaves BIGINT head-room for sums."""
@@ -395,8 +396,13 @@ class BalanceView:
 
 def body_hash(body: dict[str, Any]) -> str:
     """Stable digest of an operation's arguments, to tell a retry from a conflicting reuse."""
-    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+    raw = _encode_sorted(body)
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+# Sorted keys make the encoding canonical; msgspec does it ~10x faster than json.dumps, and
+# this runs several times per request on the hot path.
+_encode_sorted = msgspec.json.Encoder(order="sorted", enc_hook=str).encode
 
 
 def check_amount(amount_nano: int, *, allow_zero: bool = False) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from tokenworks.ledger import grants as grantmath
 from tokenworks.ledger.domain import (
     CASH_PRIORITY,
@@ -142,15 +144,21 @@ class Snapshot:
     meta: dict[str, int]
 
 
+def _json(value: Any) -> str:
+    """Compact JSON text, as json.dumps(separators=(",", ":")) writes it, ~10x faster."""
+    return _encode_json(value).decode()
+
+
+_encode_json = msgspec.json.encode
+
+
 def _hold_row(h: Hold) -> tuple[Any, ...]:
     return (
         h.id,
         str(h.status),
-        json.dumps(list(h.chain), separators=(",", ":")),
-        json.dumps(list(h.scopes), separators=(",", ":")),
-        json.dumps(
-            [[g.bucket_id, g.account_id, g.amount_nano] for g in h.legs], separators=(",", ":")
-        ),
+        _json(h.chain),
+        _json(h.scopes),
+        _json([(g.bucket_id, g.account_id, g.amount_nano) for g in h.legs]),
         h.amount_nano,
         h.created_ms,
         h.expires_ms,
@@ -1303,6 +1311,12 @@ class Engine:
                 chain_available_nano=chain_avail,
                 spent_this_period_nano=spent,
             )
+
+    def chain_available(self, account_id: int) -> int:
+        """What a hold on this account could draw now, parents included: the balance header's
+        figure, without the rest of `balance()` (budgets, grant rolls) on the hot path."""
+        with self._lock:
+            return sum(a.available_nano for a in self._funding(self.path_ids(account_id)))
 
     def all_budgets(self, now_ms: int) -> list[Budget]:
         """Every budget, rolled to `now_ms` (for audits; O(budgets))."""
