@@ -23,13 +23,13 @@ log = logging.getLogger("tokenworks.ledger")
 
 WRITE_RETRIES = 5
 RETRY_BASE_S = 0.05
-MAX_ATTACHED_ROWS = 100_000
+MAX_ATTACHED_ROWS = 100_000  # past this, attach() refuses and the caller writes elsewhere
 # Group-commit linger: wait at most this long for more operations while at least this many
 # requests hold credit (are in flight), or until this many operations are pending.
 LINGER_MAX_S = 0.002
 LINGER_STEP_S = 0.0005
 LINGER_MIN_IN_FLIGHT = 8
-LINGER_ENOUGH_OPS = 256  # past this, attach() refuses and the caller writes elsewhere
+LINGER_ENOUGH_OPS = 256
 
 
 class GroupCommitWriter:
