@@ -27,7 +27,7 @@ from tokenworks.api.errors import ApiError, error_body
 from tokenworks.auth import ApiKey
 from tokenworks.config import Deployment
 from tokenworks.dispatch.router import Route, Router
-from tokenworks.ledger import HoldView, Ledger, LedgerError, Refused
+from tokenworks.ledger import HoldClosed, HoldView, Ledger, LedgerError, Refused
 from tokenworks.metering import extract
 from tokenworks.metering.store import USAGE_COLUMNS, UsageStore, usage_row
 from tokenworks.metering.usage import Usage, UsageRecord
@@ -134,20 +134,25 @@ class Relay:
         if paying:
             call.hold = await self._hold(call, candidates, worst_nano)
         last: UpstreamError | None = None
-        for deployment in candidates:
-            producer = self.producers[deployment.producer]
-            body = self._upstream_body(call, deployment)
-            try:
-                if call.stream:
-                    return await self._open_stream(call, deployment, producer, body)
-                return await self._complete(call, deployment, producer, body)
-            except UpstreamError as exc:
-                last = exc
-                self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
-                retry_after = _seconds(exc.retry_after)
-                self.router.health.failed(exc.producer, retry_after)
-                if not exc.retryable:
-                    break
+        try:
+            for deployment in candidates:
+                producer = self.producers[deployment.producer]
+                body = self._upstream_body(call, deployment)
+                try:
+                    if call.stream:
+                        return await self._open_stream(call, deployment, producer, body)
+                    return await self._complete(call, deployment, producer, body)
+                except UpstreamError as exc:
+                    last = exc
+                    self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
+                    retry_after = _seconds(exc.retry_after)
+                    self.router.health.failed(exc.producer, retry_after)
+                    if not exc.retryable:
+                        break
+        except BaseException:
+            # Cancelled (the client left) or a bug: release the credit now, not at expiry.
+            await self._void(call)
+            raise
         assert last is not None, "a route always has at least one deployment"
         error = _client_error(last)
         self._record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
@@ -236,6 +241,8 @@ class Relay:
         if call.hold is not None and self.ledger is not None:
             try:
                 await self.ledger.void(call.hold.id)
+            except HoldClosed:
+                pass  # already settled: the answer was served and charged
             except LedgerError:
                 self.metrics.settlement_failures.inc()
 
