@@ -78,16 +78,16 @@ class Call:
     hold: HoldView | None = None
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: next_request_id())
-    ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    # When the request started: the moment its prices are taken at (several times per call).
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def public_model(self) -> str:
         return self.route.model.name
 
     @property
-    def at(self) -> datetime:
-        """When the request started: the moment its prices are taken at."""
-        return datetime.fromtimestamp(self.ts_ms / 1000, UTC)
+    def ts_ms(self) -> int:
+        return int(self.at.timestamp() * 1000)
 
     @property
     def service_tier(self) -> str | None:
