@@ -454,3 +454,31 @@ def test_admin_key_from_the_environment_wins(monkeypatch, make_gateway, sim_a: S
         assert r.status_code == 401
         r = httpx.get(f"{gw.url}/admin/v1/keys", headers={"Authorization": "Bearer from-env"})
         assert r.status_code == 200
+
+
+def test_an_error_as_the_first_stream_event_fails_over(make_gateway, sim_a: Sim) -> None:
+    """Some upstreams answer 200 and stream the error: nothing reached the client yet."""
+    from tokenworks.serving import serve_in_thread
+
+    async def erring(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        error = b'data: {"error": {"message": "out of KV cache", "type": "server_error"}}\n\n'
+        await send({"type": "http.response.body", "body": error})
+
+    with serve_in_thread(erring) as bad:
+        models = (
+            "models:\n  - name: m\n    deployments:\n      - {producer: bad, model: x}\n"
+            "      - {producer: a, model: x}\n"
+        )
+        with make_gateway({"bad": bad, "a": sim_a.url}, models) as gw:
+            key = gw.create_key()
+            chunks = list(
+                client(gw, key["key"]).chat.completions.create(
+                    model="m", messages=CHAT, max_tokens=3, stream=True
+                )
+            )
+            assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 3
+            assert gw.records()[0].producer == "a"

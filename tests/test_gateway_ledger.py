@@ -317,3 +317,37 @@ def test_key_creation_retries_are_idempotent(gateway: Gateway) -> None:
     children = [k for k in gateway.admin("GET", "/admin/v1/keys").json()["data"] if k["parent"] == parent["id"]]
     assert len(children) == 1
     assert check(gateway) == []
+
+
+def test_child_key_retries_with_a_ttl_and_after_a_refusal(gateway: Gateway) -> None:
+    _account, parent = gateway.funded_key(
+        1_000_000_000, limit={"amount": "0.01", "period": "total"}
+    )
+    headers = {"Authorization": f"Bearer {parent['key']}", "Idempotency-Key": "ttl-1"}
+    body = {"name": "timed", "limit": {"amount": "0.001"}, "ttl_s": 600}
+    a = httpx.post(f"{gateway.v1}/keys", headers=headers, json=body)
+    time.sleep(0.01)  # the retry comes later: its "now" differs, its answer must not
+    b = httpx.post(f"{gateway.v1}/keys", headers=headers, json=body)
+    assert a.status_code == b.status_code == 201, b.text
+    assert a.json() == b.json()
+    # Refused first (more than the parent's room), retried with the same key: still refused,
+    # and no dead child keeps a share of the parent's room.
+    headers["Idempotency-Key"] = "greedy-1"
+    greedy = {"name": "greedy", "limit": {"amount": "5"}}
+    assert httpx.post(f"{gateway.v1}/keys", headers=headers, json=greedy).status_code == 402
+    retry = httpx.post(f"{gateway.v1}/keys", headers=headers, json=greedy)
+    assert retry.status_code == 409
+    headers["Idempotency-Key"] = "fits-1"
+    fits = httpx.post(f"{gateway.v1}/keys", headers=headers, json={"name": "fits", "limit": {"amount": "0.009"}})
+    assert fits.status_code == 201, fits.text  # 0.01 - 0.001 = 0.009 left: nothing stranded
+    assert check(gateway) == []
+
+
+def test_an_absurd_key_limit_is_a_400_and_makes_no_key(gateway: Gateway) -> None:
+    account, _ = gateway.funded_key(0, name="x")
+    r = gateway.admin(
+        "POST", "/admin/v1/keys",
+        json={"name": "huge", "account": account, "limit": {"amount": "100000000000"}},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit.amount"
+    assert "huge" not in [k["name"] for k in gateway.admin("GET", "/admin/v1/keys").json()["data"]]

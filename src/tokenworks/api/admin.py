@@ -14,7 +14,8 @@ from starlette.routing import Route
 from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import gateway_of, read_json
 from tokenworks.auth import derived_secret
-from tokenworks.ledger import IdempotencyConflict, LedgerError
+from tokenworks.ledger import IdempotencyConflict, LedgerError, StoreUnavailable
+from tokenworks.ledger.domain import MAX_AMOUNT_NANO
 from tokenworks.pricing.money import format_nano, parse_amount
 from tokenworks.pricing.quote import PricingError
 
@@ -85,8 +86,11 @@ def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str]
         amount_nano = parse_amount(limit["amount"])
     except ValueError as exc:
         raise ApiError(400, f"limit.amount: {exc}", param="limit.amount") from exc
-    if amount_nano < 0:
-        raise ApiError(400, "limit.amount must be >= 0", param="limit.amount")
+    if not 0 <= amount_nano <= MAX_AMOUNT_NANO:
+        raise ApiError(
+            400, f"limit.amount must be within 0..{format_nano(MAX_AMOUNT_NANO)}",
+            param="limit.amount",
+        )  # fmt: skip
     period = limit.get("period", default_period)
     if period not in PERIODS:
         raise ApiError(
@@ -182,6 +186,10 @@ async def create_key(request: Request) -> Response:
             )
         except IdempotencyConflict as exc:
             raise _conflict() from exc
+        except StoreUnavailable as exc:
+            raise ApiError(503, "the ledger is unavailable", code="ledger_unavailable") from exc
+        except LedgerError as exc:
+            raise ApiError(400, str(exc), param="limit") from exc
     return json_response({**key.public(), "key": secret, "limit": _limit_view(limit)}, 201)
 
 

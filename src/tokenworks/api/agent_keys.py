@@ -28,7 +28,7 @@ from tokenworks.api.admin import (
 from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import authenticate, bearer, gateway_of, read_json
 from tokenworks.auth import derived_secret
-from tokenworks.ledger import IdempotencyConflict, LedgerError, Refused
+from tokenworks.ledger import IdempotencyConflict, LedgerError, Refused, StoreUnavailable
 from tokenworks.pricing.money import format_nano
 
 
@@ -68,6 +68,13 @@ async def mint_child_key(request: Request) -> Response:
         idempotency_key = optional_idempotency_key(request, body)
         secret = derived_secret(bearer(request), idempotency_key) if idempotency_key else None
         child = gateway.keys.by_secret(secret) if secret else None
+        if child is not None and not child.active(int(time.time() * 1000)):
+            # The first call was refused (its key revoked at once) or the key is gone: a retry
+            # must not bring it back. A new request needs a new idempotency key.
+            raise ApiError(
+                409, "this idempotency key belongs to a key that was refused, revoked or has "
+                "expired; use a new idempotency key", code="idempotency_conflict",
+            )  # fmt: skip
         if child is not None:
             same_request(
                 child, name.strip(), models, parent.account_id, parent.id, None, metadata,
@@ -80,8 +87,9 @@ async def mint_child_key(request: Request) -> Response:
             )  # fmt: skip
         try:
             await gateway.ledger.delegate(
-                parent.id, child.id, limit[0], idempotency_key=f"delegate:{child.id}", ttl_s=ttl_s
-            )
+                parent.id, child.id, limit[0], idempotency_key=f"delegate:{child.id}",
+                expires_ms=child.expires_ms,
+            )  # fmt: skip
         except Refused as exc:
             gateway.keys.revoke(child.id)
             raise ApiError(
@@ -95,6 +103,9 @@ async def mint_child_key(request: Request) -> Response:
                 409, "this idempotency key was used for a different child key",
                 code="idempotency_conflict",
             ) from exc  # fmt: skip
+        except StoreUnavailable as exc:
+            gateway.keys.revoke(child.id)
+            raise ApiError(503, "the ledger is unavailable", code="ledger_unavailable") from exc
         except LedgerError as exc:
             gateway.keys.revoke(child.id)
             raise ApiError(400, str(exc), code="delegation_refused") from exc

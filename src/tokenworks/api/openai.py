@@ -111,7 +111,7 @@ def _validate(endpoint: str, payload: dict[str, Any]) -> None:
         raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
     if stream and endpoint == "embeddings":
         raise ApiError(400, "embeddings cannot be streamed", param="stream", code="invalid")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
+    for name in ("max_tokens", "max_completion_tokens", "n", "best_of"):
         _optional_int(payload, name)
 
 

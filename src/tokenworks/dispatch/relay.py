@@ -99,10 +99,19 @@ class Call:
         """The most output this request may produce: what it asked for, else the model's cap."""
         if self.endpoint == "embeddings":
             return 0
-        asked = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens")
-        limit = asked if isinstance(asked, int) else self.route.model.max_output_tokens
-        n = self.payload.get("n")
-        return limit * (n if isinstance(n, int) and n > 1 else 1)
+        asked = [
+            v
+            for v in (self.payload.get("max_completion_tokens"), self.payload.get("max_tokens"))
+            if isinstance(v, int) and not isinstance(v, bool)
+        ]
+        # An upstream may honour either field: hold for the larger one.
+        limit = max(asked) if asked else self.route.model.max_output_tokens
+        choices = 1
+        for name in ("n", "best_of"):  # upstreams bill every candidate they generate
+            value = self.payload.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > choices:
+                choices = value
+        return limit * choices
 
 
 class Relay:
@@ -181,7 +190,9 @@ class Relay:
         """Reserve the worst-case price before any upstream work: no hold, no call."""
         ledger = self.ledger
         assert ledger is not None and call.key.account_id is not None
-        ttl_s = max(self.producers[d.producer].spec.timeout_s for d in candidates) + HOLD_MARGIN_S
+        # Attempts run one after another, each up to its producer's timeout: the hold must
+        # outlive them all, or a slow failover could be served after its hold expired.
+        ttl_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates) + HOLD_MARGIN_S
         try:
             return await ledger.hold(
                 [int(call.key.account_id)],
@@ -191,6 +202,11 @@ class Relay:
                 ttl_s=min(ttl_s, 86_400.0),
             )
         except Refused as exc:
+            if exc.limit_kind == "busy":  # the ledger's writer is behind: not a money problem
+                raise ApiError(
+                    503, "the ledger is catching up; try again shortly", code="ledger_busy",
+                    headers={"Retry-After": "1"},
+                ) from exc  # fmt: skip
             self.metrics.refused.labels(exc.limit_kind.partition(":")[0]).inc()
             what = {"credit": "insufficient credit"}.get(exc.limit_kind, exc.limit_kind)
             if exc.limit_kind.startswith("budget:"):
@@ -315,6 +331,11 @@ class Relay:
         if first is None:
             response.close()
             raise UpstreamError(producer.name, "cut", "upstream closed the stream at once")
+        if _is_error_event(first):
+            # Some upstreams answer 200 and put the error in the first event: nothing has
+            # reached the client yet, so this is a failure like any other before the first byte.
+            response.close()
+            raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
         self.router.health.ok(producer.name)
         return _StreamResponse(self, call, deployment, response, events, first)
 
@@ -434,6 +455,17 @@ class _SSEReader:
             if b"\r" in chunk:
                 chunk = chunk.replace(b"\r\n", b"\n")
             self._buffer += chunk
+
+
+def _is_error_event(event: bytes) -> bool:
+    data = _event_data(event)
+    if data is None or b'"error"' not in data:
+        return False
+    try:
+        chunk = _decode(data)
+    except msgspec.DecodeError:
+        return False  # a malformed first chunk is the stream's problem, handled in _process
+    return isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk
 
 
 def _event_data(event: bytes) -> bytes | None:

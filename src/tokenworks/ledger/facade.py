@@ -321,8 +321,12 @@ class Ledger:
         *,
         idempotency_key: str,
         ttl_s: float | None = None,
+        expires_ms: int | None = None,
     ) -> dict[str, Any]:
         """Give a freshly minted child key a budget carved out of its parent key's room.
+
+        `expires_ms` (absolute) wins over `ttl_s`: a retried call must name the same expiry,
+        which a TTL counted from "now" would not.
 
         Raises `Refused` naming the parent when its room is smaller than `limit_nano`. The
         child's spend counts against the parent; revoking or expiring the parent revokes the
@@ -334,7 +338,9 @@ class Ledger:
                 scope_name(("key", parent_key_id)),
                 scope_name(("key", child_key_id)),
                 limit_nano,
-                expires_ms=now + int(ttl_s * 1000) if ttl_s else None,
+                expires_ms=expires_ms
+                if expires_ms is not None
+                else (now + int(ttl_s * 1000) if ttl_s else None),
                 idempotency_key=idempotency_key,
                 now_ms=now,
             ),
