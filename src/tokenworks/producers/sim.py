@@ -11,10 +11,7 @@ Public API: `SimProfile`, `PROFILES`, `FAULT_KINDS`, `build_app`, `get_profile`,
 
 from __future__ import annotations
 
-import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +19,7 @@ import uvicorn
 
 from tokenworks.producers.sim_app import SimApp, install_log_filter
 from tokenworks.producers.sim_profile import FAULT_KINDS, PROFILES, SimProfile
+from tokenworks.serving import serve_in_thread
 
 __all__ = [
     "FAULT_KINDS",
@@ -83,32 +81,11 @@ def serve(host: str, port: int, profile: str) -> int:
 
 
 @contextmanager
-def running_sim(
-    profile: str | SimProfile = "instant", *, startup_timeout_s: float = 10.0
-) -> Iterator[str]:
+def running_sim(profile: str | SimProfile = "instant") -> Iterator[str]:
     """Run a sim on a free 127.0.0.1 port in a background thread; yield its base URL.
 
     The URL has no path: clients use f"{url}/v1" as the OpenAI base URL and f"{url}/sim/..."
     for control. The server is stopped, and its thread joined, on exit.
     """
-    app = build_app(profile)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(_config(app, "warning"))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name=f"sim-{port}", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    try:
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the sim did not start on 127.0.0.1:{port}")
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=GRACEFUL_SHUTDOWN_S + 5)
-        sock.close()
+    with serve_in_thread(build_app(profile)) as url:
+        yield url
