@@ -101,8 +101,11 @@ class Gateway:
 
     def funded_key(self, amount_nano: int, name: str = "payer", **key: Any) -> tuple[int, dict]:
         """A fresh account holding `amount_nano` of credit, and a key that pays from it."""
+
         async def setup(ledger: Any) -> int:
-            account = await ledger.create_account(name, None, "organisation", idempotency_key=f"acct:{name}")
+            account = await ledger.create_account(
+                name, None, "organisation", idempotency_key=f"acct:{name}"
+            )
             if amount_nano:
                 await ledger.top_up(account.id, amount_nano, idempotency_key=f"topup:{name}")
             return account.id
@@ -269,7 +272,12 @@ def gateway(sims: tuple[Sim, Sim], database: str) -> Iterator[Gateway]:
 
 @pytest.fixture
 def make_gateway(database: str) -> Iterator[Callable[..., contextlib.AbstractContextManager]]:
-    def make(producers: dict[str, str | tuple[str, float]], models: str, extra: str = "", name: str = "gw"):
+    def make(
+        producers: dict[str, str | tuple[str, float]],
+        models: str,
+        extra: str = "",
+        name: str = "gw",
+    ):
         db = database_named(database, name)
         return running_gateway(gateway_config(db, producers, models, extra), db)
 

@@ -29,9 +29,18 @@ def tokenworks(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("producers:\n  - name: a\n    base_url: http://x\n    colour: red\n", ":4: producers[0].colour: unknown field"),
-        ("models:\n  - name: m\n    deployments:\n      - {producer: ghost, model: x}\n", ":4: models[0].deployments[0].producer: unknown producer 'ghost'"),
-        ("producers:\n  - name: a\n    base_url: http://x\n    timeout_s: fast\n", ":4: producers[0].timeout_s: Expected `float`"),
+        (
+            "producers:\n  - name: a\n    base_url: http://x\n    colour: red\n",
+            ":4: producers[0].colour: unknown field",
+        ),
+        (
+            "models:\n  - name: m\n    deployments:\n      - {producer: ghost, model: x}\n",
+            ":4: models[0].deployments[0].producer: unknown producer 'ghost'",
+        ),
+        (
+            "producers:\n  - name: a\n    base_url: http://x\n    timeout_s: fast\n",
+            ":4: producers[0].timeout_s: Expected `float`",
+        ),
         ("producers: [\n", "invalid YAML"),
         ("database: mysql://x\n", ":1: database: must be a sqlite:/// or postgresql:// URL"),
     ],

@@ -145,8 +145,7 @@ def test_kill_9_under_load_charges_every_finished_answer_exactly_once(tmp_path: 
                 for row in conn.execute("SELECT id, status, price_nano FROM ledger_holds")
             }
             usage = {
-                row[0]: row[1]
-                for row in conn.execute("SELECT request_id, price_nano FROM usage")
+                row[0]: row[1] for row in conn.execute("SELECT request_id, price_nano FROM usage")
             }
         for request_id, price in finished.items():
             status, charged = holds.get(request_id, (None, None))

@@ -155,9 +155,15 @@ def test_admin_requires_the_admin_key(gateway: Gateway) -> None:
         (json.dumps({"messages": CHAT}).encode(), "model"),
         (json.dumps({"model": "chat-fast", "messages": "hi"}).encode(), "messages"),
         (json.dumps({"model": "chat-fast", "messages": []}).encode(), "messages"),
-        (json.dumps({"model": "chat-fast", "messages": [{"content": "x"}]}).encode(), "messages[0]"),
+        (
+            json.dumps({"model": "chat-fast", "messages": [{"content": "x"}]}).encode(),
+            "messages[0]",
+        ),
         (json.dumps({"model": "chat-fast", "messages": CHAT, "stream": "yes"}).encode(), "stream"),
-        (json.dumps({"model": "chat-fast", "messages": CHAT, "max_tokens": -1}).encode(), "max_tokens"),
+        (
+            json.dumps({"model": "chat-fast", "messages": CHAT, "max_tokens": -1}).encode(),
+            "max_tokens",
+        ),
         (json.dumps({"model": 7, "messages": CHAT}).encode(), "model"),
     ],
 )
@@ -177,7 +183,9 @@ def test_malformed_requests_get_400(gateway: Gateway, body: bytes, param: str | 
 
 def test_huge_body_is_413_without_reading_it(gateway: Gateway) -> None:
     key = gateway.create_key()
-    big = json.dumps({"model": "chat-fast", "messages": [{"role": "user", "content": "x" * (9 << 20)}]})
+    big = json.dumps(
+        {"model": "chat-fast", "messages": [{"role": "user", "content": "x" * (9 << 20)}]}
+    )
     r = httpx.post(
         f"{gateway.v1}/chat/completions",
         content=big,
@@ -463,8 +471,13 @@ def test_an_error_as_the_first_stream_event_fails_over(make_gateway, sim_a: Sim)
     async def erring(scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
         error = b'data: {"error": {"message": "out of KV cache", "type": "server_error"}}\n\n'
         await send({"type": "http.response.body", "body": error})
 

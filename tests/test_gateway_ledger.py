@@ -69,15 +69,22 @@ def test_streams_are_charged_before_their_last_byte(gateway: Gateway) -> None:
         "POST",
         f"{gateway.v1}/chat/completions",
         headers={"Authorization": f"Bearer {key['key']}"},
-        json={"model": "chat-fast", "messages": CHAT, "max_tokens": 12, "stream": True,
-              "stream_options": {"include_usage": True}},
+        json={
+            "model": "chat-fast",
+            "messages": CHAT,
+            "max_tokens": 12,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
     ) as r:
         held_balance = nano(r.headers["x-tokenworks-balance"])
         body = r.read().decode()
         # The last byte has arrived: the charge is already in the ledger.
         balance = spent(gateway, account)
     usage = next(
-        json.loads(e[6:])["usage"] for e in body.split("\n\n") if e.startswith('data: {"') and '"usage":{' in e
+        json.loads(e[6:])["usage"]
+        for e in body.split("\n\n")
+        if e.startswith('data: {"') and '"usage":{' in e
     )
     price = usage["prompt_tokens"] * 1_000 + 12 * 2_000
     assert nano(usage["cost"]) == price
@@ -115,9 +122,7 @@ def test_a_failed_request_releases_its_hold(gateway: Gateway, sims: tuple[Sim, S
 
 def test_a_key_limit_stops_spending_at_the_limit(gateway: Gateway) -> None:
     limit = 200_000  # 0.0002: a few small requests
-    account, key = gateway.funded_key(
-        1_000_000_000, limit={"amount": "0.0002", "period": "day"}
-    )
+    account, key = gateway.funded_key(1_000_000_000, limit={"amount": "0.0002", "period": "day"})
     c = client(gateway, key["key"])
     served = 0
     refused = None
@@ -137,9 +142,7 @@ def test_a_key_limit_stops_spending_at_the_limit(gateway: Gateway) -> None:
 
 
 def test_sub_agent_keys_spend_from_the_parent_and_die_with_it(gateway: Gateway) -> None:
-    account, parent = gateway.funded_key(
-        1_000_000_000, limit={"amount": "0.01", "period": "total"}
-    )
+    account, parent = gateway.funded_key(1_000_000_000, limit={"amount": "0.01", "period": "total"})
     headers = {"Authorization": f"Bearer {parent['key']}"}
     r = httpx.post(
         f"{gateway.v1}/keys", headers=headers, json={"name": "sub-1", "limit": {"amount": "0.002"}}
@@ -179,9 +182,7 @@ def test_a_child_key_cannot_widen_its_models(gateway: Gateway) -> None:
 
 
 def test_spawning_many_sub_agents_is_cheap_and_bounded(gateway: Gateway) -> None:
-    account, parent = gateway.funded_key(
-        1_000_000_000, limit={"amount": "1.00", "period": "total"}
-    )
+    account, parent = gateway.funded_key(1_000_000_000, limit={"amount": "1.00", "period": "total"})
     headers = {"Authorization": f"Bearer {parent['key']}"}
     with httpx.Client(base_url=gateway.v1, headers=headers) as http:
         for i in range(200):
@@ -208,7 +209,12 @@ def test_concurrent_hammer_never_exceeds_a_limit(gateway: Gateway) -> None:
 
     def one(secret: str) -> tuple[int, int]:
         stream = rng.random() < 0.5
-        body = {"model": "chat-fast", "messages": CHAT, "max_tokens": rng.randint(1, 40), "stream": stream}
+        body = {
+            "model": "chat-fast",
+            "messages": CHAT,
+            "max_tokens": rng.randint(1, 40),
+            "stream": stream,
+        }
         r = httpx.post(
             f"{gateway.v1}/chat/completions",
             headers={"Authorization": f"Bearer {secret}"},
@@ -229,7 +235,9 @@ def test_concurrent_hammer_never_exceeds_a_limit(gateway: Gateway) -> None:
     assert 0 <= spent(gateway, account).available_nano <= credit
     # The limited key's spend never passes its limit.
     records = gateway.records(expect=statuses[200])
-    limited_spend = sum(r.price_nano for r in records if r.key_id == limited["id"] and r.status == 200)
+    limited_spend = sum(
+        r.price_nano for r in records if r.key_id == limited["id"] and r.status == 200
+    )
     tight_spend = sum(r.price_nano for r in records if r.key_id == tight["id"] and r.status == 200)
     assert limited_spend <= key_limit
     assert tight_spend == credit - spent(gateway, account).available_nano
@@ -252,7 +260,9 @@ def test_admin_key_options_are_checked(gateway: Gateway) -> None:
     assert r.status_code == 400 and "account" in r.json()["error"]["message"]
     account, _ = gateway.funded_key(0, name="empty")
     for bad in ({"amount": 1.5}, {"amount": "1e3"}, {"amount": "1", "period": "hour"}):
-        r = gateway.admin("POST", "/admin/v1/keys", json={"name": "x", "account": account, "limit": bad})
+        r = gateway.admin(
+            "POST", "/admin/v1/keys", json={"name": "x", "account": account, "limit": bad}
+        )
         assert r.status_code == 400, bad
 
 
@@ -284,7 +294,10 @@ def test_a_client_that_hangs_up_pays_for_what_was_produced_and_leaks_no_hold(
             assert record.status == 499 and 0 < record.usage.output_tokens < 2000
             assert balance.held_nano == 0, "a cancelled stream must not strand its hold"
             assert balance.available_nano == 1_000_000_000 - record.price_nano
-            assert record.price_nano == record.usage.input_tokens * 1_000 + record.usage.output_tokens * 2_000
+            assert (
+                record.price_nano
+                == record.usage.input_tokens * 1_000 + record.usage.output_tokens * 2_000
+            )
             assert check(gw) == []
 
 
@@ -302,7 +315,9 @@ def test_key_creation_retries_are_idempotent(gateway: Gateway) -> None:
     )
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
     dearer = gateway.admin(
-        "POST", "/admin/v1/keys", json={**body, "limit": {"amount": "5", "period": "day"}},
+        "POST",
+        "/admin/v1/keys",
+        json={**body, "limit": {"amount": "5", "period": "day"}},
         headers={"Idempotency-Key": "k-1"},
     )
     assert dearer.status_code == 409
@@ -314,7 +329,11 @@ def test_key_creation_retries_are_idempotent(gateway: Gateway) -> None:
     assert a.status_code == b.status_code == 201 and a.json() == b.json()
     c = httpx.post(f"{gateway.v1}/keys", headers=headers, json={**child_body, "name": "sub-8"})
     assert c.status_code == 409
-    children = [k for k in gateway.admin("GET", "/admin/v1/keys").json()["data"] if k["parent"] == parent["id"]]
+    children = [
+        k
+        for k in gateway.admin("GET", "/admin/v1/keys").json()["data"]
+        if k["parent"] == parent["id"]
+    ]
     assert len(children) == 1
     assert check(gateway) == []
 
@@ -338,7 +357,9 @@ def test_child_key_retries_with_a_ttl_and_after_a_refusal(gateway: Gateway) -> N
     retry = httpx.post(f"{gateway.v1}/keys", headers=headers, json=greedy)
     assert retry.status_code == 409
     headers["Idempotency-Key"] = "fits-1"
-    fits = httpx.post(f"{gateway.v1}/keys", headers=headers, json={"name": "fits", "limit": {"amount": "0.009"}})
+    fits = httpx.post(
+        f"{gateway.v1}/keys", headers=headers, json={"name": "fits", "limit": {"amount": "0.009"}}
+    )
     assert fits.status_code == 201, fits.text  # 0.01 - 0.001 = 0.009 left: nothing stranded
     assert check(gateway) == []
 
@@ -346,7 +367,8 @@ def test_child_key_retries_with_a_ttl_and_after_a_refusal(gateway: Gateway) -> N
 def test_an_absurd_key_limit_is_a_400_and_makes_no_key(gateway: Gateway) -> None:
     account, _ = gateway.funded_key(0, name="x")
     r = gateway.admin(
-        "POST", "/admin/v1/keys",
+        "POST",
+        "/admin/v1/keys",
         json={"name": "huge", "account": account, "limit": {"amount": "100000000000"}},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "limit.amount"

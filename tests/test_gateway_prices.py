@@ -107,7 +107,13 @@ def test_estimated_usage_is_priced_too(priced) -> None:
         "POST",
         f"{priced.v1}/chat/completions",
         headers={"Authorization": f"Bearer {key['key']}"},
-        json={"model": "m", "messages": CHAT, "max_tokens": 6, "stream": True, "sim_fault": "no_usage"},
+        json={
+            "model": "m",
+            "messages": CHAT,
+            "max_tokens": 6,
+            "stream": True,
+            "sim_fault": "no_usage",
+        },
     ) as r:
         body = r.read().decode()
     assert "cost" not in body
@@ -132,9 +138,9 @@ def test_a_key_default_service_tier_prices_and_routes_its_requests(priced) -> No
     r = priced.admin("POST", "/admin/v1/keys", json={"name": "night", "service_tier": "flex"})
     assert r.status_code == 201, r.text
     key = r.json()
-    reply = openai.OpenAI(base_url=priced.v1, api_key=key["key"], max_retries=0).chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10
-    )
+    reply = openai.OpenAI(
+        base_url=priced.v1, api_key=key["key"], max_retries=0
+    ).chat.completions.create(model="m", messages=CHAT, max_tokens=10)
     assert reply.service_tier == "flex"  # the upstream was asked for flex too
     cost = reply.usage.prompt_tokens * 1_000 + 10 * 2_000
     [record] = priced.records()

@@ -373,8 +373,7 @@ def run(duration_s: float | None = None) -> int:
         console.print(
             f"[bold]tokenworks demo[/]: producers fast/cheap/slow, gateway {gateway_url}, "
             f"{len(TEAMS)} teams, {AGENTS_PER_EMPLOYEE} agents per employee and one runaway; "
-            f"database {db}"
-            + ("" if duration_s else "  (Ctrl-C to stop)")
+            f"database {db}" + ("" if duration_s else "  (Ctrl-C to stop)")
         )
         fleet = asyncio.run(_run_fleet(gateway_url, duration_s, console))
         gateway = app.state.gateway

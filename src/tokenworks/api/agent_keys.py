@@ -41,9 +41,7 @@ async def mint_child_key(request: Request) -> Response:
         if not isinstance(name, str) or not name.strip():
             raise ApiError(400, "'name' must be a non-empty string", param="name")
         if parent.account_id is None:
-            raise ApiError(
-                403, "this key has no account to delegate from", code="no_account"
-            )
+            raise ApiError(403, "this key has no account to delegate from", code="no_account")
         models = parse_models(body)
         if models is None:
             models = sorted(parent.models) if parent.models is not None else None

@@ -137,9 +137,7 @@ def _tags(request: Request, payload: dict[str, Any]) -> dict[str, str]:
                     code="invalid_tags",
                 )
             tags[name.strip()] = value.strip()
-    if len(tags) > MAX_TAGS or any(
-        len(k) + len(v) > MAX_TAG_BYTES for k, v in tags.items()
-    ):
+    if len(tags) > MAX_TAGS or any(len(k) + len(v) > MAX_TAG_BYTES for k, v in tags.items()):
         raise ApiError(
             400,
             f"at most {MAX_TAGS} tags of at most {MAX_TAG_BYTES} bytes each",

@@ -17,7 +17,6 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-
 def _get(mapping: Any, *path: str) -> int:
     for key in path:
         if not isinstance(mapping, dict):

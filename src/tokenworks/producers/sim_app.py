@@ -318,9 +318,7 @@ class Job:
         include_usage = self.include_usage and self.fault != "no_usage"
         cls = wire.ChatStream if self.endpoint == "chat" else wire.TextStream
         if cls is wire.ChatStream:
-            return cls(
-                self.request_id, self.created, self.model, include_usage, self.service_tier
-            )
+            return cls(self.request_id, self.created, self.model, include_usage, self.service_tier)
         return cls(self.request_id, self.created, self.model, include_usage)
 
     def deltas(self, builder: wire.ChatStream | wire.TextStream) -> list[bytes]:

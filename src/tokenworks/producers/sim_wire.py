@@ -109,7 +109,9 @@ class ChatStream:
         self._head = (
             b'data: {"id":"' + request_id.encode() + b'","object":"chat.completion.chunk",'
             b'"created":' + str(created).encode() + b',"model":' + _encode(model) + b","
-            b'"service_tier":' + _encode(service_tier) + b',"system_fingerprint":"'
+            b'"service_tier":'
+            + _encode(service_tier)
+            + b',"system_fingerprint":"'
             + SYSTEM_FINGERPRINT.encode()
             + b'","choices":['
         )
