@@ -8,16 +8,19 @@ each workload at c64 it measures each gateway in turn for a fixed time and reads
 process's CPU time from /proc: total, the event loop's thread, and the other threads (the
 ledger's SQLite writer, the usage writer). Bounded: 0.5 s warm-up + `--seconds` per cell.
 
-    .venv/bin/python bench/ledger_cpu.py [--seconds 2.5] [--concurrency 64]
+    .venv/bin/python bench/ledger_cpu.py [--seconds 2.5] [--concurrency 64] [--rounds 3]
+        [--pg [URL]] [--no-nogc]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import loadgen
@@ -47,15 +50,46 @@ def cpu_by_thread(pid: int) -> tuple[float, float]:
     return main_s, other_s
 
 
+def postgres_cpu_s() -> float:
+    """CPU seconds used so far by every PostgreSQL process on this machine (server, backends,
+    WAL writer): the database's share of the two cores, which the gateway's own figures miss."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+        except OSError:
+            continue
+        if head.split("(", 1)[1].startswith("postgres"):
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.5)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--pg",
+        nargs="?",
+        const=run.DEFAULT_PG,
+        help="add `on-pg`: the ledger on, its database on PostgreSQL (a fresh schema)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (medians)")
+    parser.add_argument("--no-nogc", action="store_true", help="skip the GC-off gateways")
     args = parser.parse_args()
+    gateways = [g for g in GATEWAYS if not (args.no_nogc and g.endswith("nogc"))]
+    if args.pg:
+        gateways.append("on-pg")
+    schema = f"tw_cpu_{uuid.uuid4().hex[:10]}"
     gw_cpus, lg_cpus = run.pick_cpus(None)
     work = Path(tempfile.mkdtemp(prefix="tokenworks-ledger-cpu-"))
     servers = run.Servers(work)
-    ports = {n: run.free_port() for n in ("sim", *GATEWAYS)}
+    ports = {n: run.free_port() for n in ("sim", *gateways)}
     try:
         servers.start(
             "sim",
@@ -65,11 +99,13 @@ def main() -> int:
             lg_cpus,
         )
         procs = {}
-        for name in GATEWAYS:
+        for name in gateways:
             config = work / f"{name}.yaml"
-            config.write_text(
-                run.GATEWAY_CONFIG.format(db=work / f"{name}.db", sim_port=ports["sim"])
-            )
+            template = run.GATEWAY_CONFIG
+            if name == "on-pg":
+                assert args.pg is not None
+                template = template.replace("sqlite:///{db}", run.pg_database(args.pg, schema))
+            config.write_text(template.format(db=work / f"{name}.db", sim_port=ports["sim"]))
             argv = nogc_argv if name.endswith("nogc") else run.tokenworks_argv
             procs[name] = servers.start(
                 name,
@@ -79,7 +115,7 @@ def main() -> int:
             )
         run.wait_http(f"http://127.0.0.1:{ports['sim']}/sim/stats", servers)
         keys = {}
-        for name in GATEWAYS:
+        for name in gateways:
             run.wait_http(f"http://127.0.0.1:{ports[name]}/healthz", servers)
             if name.startswith("on"):
                 keys[name] = run.funded_key(ports[name])[0]
@@ -88,34 +124,65 @@ def main() -> int:
                 keys[name] = str(run.post_json(url, {"name": "bench"}, run.ADMIN_KEY)["key"])
         if lg_cpus:
             os.sched_setaffinity(0, lg_cpus)
-        print("workload     gateway     req/s   p50 ms  CPU %  us/req  loop us  others us")
-        for workload, stream in (("chat", False), ("chat-stream", True)):
-            for name in GATEWAYS:
-                port = ports[name]
-                body = run.request_body(stream)
-                request = loadgen.build_request(
-                    "127.0.0.1", port, "/v1/chat/completions", body, keys[name]
-                )
-                load = {"stream": stream, "concurrency": args.concurrency, "max_requests": 10**6}
-                uvloop.run(loadgen.run("127.0.0.1", port, request, duration_s=0.5, **load))
-                m0, o0 = cpu_by_thread(procs[name].pid)
-                t0 = time.monotonic()
-                r = uvloop.run(
-                    loadgen.run("127.0.0.1", port, request, duration_s=args.seconds, **load)
-                )
-                elapsed = time.monotonic() - t0
-                m1, o1 = cpu_by_thread(procs[name].pid)
-                n = max(r.requests, 1)
-                used = m1 - m0 + o1 - o0
+        print(
+            "round workload     gateway     req/s   p50 ms  CPU %  us/req  loop us  others us"
+            "  postgres us"
+        )
+        rps: dict[tuple[str, str], list[float]] = {}
+        cpu_us: dict[tuple[str, str], list[float]] = {}
+        for round_no in range(args.rounds):
+            # Rotate which gateway goes first, so drift in the machine's load spreads evenly.
+            order = gateways[round_no % len(gateways) :] + gateways[: round_no % len(gateways)]
+            for workload, stream in (("chat", False), ("chat-stream", True)):
+                for name in order:
+                    port = ports[name]
+                    body = run.request_body(stream)
+                    request = loadgen.build_request(
+                        "127.0.0.1", port, "/v1/chat/completions", body, keys[name]
+                    )
+                    load = {
+                        "stream": stream,
+                        "concurrency": args.concurrency,
+                        "max_requests": 10**6,
+                    }
+                    uvloop.run(loadgen.run("127.0.0.1", port, request, duration_s=0.5, **load))
+                    m0, o0 = cpu_by_thread(procs[name].pid)
+                    pg0 = postgres_cpu_s()
+                    t0 = time.monotonic()
+                    r = uvloop.run(
+                        loadgen.run("127.0.0.1", port, request, duration_s=args.seconds, **load)
+                    )
+                    elapsed = time.monotonic() - t0
+                    m1, o1 = cpu_by_thread(procs[name].pid)
+                    pg_us = (postgres_cpu_s() - pg0) / max(r.requests, 1) * 1e6
+                    n = max(r.requests, 1)
+                    used = m1 - m0 + o1 - o0
+                    rps.setdefault((workload, name), []).append(r.rps)
+                    cpu_us.setdefault((workload, name), []).append(used / n * 1e6)
+                    print(
+                        f"{round_no + 1:>5} {workload:<12} {name:<9} {r.rps:7.0f} "
+                        f"{r.latency_ms(50):8.1f} {used / elapsed * 100:6.1f} "
+                        f"{used / n * 1e6:7.0f} {(m1 - m0) / n * 1e6:8.0f} "
+                        f"{(o1 - o0) / n * 1e6:10.0f} {pg_us:12.0f}"
+                        + (f"  errors {r.errors}: {r.first_error}" if r.errors else ""),
+                        flush=True,
+                    )
+        print("\nmedians over rounds; on/off: the ledger's throughput ratio and CPU per request")
+        print("workload     gateway     req/s  us/req  req/s on/off  CPU/req on/off")
+        for workload in ("chat", "chat-stream"):
+            base_rps = statistics.median(rps[(workload, "off")])
+            base_us = statistics.median(cpu_us[(workload, "off")])
+            for name in gateways:
+                m_rps = statistics.median(rps[(workload, name)])
+                m_us = statistics.median(cpu_us[(workload, name)])
                 print(
-                    f"{workload:<12} {name:<9} {r.rps:7.0f} {r.latency_ms(50):8.1f} "
-                    f"{used / elapsed * 100:6.1f} {used / n * 1e6:7.0f} "
-                    f"{(m1 - m0) / n * 1e6:8.0f} {(o1 - o0) / n * 1e6:10.0f}"
-                    + (f"  errors {r.errors}: {r.first_error}" if r.errors else ""),
-                    flush=True,
+                    f"{workload:<12} {name:<9} {m_rps:7.0f} {m_us:7.0f} "
+                    f"{m_rps / base_rps:13.2f} {m_us / base_us:15.2f}"
                 )
     finally:
         servers.close()
+        if args.pg:
+            run.drop_pg_schema(args.pg, schema)
     return 0
 
 

@@ -9,7 +9,8 @@ GIL, i.e. where its one core's Python time goes), and prints the top functions b
     .venv/bin/pip install py-spy
     .venv/bin/python bench/profile_gateway.py [--seconds 8] [--concurrency 64] [--ledger]
 
-`--ledger` profiles the ledger on: the key pays from a funded account (hold, durable settle).
+`--ledger` profiles the ledger on: the key pays from a funded account (hold, durable settle);
+`--pg [URL]` puts the gateway's database (usage and ledger) on PostgreSQL.
 
 Raw stacks (py-spy's collapsed format) are left in the log folder it prints.
 """
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import loadgen
@@ -127,6 +129,12 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--ledger", action="store_true", help="a key that pays: the ledger on")
+    parser.add_argument(
+        "--pg",
+        nargs="?",
+        const=run.DEFAULT_PG,
+        help="the gateway's database on PostgreSQL (a fresh schema, dropped at the end)",
+    )
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
@@ -136,6 +144,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tokenworks-profile-"))
     servers = run.Servers(work)
     sim_port, gw_port = run.free_port(), run.free_port()
+    schema = f"tw_profile_{uuid.uuid4().hex[:10]}"
+    database = run.pg_database(args.pg, schema) if args.pg else "sqlite:///{db}"
     try:
         servers.start(
             "sim",
@@ -143,7 +153,11 @@ def main() -> int:
             lg_cpus,
         )
         config = work / "gateway.yaml"
-        config.write_text(run.GATEWAY_CONFIG.format(db=work / "usage.db", sim_port=sim_port))
+        config.write_text(
+            run.GATEWAY_CONFIG.replace("sqlite:///{db}", database).format(
+                db=work / "usage.db", sim_port=sim_port
+            )
+        )
         gateway = servers.start(
             "gateway",
             run.tokenworks_argv("serve", "--config", str(config), "--port", str(gw_port)),
@@ -188,6 +202,8 @@ def main() -> int:
             print(summarize(raw, args.top) if raw.exists() else "py-spy wrote nothing")
     finally:
         servers.close()
+        if args.pg:
+            run.drop_pg_schema(args.pg, schema)
         print(f"\nprofile_gateway: raw stacks and logs in {work}", file=sys.stderr)
     return 0
 

@@ -426,6 +426,12 @@ def pg_version(url: str) -> str:
         return "PostgreSQL (version unknown)"
 
 
+def pg_database(url: str, schema: str) -> str:
+    """The gateway's `database:` URL for its own schema on the server at `url`."""
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}schema={schema}"
+
+
 def drop_pg_schema(url: str, schema: str) -> None:
     async def go() -> None:
         import asyncpg
@@ -719,8 +725,7 @@ def main() -> int:
     databases = {t: f"sqlite:///{db}" for t, db in dbs.items()}
     pg_schema = f"tw_bench_{uuid.uuid4().hex[:10]}"
     if args.pg:
-        sep = "&" if "?" in args.pg else "?"
-        databases["gw-ledger-pg"] = f"{args.pg}{sep}schema={pg_schema}"
+        databases["gw-ledger-pg"] = pg_database(args.pg, pg_schema)
     t0 = time.monotonic()
     measured = commit()  # the servers import the code as it is now
     try:

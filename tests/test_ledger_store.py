@@ -29,6 +29,7 @@ from tokenworks.ledger import (
     IdempotencyConflict,
     Ledger,
     LedgerError,
+    NotFound,
     Period,
     Recurrence,
     Refused,
@@ -312,21 +313,104 @@ def test_statement_and_expiry_through_the_store(url: str) -> None:
     run(with_ledger(url, body))
 
 
+def test_a_restart_frees_what_open_holds_reserved(url: str) -> None:
+    """Open holds are never written: a restart rebuilds with nothing held, expires what an
+    ended grant kept only for them, and derives a parent's delegated room afresh."""
+    clock = Clock(START)
+    ids: dict[str, int] = {}
+
+    async def before(L: Ledger, clock: Clock) -> None:
+        org, _team, user = await org_tree(L)
+        ids.update(org=org, user=user)
+        await L.top_up(org, 10_000, idempotency_key="top")
+        await L.set_budget(("key", "parent"), 5_000, "total", idempotency_key="b")
+        await L.delegate("parent", "child", 1_000, idempotency_key="d")
+        # 300 on the child key (from the org's cash), then 80 of a grant to the user.
+        await L.hold([user], 300, request_id="on-child", key_scopes=["child"])
+        await L.grant(user, 100, idempotency_key="g", expires_at=START + timedelta(seconds=10))
+        await L.hold([user], 80, request_id="on-grant", key_scopes=["parent"])
+        clock.advance(11)
+        await L.sweep_expired()  # the grant ends while 80 of it is held: 20 expires now
+        assert L.balance(user).balance_nano == 80
+        assert L.budgets(("key", "parent"))[0]["delegated_nano"] == 700
+        assert await L.check() == []
+        await L.flush()  # then the process dies with both holds open
+
+    async def after(L: Ledger, clock: Clock) -> None:
+        org, user = ids["org"], ids["user"]
+        accounts = {a: L.balance(a) for a in (org, user)}
+        assert all(b.held_nano == 0 for b in accounts.values())
+        assert accounts[user].balance_nano == 0  # the 80 the ended grant kept expired
+        assert accounts[org].balance_nano == 10_000  # nothing was charged
+        parent = {b["period"]: b for b in L.budgets(("key", "parent"))}["total"]
+        assert (parent["held_nano"], parent["delegated_nano"]) == (0, 1_000)
+        child = L.budgets(("key", "child"))[0]
+        assert (child["held_nano"], child["spent_nano"]) == (0, 0)
+        st = await L.statement(user, START - timedelta(hours=1), START + timedelta(hours=1))
+        assert (st["grants_nano"], st["expired_nano"]) == (100, 100), st
+        # The child's whole budget can be held again, and the ledger is sound, store included.
+        await L.hold([user], 1_000, request_id="again", key_scopes=["child"])
+        await L.void("again")
+        assert await L.check() == [] and L.store_compared
+
+    run(with_ledger(url, before, clock))
+    run(with_ledger(url, after, clock))
+
+
+def test_rows_survive_the_store_exactly(url: str) -> None:
+    """Large amounts, odd names and nulls come back from the store as they went in (the
+    PostgreSQL store ships a batch as one JSON document)."""
+    big = 2**62 - 7
+    model = 'modèle "x"\\n\u4e2d\u6587 \u2603'
+    producer = "p'; DROP TABLE ledger_holds; --"
+
+    async def before(L: Ledger, clock: Clock) -> None:
+        org, _, user = await org_tree(L, prefix="é ")
+        await L.top_up(org, big, idempotency_key="top ☃")
+        await L.hold([user], big - 1, request_id=model)
+        await L.settle(model, price_nano=big - 3, cost_nano=big - 5, producer=producer, model=model)
+
+    async def after(L: Ledger, clock: Clock) -> None:
+        h = await L.settle(
+            model, price_nano=big - 3, cost_nano=big - 5, producer=producer, model=model
+        )  # a retry, answered from the stored hold
+        assert (h.price_nano, h.cost_nano, h.status) == (big - 3, big - 5, "settled")
+        org = next(a for a in L.engine.accounts.values() if a.name == "acme")
+        assert L.balance(org.id).balance_nano == 3  # big - (big - 3)
+        payable = next(a for a in L.engine.accounts.values() if a.name == f"payable:{producer}")
+        assert L.balance(payable.id).balance_nano == big - 5
+        st = await L.statement(org.id, START - timedelta(hours=1), START + timedelta(hours=1))
+        # The user drew on the organisation's credit: the spend is on its statement.
+        assert st["spend_by_model"] == {model: {"spend_nano": big - 3, "requests": 1}}
+        assert await L.check() == [] and L.store_compared
+
+    run(with_ledger(url, before))
+    run(with_ledger(url, after))
+
+
 def test_check_sees_a_tampered_store(url: str) -> None:
     async def body(L: Ledger, _: Clock) -> None:
         org, _, _ = await org_tree(L)
         await L.top_up(org, 1_000, idempotency_key="top")
+        for i, cost in enumerate((30, 40, 0)):  # costs accrue, posted once per commit
+            await L.hold([org], 100, request_id=f"r{i}")
+            await L.settle(f"r{i}", price_nano=50, cost_nano=cost, producer="p", model="m")
         assert await L.check() == []
-        sql = f"UPDATE ledger_accounts SET balance_nano = balance_nano + 1 WHERE id = {org}"
         store: Any = L.store
-        if store.dialect == "sqlite":
-            await store._run(store.conn.execute, sql)
-        else:
-            async with store._pool.acquire() as c:
-                await c.execute(sql)
+
+        async def tamper(sql: str) -> None:
+            if store.dialect == "sqlite":
+                await store._run(store.conn.execute, sql)
+            else:
+                async with store._pool.acquire() as c:
+                    await c.execute(sql)
+
+        await tamper(f"UPDATE ledger_accounts SET balance_nano = balance_nano + 1 WHERE id = {org}")
+        await tamper("UPDATE ledger_holds SET cost_nano = 31 WHERE id = 'r0'")
         v = await L.check()
         assert any("sum of balances" in x for x in v)
         assert any(f"store account {org}" in x for x in v)
+        assert any("costs posted 70 != settled holds' 71" in x for x in v), v
 
     run(with_ledger(url, body))
 
@@ -414,14 +498,17 @@ def test_crash_mid_load_leaves_no_double_charge_and_no_stranded_hold(url: str) -
         spent = 10**12 - L.balance(org).balance_nano
         assert spent >= sum(settled.values())  # more may have committed unacknowledged
         assert L.balance(user).balance_nano == 0
-        assert L.engine.holds, "expected holds stranded by the crash"
-        assert await L.check() == []
-        clock.advance(31)
-        await L.sweep_expired()
+        # Holds die with their process: nothing is held after the restart, and a hold the
+        # crash left open ("r0" was never settled) can no longer be charged.
         assert L.engine.holds == {}
         assert L.balance(org).held_nano == 0
-        assert 10**12 - L.balance(org).balance_nano == spent  # the sweep charged nothing
+        with pytest.raises(NotFound):
+            await L.settle("r0", price_nano=1, cost_nano=0, producer="p", model="m")
         assert await L.check() == []  # includes: each settled hold's postings == its price
+        clock.advance(31)
+        await L.sweep_expired()
+        assert 10**12 - L.balance(org).balance_nano == spent  # the sweep charged nothing
+        assert await L.check() == []
 
     run(with_ledger(url, recover, clock))
 

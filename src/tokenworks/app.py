@@ -57,14 +57,9 @@ class Gateway:
         # Vocabularies are copied before the first request, never during one.
         await asyncio.to_thread(install_vocabularies)
         self.loop = asyncio.get_running_loop()
-        # The ledger shares the database; it rebuilds its in-memory state from it here.
+        # The ledger shares the database; it rebuilds its in-memory state from it here (with
+        # nothing held: holds of a process that died died with it).
         self.ledger = await Ledger.open(self.config.database)
-        # The ledger has one writer (it is locked to this process), so a hold still open now
-        # belonged to a request of a process that died: release it rather than let it strand
-        # credit until it expires.
-        for hold_id in list(self.ledger.engine.holds):
-            await self.ledger.void(hold_id)
-        await self.ledger.flush()
         self.relay.ledger = self.ledger
         for producer in self.producers.values():
             await producer.start()

@@ -29,7 +29,7 @@ from tokenworks.config import Deployment
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.ledger import HoldClosed, HoldView, Ledger, LedgerError, Refused
 from tokenworks.metering import extract
-from tokenworks.metering.store import USAGE_COLUMNS, UsageStore, usage_row
+from tokenworks.metering.store import USAGE_SCHEMA, UsageStore, usage_row
 from tokenworks.metering.usage import Usage, UsageRecord
 from tokenworks.metrics import Metrics
 from tokenworks.pricing.money import format_nano
@@ -398,7 +398,7 @@ class Relay:
         # With the ledger open, the row rides in the ledger's next transaction: a settled
         # request's usage is durable exactly when its charge is.
         ledger = self.ledger
-        if ledger is None or not ledger.attach("usage", USAGE_COLUMNS, usage_row(record)):
+        if ledger is None or not ledger.attach("usage", USAGE_SCHEMA, usage_row(record)):
             self.store.submit(record)
         self.metrics.request_done(
             call.endpoint,

@@ -134,13 +134,13 @@ class Batch:
 
 @dataclass(slots=True)
 class Snapshot:
-    """The durable state a restart rebuilds from (open things only)."""
+    """The durable state a restart rebuilds from: settled state of open things only (no
+    holds: none is open across a restart)."""
 
     accounts: list[tuple[Any, ...]]
     buckets: list[tuple[Any, ...]]
     grants: list[tuple[Any, ...]]
     budgets: list[tuple[Any, ...]]
-    holds: list[tuple[Any, ...]]
     meta: dict[str, int]
 
 
@@ -153,12 +153,14 @@ _encode_json = msgspec.json.encode
 
 
 def _hold_row(h: Hold) -> tuple[Any, ...]:
+    """A closed hold's row. Its legs (which buckets it reserved) are not kept: the transfers
+    that settled it name their buckets, and a closed hold reserves nothing."""
+    assert h.status is not HoldStatus.OPEN, h
     return (
         h.id,
         str(h.status),
         _json(h.chain),
         _json(h.scopes),
-        _json([(g.bucket_id, g.account_id, g.amount_nano) for g in h.legs]),
         h.amount_nano,
         h.created_ms,
         h.expires_ms,
@@ -172,21 +174,22 @@ def _hold_row(h: Hold) -> tuple[Any, ...]:
 
 
 def hold_from_row(r: tuple[Any, ...]) -> Hold:
+    """A closed hold back from the store (to answer a retry of it)."""
     return Hold(
         id=r[0],
         status=HoldStatus(r[1]),
         chain=tuple(json.loads(r[2])),
         scopes=tuple(json.loads(r[3])),
-        legs=[HoldLeg(b, a, n) for b, a, n in json.loads(r[4])],
-        amount_nano=r[5],
-        created_ms=r[6],
-        expires_ms=r[7],
-        closed_ms=r[8],
-        price_nano=r[9],
-        cost_nano=r[10],
-        clamped_nano=r[11],
-        producer=r[12],
-        model=r[13],
+        legs=[],
+        amount_nano=r[4],
+        created_ms=r[5],
+        expires_ms=r[6],
+        closed_ms=r[7],
+        price_nano=r[8],
+        cost_nano=r[9],
+        clamped_nano=r[10],
+        producer=r[11],
+        model=r[12],
     )
 
 
@@ -206,6 +209,11 @@ class Engine:
         self.closed_holds: OrderedDict[str, Hold] = OrderedDict()
         self._idem: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (hash, result)
         self._payables: dict[str, int] = {}
+        # Producer costs settled since the last batch, by (producer, model): [nano, last ms].
+        # Posted as one COST transfer each when the writer takes the batch (or a balance is
+        # read): a payable accrues per commit, not per request. Each settled hold keeps its
+        # own cost_nano, and `check` compares the two sums.
+        self._accrued_costs: dict[tuple[str, str], list[int]] = {}
         self._names: dict[str, int] = {}  # operator account name -> id
         self._hold_heap: list[tuple[int, str]] = []
         self._grant_heap: list[tuple[int, int]] = []
@@ -234,7 +242,13 @@ class Engine:
 
     @classmethod
     def restore(cls, snap: Snapshot, **kwargs: Any) -> Engine:
-        """Rebuild from the store: open buckets, active grants, budgets and open holds."""
+        """Rebuild from the store: open buckets, active grants and budgets, nothing held.
+
+        Holds live in memory only (one process writes a ledger), so the requests they
+        covered died with the process that held them: what they reserved is free again, and
+        the derived figures (held amounts, delegated room) are computed afresh. Call
+        `release_orphans` next, which expires what ended grants still kept for them.
+        """
         eng = cls(**kwargs)
         names = [c for c, _ in ACCOUNTS.columns]
         for r in snap.accounts:
@@ -247,7 +261,6 @@ class Engine:
                 draws_on_parent=bool(d["draws_on_parent"]),
                 created_ms=d["created_ms"],
                 balance_nano=d["balance_nano"],
-                held_nano=d["held_nano"],
             )
             eng.accounts[acc.id] = acc
             if acc.kind is AccountKind.PAYABLE:
@@ -263,8 +276,7 @@ class Engine:
                 expires_ms=r[4],
                 created_seq=r[5],
                 remaining_nano=r[6],
-                held_nano=r[7],
-                ended=bool(r[8]),
+                ended=bool(r[7]),
             )
             eng.buckets[b.id] = b
             acc = eng.accounts[b.account_id]
@@ -296,13 +308,11 @@ class Engine:
                 tz=r[2],
                 limit_nano=r[3],
                 spent_nano=r[4],
-                held_nano=r[5],
-                delegated_nano=r[6],
-                period_start_ms=r[7],
-                period_end_ms=r[8],
-                parent_scope=r[9],
-                expires_ms=r[10],
-                revoked=bool(r[11]),
+                period_start_ms=r[5],
+                period_end_ms=r[6],
+                parent_scope=r[7],
+                expires_ms=r[8],
+                revoked=bool(r[9]),
             )
             eng.budgets.setdefault(b.scope, {})[b.period] = b
             if b.parent_scope and not b.revoked:
@@ -310,11 +320,9 @@ class Engine:
                 eng.scope_children.setdefault(b.parent_scope, set()).add(b.scope)
             if b.expires_ms is not None and not b.revoked:
                 heapq.heappush(eng._scope_expiry_heap, (b.expires_ms, b.scope))
-        for r in snap.holds:
-            h = hold_from_row(r)
-            assert h.status is HoldStatus.OPEN
-            eng.holds[h.id] = h
-            heapq.heappush(eng._hold_heap, (h.expires_ms, h.id))
+        for scope, per in eng.budgets.items():
+            for b in per.values():
+                b.delegated_nano = 0 if b.revoked else eng._children_unused(scope)
         m = snap.meta
         eng.next_account_id = m.get("next_account_id", 1)
         eng.next_bucket_id = m.get("next_bucket_id", 1)
@@ -324,11 +332,29 @@ class Engine:
         eng.last_sweep_ms = m.get("last_sweep_ms", 0)
         return eng
 
+    def release_orphans(self, now_ms: int) -> int:
+        """After a restore: expire the credit that ended grants kept only for holds that died
+        with the last process (as releasing those holds would have); returns the buckets."""
+        with self._lock:
+            assert not self.holds, "orphans are released before any new hold"
+            expired_acc = self.operator_account(AccountKind.EXPIRED)
+            ended = [b for b in self.buckets.values() if b.ended]
+            for b in ended:
+                if b.remaining_nano:
+                    acc = self.accounts[b.account_id]
+                    self._post(
+                        TransferKind.EXPIRE, acc, expired_acc, b.remaining_nano, now_ms,
+                        debit_bucket=b,
+                    )  # fmt: skip
+                self._maybe_close(b)
+            return len(ended)
+
     # ------------------------------------------------------------------ journal
 
     def take_batch(self) -> Batch:
         """Hand the writer everything changed since the last batch, as rows."""
         with self._lock:
+            self._post_accrued_costs()
             j = self.journal
             self.journal = Journal()
             meta: list[tuple[str, int]] = []
@@ -352,7 +378,6 @@ class Engine:
                         int(a.draws_on_parent),
                         a.created_ms,
                         a.balance_nano,
-                        a.held_nano,
                     )
                     for a in j.accounts.values()
                 ],
@@ -365,7 +390,6 @@ class Engine:
                         b.expires_ms,
                         b.created_seq,
                         b.remaining_nano,
-                        b.held_nano,
                         int(b.ended),
                         int(closed),
                     )
@@ -395,8 +419,6 @@ class Engine:
                         b.tz,
                         b.limit_nano,
                         b.spent_nano,
-                        b.held_nano,
-                        b.delegated_nano,
                         b.period_start_ms,
                         b.period_end_ms,
                         b.parent_scope,
@@ -1080,15 +1102,12 @@ class Engine:
                 picked = grantmath.allocate((self.buckets[i] for i in acc.bucket_ids), left)
                 for bucket, take in picked:
                     bucket.held_nano += take
-                    self._dirty_bucket(bucket)
                     legs.append(HoldLeg(bucket.id, acc.id, take))
                     left -= take
                     acc.held_nano += take
-                self._dirty_account(acc)
             assert left == 0, (left, amount_nano)
             for b in touched:
                 b.held_nano += amount_nano
-                self._dirty_budget(b)
             self._shift_delegated(scopes, -amount_nano, now_ms)
             h = Hold(
                 id=request_id,
@@ -1100,10 +1119,10 @@ class Engine:
                 expires_ms=now_ms + ttl_ms,
                 available_after_nano=available - amount_nano,
             )
+            # Nothing is journalled: held amounts are not stored (see `restore`), and the hold
+            # is written once, when it closes.
             self.holds[request_id] = h
             heapq.heappush(self._hold_heap, (h.expires_ms, h.id))
-            self.journal.holds[h.id] = h
-            self.seq += 1
             return h
 
     def _shift_delegated(self, scopes: Iterable[str], delta_nano: int, now_ms: int) -> None:
@@ -1117,7 +1136,6 @@ class Engine:
             for pb in self._budgets_of(parent, now_ms):
                 pb.delegated_nano += delta_nano
                 assert pb.delegated_nano >= 0, pb
-                self._dirty_budget(pb)
 
     def _release(self, h: Hold, price_nano: int, now_ms: int) -> None:
         """Charge `price_nano` from the hold's legs in order and release the rest."""
@@ -1213,18 +1231,27 @@ class Engine:
             h.model = model
             self._release(h, charged, now_ms)
             if cost_nano:
-                self._post(
-                    TransferKind.COST,
-                    self.operator_account(AccountKind.EXPENSE),
-                    self.payable_for(producer, now_ms),
-                    cost_nano,
-                    now_ms,
-                    hold_id=h.id,
-                    model=model,
-                    producer=producer,
-                )
+                accrued = self._accrued_costs.get((producer, model))
+                if accrued is None:
+                    self.payable_for(producer, now_ms)  # the account exists from now on
+                    self._accrued_costs[(producer, model)] = [cost_nano, now_ms]
+                else:
+                    accrued[0] += cost_nano
+                    accrued[1] = max(accrued[1], now_ms)
             self._close(h, HoldStatus.SETTLED, now_ms)
             return h
+
+    def _post_accrued_costs(self) -> None:
+        if not self._accrued_costs:
+            return
+        costs, self._accrued_costs = self._accrued_costs, {}
+        expense = self.operator_account(AccountKind.EXPENSE)
+        for (producer, model), (amount_nano, ts_ms) in costs.items():
+            payable = self.payable_for(producer, ts_ms)
+            self._post(
+                TransferKind.COST, expense, payable, amount_nano, ts_ms,
+                model=model, producer=producer,
+            )  # fmt: skip
 
     def void(self, hold_id: str, *, now_ms: int) -> Hold:
         with self._lock:
@@ -1251,8 +1278,6 @@ class Engine:
             if now_ms + ttl_ms > h.expires_ms:
                 h.expires_ms = now_ms + ttl_ms
                 heapq.heappush(self._hold_heap, (h.expires_ms, h.id))
-                self.journal.holds[h.id] = h
-                self.seq += 1
             return h
 
     # ------------------------------------------------------------------ sweep
@@ -1292,6 +1317,7 @@ class Engine:
 
     def balance(self, account_id: int, now_ms: int) -> BalanceView:
         with self._lock:
+            self._post_accrued_costs()
             if self._grant_heap and self._grant_heap[0][0] <= now_ms:
                 self._advance_grants(now_ms)
             acc = self.account(account_id)
@@ -1332,6 +1358,7 @@ class Engine:
     def check(self, now_ms: int) -> list[str]:
         """Every in-memory invariant; an empty list means the state is sound."""
         with self._lock:
+            self._post_accrued_costs()
             v: list[str] = []
             total = sum(a.balance_nano for a in self.accounts.values())
             if total != 0:

@@ -2,6 +2,10 @@
 
 Rows travel between the engine and the stores as tuples in these column orders, so both
 stores write and load exactly the same shape. Booleans are 0/1 integers in both dialects.
+
+The tables keep settled state only. What open holds reserve (held amounts, and the room a
+delegated budget's open holds take from its parent) lives in memory and is derived again on
+restore, where no hold is open: a hold is written once, when it closes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ class Table:
     key: tuple[str, ...]
     columns: tuple[tuple[str, str], ...]  # (name, "bigint" | "text")
     upsert: bool = True  # False: insert-only, a conflict is ignored (immutable rows)
-    update_when: str | None = None  # only rows in this state may still change
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -35,7 +38,6 @@ ACCOUNTS = Table(
         ("draws_on_parent", B),
         ("created_ms", B),
         ("balance_nano", B),
-        ("held_nano", B),
     ),
 )
 BUCKETS = Table(
@@ -49,7 +51,6 @@ BUCKETS = Table(
         ("expires_ms", B),
         ("created_seq", B),
         ("remaining_nano", B),
-        ("held_nano", B),
         ("ended", B),
         ("closed", B),
     ),
@@ -81,8 +82,6 @@ BUDGETS = Table(
         ("tz", T),
         ("limit_nano", B),
         ("spent_nano", B),
-        ("held_nano", B),
-        ("delegated_nano", B),
         ("period_start_ms", B),
         ("period_end_ms", B),
         ("parent_scope", T),
@@ -98,7 +97,6 @@ HOLDS = Table(
         ("status", T),
         ("chain", T),  # JSON [account ids], root first
         ("scopes", T),  # JSON [scope names]
-        ("legs", T),  # JSON [[bucket_id, account_id, amount_nano], ...]
         ("amount_nano", B),
         ("created_ms", B),
         ("expires_ms", B),
@@ -109,7 +107,7 @@ HOLDS = Table(
         ("producer", T),
         ("model", T),
     ),
-    update_when="ledger_holds.status = 'open'",  # a closed hold is final
+    upsert=False,  # written once, closed: a closed hold is final
 )
 TRANSFERS = Table(
     "ledger_transfers",
@@ -145,7 +143,6 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS ledger_transfers_credit ON ledger_transfers "
     "(credit_account_id, ts_ms)",
     "CREATE INDEX IF NOT EXISTS ledger_transfers_hold ON ledger_transfers (hold_id)",
-    "CREATE INDEX IF NOT EXISTS ledger_holds_open ON ledger_holds (status, expires_ms)",
     "CREATE INDEX IF NOT EXISTS ledger_holds_closed ON ledger_holds (closed_ms)",
 )
 

@@ -30,26 +30,31 @@ from tokenworks.ledger.schema import (
 class AuditData:
     """What `check()` compares the engine against, straight from the store."""
 
-    # (account_id, stored balance, stored held, net of its transfers)
-    accounts: list[tuple[int, int, int, int]]
+    # (account_id, stored balance, net of its transfers)
+    accounts: list[tuple[int, int, int]]
     # (bucket_id, stored remaining, closed, net of its transfers)
     buckets: list[tuple[int, int, int, int]]
     # settled holds whose spend transfers do not add up to their price: (id, price, posted)
     mischarged: list[tuple[str, int, int]]
     bad_transfers: int  # non-positive amounts or self-transfers other than rollovers
-    open_holds: list[str]
+    # (sum of COST transfers, sum of settled holds' cost_nano): equal once costs are posted
+    costs: tuple[int, int]
+    open_holds: list[str]  # none, ever: holds are written when they close
 
 
+# The columns of a table whose rows ride in the ledger's transaction: (name, SQL type).
+# PostgreSQL needs the types to pass a batch's rows as typed arrays.
+Columns = tuple[tuple[str, str], ...]
 # Rows of other tables committed in the ledger's transaction (the usage rows of the requests
 # a batch settles): (table, columns, rows). Inserted with ON CONFLICT DO NOTHING.
-Attachment = tuple[str, tuple[str, ...], list[tuple[Any, ...]]]
+Attachment = tuple[str, Columns, list[tuple[Any, ...]]]
 
 
-def attachment_sql(table: str, columns: tuple[str, ...], placeholders: list[str]) -> str:
+def attachment_sql(table: str, columns: Columns, placeholders: list[str]) -> str:
     assert len(columns) == len(placeholders)
     return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(placeholders)}) "
-        "ON CONFLICT DO NOTHING"
+        f"INSERT INTO {table} ({', '.join(c for c, _ in columns)}) "
+        f"VALUES ({', '.join(placeholders)}) ON CONFLICT DO NOTHING"
     )
 
 
@@ -103,7 +108,6 @@ LOAD_QUERIES = {
     "buckets": f"SELECT {', '.join(BUCKETS.column_names)} FROM ledger_buckets WHERE closed = 0",
     "grants": f"SELECT {', '.join(GRANTS.column_names)} FROM ledger_grants WHERE active = 1",
     "budgets": f"SELECT {', '.join(BUDGETS.column_names)} FROM ledger_budgets",
-    "holds": f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE status = 'open'",
     "meta": "SELECT k, v FROM ledger_meta",
 }
 GET_HOLD = f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE id = :id"
@@ -114,8 +118,7 @@ RECENT_CLOSED_HOLDS = (
 GET_IDEMPOTENCY = "SELECT op, body_hash, result FROM ledger_idempotency WHERE key = :key"
 
 AUDIT_ACCOUNTS = """
-SELECT a.id, a.balance_nano, a.held_nano,
-       COALESCE(c.s, 0) - COALESCE(d.s, 0)
+SELECT a.id, a.balance_nano, COALESCE(c.s, 0) - COALESCE(d.s, 0)
 FROM ledger_accounts a
 LEFT JOIN (SELECT credit_account_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
            FROM ledger_transfers GROUP BY credit_account_id) c ON c.id = a.id
@@ -144,6 +147,12 @@ AUDIT_BAD_TRANSFERS = """
 SELECT COUNT(*) FROM ledger_transfers
 WHERE amount_nano <= 0 OR (debit_account_id = credit_account_id AND kind <> 'rollover')
 """
+AUDIT_COSTS = """
+SELECT COALESCE((SELECT CAST(SUM(amount_nano) AS BIGINT) FROM ledger_transfers
+                 WHERE kind = 'cost'), 0),
+       COALESCE((SELECT CAST(SUM(cost_nano) AS BIGINT) FROM ledger_holds
+                 WHERE status = 'settled'), 0)
+"""
 AUDIT_OPEN_HOLDS = "SELECT id FROM ledger_holds WHERE status = 'open'"
 SETTLED_SCOPES = """
 SELECT scopes, price_nano, closed_ms FROM ledger_holds
@@ -170,8 +179,7 @@ def upsert_tail(table: Table, excluded: str) -> str:
     if not table.upsert:
         return f" ON CONFLICT ({key}) DO NOTHING"
     sets = ", ".join(f"{c} = {excluded}.{c}" for c in table.column_names if c not in table.key)
-    where = f" WHERE {table.update_when}" if table.update_when else ""
-    return f" ON CONFLICT ({key}) DO UPDATE SET {sets}{where}"
+    return f" ON CONFLICT ({key}) DO UPDATE SET {sets}"
 
 
 def numbered(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -1,7 +1,12 @@
 """The PostgreSQL store: one writer connection, a small read pool.
 
-Each batch is one transaction of `INSERT ... SELECT * FROM unnest(arrays) ON CONFLICT`,
-one statement per table, so thousands of settlements cost a handful of round trips. A
+Each batch is one statement with one parameter: the batch's rows as one JSON document,
+which an `INSERT ... SELECT ... FROM jsonb_array_elements(...) ON CONFLICT` per table (each a
+data-modifying CTE of the one statement, which PostgreSQL runs as one transaction) unpacks on
+the server. A batch of thousands of settlements is one round trip. JSON rather than typed
+arrays because encoding is the part that runs on the gateway's event loop: msgspec writes the
+document about four times faster than asyncpg encodes the same rows as arrays (measured:
+3 against 13 us per settled request), and jsonb keeps integers exact. A
 session advisory lock on the writer connection makes this process the ledger's only writer
 (a crash drops the connection and with it the lock).
 """
@@ -15,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import msgspec
 
 from tokenworks.ledger.domain import LedgerError
 from tokenworks.ledger.engine import Batch, Snapshot
@@ -23,6 +29,7 @@ from tokenworks.ledger.store import (
     AUDIT_ACCOUNTS,
     AUDIT_BAD_TRANSFERS,
     AUDIT_BUCKETS,
+    AUDIT_COSTS,
     AUDIT_MISCHARGED,
     AUDIT_OPEN_HOLDS,
     BATCH_TABLES,
@@ -35,7 +42,7 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
-    attachment_sql,
+    Columns,
     numbered,
     upsert_tail,
 )
@@ -55,6 +62,49 @@ def split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(rest))), schema
 
 
+def _json_insert(table: str, columns: Columns, key: str, tail: str) -> str:
+    """Insert the rows under `key` of the statement's JSON parameter: arrays in column order."""
+    values = ", ".join(f"(r->>{i})::{ty}" for i, (_, ty) in enumerate(columns))
+    names = ", ".join(c for c, _ in columns)
+    return (
+        f"INSERT INTO {table} ({names}) SELECT {values} "
+        f"FROM jsonb_array_elements($1::jsonb -> '{key}') AS r{tail}"
+    )
+
+
+def batch_statement(attached: Sequence[tuple[str, Columns]]) -> str:
+    """One statement writing every ledger table and the attached tables from one JSON object:
+    {table name: [row, ...], "a0": [row, ...], ...}, rows as arrays in column order.
+
+    An absent or empty list inserts nothing, so the statement is the same for every batch of a
+    shape. Each table appears once and a batch holds each key once (the engine's journal is
+    keyed by id), so no ON CONFLICT DO UPDATE meets the same row twice.
+    """
+    inserts = [
+        _json_insert(t.name, t.columns, name, upsert_tail(t, "EXCLUDED"))
+        for t, name in BATCH_TABLES
+    ]
+    inserts += [
+        _json_insert(table, columns, f"a{i}", " ON CONFLICT DO NOTHING")
+        for i, (table, columns) in enumerate(attached)
+    ]
+    ctes = ",\n".join(f"w{i} AS ({sql})" for i, sql in enumerate(inserts[:-1]))
+    return f"WITH {ctes}\n{inserts[-1]}"
+
+
+def batch_document(batch: Batch, attached: Sequence[Attachment]) -> str:
+    """The batch statement's parameter."""
+    doc: dict[str, list[tuple[Any, ...]]] = {
+        name: rows for _, name in BATCH_TABLES if (rows := getattr(batch, name))
+    }
+    for i, (_, _, rows) in enumerate(attached):
+        doc[f"a{i}"] = rows
+    return _encode_json(doc).decode()
+
+
+_encode_json = msgspec.json.encode
+
+
 class PostgresStore:
     dialect = "postgres"
 
@@ -62,13 +112,8 @@ class PostgresStore:
         self.url, self.schema = split_schema(url)
         self._writer: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
-        self._insert_sql = {}
-        for t, name in BATCH_TABLES:
-            arrays = ", ".join(f"${i + 1}::{ty}[]" for i, (_, ty) in enumerate(t.columns))
-            self._insert_sql[name] = (
-                f"INSERT INTO {t.name} ({', '.join(t.column_names)}) "
-                f"SELECT * FROM unnest({arrays})" + upsert_tail(t, "EXCLUDED")
-            )
+        # The batch statement for each shape of attachments (in practice one or two).
+        self._write_sql: dict[tuple[tuple[str, Columns], ...], str] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,14 +168,11 @@ class PostgresStore:
     async def write(self, batch: Batch, attached: Sequence[Attachment] = ()) -> None:
         w = self._writer
         assert w is not None, "store is not open"
-        async with w.transaction():
-            for _, name in BATCH_TABLES:
-                rows = getattr(batch, name)
-                if rows:
-                    await w.execute(self._insert_sql[name], *zip(*rows, strict=True))
-            for table, columns, rows in attached:
-                marks = [f"${i + 1}" for i in range(len(columns))]
-                await w.executemany(attachment_sql(table, columns, marks), rows)
+        shape = tuple((table, columns) for table, columns, _ in attached)
+        sql = self._write_sql.get(shape)
+        if sql is None:
+            sql = self._write_sql[shape] = batch_statement(shape)
+        await w.execute(sql, batch_document(batch, attached))
 
     # ------------------------------------------------------------------ reads
 
@@ -149,7 +191,6 @@ class PostgresStore:
             buckets=rows["buckets"],
             grants=rows["grants"],
             budgets=rows["budgets"],
-            holds=rows["holds"],
             meta={k: v for k, v in rows["meta"]},
         )
 
@@ -170,6 +211,7 @@ class PostgresStore:
             buckets=await self._all(AUDIT_BUCKETS),  # type: ignore[arg-type]
             mischarged=await self._all(AUDIT_MISCHARGED),  # type: ignore[arg-type]
             bad_transfers=(await self._all(AUDIT_BAD_TRANSFERS))[0][0],
+            costs=(await self._all(AUDIT_COSTS))[0],  # type: ignore[arg-type]
             open_holds=[r[0] for r in await self._all(AUDIT_OPEN_HOLDS)],
         )
 

@@ -24,6 +24,7 @@ from tokenworks.ledger.store import (
     AUDIT_ACCOUNTS,
     AUDIT_BAD_TRANSFERS,
     AUDIT_BUCKETS,
+    AUDIT_COSTS,
     AUDIT_MISCHARGED,
     AUDIT_OPEN_HOLDS,
     BATCH_TABLES,
@@ -150,7 +151,6 @@ class SqliteStore:
             buckets=rows["buckets"],
             grants=rows["grants"],
             budgets=rows["budgets"],
-            holds=rows["holds"],
             meta={k: v for k, v in rows["meta"]},
         )
 
@@ -172,6 +172,7 @@ class SqliteStore:
                 buckets=self._all(AUDIT_BUCKETS),  # type: ignore[arg-type]
                 mischarged=self._all(AUDIT_MISCHARGED),  # type: ignore[arg-type]
                 bad_transfers=self._all(AUDIT_BAD_TRANSFERS)[0][0],
+                costs=self._all(AUDIT_COSTS)[0],  # type: ignore[arg-type]
                 open_holds=[r[0] for r in self._all(AUDIT_OPEN_HOLDS)],
             )
 

@@ -17,7 +17,7 @@ from collections import deque
 
 from tokenworks.ledger.domain import StoreUnavailable
 from tokenworks.ledger.engine import Batch, Engine
-from tokenworks.ledger.store import Attachment, Store
+from tokenworks.ledger.store import Attachment, Columns, Store
 
 log = logging.getLogger("tokenworks.ledger")
 
@@ -44,13 +44,13 @@ class GroupCommitWriter:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # Rows of other tables that ride in the next transaction, by (table, columns).
-        self._attached: dict[tuple[str, tuple[str, ...]], list[tuple[object, ...]]] = {}
+        self._attached: dict[tuple[str, Columns], list[tuple[object, ...]]] = {}
         self._attached_rows = 0
         self.attached_seq = 0  # rows attached so far
         self.durable_attached_seq = 0  # of those, committed
         self._attach_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
-    def attach(self, table: str, columns: tuple[str, ...], row: tuple[object, ...]) -> bool:
+    def attach(self, table: str, columns: Columns, row: tuple[object, ...]) -> bool:
         """Commit `row` in the next batch's transaction; False when the writer is failed or
         full (the caller then stores the row by other means)."""
         if self.failure is not None or self._attached_rows >= MAX_ATTACHED_ROWS:
@@ -66,6 +66,7 @@ class GroupCommitWriter:
         self._attached = {}
         self._attached_rows = 0
         return taken, self.attached_seq
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
 

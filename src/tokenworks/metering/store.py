@@ -466,6 +466,7 @@ __all__ = [
     "GROUPS",
     "SUMS",
     "USAGE_COLUMNS",
+    "USAGE_SCHEMA",
     "SqliteUsageStore",
     "Summary",
     "UsageStore",
