@@ -50,6 +50,18 @@ def cpu_by_thread(pid: int) -> tuple[float, float]:
     return main_s, other_s
 
 
+def context_switches(pid: int) -> int:
+    """Context switches of all the process's threads so far: on one core, each hand-over of
+    the GIL between the event loop and a writer thread is one or two of them."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    return total
+
+
 def postgres_cpu_s() -> float:
     """CPU seconds used so far by every PostgreSQL process on this machine (server, backends,
     WAL writer): the database's share of the two cores, which the gateway's own figures miss."""
@@ -77,7 +89,8 @@ def main() -> int:
         "--pg",
         nargs="?",
         const=run.DEFAULT_PG,
-        help="add `on-pg`: the ledger on, its database on PostgreSQL (a fresh schema)",
+        help="add `on-pg`: the ledger on, its database on PostgreSQL (a fresh schema; the "
+        "server pinned to the load's CPU for the run)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (medians)")
     parser.add_argument("--no-nogc", action="store_true", help="skip the GC-off gateways")
@@ -90,6 +103,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tokenworks-ledger-cpu-"))
     servers = run.Servers(work)
     ports = {n: run.free_port() for n in ("sim", *gateways)}
+    pin_postgres = run.postgres_on(lg_cpus if args.pg else None)
+    pin_postgres.__enter__()
     try:
         servers.start(
             "sim",
@@ -126,7 +141,7 @@ def main() -> int:
             os.sched_setaffinity(0, lg_cpus)
         print(
             "round workload     gateway     req/s   p50 ms  CPU %  us/req  loop us  others us"
-            "  postgres us"
+            "  postgres us  switches"
         )
         rps: dict[tuple[str, str], list[float]] = {}
         cpu_us: dict[tuple[str, str], list[float]] = {}
@@ -147,6 +162,7 @@ def main() -> int:
                     }
                     uvloop.run(loadgen.run("127.0.0.1", port, request, duration_s=0.5, **load))
                     m0, o0 = cpu_by_thread(procs[name].pid)
+                    cs0 = context_switches(procs[name].pid)
                     pg0 = postgres_cpu_s()
                     t0 = time.monotonic()
                     r = uvloop.run(
@@ -154,6 +170,7 @@ def main() -> int:
                     )
                     elapsed = time.monotonic() - t0
                     m1, o1 = cpu_by_thread(procs[name].pid)
+                    switches = (context_switches(procs[name].pid) - cs0) / max(r.requests, 1)
                     pg_us = (postgres_cpu_s() - pg0) / max(r.requests, 1) * 1e6
                     n = max(r.requests, 1)
                     used = m1 - m0 + o1 - o0
@@ -163,7 +180,7 @@ def main() -> int:
                         f"{round_no + 1:>5} {workload:<12} {name:<9} {r.rps:7.0f} "
                         f"{r.latency_ms(50):8.1f} {used / elapsed * 100:6.1f} "
                         f"{used / n * 1e6:7.0f} {(m1 - m0) / n * 1e6:8.0f} "
-                        f"{(o1 - o0) / n * 1e6:10.0f} {pg_us:12.0f}"
+                        f"{(o1 - o0) / n * 1e6:10.0f} {pg_us:12.0f} {switches:9.2f}"
                         + (f"  errors {r.errors}: {r.first_error}" if r.errors else ""),
                         flush=True,
                     )
@@ -181,6 +198,7 @@ def main() -> int:
                 )
     finally:
         servers.close()
+        pin_postgres.__exit__(None, None, None)
         if args.pg:
             run.drop_pg_schema(args.pg, schema)
     return 0

@@ -667,6 +667,44 @@ def pick_cpus(spec: str | None) -> tuple[set[int] | None, set[int] | None]:
     return {available[0]}, {available[1]}
 
 
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL process on this machine (the server, its backends, its writers)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().startswith("postgres"):
+                        pids.append(int(pid))
+            except OSError:
+                continue
+    return pids
+
+
+@contextlib.contextmanager
+def postgres_on(cpus: set[int] | None) -> Iterator[bool]:
+    """Run the local PostgreSQL on `cpus` (the load side's core) while measuring, so that the
+    gateway's core is the gateway's alone, as with a database on its own machine; restored
+    after. New backends fork from the server and inherit its CPUs. Yields whether it could."""
+    saved: dict[int, set[int]] = {}
+    try:
+        if cpus:
+            for pid in postgres_pids():
+                with contextlib.suppress(OSError):
+                    before = os.sched_getaffinity(pid)
+                    os.sched_setaffinity(pid, cpus)
+                    saved[pid] = before
+        yield bool(saved)
+    finally:
+        for pid, before in saved.items():
+            with contextlib.suppress(OSError):  # a backend that has ended since
+                os.sched_setaffinity(pid, before)
+        for pid in postgres_pids():  # backends born pinned go back to every CPU
+            with contextlib.suppress(OSError):
+                if pid not in saved:
+                    os.sched_setaffinity(pid, set(range(os.cpu_count() or 1)))
+
+
 @contextlib.contextmanager
 def signals_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
@@ -729,7 +767,7 @@ def main() -> int:
     t0 = time.monotonic()
     measured = commit()  # the servers import the code as it is now
     try:
-        with signals_as_interrupt():
+        with signals_as_interrupt(), postgres_on(lg_cpus if args.pg else None):
             servers.start(
                 "sim",
                 tokenworks_argv(
@@ -794,6 +832,11 @@ def main() -> int:
             pinning = (
                 f"gateways and bare proxy on CPU {min(gw_cpus)}; sim and load generator on CPU "
                 f"{min(lg_cpus)}"
+                + (
+                    f"; PostgreSQL (server and backends) on CPU {min(lg_cpus)} for the run"
+                    if args.pg
+                    else ""
+                )
                 if gw_cpus and lg_cpus
                 else "none (fewer than 2 CPUs)"
             )

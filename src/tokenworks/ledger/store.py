@@ -50,14 +50,6 @@ Columns = tuple[tuple[str, str], ...]
 Attachment = tuple[str, Columns, list[tuple[Any, ...]]]
 
 
-def attachment_sql(table: str, columns: Columns, placeholders: list[str]) -> str:
-    assert len(columns) == len(placeholders)
-    return (
-        f"INSERT INTO {table} ({', '.join(c for c, _ in columns)}) "
-        f"VALUES ({', '.join(placeholders)}) ON CONFLICT DO NOTHING"
-    )
-
-
 class Store(Protocol):
     dialect: str
 

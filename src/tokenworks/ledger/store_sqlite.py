@@ -37,7 +37,6 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
-    attachment_sql,
     upsert_tail,
 )
 
@@ -127,7 +126,10 @@ class SqliteStore:
                 if rows:
                     c.executemany(self._insert_sql[name], rows)
             for table, columns, rows in attached:
-                c.executemany(attachment_sql(table, columns, ["?"] * len(columns)), rows)
+                names = ", ".join(name for name, _ in columns)
+                marks = ", ".join("?" for _ in columns)
+                sql = f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+                c.executemany(sql, rows)
             c.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
