@@ -184,17 +184,23 @@ def main() -> int:
                         + (f"  errors {r.errors}: {r.first_error}" if r.errors else ""),
                         flush=True,
                     )
-        print("\nmedians over rounds; on/off: the ledger's throughput ratio and CPU per request")
-        print("workload     gateway     req/s  us/req  req/s on/off  CPU/req on/off")
+        print(
+            "\nmedians over rounds; on/off: the ledger's throughput ratio and CPU per request,"
+            " of the medians and (in brackets) the median of each round's own ratio"
+        )
+        print("workload     gateway     req/s  us/req    req/s on/off     CPU/req on/off")
         for workload in ("chat", "chat-stream"):
-            base_rps = statistics.median(rps[(workload, "off")])
-            base_us = statistics.median(cpu_us[(workload, "off")])
+            base_rps, base_us = rps[(workload, "off")], cpu_us[(workload, "off")]
             for name in gateways:
-                m_rps = statistics.median(rps[(workload, name)])
-                m_us = statistics.median(cpu_us[(workload, name)])
+                m_rps, m_us = rps[(workload, name)], cpu_us[(workload, name)]
+                rps_ratio = statistics.median(a / b for a, b in zip(m_rps, base_rps, strict=True))
+                us_ratio = statistics.median(a / b for a, b in zip(m_us, base_us, strict=True))
                 print(
-                    f"{workload:<12} {name:<9} {m_rps:7.0f} {m_us:7.0f} "
-                    f"{m_rps / base_rps:13.2f} {m_us / base_us:15.2f}"
+                    f"{workload:<12} {name:<9} {statistics.median(m_rps):7.0f} "
+                    f"{statistics.median(m_us):7.0f} "
+                    f"{statistics.median(m_rps) / statistics.median(base_rps):7.2f} "
+                    f"({rps_ratio:.2f}) "
+                    f"{statistics.median(m_us) / statistics.median(base_us):10.2f} ({us_ratio:.2f})"
                 )
     finally:
         servers.close()

@@ -489,3 +489,42 @@ def test_thread_hammer_never_exceeds_any_limit() -> None:
     assert eng.accounts[org].balance_nano >= 0
     assert all(h.status is HoldStatus.OPEN for h in eng.holds.values())
     assert eng.check(T0) == []
+
+
+def test_memory_for_holds_is_bounded_by_the_holds_in_flight() -> None:
+    """Settled holds leave no trail that grows with the request rate: the expiry heap is
+    rebuilt from the open holds, and a closed hold keeps no legs."""
+    from tokenworks.ledger.engine import HOLD_HEAP_SLACK
+
+    eng = fresh()
+    (org,) = tree(eng, depth=1)
+    eng.top_up(org, 10**15, idempotency_key=k(), now_ms=T0)
+    for i in range(10):
+        eng.hold(f"open-{i}", [org], 10, ttl_ms=60_000, now_ms=T0)
+    for i in range(3 * HOLD_HEAP_SLACK):
+        eng.hold(f"r{i}", [org], 1_000, ttl_ms=60_000, now_ms=T0)
+        h = eng.settle(f"r{i}", price_nano=500, cost_nano=0, producer="p", model="m", now_ms=T0)
+        assert h.legs == ()
+        assert len(eng._hold_heap) <= 2 * len(eng.holds) + HOLD_HEAP_SLACK + 1
+    assert len(eng.holds) == 10
+    # The open holds still expire when due, and nothing else happens.
+    assert eng.sweep(T0 + 60_000)["holds_expired"] == 10
+    assert eng._hold_heap == [] and eng.check(T0 + 60_000) == []
+
+
+def test_a_hold_names_a_real_path_to_its_payer() -> None:
+    eng = fresh()
+    org, team, user = tree(eng)
+    other_team = eng.create_account("other", org, AccountKind.TEAM, idempotency_key=k(), now_ms=T0)[
+        "id"
+    ]
+    eng.top_up(org, 1_000, idempotency_key=k(), now_ms=T0)
+    for chain in ([user], [team, user], (org, team, user)):  # any suffix of the path
+        eng.hold(k(), chain, 10, ttl_ms=1000, now_ms=T0)
+    for chain in ([other_team, user], [org, user], []):
+        with pytest.raises(InvalidRequest):
+            eng.hold(k(), chain, 10, ttl_ms=1000, now_ms=T0)
+    expense = eng.operator_account(AccountKind.EXPENSE).id
+    with pytest.raises(InvalidRequest):  # operator accounts never pay for requests
+        eng.hold(k(), [expense], 10, ttl_ms=1000, now_ms=T0)
+    assert eng.balance(org, T0).held_nano == 30 and eng.check(T0) == []

@@ -7,6 +7,7 @@ milliseconds since the epoch, UTC. Nothing here does I/O; the engine owns the be
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -326,7 +327,7 @@ class Hold:
     chain: tuple[int, ...]
     scopes: tuple[str, ...]  # every budget scope it counts against (accounts, then keys)
     amount_nano: int
-    legs: list[HoldLeg]
+    legs: Sequence[HoldLeg]  # while open; () once closed
     created_ms: int
     expires_ms: int
     status: HoldStatus = HoldStatus.OPEN

@@ -63,6 +63,10 @@ MAX_CHAIN_DEPTH = 16
 MAX_KEY_DEPTH = 16
 MAX_CATCHUP_PERIODS = 10_000
 CLOSED_HOLDS_KEPT = 100_000
+# The expiry heap keeps a closed hold's entry until it would have expired (lazy deletion);
+# past twice the open holds plus this, it is rebuilt from the open holds alone, so its size
+# is bounded by the holds in flight, not by request rate x hold TTL.
+HOLD_HEAP_SLACK = 4096
 IDEMPOTENCY_KEPT = 100_000
 
 TransferPolicy = Callable[["Engine", str, Account, Account, int], str | None]
@@ -180,7 +184,7 @@ def hold_from_row(r: tuple[Any, ...]) -> Hold:
         status=HoldStatus(r[1]),
         chain=tuple(json.loads(r[2])),
         scopes=tuple(json.loads(r[3])),
-        legs=[],
+        legs=(),
         amount_nano=r[4],
         created_ms=r[5],
         expires_ms=r[6],
@@ -191,6 +195,13 @@ def hold_from_row(r: tuple[Any, ...]) -> Hold:
         producer=r[11],
         model=r[12],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Payer:
+    path: tuple[int, ...]  # root first, the payer last
+    scopes: tuple[str, ...]  # the budget scope of each account on the path
+    funding: tuple[Account, ...]  # the payer, then each parent it may draw on
 
 
 class Engine:
@@ -216,6 +227,7 @@ class Engine:
         self._accrued_costs: dict[tuple[str, str], list[int]] = {}
         self._names: dict[str, int] = {}  # operator account name -> id
         self._hold_heap: list[tuple[int, str]] = []
+        self._payers: dict[int, _Payer] = {}
         self._grant_heap: list[tuple[int, int]] = []
         self._scope_expiry_heap: list[tuple[int, str]] = []
         self.next_account_id = 1
@@ -1023,14 +1035,29 @@ class Engine:
 
     # ------------------------------------------------------------------ holds
 
-    def _resolve_chain(self, chain: Iterable[int]) -> list[int]:
-        given = list(chain)
+    def _payer(self, account_id: int) -> _Payer:
+        """What a hold on this account needs of the tree, computed once per account: accounts
+        never move, nor change whether they draw on their parent."""
+        payer = self._payers.get(account_id)
+        if payer is None:
+            path = self.path_ids(self.customer(account_id).id)
+            payer = _Payer(
+                path=tuple(path),
+                scopes=tuple(account_scope(a) for a in path),
+                funding=tuple(self._funding(path)),
+            )
+            self._payers[account_id] = payer
+        return payer
+
+    def _resolve_chain(self, chain: Iterable[int]) -> _Payer:
+        given = chain if isinstance(chain, list) else list(chain)
         if not given:
             raise InvalidRequest("a hold needs a paying account")
-        path = self.path_ids(self.customer(given[-1]).id)
-        if path[len(path) - len(given) :] != given:
+        payer = self._payer(given[-1])
+        path = payer.path
+        if len(given) != 1 and path[len(path) - len(given) :] != tuple(given):
             raise InvalidRequest(f"chain {given} is not a path of the account tree")
-        return path
+        return payer
 
     def _funding(self, path: list[int]) -> list[Account]:
         """Leaf first: the payer, then each parent it may draw on."""
@@ -1061,8 +1088,9 @@ class Engine:
         if not 0 < ttl_ms <= 86_400_000:
             raise InvalidRequest("hold ttl must be in (0, 1 day]")
         with self._lock:
-            path = self._resolve_chain(chain)
-            scopes = [account_scope(a) for a in path]
+            payer = self._resolve_chain(chain)
+            path = payer.path
+            scopes = list(payer.scopes)
             for k in key_scopes:
                 for s in self._key_lineage(k if k.startswith("key:") else f"key:{k}"):
                     if s not in scopes:
@@ -1089,7 +1117,7 @@ class Engine:
                     if s not in parents_in_hold and b.room_nano < amount_nano:
                         raise Refused(s, f"budget:{b.period}", amount_nano, max(0, b.room_nano))
                     touched.append(b)
-            funding = self._funding(path)
+            funding = payer.funding
             available = sum(a.available_nano for a in funding)
             if available < amount_nano:
                 raise Refused(account_scope(funding[-1].id), "credit", amount_nano, available)
@@ -1180,7 +1208,11 @@ class Engine:
     def _close(self, h: Hold, status: HoldStatus, now_ms: int) -> None:
         h.status = status
         h.closed_ms = now_ms
+        h.legs = ()  # released: a closed hold reserves nothing (and is cheaper to keep)
         del self.holds[h.id]
+        if len(self._hold_heap) > 2 * len(self.holds) + HOLD_HEAP_SLACK:
+            self._hold_heap = [(o.expires_ms, o.id) for o in self.holds.values()]
+            heapq.heapify(self._hold_heap)
         self.closed_holds[h.id] = h
         if len(self.closed_holds) > CLOSED_HOLDS_KEPT:
             self.closed_holds.popitem(last=False)
@@ -1342,7 +1374,7 @@ class Engine:
         """What a hold on this account could draw now, parents included: the balance header's
         figure, without the rest of `balance()` (budgets, grant rolls) on the hot path."""
         with self._lock:
-            return sum(a.available_nano for a in self._funding(self.path_ids(account_id)))
+            return sum(a.available_nano for a in self._payer(account_id).funding)
 
     def all_budgets(self, now_ms: int) -> list[Budget]:
         """Every budget, rolled to `now_ms` (for audits; O(budgets))."""

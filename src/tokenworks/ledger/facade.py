@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from tokenworks.ledger.domain import (
     AccountKind,
@@ -51,9 +51,11 @@ MAX_PENDING_OPS = 50_000
 BACKPRESSURE_WAIT_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class HoldView:
-    """A hold as its caller sees it; `available_after_nano` feeds the balance header."""
+class HoldView(NamedTuple):
+    """A hold as its caller sees it; `available_after_nano` feeds the balance header.
+
+    A named tuple: made twice per request, and a tuple is several times cheaper to build
+    than a frozen dataclass."""
 
     id: str
     status: str
