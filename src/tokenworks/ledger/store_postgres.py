@@ -107,6 +107,10 @@ _encode_json = msgspec.json.encode
 
 class PostgresStore:
     dialect = "postgres"
+    # A commit here is one statement whose wait costs the event loop nothing, while a linger
+    # leaves requests idle in front of it: measured, lingering 2 ms cost 10 % of throughput
+    # (the gateway's core sat idle at c64 while every request waited on the next commit).
+    linger_s = 0.0
 
     def __init__(self, url: str) -> None:
         self.url, self.schema = split_schema(url)

@@ -24,9 +24,8 @@ log = logging.getLogger("tokenworks.ledger")
 WRITE_RETRIES = 5
 RETRY_BASE_S = 0.05
 MAX_ATTACHED_ROWS = 100_000  # past this, attach() refuses and the caller writes elsewhere
-# Group-commit linger: wait at most this long for more operations while at least this many
-# requests hold credit (are in flight), or until this many operations are pending.
-LINGER_MAX_S = 0.002
+# Group-commit linger: wait at most the store's `linger_s` for more operations while at least
+# this many requests hold credit (are in flight), or until this many operations are pending.
 LINGER_STEP_S = 0.0005
 LINGER_MIN_IN_FLIGHT = 8
 LINGER_ENOUGH_OPS = 256
@@ -98,14 +97,15 @@ class GroupCommitWriter:
     async def _linger(self) -> None:
         """Under load, wait a moment so one commit carries more requests.
 
-        A commit has a fixed cost (a transaction, a statement per table, the id counters, an
-        fsync, two thread hand-offs); with requests still in flight their settlements are
-        about to arrive, and sharing one commit among them is cheaper than one commit each.
-        With nothing in flight (a lone request) there is nothing to wait for.
+        Where a commit has a fixed cost on the gateway's core (SQLite: a transaction, a
+        statement per table, an fsync, two thread hand-offs), the settlements of requests
+        still in flight are about to arrive, and sharing one commit among them is cheaper
+        than one commit each. With nothing in flight (a lone request) there is nothing to
+        wait for; the store says how long is worth it (`Store.linger_s`; none for PostgreSQL).
         """
         waited_s = 0.0
         while (
-            waited_s < LINGER_MAX_S
+            waited_s < self.store.linger_s
             and len(self.engine.holds) >= LINGER_MIN_IN_FLIGHT
             and self.engine.pending_ops() < LINGER_ENOUGH_OPS
         ):
