@@ -203,6 +203,13 @@ class _Payer:
     scopes: tuple[str, ...]  # the budget scope of each account on the path
     funding: tuple[Account, ...]  # the payer, then each parent it may draw on
 
+    def available_nano(self) -> int:
+        """What a hold could draw now: the funding accounts' balances less what they hold."""
+        total = 0
+        for a in self.funding:
+            total += a.balance_nano - a.held_nano
+        return total
+
 
 class Engine:
     """Accounts, buckets, grants, budgets and holds, with every movement a transfer."""
@@ -226,6 +233,7 @@ class Engine:
         # own cost_nano, and `check` compares the two sums.
         self._accrued_costs: dict[tuple[str, str], list[int]] = {}
         self._names: dict[str, int] = {}  # operator account name -> id
+        self._operator_ids: dict[AccountKind, int] = {}  # cache of the above, by kind
         self._hold_heap: list[tuple[int, str]] = []
         self._payers: dict[int, _Payer] = {}
         self._grant_heap: list[tuple[int, int]] = []
@@ -250,7 +258,10 @@ class Engine:
                     self._names[name] = acc.id
 
     def operator_account(self, kind: AccountKind) -> Account:
-        return self.accounts[self._names[f"operator:{kind}"]]
+        acc_id = self._operator_ids.get(kind)
+        if acc_id is None:
+            acc_id = self._operator_ids[kind] = self._names[f"operator:{kind}"]
+        return self.accounts[acc_id]
 
     @classmethod
     def restore(cls, snap: Snapshot, **kwargs: Any) -> Engine:
@@ -1091,8 +1102,10 @@ class Engine:
             payer = self._resolve_chain(chain)
             path = payer.path
             scopes = list(payer.scopes)
+            delegations = self.scope_parent
             for k in key_scopes:
-                for s in self._key_lineage(k if k.startswith("key:") else f"key:{k}"):
+                k = k if k.startswith("key:") else f"key:{k}"
+                for s in self._key_lineage(k) if k in delegations else (k,):
                     if s not in scopes:
                         scopes.append(s)
             existing = self.holds.get(request_id) or self.closed_holds.get(request_id)
@@ -1106,9 +1119,11 @@ class Engine:
             if self._grant_heap and self._grant_heap[0][0] <= now_ms:
                 self._advance_grants(now_ms)
             # Budgets first: they are cheap and name the tighter limit.
-            parents_in_hold = {self.scope_parent[s] for s in scopes if s in self.scope_parent}
+            parents_in_hold = {delegations[s] for s in scopes if s in delegations}
             touched: list[Budget] = []
             for s in scopes:
+                if s not in self.budgets:
+                    continue
                 for b in self._budgets_of(s, now_ms):
                     if b.revoked:
                         raise Refused(s, "revoked", amount_nano, 0)
@@ -1118,7 +1133,7 @@ class Engine:
                         raise Refused(s, f"budget:{b.period}", amount_nano, max(0, b.room_nano))
                     touched.append(b)
             funding = payer.funding
-            available = sum(a.available_nano for a in funding)
+            available = payer.available_nano()
             if available < amount_nano:
                 raise Refused(account_scope(funding[-1].id), "credit", amount_nano, available)
             # Apply: legs leaf first, each account's buckets in consumption order.
@@ -1136,7 +1151,8 @@ class Engine:
             assert left == 0, (left, amount_nano)
             for b in touched:
                 b.held_nano += amount_nano
-            self._shift_delegated(scopes, -amount_nano, now_ms)
+            if delegations:
+                self._shift_delegated(scopes, -amount_nano, now_ms)
             h = Hold(
                 id=request_id,
                 chain=tuple(path),
@@ -1166,9 +1182,11 @@ class Engine:
                 assert pb.delegated_nano >= 0, pb
 
     def _release(self, h: Hold, price_nano: int, now_ms: int) -> None:
-        """Charge `price_nano` from the hold's legs in order and release the rest."""
+        """Charge `price_nano` from the hold's legs in order and release the rest.
+
+        Only what is stored is journalled (by `_post`, and budgets' spend): held amounts are
+        not stored."""
         revenue = self.operator_account(AccountKind.REVENUE)
-        expired_acc = self.operator_account(AccountKind.EXPIRED)
         left = price_nano
         for leg in h.legs:
             b = self.buckets[leg.bucket_id]
@@ -1190,20 +1208,24 @@ class Engine:
                     model=h.model,
                     producer=h.producer,
                 )
-            freed = leg.amount_nano - take
-            if freed and b.ended:  # its period is over: what the hold kept now expires
-                self._post(TransferKind.EXPIRE, acc, expired_acc, freed, now_ms, debit_bucket=b)
-            self._dirty_bucket(b)
-            self._dirty_account(acc)
-            self._maybe_close(b)
+            if b.ended:  # its period is over: what the hold kept and did not spend expires
+                freed = leg.amount_nano - take
+                if freed:
+                    expired = self.operator_account(AccountKind.EXPIRED)
+                    self._post(TransferKind.EXPIRE, acc, expired, freed, now_ms, debit_bucket=b)
+                self._maybe_close(b)
         assert left == 0
         for s in h.scopes:
+            if s not in self.budgets:
+                continue
             for b in self._budgets_of(s, now_ms):
                 b.held_nano -= h.amount_nano
                 b.spent_nano += price_nano
                 assert b.held_nano >= 0, b
-                self._dirty_budget(b)
-        self._shift_delegated(h.scopes, h.amount_nano - price_nano, now_ms)
+                if price_nano:
+                    self._dirty_budget(b)
+        if self.scope_parent:
+            self._shift_delegated(h.scopes, h.amount_nano - price_nano, now_ms)
 
     def _close(self, h: Hold, status: HoldStatus, now_ms: int) -> None:
         h.status = status
@@ -1374,7 +1396,7 @@ class Engine:
         """What a hold on this account could draw now, parents included: the balance header's
         figure, without the rest of `balance()` (budgets, grant rolls) on the hot path."""
         with self._lock:
-            return sum(a.available_nano for a in self._payer(account_id).funding)
+            return self._payer(account_id).available_nano()
 
     def all_budgets(self, now_ms: int) -> list[Budget]:
         """Every budget, rolled to `now_ms` (for audits; O(budgets))."""

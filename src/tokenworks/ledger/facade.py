@@ -408,12 +408,12 @@ class Ledger:
         except TimeoutError:
             raise Refused("ledger:writer", "busy", 0, 0) from None
 
-    async def _known(self, hold_id: str) -> None:
-        if self.engine.find_hold(hold_id) is None:
-            row = await self.store.get_hold(hold_id)
-            if row is None:
-                raise NotFound(f"no hold {hold_id}")
-            self.engine.remember_hold(hold_from_row(row))
+    async def _load_hold(self, hold_id: str) -> None:
+        """Bring a closed hold the engine no longer caches back from the store (a late retry)."""
+        row = await self.store.get_hold(hold_id)
+        if row is None:
+            raise NotFound(f"no hold {hold_id}")
+        self.engine.remember_hold(hold_from_row(row))
 
     async def settle(
         self,
@@ -429,7 +429,8 @@ class Ledger:
         rest. Idempotent per hold: a retry with the same figures returns the first result.
         Returns once durable unless `durable=False`."""
         self._usable()
-        await self._known(hold_id)
+        if self.engine.find_hold(hold_id) is None:
+            await self._load_hold(hold_id)
         h = self.engine.settle(
             hold_id,
             price_nano=price_nano,
@@ -447,7 +448,8 @@ class Ledger:
     async def void(self, hold_id: str) -> HoldView:
         """Release a hold entirely (request failed before any token was produced)."""
         self._usable()
-        await self._known(hold_id)
+        if self.engine.find_hold(hold_id) is None:
+            await self._load_hold(hold_id)
         h = self.engine.void(hold_id, now_ms=self.now_ms())
         self.writer.poke()
         return HoldView.of(h)

@@ -156,8 +156,14 @@ def ddl(dialect: str) -> list[str]:
     out = []
     for t in TABLES:
         cols = ", ".join(f"{c} {types[ty]}" for c, ty in t.columns)
+        # SQLite: a table keyed by text is a B-tree of rowids plus an index of keys; WITHOUT
+        # ROWID makes it one B-tree, one insert fewer per row.
+        clustered = dialect == "sqlite" and any(
+            types[ty] == "TEXT" for c, ty in t.columns if c in t.key
+        )
         out.append(
             f"CREATE TABLE IF NOT EXISTS {t.name} ({cols}, PRIMARY KEY ({', '.join(t.key)}))"
+            + (" WITHOUT ROWID" if clustered else "")
         )
     out.extend(INDEXES)
     return out
