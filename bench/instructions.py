@@ -1,7 +1,7 @@
 """Instructions per request of the gateway, ledger off and on, counted by callgrind.
 
 On a shared machine, time per request moves by 10-20 % between runs; instructions executed
-do not (the same figure to within about 0.5 % run to run). This starts the sim, then for each
+do not (the same figure to within about 1 % run to run). This starts the sim, then for each
 target a gateway under `valgrind --tool=callgrind` with instrumentation off while it starts
 and warms up, switches counting on for `--requests` requests (all of the gateway's threads:
 the event loop and the SQLite writers), dumps, and divides. PostgreSQL's own work happens in
