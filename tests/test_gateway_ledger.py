@@ -92,6 +92,40 @@ def test_streams_are_charged_before_their_last_byte(gateway: Gateway) -> None:
     assert held_balance < 1_000_000_000 - price  # the hold was the worst case, then released
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_price_above_the_hold_charges_the_hold_and_shows_in_metrics(
+    gateway: Gateway, stream: bool
+) -> None:
+    """An upstream billing far more input than the request carried (as an image the byte
+    bound cannot see would): the hold caps the charge, and operators see the shortfall."""
+    account, key = gateway.funded_key(1_000_000_000)
+    body = {"model": "chat-fast", "messages": CHAT, "max_tokens": 5, "sim_fault": "overcount"}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    r = httpx.post(
+        f"{gateway.v1}/chat/completions",
+        headers={"Authorization": f"Bearer {key['key']}"},
+        json=body,
+    )
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e.startswith('data: {"')]
+    usage = (
+        next(json.loads(e[6:])["usage"] for e in events if '"usage":{' in e)
+        if stream
+        else r.json()["usage"]
+    )
+    price = usage["prompt_tokens"] * 1_000 + usage["completion_tokens"] * 2_000
+    charged = 1_000_000_000 - spent(gateway, account).available_nano
+    assert 0 < charged < price  # the hold, not the price
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    line = next(
+        x for x in metrics.splitlines() if x.startswith("tokenworks_clamped_price_nano_total")
+    )
+    assert float(line.split()[-1]) == price - charged
+    assert 'tokenworks_clamped_requests_total{model="chat-fast"} 1.0' in metrics
+    assert check(gateway) == []
+
+
 def test_no_credit_is_402_and_no_upstream_work(gateway: Gateway, sims: tuple[Sim, Sim]) -> None:
     a, _ = sims
     account, key = gateway.funded_key(10_000)  # 0.00001: less than any request's worst case

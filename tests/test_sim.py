@@ -426,6 +426,19 @@ def test_queued_faults_hit_the_next_requests_then_stop(http: httpx.Client) -> No
     assert http.post("/sim/faults", json={"kind": "bogus"}).status_code == 400
 
 
+def test_overcount_fault_reports_more_input_than_was_sent(http: httpx.Client) -> None:
+    from tokenworks.producers.sim_profile import OVERCOUNT_FACTOR
+
+    honest = chat(http).json()["usage"]
+    inflated = chat(http, sim_fault="overcount").json()["usage"]
+    assert inflated["prompt_tokens"] == honest["prompt_tokens"] * OVERCOUNT_FACTOR
+    assert inflated["completion_tokens"] == honest["completion_tokens"]
+    embedding = {"model": "e", "input": "grid report", "sim_fault": "overcount"}
+    honest_e = http.post("/v1/embeddings", json={**embedding, "sim_fault": None}).json()["usage"]
+    inflated_e = http.post("/v1/embeddings", json=embedding).json()["usage"]
+    assert inflated_e["prompt_tokens"] == honest_e["prompt_tokens"] * OVERCOUNT_FACTOR
+
+
 def test_timeout_fault_hangs_until_the_client_gives_up(instant_url: str) -> None:
     with httpx.Client(base_url=instant_url, timeout=0.3) as client:
         before = stats(instant_url)["cancelled"]

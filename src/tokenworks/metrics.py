@@ -60,6 +60,20 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
+        self.clamped = Counter(
+            "tokenworks_clamped_price_nano",
+            "Price above a request's hold, not charged: the hold's worst case fell short (an "
+            "input the byte bound does not see, or an upstream reporting more than was asked). "
+            "Nano-units, by public model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.clamped_requests = Counter(
+            "tokenworks_clamped_requests",
+            "Requests whose price exceeded their hold (see tokenworks_clamped_price_nano).",
+            ["model"],
+            registry=self.registry,
+        )
         self.settlement_failures = Counter(
             "tokenworks_settlement_failures",
             "Holds the ledger could not settle or void (they expire instead).",

@@ -99,21 +99,31 @@ def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str]
     return amount_nano, period
 
 
-def check_service_tier(gateway: Any, tier: Any, account: str | None) -> None:
-    """A key's default service tier must be one its tariff sells."""
+def check_service_tier(
+    gateway: Any, tier: Any, account: str | None, models: list[str] | None
+) -> None:
+    """A key's default service tier must be priced on every deployment of every model the key
+    may call: a request prices it on each candidate before dispatch, and one that cannot is
+    refused, so a tier some model lacks is caught here rather than on that model's first call."""
     if not isinstance(tier, str):
         raise ApiError(400, "'service_tier' must be a string", param="service_tier")
     tariff = gateway.pricer.tariff_for(account)
-    for route in gateway.router.routes.values():
-        d = route.deployments[0]
-        try:
-            gateway.pricer.worst_case(
-                route.model.name, d.producer, d.model, 0, 0,
-                at=datetime.now(UTC), service_tier=tier, tariff=tariff,
-            )  # fmt: skip
-        except PricingError as exc:
-            raise ApiError(400, str(exc), param="service_tier") from exc
-        return
+    routes = gateway.router.routes
+    for name in models if models is not None else list(routes):
+        route = routes[name]
+        for d in route.deployments:
+            try:
+                gateway.pricer.worst_case(
+                    route.model.name, d.producer, d.model, 0, 0,
+                    at=datetime.now(UTC), service_tier=tier, tariff=tariff,
+                )  # fmt: skip
+            except PricingError as exc:
+                raise ApiError(
+                    400,
+                    f"model {name!r} cannot serve service tier {tier!r} ({exc}); restrict the "
+                    "key's 'models' or choose another tier",
+                    param="service_tier",
+                ) from exc
 
 
 def parse_models(body: dict[str, Any]) -> list[str] | None:
@@ -163,7 +173,7 @@ async def create_key(request: Request) -> Response:
         account = str(int(account))
     tier = body.get("service_tier")
     if tier is not None:
-        check_service_tier(gateway, tier, account)
+        check_service_tier(gateway, tier, account, models)
         metadata = {**metadata, "service_tier": tier}
     limit = parse_limit(body, default_period="month")
     if limit is not None and account is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 import secrets
 import time
@@ -41,6 +42,8 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 HTTP_CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
 HOLD_MARGIN_S = 60.0  # a hold outlives the longest upstream timeout by this much
+
+log = logging.getLogger("tokenworks.relay")
 
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
@@ -238,7 +241,7 @@ class Relay:
         price = quote.price_nano if quote else hold.amount_nano
         cost = quote.cost_nano if quote else 0
         try:
-            await ledger.settle(
+            settled = await ledger.settle(
                 hold.id,
                 price_nano=price,
                 cost_nano=cost,
@@ -246,6 +249,16 @@ class Relay:
                 model=call.public_model,
                 durable=durable,
             )
+            if settled.clamped_nano:
+                # Charged the hold, not the price: revenue lost, and a sign that worst cases
+                # miss something (images, audio) or an upstream over-reports. Worth an alert.
+                self.metrics.clamped.labels(call.public_model).inc(settled.clamped_nano)
+                self.metrics.clamped_requests.labels(call.public_model).inc()
+                log.warning(
+                    "request %s: price %d nano above its hold %d on %s (%s); charged the hold",
+                    call.request_id, price, hold.amount_nano, call.public_model,
+                    deployment.producer,
+                )  # fmt: skip
             # What the payer can still spend, counting the parents it draws on.
             return ledger.engine.chain_available(int(hold_payer(call)))
         except LedgerError:

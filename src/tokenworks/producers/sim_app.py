@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from tokenworks.producers import sim_wire as wire
-from tokenworks.producers.sim_profile import FAULT_KINDS, SimProfile
+from tokenworks.producers.sim_profile import FAULT_KINDS, OVERCOUNT_FACTOR, SimProfile
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -330,8 +330,19 @@ class Job:
         out.extend(builder.content(w) for w in self.content)
         return out
 
+    @property
+    def reported_counts(self) -> wire.Counts:
+        """The usage the sim reports: the true counts, unless the fault is `overcount`."""
+        if self.fault != "overcount":
+            return self.counts
+        c = self.counts
+        return wire.Counts(
+            c.prompt_tokens * OVERCOUNT_FACTOR, c.cached_tokens, c.completion_tokens,
+            c.reasoning_tokens,
+        )  # fmt: skip
+
     def body(self) -> bytes:
-        counts = None if self.fault == "no_usage" else self.counts
+        counts = None if self.fault == "no_usage" else self.reported_counts
         content = b"".join(self.content)
         if self.endpoint == "chat":
             reasoning = b"".join(self.reasoning) if self.reasoning else None
@@ -546,6 +557,8 @@ class SimApp:
             embedding: object = wire.embedding_base64(vector) if base64_format else vector
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         response: dict[str, object] = {"object": "list", "data": data, "model": model}
+        if fault == "overcount":
+            prompt_tokens *= OVERCOUNT_FACTOR
         if fault != "no_usage":
             response["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
             self.stats.prompt_tokens_reported += prompt_tokens
@@ -792,7 +805,7 @@ class SimApp:
         await _send_json(send, 200, payload, job.request_id)
         self.stats.completion_tokens_sent += job.counts.completion_tokens
         if job.fault != "no_usage":
-            self.stats.reported(job.counts)
+            self.stats.reported(job.reported_counts)
         self.stats.completed += 1
 
     async def _stream(self, job: Job, watch: Watch | None, send: Send) -> None:
@@ -835,11 +848,11 @@ class SimApp:
                 return
         tail = [builder.finish(job.finish_reason)]
         if job.include_usage and job.fault != "no_usage":
-            tail.append(builder.usage(job.counts))
+            tail.append(builder.usage(job.reported_counts))
         tail.append(wire.DONE)
         await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
         if job.fault != "no_usage":
-            stats.reported(job.counts)
+            stats.reported(job.reported_counts)
         stats.completed += 1
 
     async def _send_fault_error(self, send: Send, fault: str) -> None:

@@ -8,9 +8,15 @@ from dataclasses import dataclass
 MIB = 1024 * 1024
 
 # Fault kinds the sim can serve on demand (`sim_fault` body field, POST /sim/faults) or at random.
+# `overcount` reports OVERCOUNT_FACTOR times the prompt tokens the request carried (a producer
+# that bills an image or audio the gateway's byte bound did not see, or simply over-reports).
 FAULT_KINDS: frozenset[str] = frozenset(
-    {"500", "503", "429", "timeout", "cut", "malformed", "no_usage", "slow_first_byte"}
-)
+    {
+        "500", "503", "429", "timeout", "cut", "malformed", "no_usage", "slow_first_byte",
+        "overcount",
+    }
+)  # fmt: skip
+OVERCOUNT_FACTOR = 1000
 
 
 @dataclass(frozen=True, slots=True)
