@@ -388,6 +388,81 @@ def test_rows_survive_the_store_exactly(url: str) -> None:
     run(with_ledger(url, after))
 
 
+def test_holds_an_earlier_version_stored_open_are_closed_on_open(url: str) -> None:
+    """The previous version wrote holds when they opened; a database it left behind after a
+    crash has open rows. Opening it closes them: they reserve nothing, and a late settle
+    of one is refused rather than charged against a hold with no legs."""
+
+    async def before(L: Ledger, clock: Clock) -> None:
+        org, _, _ = await org_tree(L)
+        await L.top_up(org, 1_000, idempotency_key="top")
+        await L.hold([org], 100, request_id="done")
+        await L.settle("done", price_nano=60, cost_nano=0, producer="p", model="m")
+        await L.flush()
+        # What the old version would have left: a hold row still open.
+        sql = (
+            "INSERT INTO ledger_holds (id, status, chain, scopes, amount_nano, created_ms, "
+            f"expires_ms, price_nano, cost_nano, clamped_nano) VALUES ('stale', 'open', "
+            f"'[{org}]', '[\"account:{org}\"]', 500, 1, 99999999999999, 0, 0, 0)"
+        )
+        store: Any = L.store
+        if store.dialect == "sqlite":
+            await store._run(store.conn.execute, sql)
+        else:
+            async with store._pool.acquire() as c:
+                await c.execute(sql)
+
+    async def after(L: Ledger, clock: Clock) -> None:
+        with pytest.raises(HoldClosed):
+            await L.settle("stale", price_nano=10, cost_nano=0, producer="p", model="m")
+        with pytest.raises(HoldClosed):
+            await L.void("stale")
+        org = next(a for a in L.engine.accounts.values() if a.name == "acme")
+        assert L.balance(org.id).available_nano == 940
+        assert await L.check() == [] and L.store_compared
+
+    run(with_ledger(url, before))
+    run(with_ledger(url, after))
+
+
+def test_text_the_store_cannot_hold_is_refused_or_replaced(url: str) -> None:
+    """NUL cannot be stored by PostgreSQL: one such value would fail a whole group commit
+    (and, past its retries, the ledger). Ledger text is refused at the door; usage text that
+    came from outside (an upstream's error message) is replaced."""
+    from tokenworks.ledger import InvalidRequest
+    from tokenworks.metering.store import USAGE_SCHEMA, open_usage_store, usage_row
+    from tokenworks.metering.usage import Usage, UsageRecord
+
+    open_usage_store(url).close()
+
+    async def body(L: Ledger, clock: Clock) -> None:
+        with pytest.raises(InvalidRequest):
+            await L.create_account("a\x00b", None, "organisation", idempotency_key="k")
+        with pytest.raises(InvalidRequest):
+            await L.create_account("ok", None, "organisation", idempotency_key="k\x00")
+        org, _, _ = await org_tree(L)
+        await L.top_up(org, 1_000, idempotency_key="top")
+        with pytest.raises(InvalidRequest):
+            await L.hold([org], 10, request_id="r\x00")
+        await L.hold([org], 10, request_id="r")
+        with pytest.raises(InvalidRequest):
+            await L.settle("r", price_nano=5, cost_nano=0, producer="p\x00", model="m")
+        await L.settle("r", price_nano=5, cost_nano=0, producer="p", model="m")
+        record = UsageRecord(
+            request_id="r", ts_ms=1, key_id=None, account_id=str(org), public_model="m",
+            producer="p", upstream_model="m", endpoint="chat", status=502, usage=Usage(),
+            latency_ms=1.0, ttft_ms=None, streamed=False, error="upstream said \x00oops",
+        )  # fmt: skip
+        row = usage_row(record)
+        assert row[USAGE_SCHEMA.index(("error", "TEXT"))] == "upstream said \ufffdoops"
+        assert L.attach("usage", USAGE_SCHEMA, row)
+        await L.flush()  # committed: the ledger did not fail
+        await L.top_up(org, 1, idempotency_key="after")
+        assert await L.check() == []
+
+    run(with_ledger(url, body))
+
+
 def test_check_sees_a_tampered_store(url: str) -> None:
     async def body(L: Ledger, _: Clock) -> None:
         org, _, _ = await org_tree(L)

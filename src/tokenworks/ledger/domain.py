@@ -407,6 +407,13 @@ def body_hash(body: dict[str, Any]) -> str:
 _encode_sorted = msgspec.json.Encoder(order="sorted", enc_hook=str).encode
 
 
+def check_text(value: str, what: str) -> None:
+    """Text the ledger stores must be storable everywhere: PostgreSQL's text (and jsonb)
+    cannot hold NUL, and one such row would fail its whole group commit."""
+    if "\x00" in value:
+        raise InvalidRequest(f"{what} must not contain NUL characters")
+
+
 def check_amount(amount_nano: int, *, allow_zero: bool = False) -> None:
     if not isinstance(amount_nano, int) or isinstance(amount_nano, bool):
         raise InvalidRequest(f"amounts are int nano-units, got {type(amount_nano).__name__}")

@@ -48,6 +48,7 @@ from tokenworks.ledger.domain import (
     account_scope,
     body_hash,
     check_amount,
+    check_text,
 )
 from tokenworks.ledger.periods import period_end_ms, period_start_ms, zone
 from tokenworks.ledger.schema import ACCOUNTS
@@ -357,20 +358,21 @@ class Engine:
 
     def release_orphans(self, now_ms: int) -> int:
         """After a restore: expire the credit that ended grants kept only for holds that died
-        with the last process (as releasing those holds would have); returns the buckets."""
+        with the last process (as releasing those holds would have); returns the amount."""
         with self._lock:
             assert not self.holds, "orphans are released before any new hold"
             expired_acc = self.operator_account(AccountKind.EXPIRED)
-            ended = [b for b in self.buckets.values() if b.ended]
-            for b in ended:
+            expired_nano = 0
+            for b in [b for b in self.buckets.values() if b.ended]:
                 if b.remaining_nano:
+                    expired_nano += b.remaining_nano
                     acc = self.accounts[b.account_id]
                     self._post(
                         TransferKind.EXPIRE, acc, expired_acc, b.remaining_nano, now_ms,
                         debit_bucket=b,
                     )  # fmt: skip
                 self._maybe_close(b)
-            return len(ended)
+            return expired_nano
 
     # ------------------------------------------------------------------ journal
 
@@ -498,6 +500,7 @@ class Engine:
     ) -> dict[str, Any]:
         if not key:
             raise InvalidRequest("an idempotency key is required")
+        check_text(key, "an idempotency key")
         digest = body_hash({"op": op, **body})
         seen = self._idem.get(key)
         if seen is not None:
@@ -586,6 +589,7 @@ class Engine:
                 raise InvalidRequest("operator accounts are created by the ledger itself")
             if not name or len(name) > 200:
                 raise InvalidRequest("account names are 1-200 characters")
+            check_text(name, "an account name")
             if parent_id is not None:
                 self.customer(parent_id)
                 if len(self.path_ids(parent_id)) >= MAX_CHAIN_DEPTH:
@@ -917,6 +921,7 @@ class Engine:
             return self._idempotent(idempotency_key, "set_budget", body, apply)
 
     def _check_scope(self, scope: str) -> None:
+        check_text(scope, "a scope")
         kind, _, ident = scope.partition(":")
         if kind == "account":
             self.account(int(ident))
@@ -1116,6 +1121,7 @@ class Engine:
                         f"request {request_id!r} already holds another amount"
                     )
                 return existing
+            check_text(request_id, "a request id")
             if self._grant_heap and self._grant_heap[0][0] <= now_ms:
                 self._advance_grants(now_ms)
             # Budgets first: they are cheap and name the tighter limit.
@@ -1246,6 +1252,7 @@ class Engine:
 
     def remember_hold(self, h: Hold) -> None:
         """Cache a closed hold loaded from the store, so retries answer from memory."""
+        assert h.status is not HoldStatus.OPEN, "the store holds closed holds only"
         with self._lock:
             if h.id not in self.holds:
                 self.closed_holds[h.id] = h
@@ -1277,6 +1284,8 @@ class Engine:
                 if h.status is HoldStatus.SETTLED:
                     raise IdempotencyConflict(f"hold {hold_id} was settled with another price")
                 raise HoldClosed(hold_id, str(h.status))
+            check_text(producer, "a producer")
+            check_text(model, "a model")
             charged = min(price_nano, h.amount_nano)
             h.clamped_nano = price_nano - charged
             h.price_nano = charged

@@ -30,6 +30,7 @@ from tokenworks.ledger.domain import (
     Refused,
     Rollover,
     StoreUnavailable,
+    check_text,
     scope_name,
 )
 from tokenworks.ledger.engine import (
@@ -129,14 +130,19 @@ class Ledger:
                 engine = Engine(transfer_policy=transfer_policy)
             else:
                 engine = Engine.restore(snap, transfer_policy=transfer_policy)
+                if stale := await store.expire_stored_open_holds(now_ms):
+                    log.warning("closed %d holds an earlier version stored open", stale)
                 for row in reversed(await store.recent_closed_holds(CLOSED_HOLDS_KEPT)):
                     engine.remember_hold(hold_from_row(row))
             ledger = cls(engine, store, clock=clock, max_pending_ops=max_pending_ops)
             # Journalled after the writer took its starting point, so the flush writes it.
             if snap is None:
                 engine.bootstrap(now_ms)
-            else:
-                engine.release_orphans(now_ms)
+            elif expired_nano := engine.release_orphans(now_ms):
+                log.warning(
+                    "restart: %d nano of ended grants, kept for holds of the last process, expired",
+                    expired_nano,
+                )
             ledger.writer.start()
             await ledger.writer.flush()
         except BaseException:
@@ -199,6 +205,7 @@ class Ledger:
         for it to be committed."""
         self._usable()
         if key and not self.engine.knows_key(key):
+            check_text(key, "an idempotency key")  # before the store is asked about it
             seen = await self.store.get_idempotency(key)
             if seen is not None:
                 self.engine.prime_key(key, seen[1], seen[2])
@@ -410,6 +417,7 @@ class Ledger:
 
     async def _load_hold(self, hold_id: str) -> None:
         """Bring a closed hold the engine no longer caches back from the store (a late retry)."""
+        check_text(hold_id, "a hold id")
         row = await self.store.get_hold(hold_id)
         if row is None:
             raise NotFound(f"no hold {hold_id}")

@@ -68,6 +68,10 @@ class Store(Protocol):
 
     async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None: ...
 
+    async def expire_stored_open_holds(self, now_ms: int) -> int:
+        """Close the holds an earlier version stored open (it wrote holds when they opened);
+        returns how many. They reserve nothing now: a restart rebuilds with nothing held."""
+
     async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
         """(op, body_hash, result) of a key the engine no longer caches."""
 
@@ -105,6 +109,9 @@ LOAD_QUERIES = {
     "budgets": f"SELECT {', '.join(BUDGETS.column_names)} FROM ledger_budgets",
     "meta": "SELECT k, v FROM ledger_meta",
 }
+EXPIRE_STORED_OPEN_HOLDS = (
+    "UPDATE ledger_holds SET status = 'expired', closed_ms = :now WHERE status = 'open'"
+)
 GET_HOLD = f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE id = :id"
 RECENT_CLOSED_HOLDS = (
     f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE closed_ms IS NOT NULL "

@@ -33,6 +33,7 @@ from tokenworks.ledger.store import (
     AUDIT_MISCHARGED,
     AUDIT_OPEN_HOLDS,
     BATCH_TABLES,
+    EXPIRE_STORED_OPEN_HOLDS,
     GET_HOLD,
     GET_IDEMPOTENCY,
     LOAD_QUERIES,
@@ -197,6 +198,12 @@ class PostgresStore:
             budgets=rows["budgets"],
             meta={k: v for k, v in rows["meta"]},
         )
+
+    async def expire_stored_open_holds(self, now_ms: int) -> int:
+        assert self._writer is not None, "store is not open"
+        text, args = numbered(EXPIRE_STORED_OPEN_HOLDS, {"now": now_ms})
+        status = await self._writer.execute(text, *args)  # "UPDATE <n>"
+        return int(status.split()[-1])
 
     async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None:
         rows = await self._all(GET_HOLD, {"id": hold_id})

@@ -28,6 +28,7 @@ from tokenworks.ledger.store import (
     AUDIT_MISCHARGED,
     AUDIT_OPEN_HOLDS,
     BATCH_TABLES,
+    EXPIRE_STORED_OPEN_HOLDS,
     GET_HOLD,
     GET_IDEMPOTENCY,
     LOAD_QUERIES,
@@ -158,6 +159,12 @@ class SqliteStore:
             budgets=rows["budgets"],
             meta={k: v for k, v in rows["meta"]},
         )
+
+    async def expire_stored_open_holds(self, now_ms: int) -> int:
+        def run() -> int:
+            return self.conn.execute(EXPIRE_STORED_OPEN_HOLDS, {"now": now_ms}).rowcount
+
+        return int(await self._run(run))
 
     async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None:
         rows = await self._run(self._all, GET_HOLD, {"id": hold_id})

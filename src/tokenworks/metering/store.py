@@ -124,6 +124,17 @@ SUMS = (
 
 
 def usage_row(record: UsageRecord) -> tuple[Any, ...]:
+    """The record as a row. Text that came from outside (an upstream's error message, a
+    client's model or tier) may hold NUL, which PostgreSQL cannot store and which would fail
+    the whole group commit the row rides in: it becomes U+FFFD."""
+    row = _row(record)
+    for value in row:
+        if type(value) is str and "\x00" in value:
+            return tuple(v.replace("\x00", "\ufffd") if type(v) is str else v for v in row)
+    return row
+
+
+def _row(record: UsageRecord) -> tuple[Any, ...]:
     u = record.usage
     return (
         record.request_id,
