@@ -128,9 +128,11 @@ def usage_row(record: UsageRecord) -> tuple[Any, ...]:
     client's model or tier) may hold NUL, which PostgreSQL cannot store and which would fail
     the whole group commit the row rides in: it becomes U+FFFD."""
     row = _row(record)
-    for value in row:
-        if type(value) is str and "\x00" in value:
-            return tuple(v.replace("\x00", "\ufffd") if type(v) is str else v for v in row)
+    # The fields outside text can reach (the rest are the gateway's own ids and config names;
+    # tags are JSON, where NUL is written as an escape).
+    outside = (record.error or "") + (record.service_tier or "") + record.public_model
+    if "\x00" in outside:
+        return tuple(v.replace("\x00", "\ufffd") if type(v) is str else v for v in row)
     return row
 
 
