@@ -51,7 +51,10 @@ from tokenworks.ledger.domain import (
     check_text,
 )
 from tokenworks.ledger.periods import period_end_ms, period_start_ms, zone
-from tokenworks.ledger.schema import ACCOUNTS
+from tokenworks.ledger.schema import ACCOUNTS, TRANSFERS
+
+# Transfers go to the store as they are: the fields are the table's columns, in order.
+assert Transfer._fields == TRANSFERS.column_names, (Transfer._fields, TRANSFERS.column_names)
 
 OPERATOR_ACCOUNTS = (
     ("operator:topups", AccountKind.TOPUPS),
@@ -453,22 +456,7 @@ class Engine:
                     for b in j.budgets.values()
                 ],
                 holds=[_hold_row(h) for h in j.holds.values()],
-                transfers=[
-                    (
-                        t.id,
-                        t.ts_ms,
-                        str(t.kind),
-                        t.debit_account_id,
-                        t.credit_account_id,
-                        t.amount_nano,
-                        t.debit_bucket_id,
-                        t.credit_bucket_id,
-                        t.hold_id,
-                        t.model,
-                        t.producer,
-                    )
-                    for t in j.transfers
-                ],
+                transfers=j.transfers,  # a Transfer is its row (asserted below)
                 idempotency=list(j.idempotency),
                 meta=meta,
             )
