@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, MODELS, Gateway, Sim
+from tests.conftest import ADMIN_KEY, MODELS, Gateway, Sim, both_stores
 
 NANO = 10**9
 
@@ -257,6 +257,7 @@ BAD_AMOUNTS = [
 ]
 
 
+@both_stores  # PostgreSQL too: it is the store that cannot hold NUL
 def test_bad_amounts_are_400_and_move_nothing(gateway: Gateway) -> None:
     org = create(gateway, "acme")
     team = create(gateway, "team", org)
@@ -317,6 +318,10 @@ def test_ledger_errors_are_openai_shaped(gateway: Gateway) -> None:
     error(post(gateway, f"/admin/v1/accounts/{org}/grants", body), 400)
     error(post(gateway, "/admin/v1/accounts", {"name": ""}), 400)
     error(post(gateway, "/admin/v1/accounts", {"name": "x", "kind": "topups"}), 400)
+    # NUL, which PostgreSQL cannot store: refused as input, never a failed write (or a 500).
+    error(post(gateway, "/admin/v1/accounts", {"name": "a\x00b"}), 400)
+    error(post(gateway, "/admin/v1/keys", {"name": "k\x00"}), 400)
+    error(send(gateway, "GET", "/admin/v1/usage?key=%00", {}), 400)
     # Nothing moved on any of these.
     assert available_nano(gateway, org) == NANO and available_nano(gateway, team) == 0
     r = post(gateway, "/admin/v1/accounts", {"name": "x"})

@@ -110,7 +110,9 @@ def check_service_tier(
     tariff = gateway.pricer.tariff_for(account)
     routes = gateway.router.routes
     for name in models if models is not None else list(routes):
-        route = routes[name]
+        route = routes.get(name)
+        if route is None:
+            raise ApiError(400, f"unknown model {name!r}", param="models", code="unknown_model")
         for d in route.deployments:
             try:
                 gateway.pricer.worst_case(
@@ -124,6 +126,16 @@ def check_service_tier(
                     "key's 'models' or choose another tier",
                     param="service_tier",
                 ) from exc
+
+
+def parse_key_name(body: dict[str, Any]) -> str:
+    """A key's name: non-empty, and storable (PostgreSQL text cannot hold NUL)."""
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, "'name' must be a non-empty string", param="name")
+    if "\x00" in name:
+        raise ApiError(400, "'name' must not contain NUL characters", param="name")
+    return name.strip()
 
 
 def parse_models(body: dict[str, Any]) -> list[str] | None:
@@ -147,9 +159,7 @@ def parse_ttl(body: dict[str, Any]) -> float | None:
 @_admin
 async def create_key(request: Request) -> Response:
     body = await read_json(request, MAX_ADMIN_BODY_BYTES)
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ApiError(400, "'name' must be a non-empty string", param="name")
+    name = parse_key_name(body)
     models = parse_models(body)
     gateway = gateway_of(request)
     if models is not None:
@@ -183,10 +193,10 @@ async def create_key(request: Request) -> Response:
     secret = derived_secret(gateway.admin_key, idempotency_key) if idempotency_key else None
     key = gateway.keys.by_secret(secret) if secret else None
     if key is not None:  # a retry: the same request must find the same key
-        same_request(key, name.strip(), models, account, None, ttl_s, metadata)
+        same_request(key, name, models, account, None, ttl_s, metadata)
     else:
         key, secret = gateway.keys.create(
-            name.strip(), models, account_id=account, ttl_s=ttl_s, metadata=metadata,
+            name, models, account_id=account, ttl_s=ttl_s, metadata=metadata,
             secret=secret,
         )  # fmt: skip
     if limit is not None:  # idempotent too, so a retry finishes what a failed call began
@@ -299,6 +309,8 @@ async def revoke_budgets(gateway: Any, key_id: str) -> None:
 async def usage(request: Request) -> Response:
     params = request.query_params
     groups = [g for g in params.get("group_by", "").split(",") if g]
+    if "\x00" in params.get("key", ""):  # never a key id, and PostgreSQL cannot compare it
+        raise ApiError(400, "'key' must not contain NUL characters", param="key")
     gateway = gateway_of(request)
     await gateway.flush_usage()
     try:

@@ -20,6 +20,7 @@ from tokenworks.api.admin import (
     _limit_view,
     json_response,
     optional_idempotency_key,
+    parse_key_name,
     parse_limit,
     parse_models,
     parse_ttl,
@@ -37,9 +38,7 @@ async def mint_child_key(request: Request) -> Response:
         parent = authenticate(request)
         gateway = gateway_of(request)
         body = await read_json(request, MAX_ADMIN_BODY_BYTES)
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise ApiError(400, "'name' must be a non-empty string", param="name")
+        name = parse_key_name(body)
         if parent.account_id is None:
             raise ApiError(403, "this key has no account to delegate from", code="no_account")
         models = parse_models(body)
@@ -75,12 +74,12 @@ async def mint_child_key(request: Request) -> Response:
             )  # fmt: skip
         if child is not None:
             same_request(
-                child, name.strip(), models, parent.account_id, parent.id, None, metadata,
+                child, name, models, parent.account_id, parent.id, None, metadata,
                 check_ttl=False,
             )  # fmt: skip
         else:
             child, secret = gateway.keys.create(
-                name.strip(), models, account_id=parent.account_id, parent_id=parent.id,
+                name, models, account_id=parent.account_id, parent_id=parent.id,
                 ttl_s=ttl_s, metadata=metadata, secret=secret,
             )  # fmt: skip
         try:

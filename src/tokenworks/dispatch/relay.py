@@ -42,6 +42,7 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 HTTP_CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
 HOLD_MARGIN_S = 60.0  # a hold outlives the longest upstream timeout by this much
+CLAMP_LOG_INTERVAL_S = 10.0  # at most one warning per interval; the metrics count every one
 
 log = logging.getLogger("tokenworks.relay")
 
@@ -129,6 +130,7 @@ class Relay:
     ) -> None:
         self.pricer = pricer
         self.ledger: Ledger | None = None  # set when the gateway starts
+        self._clamp_logged_s = -CLAMP_LOG_INTERVAL_S
         self.router = router
         self.producers = producers
         self.store = store
@@ -254,11 +256,15 @@ class Relay:
                 # miss something (images, audio) or an upstream over-reports. Worth an alert.
                 self.metrics.clamped.labels(call.public_model).inc(settled.clamped_nano)
                 self.metrics.clamped_requests.labels(call.public_model).inc()
-                log.warning(
-                    "request %s: price %d nano above its hold %d on %s (%s); charged the hold",
-                    call.request_id, price, hold.amount_nano, call.public_model,
-                    deployment.producer,
-                )  # fmt: skip
+                now_s = time.monotonic()
+                if now_s - self._clamp_logged_s >= CLAMP_LOG_INTERVAL_S:
+                    self._clamp_logged_s = now_s
+                    log.warning(
+                        "request %s: price %d nano above its hold %d on %s (%s); charged the "
+                        "hold (see tokenworks_clamped_requests for how often)",
+                        call.request_id, price, hold.amount_nano, call.public_model,
+                        deployment.producer,
+                    )  # fmt: skip
             # What the payer can still spend, counting the parents it draws on.
             return ledger.engine.chain_available(int(hold_payer(call)))
         except LedgerError:

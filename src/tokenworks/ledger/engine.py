@@ -456,7 +456,7 @@ class Engine:
                     for b in j.budgets.values()
                 ],
                 holds=[_hold_row(h) for h in j.holds.values()],
-                transfers=j.transfers,  # a Transfer is its row (asserted below)
+                transfers=j.transfers,  # a Transfer is its row (asserted at the top)
                 idempotency=list(j.idempotency),
                 meta=meta,
             )
