@@ -97,7 +97,8 @@ def test_a_price_above_the_hold_charges_the_hold_and_shows_in_metrics(
     gateway: Gateway, stream: bool
 ) -> None:
     """An upstream billing far more input than the request carried (as an image the byte
-    bound cannot see would): the hold caps the charge, and operators see the shortfall."""
+    bound cannot see would): the hold caps the charge, the client and the usage records are
+    shown what was charged, and operators see the shortfall."""
     account, key = gateway.funded_key(1_000_000_000)
     body = {"model": "chat-fast", "messages": CHAT, "max_tokens": 5, "sim_fault": "overcount"}
     if stream:
@@ -117,6 +118,11 @@ def test_a_price_above_the_hold_charges_the_hold_and_shows_in_metrics(
     price = usage["prompt_tokens"] * 1_000 + usage["completion_tokens"] * 2_000
     charged = 1_000_000_000 - spent(gateway, account).available_nano
     assert 0 < charged < price  # the hold, not the price
+    assert nano(usage["cost"]) == charged
+    if not stream:
+        assert nano(r.headers["x-tokenworks-price"]) == charged
+    [record] = [x for x in gateway.records() if x.account_id == str(account)]
+    assert record.price_nano == charged  # usage reports agree with the ledger
     metrics = httpx.get(f"{gateway.url}/metrics").text
     line = next(
         x for x in metrics.splitlines() if x.startswith("tokenworks_clamped_price_nano_total")

@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -243,7 +243,7 @@ class Relay:
         price = quote.price_nano if quote else hold.amount_nano
         cost = quote.cost_nano if quote else 0
         try:
-            settled = await ledger.settle(
+            await ledger.settle(
                 hold.id,
                 price_nano=price,
                 cost_nano=cost,
@@ -251,20 +251,6 @@ class Relay:
                 model=call.public_model,
                 durable=durable,
             )
-            if settled.clamped_nano:
-                # Charged the hold, not the price: revenue lost, and a sign that worst cases
-                # miss something (images, audio) or an upstream over-reports. Worth an alert.
-                self.metrics.clamped.labels(call.public_model).inc(settled.clamped_nano)
-                self.metrics.clamped_requests.labels(call.public_model).inc()
-                now_s = time.monotonic()
-                if now_s - self._clamp_logged_s >= CLAMP_LOG_INTERVAL_S:
-                    self._clamp_logged_s = now_s
-                    log.warning(
-                        "request %s: price %d nano above its hold %d on %s (%s); charged the "
-                        "hold (see tokenworks_clamped_requests for how often)",
-                        call.request_id, price, hold.amount_nano, call.public_model,
-                        deployment.producer,
-                    )  # fmt: skip
             # What the payer can still spend, counting the parents it draws on.
             return ledger.engine.chain_available(int(hold_payer(call)))
         except LedgerError:
@@ -365,14 +351,39 @@ class Relay:
         tiers = [reported_tier] if isinstance(reported_tier, str) else []
         for tier in [*tiers, call.service_tier]:
             try:
-                return self.pricer.quote(
+                quote = self.pricer.quote(
                     call.public_model, deployment.producer, deployment.model, usage,
                     at=call.at, service_tier=tier, tariff=call.tariff,
                 )  # fmt: skip
             except PricingError:
                 continue  # e.g. the upstream reported a tier we have no price for
+            return self._within_hold(call, deployment, quote)
         self.metrics.upstream_errors.labels(deployment.producer, "unpriced").inc()
         return None
+
+    def _within_hold(self, call: Call, deployment: Deployment, quote: Quote) -> Quote:
+        """A paying request is charged at most its hold, and every figure it shows (usage
+        cost, price header, usage row) is what it was charged.
+
+        A price above the hold is revenue lost, and a sign that worst cases miss something
+        (images or audio the byte bound does not see) or that an upstream over-reports: the
+        metrics count each such request and the shortfall, worth an alert."""
+        hold = call.hold
+        if hold is None or quote.price_nano <= hold.amount_nano:
+            return quote
+        shortfall_nano = quote.price_nano - hold.amount_nano
+        self.metrics.clamped.labels(call.public_model).inc(shortfall_nano)
+        self.metrics.clamped_requests.labels(call.public_model).inc()
+        now_s = time.monotonic()
+        if now_s - self._clamp_logged_s >= CLAMP_LOG_INTERVAL_S:
+            self._clamp_logged_s = now_s
+            log.warning(
+                "request %s: price %d nano above its hold %d on %s (%s); charged the hold "
+                "(tokenworks_clamped_requests counts every one)",
+                call.request_id, quote.price_nano, hold.amount_nano, call.public_model,
+                deployment.producer,
+            )  # fmt: skip
+        return replace(quote, price_nano=hold.amount_nano)
 
     def _estimate(self, call: Call, output_texts: list[str]) -> Usage:
         encoding = call.route.encoding
