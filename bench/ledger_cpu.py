@@ -15,6 +15,7 @@ ledger's SQLite writer, the usage writer). Bounded: 0.5 s warm-up + `--seconds` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -103,8 +104,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tokenworks-ledger-cpu-"))
     servers = run.Servers(work)
     ports = {n: run.free_port() for n in ("sim", *gateways)}
-    pin_postgres = run.postgres_on(lg_cpus if args.pg else None)
-    pin_postgres.__enter__()
+    cleanup = contextlib.ExitStack()
+    cleanup.enter_context(run.postgres_on(lg_cpus if args.pg else None))
     try:
         servers.start(
             "sim",
@@ -204,7 +205,7 @@ def main() -> int:
                 )
     finally:
         servers.close()
-        pin_postgres.__exit__(None, None, None)
+        cleanup.close()
         if args.pg:
             run.drop_pg_schema(args.pg, schema)
     return 0

@@ -1373,7 +1373,7 @@ class Engine:
                 self._advance_grants(now_ms)
             acc = self.account(account_id)
             chain_avail = (
-                sum(a.available_nano for a in self._funding(self.path_ids(account_id)))
+                self._payer(account_id).available_nano()
                 if acc.kind in CUSTOMER_KINDS
                 else acc.available_nano
             )

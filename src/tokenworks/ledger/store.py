@@ -43,7 +43,7 @@ class AuditData:
 
 
 # The columns of a table whose rows ride in the ledger's transaction: (name, SQL type).
-# PostgreSQL needs the types to pass a batch's rows as typed arrays.
+# PostgreSQL casts each value of a batch's JSON document to its column's type.
 Columns = tuple[tuple[str, str], ...]
 # Rows of other tables committed in the ledger's transaction (the usage rows of the requests
 # a batch settles): (table, columns, rows). Inserted with ON CONFLICT DO NOTHING.
