@@ -37,7 +37,7 @@ import uvloop
 PACKAGE_PATTERNS = (
     ("tokenworks/dispatch/relay.py", "tokenworks.relay"),
     ("tokenworks/api/", "tokenworks.api"),
-    ("tokenworks/auth.py", "tokenworks.auth"),
+    ("tokenworks/keys/store.py", "tokenworks.keys.store"),
     ("tokenworks/metering/", "tokenworks.metering"),
     ("tokenworks/ledger/", "tokenworks.ledger"),
     ("tokenworks/pricing/", "tokenworks.pricing"),

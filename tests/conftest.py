@@ -52,7 +52,7 @@ class Sim:
 
 @contextlib.contextmanager
 def running_sim(profile: str = "instant") -> Iterator[Sim]:
-    from tokenworks.producers.sim import build_app as build_sim
+    from tokenworks.sim import build_app as build_sim
 
     with serve_in_thread(build_sim(profile)) as url:
         yield Sim(url)

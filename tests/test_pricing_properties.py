@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tokenworks.config import loads
 from tokenworks.metering.usage import Usage
-from tokenworks.pricing.money import (
+from tokenworks.money import (
     RATE_DENOMINATOR,
     allocate,
     format_nano,

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from tokenworks.metering.tokens import count_text
-from tokenworks.producers.sim import FAULT_KINDS, PROFILES, SimProfile, running_sim, serve
-from tokenworks.producers.sim_wire import WORDS
+from tokenworks.sim import FAULT_KINDS, PROFILES, SimProfile, running_sim, serve
+from tokenworks.sim.wire import WORDS
 
 USER = [{"role": "user", "content": "Tell me about the grid."}]
 
@@ -427,7 +427,7 @@ def test_queued_faults_hit_the_next_requests_then_stop(http: httpx.Client) -> No
 
 
 def test_overcount_fault_reports_more_input_than_was_sent(http: httpx.Client) -> None:
-    from tokenworks.producers.sim_profile import OVERCOUNT_FACTOR
+    from tokenworks.sim.profile import OVERCOUNT_FACTOR
 
     honest = chat(http).json()["usage"]
     inflated = chat(http, sim_fault="overcount").json()["usage"]

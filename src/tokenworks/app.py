@@ -16,11 +16,11 @@ from starlette.routing import Route
 
 from tokenworks.api import admin, admin_ledger, agent_keys, openai
 from tokenworks.api.errors import ApiError
-from tokenworks.auth import KeyStore
 from tokenworks.config import Config
 from tokenworks.dispatch.health import Health
 from tokenworks.dispatch.relay import Relay
 from tokenworks.dispatch.router import Router
+from tokenworks.keys.store import KeyStore
 from tokenworks.ledger import Ledger
 from tokenworks.metering.store import UsageStore, open_usage_store
 from tokenworks.metering.tokens import install_vocabularies

@@ -13,10 +13,10 @@ from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import gateway_of, read_json
-from tokenworks.auth import derived_secret
+from tokenworks.keys.store import derived_secret
 from tokenworks.ledger import IdempotencyConflict, LedgerError, StoreUnavailable
 from tokenworks.ledger.domain import MAX_AMOUNT_NANO
-from tokenworks.pricing.money import format_nano, parse_amount
+from tokenworks.money import format_nano, parse_amount
 from tokenworks.pricing.quote import PricingError
 
 PERIODS = ("day", "week", "month", "total")

@@ -38,7 +38,7 @@ from tokenworks.ledger import (
 )
 from tokenworks.ledger.domain import CASH_PRIORITY, CUSTOMER_KINDS, MAX_AMOUNT_NANO
 from tokenworks.ledger.periods import from_ms
-from tokenworks.pricing.money import format_nano, parse_amount
+from tokenworks.money import format_nano, parse_amount
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 MAX_IDEMPOTENCY_KEY_CHARS = 200

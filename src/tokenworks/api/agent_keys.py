@@ -28,9 +28,9 @@ from tokenworks.api.admin import (
 )
 from tokenworks.api.errors import ApiError
 from tokenworks.api.openai import authenticate, bearer, gateway_of, read_json
-from tokenworks.auth import derived_secret
+from tokenworks.keys.store import derived_secret
 from tokenworks.ledger import IdempotencyConflict, LedgerError, Refused, StoreUnavailable
-from tokenworks.pricing.money import format_nano
+from tokenworks.money import format_nano
 
 
 async def mint_child_key(request: Request) -> Response:

@@ -10,8 +10,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
-from tokenworks.auth import ApiKey
 from tokenworks.dispatch.relay import Call
+from tokenworks.keys.store import ApiKey
 
 MAX_TAGS = 32
 MAX_TAG_BYTES = 256

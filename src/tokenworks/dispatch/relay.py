@@ -25,15 +25,15 @@ import msgspec
 from starlette.responses import Response
 
 from tokenworks.api.errors import ApiError, error_body
-from tokenworks.auth import ApiKey
 from tokenworks.config import Deployment
 from tokenworks.dispatch.router import Route, Router
+from tokenworks.keys.store import ApiKey
 from tokenworks.ledger import HoldClosed, HoldView, Ledger, LedgerError, Refused
 from tokenworks.metering import extract
 from tokenworks.metering.store import USAGE_SCHEMA, UsageStore, usage_row
 from tokenworks.metering.usage import Usage, UsageRecord
 from tokenworks.metrics import Metrics
-from tokenworks.pricing.money import format_nano
+from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer, PricingError, Quote
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
 

@@ -12,7 +12,7 @@ import io
 from typing import Any
 
 from tokenworks.ledger.periods import from_ms
-from tokenworks.pricing.money import format_nano
+from tokenworks.money import format_nano
 
 IN_LINES = {"top_up": "top_ups", "grant": "grants", "refill": "grants", "transfer": "transfers_in"}
 OUT_LINES = {"transfer": "transfers_out", "expire": "expired", "spend": "spend"}

@@ -5,7 +5,7 @@ Entry points: `Pricer.from_config(config)` once at startup, then `pricer.quote(.
 `money.parse_amount` for amounts as decimal strings; `whatif.reprice` for scenarios.
 """
 
-from tokenworks.pricing.money import format_nano, parse_amount
+from tokenworks.money import format_nano, parse_amount
 from tokenworks.pricing.quote import Pricer, PricingConfigError, PricingError, Quote
 
 __all__ = ["Pricer", "PricingConfigError", "PricingError", "Quote", "format_nano", "parse_amount"]

@@ -16,8 +16,8 @@ from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
+from tokenworks.money import parse_rate, rate_from_decimal
 from tokenworks.pricing import corrections
-from tokenworks.pricing.money import parse_rate, rate_from_decimal
 from tokenworks.pricing.rates import TOKEN_CLASSES, Rates, RateTable, Tier
 from tokenworks.pricing.schedule import STANDARD, Card, CostSchedule, Epoch, Variant
 from tokenworks.pricing.spec import CostSpec, RatesSpec, TierSpec

@@ -15,8 +15,7 @@ from fractions import Fraction
 from typing import Any, Protocol
 
 from tokenworks.metering.usage import Usage
-from tokenworks.pricing.book import GenaiBook, UnknownCost, schedule_from_spec
-from tokenworks.pricing.money import (
+from tokenworks.money import (
     NANO_PER_UNIT,
     RATE_DENOMINATOR,
     RATE_SCALE,
@@ -25,6 +24,7 @@ from tokenworks.pricing.money import (
     parse_factor,
     round_half_up,
 )
+from tokenworks.pricing.book import GenaiBook, UnknownCost, schedule_from_spec
 from tokenworks.pricing.rates import TOKEN_CLASSES, RateTable, split_usage
 from tokenworks.pricing.schedule import CostSchedule
 from tokenworks.pricing.spec import CostSpec, PricingSpec, TariffSpec

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from tokenworks.pricing.money import parse_factor, parse_rate
+from tokenworks.money import parse_factor, parse_rate
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 SERVICE_TIERS = ("standard", "priority", "flex")

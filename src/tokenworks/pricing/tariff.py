@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from fractions import Fraction
 
+from tokenworks.money import parse_factor
 from tokenworks.pricing.book import spec_rates, table_from_specs
-from tokenworks.pricing.money import parse_factor
 from tokenworks.pricing.rates import RateTable
 from tokenworks.pricing.spec import SERVICE_TIERS, TariffSpec
 from tokenworks.pricing.windows import Window

@@ -18,7 +18,7 @@ import msgspec
 import yaml
 
 from tokenworks.metering.usage import UsageRecord
-from tokenworks.pricing.money import format_nano, parse_factor
+from tokenworks.money import format_nano, parse_factor
 from tokenworks.pricing.quote import DeploymentKey, Pricer, PricingError
 from tokenworks.pricing.spec import (
     Move,

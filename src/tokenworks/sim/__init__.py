@@ -17,9 +17,9 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from tokenworks.producers.sim_app import SimApp, install_log_filter
-from tokenworks.producers.sim_profile import FAULT_KINDS, PROFILES, SimProfile
 from tokenworks.serving import serve_in_thread
+from tokenworks.sim.app import SimApp, install_log_filter
+from tokenworks.sim.profile import FAULT_KINDS, PROFILES, SimProfile
 
 __all__ = [
     "FAULT_KINDS",

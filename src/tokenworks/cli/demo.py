@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tokenworks.admin_cli import request
 from tokenworks.app import build_app
+from tokenworks.cli.admin import request
 from tokenworks.config import loads
-from tokenworks.pricing.money import format_nano
-from tokenworks.producers.sim import build_app as build_sim
+from tokenworks.money import format_nano
 from tokenworks.serving import serve_in_thread
+from tokenworks.sim import build_app as build_sim
 
 ADMIN_KEY = "demo-admin-key"
 AGENTS_PER_EMPLOYEE = 3
@@ -366,7 +366,7 @@ def run(duration_s: float | None = None) -> int:
             name: stack.enter_context(serve_in_thread(build_sim(name)))
             for name in ("fast", "cheap", "slow")
         }
-        template = string.Template((resources.files("tokenworks") / "demo.yaml").read_text())
+        template = string.Template((resources.files("tokenworks.cli") / "demo.yaml").read_text())
         config = loads(template.substitute(db=db, admin=ADMIN_KEY, **urls), "demo.yaml")
         app = build_app(config)
         gateway_url = stack.enter_context(serve_in_thread(app))

@@ -13,13 +13,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _upstream_sim(args: argparse.Namespace) -> int:
-    from tokenworks.producers.sim import serve
+    from tokenworks.sim import serve
 
     return serve(host=args.host, port=args.port, profile=args.profile)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tokenworks.demo import run
+    from tokenworks.cli.demo import run
 
     return run(duration_s=args.duration)
 
@@ -33,7 +33,7 @@ def _reprice(args: argparse.Namespace) -> int:
     from tokenworks.api.errors import ApiError
     from tokenworks.config import CONFIG_ENV, ConfigError, load
     from tokenworks.metering.store import UsageStore
-    from tokenworks.pricing.money import format_nano
+    from tokenworks.money import format_nano
     from tokenworks.pricing.quote import Pricer
     from tokenworks.pricing.whatif import ScenarioError, format_table, load_scenario, reprice
 
@@ -91,13 +91,13 @@ def _reprice(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from tokenworks import admin_cli
+    from tokenworks.cli import admin as admin_cli
 
     return admin_cli.dispatch(args)
 
 
 def _ledger_admin(args: argparse.Namespace) -> int:
-    from tokenworks import ledger_cli
+    from tokenworks.cli import ledger as ledger_cli
 
     return ledger_cli.dispatch(args)
 
@@ -130,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     what_if.add_argument("--json", action="store_true")
     what_if.set_defaults(func=_reprice)
 
-    from tokenworks.admin_cli import add_subcommands
+    from tokenworks.cli.admin import add_subcommands
 
     add_subcommands(sub, _admin)
-    from tokenworks import ledger_cli
+    from tokenworks.cli import ledger as ledger_cli
 
     ledger_cli.add_subcommands(sub, _ledger_admin)
     return parser

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tokenworks.admin_cli import (
+from tokenworks.cli.admin import (
     DEFAULT_URL,
     URL_ENV,
     AdminError,

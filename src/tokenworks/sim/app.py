@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 
-from tokenworks.producers import sim_wire as wire
-from tokenworks.producers.sim_profile import FAULT_KINDS, OVERCOUNT_FACTOR, SimProfile
+from tokenworks.sim import wire
+from tokenworks.sim.profile import FAULT_KINDS, OVERCOUNT_FACTOR, SimProfile
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
