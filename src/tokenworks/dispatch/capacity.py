@@ -124,13 +124,21 @@ class SlidingWindow:
         for entry in self._entries:
             freed += entry.amount
             if freed >= excess:
-                return entry.at + self.window_s - now
-        return self._entries[-1].at + self.window_s - now if self._entries else 0.0
+                return self._until_gone(entry, now)
+        return self._until_gone(self._entries[-1], now) if self._entries else 0.0
+
+    def _until_gone(self, entry: WindowEntry, now: float) -> float:
+        # The smallest wait after which `now + wait` really is past the entry's window, in
+        # floating point too: a retry at exactly the advertised time must fit.
+        wait = entry.at + self.window_s - now
+        while (now + wait) - self.window_s < entry.at:
+            wait = math.nextafter(wait, math.inf)
+        return wait
 
     def reset_s(self, now: float) -> float:
         """Seconds until the window is empty again (OpenAI's x-ratelimit-reset-*)."""
         self._expire(now)
-        return self._entries[-1].at + self.window_s - now if self._entries else 0.0
+        return self._until_gone(self._entries[-1], now) if self._entries else 0.0
 
 
 class AdaptiveLimit:
@@ -173,7 +181,7 @@ class AdaptiveLimit:
 
     def on_congestion(self, started_at: float, now: float) -> bool:
         """Cut for a capacity signal; False when it belongs to an event already cut for."""
-        if started_at < self._last_cut_at:
+        if started_at <= self._last_cut_at:
             return False
         self.limit = max(self.min_limit, self.limit * self.backoff)
         self._last_cut_at = now

@@ -518,7 +518,10 @@ class Scheduler:
             wait_s = self._estimate_wait(pool, request, ticket.limit_tokens, now, None)
             left_s = request.deadline - now
             if wait_s >= left_s:
-                retry = max(wait_s - max(left_s, 0.0), 0.0) if wait_s > 0 else None
+                # Back when the queue ahead has shrunk to what the deadline allows, with one
+                # start's worth of slack so the retry is not refused again at the edge.
+                slack_s = self._start_gap_s(pool, request)
+                retry = wait_s - max(left_s, 0.0) + slack_s if wait_s > 0 else None
                 return self._shed(pool, tier, ShedReason.DEADLINE, retry, wait_s)
             heapq.heappush(pool.deadlines, (request.deadline, ticket.id, ticket))
         pool.tiers[tier].push(ticket)
@@ -757,10 +760,12 @@ class Scheduler:
     ) -> float:
         """Seconds until this request would start, from its position and the measured rate.
 
-        Position: the work queued in the tiers above, plus, in its own tier, the share of the
-        others' work VTC serves while it works through what it has queued ahead of it
-        (`own_ahead`, default: its agent's queue scaled by the agent's share of its tenant):
-        `min(tier work, own_ahead * backlogged weight / tenant weight)`.
+        Position, in weighted tokens: the work queued in the tiers above; in its own tier, its
+        own work ahead of it (`own_ahead`, default: its agent's queue scaled by the agent's
+        share of its tenant), plus what VTC serves the other tenants meanwhile: their share
+        of that work (`own_ahead * others' weight / its weight`) and the lead its counter
+        has over the smallest one, all capped by what they have queued. Then one mean gap
+        between starts, for the slot to free.
         """
         tier = request.tier
         capacity = pool.capacity
@@ -775,10 +780,14 @@ class Scheduler:
         queue = pool.tiers[tier]
         tenant = queue.tenants.get(request.tenant)
         backlogged = tenant is not None and tenant.live > 0
-        if own_ahead is None:
-            own_ahead = 0.0
-            if backlogged:
-                assert tenant is not None
+        lead = 0.0
+        own_work = 0.0
+        if backlogged:
+            assert tenant is not None
+            own_work = tenant.work
+            floor = queue.min_counter()
+            lead = max(0.0, tenant.counter - floor) if floor is not None else 0.0
+            if own_ahead is None:
                 agent = tenant.agents.get(request.agent)
                 agent_work = agent.work if agent is not None and agent.live else 0.0
                 agent_share = (
@@ -787,9 +796,28 @@ class Scheduler:
                     else (tenant.agent_weight + request.agent_weight)
                 )
                 own_ahead = min(tenant.work, agent_work * agent_share / request.agent_weight)
-        weight = queue.weight if backlogged else queue.weight + request.tenant_weight
-        in_tier = min(queue.work, own_ahead * weight / request.tenant_weight)
-        return pause_s + (higher_work + in_tier) / rate + pool.meter.gap_s()
+        own_ahead = own_ahead or 0.0
+        others_weight = queue.weight - request.tenant_weight if backlogged else queue.weight
+        others = min(
+            queue.work - own_work,
+            (lead + own_ahead / request.tenant_weight) * max(others_weight, 0.0),
+        )
+        start_gap_s = self._start_gap_s(pool, request)
+        return pause_s + (higher_work + own_ahead + max(others, 0.0)) / rate + start_gap_s
+
+    def _start_gap_s(self, pool: _Pool, request: Request) -> float:
+        """Mean time between starts; unmeasured, the time this request's work takes."""
+        measured = pool.meter.gap_s()
+        if measured:
+            return measured
+        rate = pool.meter.rate(self._min_rate_sample_s) or pool.capacity.limits.service_rate_hint
+        if not rate:
+            return 0.0
+        cost = (
+            request.input_weight * request.input_tokens
+            + request.output_weight * request.output_tokens_est
+        )
+        return cost / rate
 
     def _shed(
         self,
