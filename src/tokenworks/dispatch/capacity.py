@@ -363,6 +363,10 @@ class PoolCapacity:
     def concurrency_limit(self) -> int:
         return self.adaptive.value
 
+    def has_slot(self, now: float) -> bool:
+        """The cheap half of `admits`: a free slot and no pause (windows not checked)."""
+        return self.inflight < self.adaptive.value and now >= self.blocked_until
+
     def admits(self, tokens: float, now: float) -> bool:
         if self.inflight >= self.adaptive.value or now < self.blocked_until:
             return False

@@ -91,6 +91,10 @@ class Tier(IntEnum):
         raise ValueError(f"unknown service tier {name!r}")
 
 
+_TIERS = tuple(Tier)  # iterating the enum class itself is slow on the hot path
+_LOWER_TIERS = (Tier.STANDARD, Tier.FLEX)
+
+
 class TicketState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -540,7 +544,7 @@ class Scheduler:
             if pool.deadlines:
                 self._expire(pool, now, changed)
             capacity = pool.capacity
-            while pool.queued:
+            while pool.queued and capacity.has_slot(now):
                 ticket = self._select(pool)
                 if not capacity.admits(ticket.limit_tokens, now):
                     break
@@ -670,8 +674,8 @@ class Scheduler:
 
     def _select(self, pool: _Pool) -> Ticket:
         tiers = pool.tiers
-        chosen = next(t for t in Tier if tiers[t].live)
-        for lower in (Tier.STANDARD, Tier.FLEX):
+        chosen = next(t for t in _TIERS if tiers[t].live)
+        for lower in _LOWER_TIERS:
             bound = self._bursts[lower]
             if (
                 lower > chosen
@@ -691,7 +695,7 @@ class Scheduler:
         pool.tiers[tier].take(ticket)
         self._count_unqueued(pool, request.tenant)
         skips = pool.skips
-        for other in Tier:
+        for other in _TIERS:
             if other == tier or not pool.tiers[other].live:
                 skips[other] = 0
             elif other > tier:
