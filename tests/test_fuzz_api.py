@@ -22,9 +22,9 @@ from schemathesis import GenerationMode
 from tests.conftest import ADMIN_KEY, STORES, Gateway
 
 # Per endpoint and store: positive cases (valid per the document) and negative ones (not).
-# 21 endpoints x (12 + 6) cases x 2 stores is ~750 requests.
-POSITIVE_EXAMPLES = 12
-NEGATIVE_EXAMPLES = 6
+# 21 endpoints x (20 + 8) cases x 2 stores is ~1,200 requests.
+POSITIVE_EXAMPLES = 20
+NEGATIVE_EXAMPLES = 8
 MODELS = ["chat-fast", "chat-a-only", "embed"]
 REQUEST_TIMEOUT_S = 30.0
 
@@ -57,8 +57,53 @@ def _substitutions(gateway: Gateway) -> dict[str, list[Any]]:
     return {"account_id": [str(account_id), "1"], "key_id": [victim["id"]]}
 
 
+def _fuzz_operation(
+    gateway: Gateway,
+    session: requests.Session,
+    operation: Any,
+    headers: dict[str, str],
+    mode: GenerationMode,
+    examples: int,
+    real: dict[str, list[Any]],
+) -> list[str]:
+    """Run one operation's cases in one mode; return its 5xx answers as curl commands."""
+    failures: list[str] = []
+
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        case=operation.as_strategy(generation_mode=mode),
+        use_real=st.booleans(),
+        pick=st.integers(min_value=0, max_value=len(MODELS) - 1),
+    )
+    def run(case: Any, use_real: bool, pick: int) -> None:
+        if use_real:
+            if isinstance(case.body, dict) and "model" in case.body:
+                case.body["model"] = MODELS[pick]
+            for name, values in real.items():
+                if case.path_parameters and name in case.path_parameters:
+                    case.path_parameters[name] = values[pick % len(values)]
+        response = case.call(
+            base_url=gateway.url, session=session, headers=headers, timeout=REQUEST_TIMEOUT_S
+        )
+        if response.status_code >= 500:
+            failures.append(
+                f"{response.status_code} {operation.method.upper()} {operation.path} "
+                f"({mode}): {response.text[:300]}\n  {case.as_curl_command(headers)}"
+            )
+
+    run()
+    return failures
+
+
 def _fuzz(gateway: Gateway, store: str) -> list[str]:
-    """Run every operation's cases; return the 5xx answers as reproducible curl commands."""
+    """Every operation, positive and negative cases; the 5xx answers as curl commands."""
     _, consumer = gateway.funded_key(50_000_000_000, name=f"fuzz-{store}")
     real = _substitutions(gateway)
     schema = schemathesis.openapi.from_dict(httpx.get(f"{gateway.url}/openapi.json").json())
@@ -72,40 +117,7 @@ def _fuzz(gateway: Gateway, store: str) -> list[str]:
             (GenerationMode.POSITIVE, POSITIVE_EXAMPLES),
             (GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES),
         ):
-
-            @settings(
-                max_examples=examples,
-                derandomize=True,
-                database=None,
-                deadline=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(
-                case=operation.as_strategy(generation_mode=mode),
-                use_real=st.booleans(),
-                pick=st.integers(min_value=0, max_value=len(MODELS) - 1),
-            )
-            def run(case: Any, use_real: bool, pick: int) -> None:
-                if use_real:
-                    if isinstance(case.body, dict) and "model" in case.body:
-                        case.body["model"] = MODELS[pick]
-                    for name, values in real.items():
-                        if case.path_parameters and name in case.path_parameters:
-                            case.path_parameters[name] = values[pick % len(values)]
-                response = case.call(
-                    base_url=gateway.url,
-                    session=session,
-                    headers=headers,
-                    timeout=REQUEST_TIMEOUT_S,
-                )
-                if response.status_code >= 500:
-                    failures.append(
-                        f"{response.status_code} {operation.method.upper()} {operation.path} "
-                        f"({mode}): {response.text[:300]}\n  {case.as_curl_command(headers)}"
-                    )
-
-            run()
+            failures += _fuzz_operation(gateway, session, operation, headers, mode, examples, real)
     return failures
 
 
