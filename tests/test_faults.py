@@ -275,8 +275,9 @@ def test_sim_serves_each_billing_fault_by_name_and_count(
     listed = sim_client.get("/sim/faults").json()["kinds"]
     assert set(listed) == FAULT_KINDS
     for kind in BILLING_FAULTS:
-        assert sim_client.post("/sim/faults", json={"kind": kind, "count": 2}).status_code == 200
-        faulty = [_sim_answer(sim_client, stream, sim_delay_s=0.01) for _ in range(2)]
+        queued = {"kind": kind, "count": 2, "delay_s": 0.01}  # stalls and slow starts: short
+        assert sim_client.post("/sim/faults", json=queued).status_code == 200
+        faulty = [_sim_answer(sim_client, stream) for _ in range(2)]
         honest_carrier, _, honest_done = _sim_answer(sim_client, stream)
         assert honest_done and isinstance(honest_carrier["usage"]["prompt_tokens"], int)
         for carrier, objects, done in faulty:
