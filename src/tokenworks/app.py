@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenworks.api import admin, admin_ledger, agent_keys, openai
+from tokenworks.api import admin, admin_ledger, agent_keys, openai, openapi
 from tokenworks.api.errors import ApiError
 from tokenworks.config import Config
 from tokenworks.dispatch.health import Health
@@ -122,6 +122,7 @@ def build_app(config: Config) -> Starlette:
             *admin_ledger.routes,
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *openapi.routes,
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,

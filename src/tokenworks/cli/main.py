@@ -112,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_serve)
 
-    sim = sub.add_parser("upstream-sim", help="run a simulated OpenAI-compatible token factory")
+    from tokenworks.sim.profile import fault_help_text
+
+    sim = sub.add_parser(
+        "upstream-sim",
+        help="run a simulated OpenAI-compatible token factory",
+        epilog=fault_help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=18080)
     sim.add_argument("--profile", default="fast")

@@ -23,7 +23,14 @@ from typing import Any
 import msgspec
 
 from tokenworks.sim import wire
-from tokenworks.sim.profile import FAULT_KINDS, OVERCOUNT_FACTOR, SimProfile
+from tokenworks.sim.faults import REWRITING_FAULTS, rewrite, rewrite_body, rewrite_event
+from tokenworks.sim.profile import (
+    FAULT_HELP,
+    FAULT_KINDS,
+    OVERCOUNT_FACTOR,
+    USAGE_FAULTS,
+    SimProfile,
+)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -44,6 +51,10 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
 ]
 _ERROR_FAULTS = frozenset({"500", "503", "429"})
+# Faults whose reported usage is not a count to add to the stats (nonsense, or multiplied).
+_UNCOUNTED_FAULTS = USAGE_FAULTS | {"no_usage", "choice_flood"}
+# Faults that wait on the client connection, so a client that leaves stops them.
+_WATCHED_FAULTS = frozenset({"timeout", "slow_first_byte", "stall"})
 
 # Set by a request that closes its connection on purpose (the `cut` fault), so the log filter
 # below drops uvicorn's complaint about it for that request only.
@@ -346,7 +357,7 @@ class Job:
         content = b"".join(self.content)
         if self.endpoint == "chat":
             reasoning = b"".join(self.reasoning) if self.reasoning else None
-            return wire.chat_body(
+            body = wire.chat_body(
                 self.request_id,
                 self.created,
                 self.model,
@@ -356,9 +367,11 @@ class Job:
                 counts,
                 self.service_tier,
             )
-        return wire.text_body(
-            self.request_id, self.created, self.model, content, self.finish_reason, counts
-        )
+        else:
+            body = wire.text_body(
+                self.request_id, self.created, self.model, content, self.finish_reason, counts
+            )
+        return rewrite_body(self.fault, body) if self.fault in REWRITING_FAULTS else body
 
 
 def _positive_int(value: object, param: str) -> int | None:
@@ -561,12 +574,23 @@ class SimApp:
             prompt_tokens *= OVERCOUNT_FACTOR
         if fault != "no_usage":
             response["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
-            self.stats.prompt_tokens_reported += prompt_tokens
+            if fault not in _UNCOUNTED_FAULTS:
+                self.stats.prompt_tokens_reported += prompt_tokens
+        if fault in REWRITING_FAULTS:
+            response = rewrite(fault, response)
         payload = _encode(response)
         if fault in ("cut", "malformed"):
             await self._send_broken_body(send, payload, cut=fault == "cut")
             return
-        await _send_json(send, 200, payload)
+        if fault == "stall":
+            watch = Watch(receive)
+            try:
+                if not await self._send_stalled(send, payload, delay_s, watch):
+                    return
+            finally:
+                watch.close()
+        else:
+            await _send_json(send, 200, payload)
         self.stats.completed += 1
 
     async def _models(self, body: bytes, receive: Receive, send: Send) -> None:
@@ -591,7 +615,9 @@ class SimApp:
         await _send_json(send, 200, b'{"reset":true}')
 
     async def _get_faults(self, body: bytes, receive: Receive, send: Send) -> None:
-        await _send_json(send, 200, _encode({"pending": self.faults.pending()}))
+        await _send_json(
+            send, 200, _encode({"pending": self.faults.pending(), "kinds": FAULT_HELP})
+        )
 
     async def _post_faults(self, body: bytes, receive: Receive, send: Send) -> None:
         req = _parse_object(body)
@@ -704,7 +730,7 @@ class SimApp:
         if fault in _ERROR_FAULTS:
             await self._send_fault_error(send, fault)
             return
-        needs_watch = self.profile.paced or fault in ("timeout", "slow_first_byte")
+        needs_watch = self.profile.paced or fault in _WATCHED_FAULTS
         watch = Watch(receive) if needs_watch else None
         try:
             if (
@@ -802,9 +828,14 @@ class SimApp:
         if job.fault in ("cut", "malformed"):
             await self._send_broken_body(send, payload, cut=job.fault == "cut")
             return
-        await _send_json(send, 200, payload, job.request_id)
+        if job.fault == "stall":
+            assert watch is not None
+            if not await self._send_stalled(send, payload, job.fault_delay_s, watch):
+                return
+        else:
+            await _send_json(send, 200, payload, job.request_id)
         self.stats.completion_tokens_sent += job.counts.completion_tokens
-        if job.fault != "no_usage":
+        if job.fault not in _UNCOUNTED_FAULTS:
             self.stats.reported(job.reported_counts)
         self.stats.completed += 1
 
@@ -814,10 +845,13 @@ class SimApp:
             return
         builder = job.stream_builder()
         deltas = job.deltas(builder)
+        fault = job.fault
+        if fault in REWRITING_FAULTS:
+            deltas = [rewrite_event(fault, d) for d in deltas]
         total = job.counts.completion_tokens
         lead = len(deltas) - total  # the role chunk, which is not a token
         unsent_lead = deltas[:lead]  # goes out with the first tokens, or alone before a fault
-        stop_at = total if job.fault not in ("cut", "malformed") else total // 2
+        stop_at = total if fault not in ("cut", "malformed", "stall") else total // 2
         await send(_stream_start(job.request_id))
         stats = self.stats
 
@@ -838,22 +872,53 @@ class SimApp:
         if job.fault == "cut":
             _cut_on_purpose.set(True)
             return  # uvicorn closes the connection: no final chunk, no [DONE]
-        if job.fault == "malformed":
-            await send(
-                {"type": "http.response.body", "body": builder.malformed(), "more_body": True}
-            )
+        if fault in ("malformed", "stall"):
+            if fault == "malformed":
+                await send(
+                    {"type": "http.response.body", "body": builder.malformed(), "more_body": True}
+                )
+            elif watch is not None and await watch.sleep(self._stall_s(job.fault_delay_s)):
+                stats.cancelled += 1
+                _cut_on_purpose.set(True)
+                return
             if not await self._pace(total - stop_at, watch, _shifted(emit, stop_at)):
                 stats.cancelled += 1
                 _cut_on_purpose.set(True)
                 return
         tail = [builder.finish(job.finish_reason)]
-        if job.include_usage and job.fault != "no_usage":
+        if job.include_usage and fault != "no_usage":
             tail.append(builder.usage(job.reported_counts))
-        tail.append(wire.DONE)
+        if fault in REWRITING_FAULTS:
+            tail = [rewrite_event(fault, t) for t in tail]
+        if fault != "no_done":
+            tail.append(wire.DONE)
         await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
-        if job.fault != "no_usage":
+        if fault not in _UNCOUNTED_FAULTS:
             stats.reported(job.reported_counts)
         stats.completed += 1
+
+    def _stall_s(self, delay_s: float | None) -> float:
+        return self.profile.stall_s if delay_s is None else delay_s
+
+    async def _send_stalled(
+        self, send: Send, payload: bytes, delay_s: float | None, watch: Watch
+    ) -> bool:
+        """Announce the full length, send half, pause, send the rest; False if the client left."""
+        half = len(payload) // 2
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [_JSON, (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload[:half], "more_body": True})
+        if await watch.sleep(self._stall_s(delay_s)):
+            self.stats.cancelled += 1
+            _cut_on_purpose.set(True)
+            return False
+        await send({"type": "http.response.body", "body": payload[half:]})
+        return True
 
     async def _send_fault_error(self, send: Send, fault: str) -> None:
         if fault == "500":

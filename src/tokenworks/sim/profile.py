@@ -7,16 +7,50 @@ from dataclasses import dataclass
 
 MIB = 1024 * 1024
 
-# Fault kinds the sim can serve on demand (`sim_fault` body field, POST /sim/faults) or at random.
-# `overcount` reports OVERCOUNT_FACTOR times the prompt tokens the request carried (a producer
-# that bills an image or audio the gateway's byte bound did not see, or simply over-reports).
-FAULT_KINDS: frozenset[str] = frozenset(
-    {
-        "500", "503", "429", "timeout", "cut", "malformed", "no_usage", "slow_first_byte",
-        "overcount",
-    }
-)  # fmt: skip
+# Fault kinds the sim can serve on demand (`sim_fault` body field, POST /sim/faults with a
+# `count`) or at random. Each is described in FAULT_HELP, which GET /sim/faults and
+# `tokenworks upstream-sim --help` list.
 OVERCOUNT_FACTOR = 1000
+FLOOD_CHOICES = 64
+HUGE_PROMPT_TOKENS = 10**19
+HUGE_COMPLETION_TOKENS = 10**25
+FAULT_HELP: dict[str, str] = {
+    "500": "answer 500 before any byte",
+    "503": "answer 503 (overloaded) with Retry-After",
+    "429": "answer 429 (insufficient capacity) with Retry-After",
+    "timeout": "hang before the first byte, then 504 (timeout_fault_s)",
+    "slow_first_byte": "wait delay_s (default slow_first_byte_s) before the first byte",
+    "cut": "send half the answer, then drop the connection",
+    "malformed": "send half the answer, then invalid JSON",
+    "no_usage": "report no usage at all",
+    "overcount": f"report {OVERCOUNT_FACTOR} times the prompt tokens",
+    # Usage an upstream should never report; the gateway must neither crash nor give it away.
+    "huge_usage": "report absurd usage: 1e19 prompt and 1e25 completion tokens (integers)",
+    "negative_usage": "report negative prompt, completion and total tokens",
+    "float_usage": "report the token counts as non-integer numbers (n + 0.5)",
+    "string_usage": 'report the token counts as strings ("12")',
+    "zero_usage": "report zero tokens for an answer that has text",
+    "usage_elsewhere": "report usage under 'x_usage' instead of 'usage'",
+    "choice_flood": f"answer {FLOOD_CHOICES} choices whatever 'n' asked (usage counts them all)",
+    "stall": "stop sending halfway for delay_s seconds (default stall_s), then finish",
+    "no_done": "end a stream after its usage chunk without 'data: [DONE]' (streams only)",
+    "wrong_tier": "report service_tier 'priority' whatever was asked (chat only)",
+}
+FAULT_KINDS: frozenset[str] = frozenset(FAULT_HELP)
+
+
+def fault_help_text() -> str:
+    """The fault list as `tokenworks upstream-sim --help` prints it."""
+    lines = ["faults (POST /sim/faults {kind, count, delay_s}, or 'sim_fault' in a request body):"]
+    lines += [f"  {kind:<16} {text}" for kind, text in FAULT_HELP.items()]
+    return "\n".join(lines)
+
+
+# The faults that change what `usage` says (or where), not how the answer is delivered.
+USAGE_FAULTS: frozenset[str] = frozenset(
+    {"huge_usage", "negative_usage", "float_usage", "string_usage", "zero_usage",
+     "usage_elsewhere"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +84,7 @@ class SimProfile:
     seed: int = 0
     timeout_fault_s: float = 3600.0
     slow_first_byte_s: float = 2.0
+    stall_s: float = 2.0  # the `stall` fault's pause when the request gives no delay_s
     # Models listed by /v1/models (any model name is accepted and echoed).
     models: tuple[str, ...] = ("sim-small", "sim-large", "sim-reasoner", "sim-embed")
     # Models whose name contains "reason" spend this share of output on reasoning tokens.
