@@ -129,13 +129,12 @@ def _item_to_chat(item: Any, index: int, messages: list[dict[str, Any]]) -> None
             "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""},
         }
         last = messages[-1] if messages else None
-        # One assistant turn may call several tools; Responses lists them as separate items.
-        if (
-            last is not None
-            and last["role"] == "assistant"
-            and ("tool_calls" in last or not last.get("content"))
-        ):
+        # One assistant turn may say something and call several tools; Responses lists the
+        # text and each call as separate items, chat wants them in one assistant message.
+        if last is not None and last["role"] == "assistant":
             last.setdefault("tool_calls", []).append(call)
+            if not last.get("content"):
+                last["content"] = None
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
     elif kind == "function_call_output":
@@ -209,7 +208,10 @@ def chat_usage_to_responses(usage: Any) -> dict[str, Any]:
     counts = usage_from_openai(usage) or Usage()
     return {
         "input_tokens": counts.input_tokens,
-        "input_tokens_details": {"cached_tokens": counts.cached_input_tokens},
+        "input_tokens_details": {
+            "cached_tokens": counts.cached_input_tokens,
+            "cache_write_tokens": counts.cache_write_tokens,
+        },
         "output_tokens": counts.output_tokens,
         "output_tokens_details": {"reasoning_tokens": counts.reasoning_tokens},
         "total_tokens": counts.input_tokens + counts.output_tokens,
