@@ -589,3 +589,34 @@ def test_error_status_table(status: int, kind: str) -> None:
     }
     back_status, back = wire.anthropic_error_to_openai(status, copy.deepcopy(body))
     assert back_status == status and back["error"]["message"] == "m"
+
+
+def _sse_json(body: bytes) -> list[Any]:
+    return [json.loads(d) for f in frames(body) if (d := data_of(f)) is not None and d != b"[DONE]"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "openai_chat_text_stream.txt",
+        "openrouter_reasoning_stream.yaml",
+        "openai_chat_parallel_tools_stream.txt",
+    ],
+)
+def test_the_template_fast_path_says_what_the_general_path_says(name: str) -> None:
+    raw = recorded_sse(name)
+    fast = _sse_json(translate(wire.ChatToMessagesStream(model="m"), raw))
+    general = wire.ChatToMessagesStream(model="m")
+    slow = [e for c in chat_stream_events(raw) for e in general.feed(c)] + general.finish()
+    assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "name", ["anthropic_tool_use_stream.txt", "anthropic_thinking_stream.yaml"]
+)
+def test_the_chat_template_fast_path_says_what_the_general_path_says(name: str) -> None:
+    raw = recorded_sse(name)
+    fast = _sse_json(translate(wire.MessagesToChatStream(created=1), raw))
+    general = wire.MessagesToChatStream(created=1)
+    slow = [c for e in _sse_json(raw) for c in general.feed(e)]
+    assert fast == slow

@@ -478,3 +478,18 @@ def test_our_responses_have_the_shape_of_recorded_ones() -> None:
     assert set(real_message) <= set(ours["output"][0])
     assert set(real_message["content"][0]) <= set(ours["output"][0]["content"][0])
     assert Response.model_validate(ours).output_text == real_message["content"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    "name", ["openai_chat_text_stream.txt", "openrouter_reasoning_stream.yaml"]
+)
+def test_the_template_fast_path_says_what_the_general_path_says(name: str) -> None:
+    raw = recorded_sse(name)
+    fast_stream = wire.ChatToResponsesStream({"model": "m"}, created_at=1)
+    fast = [
+        json.loads(data_of(f) or b"")
+        for f in frames(b"".join(fast_stream.feed_sse(f) for f in frames(raw)))
+    ]
+    general = wire.ChatToResponsesStream({"model": "m"}, created_at=1)
+    slow = [e for c in events_of(raw) for e in general.feed(c)] + general.finish()
+    assert fast == slow

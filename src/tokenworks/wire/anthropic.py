@@ -24,6 +24,7 @@ from tokenworks.wire.common import (
     dumps_str,
     encode,
     parse_arguments,
+    plain_text_delta,
     text_of,
 )
 from tokenworks.wire.sse import data_of
@@ -722,6 +723,7 @@ class ChatToMessagesStream:
         "_finish",
         "_next_index",
         "_started",
+        "_text_prefix",
         "_tool_blocks",
         "_usage",
         "model",
@@ -737,14 +739,21 @@ class ChatToMessagesStream:
         self._tool_blocks: dict[int, int] = {}  # chat tool_call index -> block index
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
+        self._text_prefix = b""
 
     def feed_sse(self, frame: bytes) -> bytes:
         """One raw upstream SSE event in, the translated events' bytes out."""
         data = data_of(frame)
         if data is None:
             return b""
-        events = self.finish() if data == b"[DONE]" else self.feed(decode(data))
-        return b"".join(map(encode_messages_event, events))
+        if data == b"[DONE]":
+            return b"".join(map(encode_messages_event, self.finish()))
+        chunk = decode(data)
+        if self._block_kind == "text":
+            text = plain_text_delta(chunk)
+            if text is not None:  # the common case, from a template
+                return self._text_prefix + encode(text) + b"}}\n\n"
+        return b"".join(map(encode_messages_event, self.feed(chunk)))
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         if "error" in chunk and "choices" not in chunk:
@@ -803,6 +812,11 @@ class ChatToMessagesStream:
         self._block_kind = kind
         self._next_index += 1
         events.append({"type": "content_block_start", "index": self._block, "content_block": block})
+        if kind == "text":
+            self._text_prefix = (
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                b'"delta":{"type":"text_delta","text":' % self._block
+            )
 
     def _close(self, events: list[dict[str, Any]]) -> None:
         if self._block >= 0:
@@ -878,6 +892,9 @@ class ChatToMessagesStream:
 # --- streams: Messages events -> chat chunks ---------------------------------------------------
 
 
+_CHUNK_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+
 class MessagesToChatStream:
     """Anthropic Messages stream events in, chat completion chunks out.
 
@@ -914,6 +931,10 @@ class MessagesToChatStream:
         if data is None:
             return b""
         event = decode(data)
+        if event.get("type") == "content_block_delta" and self._base:
+            delta = event.get("delta")
+            if type(delta) is dict and delta.get("type") == "text_delta":  # the common case
+                return self._base + encode(delta.get("text", "")) + _CHUNK_TAIL
         chunks = self.feed(event)
         out = b"".join(b"data: " + encode(chunk) + b"\n\n" for chunk in chunks)
         if event.get("type") == "message_stop":
@@ -954,6 +975,9 @@ class MessagesToChatStream:
             message = event.get("message") or {}
             self._id = message.get("id")
             self._model = self._model or message.get("model")
+            head = encode(self._chunk({"content": ""}))
+            # Everything of a text chunk before its text: `...,"delta":{"content":`
+            self._base = b"data: " + head[: head.index(b'"content":') + len(b'"content":')]
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             block = event.get("content_block") or {}

@@ -20,6 +20,7 @@ from tokenworks.wire.common import (
     as_int,
     decode,
     encode,
+    plain_text_delta,
     text_of,
 )
 from tokenworks.wire.sse import data_of
@@ -337,6 +338,8 @@ def chat_response_to_responses(
 
 # --- streams -----------------------------------------------------------------------------------
 
+_TEXT_TAIL = b',"logprobs":[]}\n\n'
+
 
 class ChatToResponsesStream:
     """Chat completion chunks in, Responses typed stream events out (each with its
@@ -357,6 +360,8 @@ class ChatToResponsesStream:
         "_seq",
         "_suffix",
         "_text",
+        "_text_head",
+        "_text_mid",
         "_tool_items",
         "_usage",
     )
@@ -374,12 +379,31 @@ class ChatToResponsesStream:
         self._usage: Any = None
         self._done = False
         self._suffix = "0"
+        self._text_head = b""
+        self._text_mid = b""
 
     def feed_sse(self, frame: bytes) -> bytes:
         data = data_of(frame)
         if data is None:
             return b""
-        events = self.finish() if data == b"[DONE]" else self.feed(decode(data))
+        if data == b"[DONE]":
+            events = self.finish()
+        else:
+            chunk = decode(data)
+            if self._item_kind == "message":
+                text = plain_text_delta(chunk)
+                if text is not None:  # the common case, from a template
+                    self._text.append(text)
+                    seq = self._seq
+                    self._seq += 1
+                    return b"%s%d%s%s%s" % (
+                        self._text_head,
+                        seq,
+                        self._text_mid,
+                        encode(text),
+                        _TEXT_TAIL,
+                    )
+            events = self.feed(chunk)
         return b"".join(
             b"event: " + event["type"].encode() + b"\ndata: " + encode(event) + b"\n\n"
             for event in events
@@ -491,6 +515,14 @@ class ChatToResponsesStream:
             "content": [],
         }
         self._add_item("message", item, events)
+        self._text_head = (
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            b'"sequence_number":'
+        )
+        self._text_mid = b',"item_id":%s,"output_index":%d,"content_index":0,"delta":' % (
+            encode(item["id"]),
+            self._index(),
+        )
         events.append(
             self._event(
                 "response.content_part.added",

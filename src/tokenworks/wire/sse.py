@@ -119,10 +119,12 @@ def data_of(frame: bytes) -> bytes | None:
     begin = at + 5
     if frame[begin : begin + 1] == b" ":
         begin += 1
-    end = begin
-    n = len(frame)
-    while end < n and frame[end] not in (0x0A, 0x0D):
-        end += 1
+    end = frame.find(b"\n", begin)
+    if end < 0:
+        end = len(frame)
+    cr = frame.find(b"\r", begin, end)
+    if cr >= 0:
+        end = cr
     if frame.find(b"data:", end) >= 0:  # several data lines: join them as the spec says
         fields = parse_event(frame)
         return None if fields.data is None else fields.data.encode()
