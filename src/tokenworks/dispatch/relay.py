@@ -672,10 +672,6 @@ def _event_data(event: bytes) -> bytes | None:
     return b"\n".join(parts) if parts else None
 
 
-class _ClientStalled(Exception):
-    pass
-
-
 class _StreamResponse:
     """The ASGI response of a stream: pumps upstream events to the client until one ends."""
 
