@@ -708,6 +708,14 @@ class _StreamResponse:
         self.charged = True  # False when the settlement failed: the answer must not end well
         self.pending_error: bytes | None = None  # an SSE error event to end the stream with
         self.writing_since_s: float | None = None  # a write the client has not taken yet
+        self.stalled = False  # cut: the client stopped taking writes
+        self._pump_task: asyncio.Future[None] | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._extension: asyncio.Future[None] | None = None
+        self._extend_at_s = call.hold_at_s + call.hold_ttl_s / 2
+        # Checked often enough to cut within 1.25 x the stall timeout and to extend the hold
+        # with half its TTL still to run: a timer, not a task, so a stream costs one handle.
+        self._tick_s = min(relay.client_stall_timeout_s, call.hold_ttl_s / 2) / 4
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         headers = [
@@ -719,15 +727,15 @@ class _StreamResponse:
             balance = format_nano(self.call.hold.available_after_nano).encode()
             headers.append((b"x-tokenworks-balance", balance))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        pump = asyncio.ensure_future(self._pump(send))
+        pump = self._pump_task = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
-        guard = asyncio.ensure_future(self._guard())
+        self._tick_handle = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
         try:
-            await asyncio.wait({pump, watch, guard}, return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done() or self.stalled:
                 pump.cancel()
                 self.status = HTTP_CLIENT_CLOSED
-                if guard.done():
+                if self.stalled:
                     self.error = (
                         f"client stopped reading for {self.relay.client_stall_timeout_s:g} s;"
                         " stream cut"
@@ -735,8 +743,7 @@ class _StreamResponse:
                 else:
                     self.error = "client disconnected mid-stream"
             watch.cancel()
-            guard.cancel()
-            await asyncio.gather(pump, watch, guard, return_exceptions=True)
+            await asyncio.gather(pump, watch, return_exceptions=True)
             if pump.done() and not pump.cancelled() and pump.exception() is not None:
                 exc = pump.exception()
                 if isinstance(exc, OSError):  # the client socket broke while we wrote
@@ -745,28 +752,27 @@ class _StreamResponse:
                 else:
                     raise exc  # type: ignore[misc]
         finally:
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
             self.upstream.close()
             await self._finish()
         # A cut stream returns without its last message: the server closes the connection,
         # so the client sees a broken answer, not a finished one.
 
-    async def _guard(self) -> None:
-        """Return when the client has not taken a write for the stall timeout; meanwhile keep
-        the hold alive as long as the stream is (it may outlive the hold's first TTL)."""
-        stall_s = self.relay.client_stall_timeout_s
-        # Checked often enough to cut within 1.25 x the timeout and to extend the hold with
-        # half its TTL still to run; a few wake-ups per stream, none per event.
-        period_s = min(stall_s, self.call.hold_ttl_s / 2) / 4
-        extend_at_s = self.call.hold_at_s + self.call.hold_ttl_s / 2
-        while True:
-            await asyncio.sleep(period_s)
-            now_s = time.monotonic()
-            since_s = self.writing_since_s
-            if since_s is not None and now_s - since_s >= stall_s:
-                return
-            if now_s >= extend_at_s:
-                extend_at_s = now_s + self.call.hold_ttl_s / 2
-                await self.relay.extend_hold(self.call)
+    def _tick(self) -> None:
+        """Cut the stream when the client has not taken a write for the stall timeout;
+        meanwhile keep the hold alive as long as the stream (it may outlive the first TTL)."""
+        now_s = time.monotonic()
+        since_s = self.writing_since_s
+        if since_s is not None and now_s - since_s >= self.relay.client_stall_timeout_s:
+            self.stalled = True
+            assert self._pump_task is not None
+            self._pump_task.cancel()
+            return
+        if now_s >= self._extend_at_s:
+            self._extend_at_s = now_s + self.call.hold_ttl_s / 2
+            self._extension = asyncio.ensure_future(self.relay.extend_hold(self.call))
+        self._tick_handle = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
 
     async def _write(self, send: Send, body: bytes, more_body: bool) -> None:
         self.writing_since_s = time.monotonic()
@@ -862,13 +868,11 @@ class _StreamResponse:
         if isinstance(raw_usage, dict) and not choices:
             if not self.call.client_wants_usage:
                 return None  # the usage chunk we asked for on the client's behalf
-            earlier, self.usage_event = self.usage_event, self._public(event)
-            return earlier or None  # a second usage chunk: the first goes out as it was
+            earlier = self.usage_event  # a second usage chunk: the first goes out as it was
+            self.usage_event = _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+            return earlier or None
         if not self.call.client_wants_usage:
             event = _USAGE_NULL.sub(b"", event)
-        return self._public(event)
-
-    def _public(self, event: bytes) -> bytes:
         return _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
 
     async def _finish(self) -> bool:
