@@ -29,6 +29,7 @@ pricing:
     retail:
       markup: "0.5"
       service_tiers: {priority: "2", flex: "0.5"}
+      below_cost: allow  # flex at 0.75 of cost, on purpose
 """
 
 

@@ -60,6 +60,7 @@ tariffs:
     markup: "0.137"
     service_tiers: {priority: "1.7", flex: "0.45"}
     time_of_use: [{start: "23:00", end: "07:00", tz: "Asia/Shanghai", multiplier: "0.6"}]
+    below_cost: allow
   fixed:
     fixed:
       glm: {input_per_mtok: "1.1", output_per_mtok: "3.3",

@@ -36,6 +36,7 @@ tariffs:
     service_tiers: {priority: "2", flex: "0.5"}
     time_of_use:
       - {start: "22:00", end: "06:00", tz: "Europe/Berlin", multiplier: "0.5"}
+    below_cost: allow
     fixed:
       chat-fast: {input_per_mtok: "0.10", output_per_mtok: "0.40"}
   at-cost: {}
@@ -43,6 +44,7 @@ tariffs:
     markup: "0"
     default_service_tier: flex
     service_tiers: {flex: "0.5"}
+    below_cost: allow
 accounts:
   acct-internal: staff
 """

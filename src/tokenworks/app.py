@@ -51,6 +51,7 @@ class Gateway:
             self.metrics,
             self.pricer,
             config.limits.max_attempts,
+            client_stall_timeout_s=config.limits.client_stall_timeout_s,
         )
 
     async def start(self) -> None:

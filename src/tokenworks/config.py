@@ -66,14 +66,24 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     deployments: list[Deployment]
     # tiktoken encoding used when the upstream reports no usage; guessed from the name if unset.
     tokenizer: str | None = None
-    # Output the gateway holds credit for when a request sets no max_tokens.
-    max_output_tokens: int = 16_384
+    # The most output one choice may produce: what a request without max_tokens is held for,
+    # and the most max_tokens may ask (more is a 400). Unset: the context window, at most
+    # 131,072 tokens (dispatch/relay.py DEFAULT_MAX_OUTPUT_TOKENS).
+    max_output_tokens: int | None = None
+    # Tokens one choice can use, input and output each; usage reported beyond it (times the
+    # request's prompts and choices) is an upstream error, not a bill. Unset: the price book's
+    # window of every deployment, else 10,485,760 (relay.DEFAULT_CONTEXT_WINDOW_TOKENS).
+    context_window_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.deployments:
             raise ValueError("a model needs at least one deployment")
-        if not 1 <= self.max_output_tokens <= 10_000_000:
+        if self.max_output_tokens is not None and not 1 <= self.max_output_tokens <= 10_000_000:
             raise ValueError("max_output_tokens must be within 1..10000000")
+        if self.context_window_tokens is not None and not (
+            1 <= self.context_window_tokens <= 100_000_000
+        ):
+            raise ValueError("context_window_tokens must be within 1..100000000")
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -81,8 +91,14 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     max_body_bytes: int = 8 * 1024 * 1024
     max_attempts: int = 3
+    # A stream whose client has not taken a write for this long is cut (and charged for what
+    # was produced): a client that stops reading must not hold an answer, its credit and an
+    # upstream slot open.
+    client_stall_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.client_stall_timeout_s <= 3600:  # also false for NaN
+            raise ValueError("client_stall_timeout_s must be within (0, 3600] seconds")
         if not 1024 <= self.max_body_bytes <= 256 * 1024 * 1024:
             raise ValueError("max_body_bytes must be within 1 KiB..256 MiB")
         if not 1 <= self.max_attempts <= 10:

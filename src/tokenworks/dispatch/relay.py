@@ -10,6 +10,7 @@ went away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -25,10 +26,11 @@ import msgspec
 from starlette.responses import Response
 
 from tokenworks.api.errors import ApiError, error_body
-from tokenworks.config import Deployment
+from tokenworks.config import Deployment, Model
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.keys.store import ApiKey
 from tokenworks.ledger import HoldClosed, HoldView, Ledger, LedgerError, Refused
+from tokenworks.ledger.domain import MAX_AMOUNT_NANO
 from tokenworks.metering import extract
 from tokenworks.metering.store import USAGE_SCHEMA, UsageStore, usage_row
 from tokenworks.metering.usage import Usage, UsageRecord
@@ -42,7 +44,17 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 HTTP_CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
 HOLD_MARGIN_S = 60.0  # a hold outlives the longest upstream timeout by this much
+MAX_HOLD_TTL_S = 86_400.0  # the ledger's longest hold
 CLAMP_LOG_INTERVAL_S = 10.0  # at most one warning per interval; the metrics count every one
+# When neither the config nor the price book says: no published model produces more than
+# 128 Ki tokens in one choice (GPT-5, Claude, Gemini cap output at 64-128 Ki), and no published
+# context window is larger than 10 Mi tokens (Llama 4 Scout's 10M).
+DEFAULT_MAX_OUTPUT_TOKENS = 131_072
+DEFAULT_CONTEXT_WINDOW_TOKENS = 10_485_760
+SETTLEMENT_FAILED = "settlement_failed"
+SETTLEMENT_FAILED_MESSAGE = (
+    "the answer could not be charged, so it is withheld; nothing was charged, try again"
+)
 
 log = logging.getLogger("tokenworks.relay")
 
@@ -80,6 +92,11 @@ class Call:
     tariff: str | None = None
     body_bytes: int = 0
     hold: HoldView | None = None
+    hold_ttl_s: float = HOLD_MARGIN_S
+    hold_at_s: float = 0.0  # time.monotonic() when the hold was placed
+    # Input or output beyond this is an upstream's error: the model's context window times
+    # the request's prompts and choices (set by the relay before dispatch).
+    usage_limit_tokens: int = DEFAULT_CONTEXT_WINDOW_TOKENS
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: next_request_id())
     # When the request started: the moment its prices are taken at (several times per call).
@@ -98,24 +115,36 @@ class Call:
         tier = self.payload.get("service_tier")
         return tier if isinstance(tier, str) else None
 
-    @property
-    def max_output_tokens(self) -> int:
-        """The most output this request may produce: what it asked for, else the model's cap."""
-        if self.endpoint == "embeddings":
-            return 0
-        asked = [
-            v
-            for v in (self.payload.get("max_completion_tokens"), self.payload.get("max_tokens"))
-            if isinstance(v, int) and not isinstance(v, bool)
-        ]
-        # An upstream may honour either field: hold for the larger one.
-        limit = max(asked) if asked else self.route.model.max_output_tokens
-        choices = 1
-        for name in ("n", "best_of"):  # upstreams bill every candidate they generate
-            value = self.payload.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > choices:
-                choices = value
-        return limit * choices
+
+@dataclass(frozen=True, slots=True)
+class ModelBounds:
+    """What one choice of a model can produce and use, resolved once at start."""
+
+    max_output_tokens: int
+    context_window_tokens: int
+
+    @classmethod
+    def of(cls, model: Model, pricer: Pricer) -> ModelBounds:
+        """The config's figures, else the price book's context window (the largest over the
+        deployments; one the book does not know counts as the generous default)."""
+        window = model.context_window_tokens or max(
+            pricer.context_window(d.producer, d.model, d.cost) or DEFAULT_CONTEXT_WINDOW_TOKENS
+            for d in model.deployments
+        )
+        max_output = model.max_output_tokens or min(window, DEFAULT_MAX_OUTPUT_TOKENS)
+        return cls(max_output, max(window, max_output))
+
+
+def _prompt_count(endpoint: str, payload: dict[str, Any]) -> int:
+    """How many prompts a request carries: an upstream answers each one (`n` times)."""
+    if endpoint == "chat":
+        return 1
+    value = payload.get("prompt" if endpoint == "completions" else "input")
+    if not isinstance(value, list) or not value:
+        return 1
+    if isinstance(value[0], int):  # one pre-tokenised prompt, unless more follow it
+        return 1 + sum(1 for v in value if not isinstance(v, int))
+    return len(value)
 
 
 class Relay:
@@ -127,8 +156,14 @@ class Relay:
         metrics: Metrics,
         pricer: Pricer,
         max_attempts: int,
+        *,
+        client_stall_timeout_s: float = 30.0,
     ) -> None:
         self.pricer = pricer
+        self.client_stall_timeout_s = client_stall_timeout_s
+        self.bounds = {
+            name: ModelBounds.of(route.model, pricer) for name, route in router.routes.items()
+        }
         self.ledger: Ledger | None = None  # set when the gateway starts
         self._clamp_logged_s = -CLAMP_LOG_INTERVAL_S
         self.router = router
@@ -141,10 +176,21 @@ class Relay:
         """Serve a call; returns an ASGI response. Raises ApiError when no upstream served it."""
         candidates = self.router.candidates(call.route, self.max_attempts)
         paying = self.ledger is not None and call.key.account_id is not None
+        output_tokens = self._output_bound(call)
         try:  # an unknown service tier or tariff is the client's error, found before any work
-            worst_nano = self._worst_case(call, candidates if paying else candidates[:1])
+            worst_nano = self._worst_case(
+                call, candidates if paying else candidates[:1], output_tokens
+            )
         except PricingError as exc:
             raise ApiError(400, str(exc), param="service_tier", code="invalid_value") from exc
+        if worst_nano > MAX_AMOUNT_NANO:  # more than any one ledger operation can hold
+            raise ApiError(
+                400,
+                f"this request may cost up to {format_nano(worst_nano)}, more than one request"
+                " can be charged; lower max_tokens, n or the number of prompts",
+                param=_size_param(call.payload),
+                code="invalid_value",
+            )
         if paying:
             call.hold = await self._hold(call, candidates, worst_nano)
         last: UpstreamError | None = None
@@ -175,7 +221,39 @@ class Relay:
 
     # -- paying for it ---------------------------------------------------------------------
 
-    def _worst_case(self, call: Call, candidates: list[Deployment]) -> int:
+    def _output_bound(self, call: Call) -> int:
+        """The most output tokens this request may make upstreams produce, over all its
+        prompts and choices; sets `call.usage_limit_tokens`. An output limit past the model's
+        is the client's error (a 400 naming it), never a hold the ledger cannot take."""
+        bounds = self.bounds[call.public_model]
+        payload = call.payload
+        choices = 1
+        for name in ("n", "best_of"):  # upstreams bill every candidate they generate
+            value = payload.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > choices:
+                choices = value
+        choices *= _prompt_count(call.endpoint, payload)
+        call.usage_limit_tokens = bounds.context_window_tokens * choices
+        if call.endpoint == "embeddings":
+            return 0
+        asked = 0
+        # An upstream may honour either field: hold for the larger one.
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = payload.get(name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value > bounds.max_output_tokens:
+                raise ApiError(
+                    400,
+                    f"'{name}' is {value}, but model '{call.public_model}' produces at most"
+                    f" {bounds.max_output_tokens} tokens per choice",
+                    param=name,
+                    code="invalid_value",
+                )
+            asked = max(asked, value)
+        return (asked or bounds.max_output_tokens) * choices
+
+    def _worst_case(self, call: Call, candidates: list[Deployment], output_tokens: int) -> int:
         """The most this request can cost on any of these deployments.
 
         Input is bounded by the body's size in bytes (a token is at least one byte), which
@@ -185,7 +263,7 @@ class Relay:
         worst = 0
         for d in candidates:
             quote = self.pricer.worst_case(
-                call.public_model, d.producer, d.model, call.body_bytes, call.max_output_tokens,
+                call.public_model, d.producer, d.model, call.body_bytes, output_tokens,
                 at=call.at, service_tier=call.service_tier, tariff=call.tariff,
             )  # fmt: skip
             worst = max(worst, quote.price_nano)
@@ -198,13 +276,16 @@ class Relay:
         # Attempts run one after another, each up to its producer's timeout: the hold must
         # outlive them all, or a slow failover could be served after its hold expired.
         ttl_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates) + HOLD_MARGIN_S
+        # A stream outliving this keeps its hold alive (`extend_hold`); `not <=` also catches NaN.
+        call.hold_ttl_s = ttl_s if ttl_s <= MAX_HOLD_TTL_S else MAX_HOLD_TTL_S
+        call.hold_at_s = time.monotonic()
         try:
             return await ledger.hold(
                 [int(call.key.account_id)],
                 worst,
                 request_id=call.request_id,
                 key_scopes=[call.key.id],
-                ttl_s=min(ttl_s, 86_400.0),
+                ttl_s=call.hold_ttl_s,
             )
         except Refused as exc:
             if exc.limit_kind == "busy":  # the ledger's writer is behind: not a money problem
@@ -231,32 +312,102 @@ class Relay:
                 503, f"the ledger cannot take holds now: {exc}", code="ledger_unavailable"
             ) from exc
 
-    async def settle(
-        self, call: Call, deployment: Deployment, quote: Quote | None, *, durable: bool
-    ) -> int | None:
-        """Post the actual price of a served call; returns the payer's balance after it."""
+    async def conclude(
+        self,
+        call: Call,
+        deployment: Deployment,
+        status: int,
+        usage: Usage,
+        quote: Quote | None,
+        *,
+        ttft_s: float | None,
+        error: str | None,
+        durable: bool,
+    ) -> tuple[bool, int | None]:
+        """Charge a served call and record it, the usage row in the settlement's transaction.
+
+        Returns (charged, the payer's balance after it). Not charged: the settlement failed;
+        the row says so, the hold is released now, and the caller must not complete the
+        answer: no answer goes out without its charge."""
         hold, ledger = call.hold, self.ledger
         if hold is None or ledger is None:
-            return None
-        # An unpriceable answer (should not happen: prices are checked at start) is charged
-        # its worst case rather than given away.
-        price = quote.price_nano if quote else hold.amount_nano
-        cost = quote.cost_nano if quote else 0
+            self._record(call, deployment, status, usage, ttft_s=ttft_s, error=error, quote=quote)
+            return True, None
+        if quote is None:
+            # An unpriceable answer (should not happen: prices are checked at start) is
+            # charged its worst case rather than given away.
+            quote = Quote(
+                0, hold.amount_nano, self.pricer.currency, call.service_tier or "standard"
+            )
         try:
+            # Applied now, durable later: the usage row attached next joins the same commit
+            # (nothing awaits in between, so the writer cannot take one without the other).
             await ledger.settle(
                 hold.id,
-                price_nano=price,
-                cost_nano=cost,
+                price_nano=quote.price_nano,
+                cost_nano=min(quote.cost_nano, MAX_AMOUNT_NANO),
                 producer=deployment.producer,
                 model=call.public_model,
-                durable=durable,
+                durable=False,
             )
-            # What the payer can still spend, counting the parents it draws on.
-            return ledger.engine.chain_available(int(hold_payer(call)))
-        except LedgerError:
-            # The hold expires on its own; the request goes uncharged rather than twice.
-            self.metrics.settlement_failures.inc()
-            return None
+        except LedgerError as exc:
+            await self._unsettled(call, deployment, status, usage, quote, ttft_s, error, exc)
+            return False, None
+        record = self._record(
+            call, deployment, status, usage, ttft_s=ttft_s, error=error, quote=quote
+        )
+        if durable:
+            try:
+                await ledger.flush()
+            except LedgerError as exc:  # the commit carrying the charge and the row failed
+                self.metrics.settlement_failures.inc()
+                log.warning("request %s: settlement not durable: %s", call.request_id, exc)
+                self.store.submit(
+                    replace(
+                        record,
+                        status=_unsettled_status(status),
+                        error=_joined(error, f"settlement failed: {exc}"),
+                        price_nano=0,
+                    )
+                )
+                return False, None
+        # What the payer can still spend, counting the parents it draws on.
+        return True, ledger.engine.chain_available(int(hold_payer(call)))
+
+    async def _unsettled(
+        self,
+        call: Call,
+        deployment: Deployment,
+        status: int,
+        usage: Usage,
+        quote: Quote,
+        ttft_s: float | None,
+        error: str | None,
+        exc: LedgerError,
+    ) -> None:
+        """A settlement the ledger refused: record the request as not charged, release the
+        hold now (not at its expiry)."""
+        self.metrics.settlement_failures.inc()
+        log.warning("request %s: settlement failed: %r", call.request_id, exc)
+        self._record(
+            call,
+            deployment,
+            _unsettled_status(status),
+            usage,
+            ttft_s=ttft_s,
+            error=_joined(error, f"settlement failed: {exc}"),
+            quote=replace(quote, price_nano=0),  # what the producer bills us, nothing charged
+        )
+        hold, ledger = call.hold, self.ledger
+        if hold is not None and ledger is not None:
+            with contextlib.suppress(LedgerError):  # already closed, or the store is down
+                await ledger.void(hold.id)
+
+    async def extend_hold(self, call: Call) -> None:
+        """Keep a live request's hold from expiring under it."""
+        if call.hold is not None and self.ledger is not None:
+            with contextlib.suppress(LedgerError):  # closed: nothing left to keep alive
+                await self.ledger.extend_hold(call.hold.id, call.hold_ttl_s)
 
     async def _void(self, call: Call) -> None:
         if call.hold is not None and self.ledger is not None:
@@ -300,12 +451,16 @@ class Relay:
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
         self.router.health.ok(producer.name)
-        usage = extract.usage_from_openai(parsed.get("usage"))
+        usage, usage_error = self.read_usage(call, deployment, parsed.get("usage"))
         if usage is None:
             usage = self._estimate(call, _response_texts(parsed))
         quote = self.price(call, deployment, usage, parsed.get("service_tier"))
-        self._record(call, deployment, response.status, usage, ttft_s=None, quote=quote)
-        balance_nano = await self.settle(call, deployment, quote, durable=True)
+        charged, balance_nano = await self.conclude(
+            call, deployment, response.status, usage, quote,
+            ttft_s=None, error=usage_error, durable=True,
+        )  # fmt: skip
+        if not charged:
+            raise ApiError(502, SETTLEMENT_FAILED_MESSAGE, code=SETTLEMENT_FAILED)
         body = _rewrite_model(data, call.public_model)
         headers = {"x-request-id": call.request_id}
         if balance_nano is not None:
@@ -360,6 +515,17 @@ class Relay:
             return self._within_hold(call, deployment, quote)
         self.metrics.upstream_errors.labels(deployment.producer, "unpriced").inc()
         return None
+
+    def read_usage(
+        self, call: Call, deployment: Deployment, raw: Any
+    ) -> tuple[Usage | None, str | None]:
+        """The upstream's usage, or None and why when it is absent or implausible (an
+        implausible figure is the upstream's error: counted, and the estimate is charged)."""
+        try:
+            return extract.usage_from_openai(raw, call.usage_limit_tokens), None
+        except extract.ImplausibleUsage as exc:
+            self.metrics.upstream_errors.labels(deployment.producer, "implausible_usage").inc()
+            return None, f"{exc}; charged the offline estimate"
 
     def _within_hold(self, call: Call, deployment: Deployment, quote: Quote) -> Quote:
         """A paying request is charged at most its hold, and every figure it shows (usage
@@ -525,6 +691,8 @@ class _StreamResponse:
         self.events = events
         self.first = first
         self.usage: Usage | None = None
+        self.usage_error: str | None = None
+        self.reported_tier: Any = None
         self.quote: Quote | None = None
         self.texts: list[str] = []
         self.ttft_s: float | None = None
@@ -533,8 +701,21 @@ class _StreamResponse:
         self.model_field = b'"model":' + _encode(call.public_model)
         self.done = False  # the upstream sent [DONE]
         self.done_event = b""
+        # The event carrying usage (and no choices): it shows the cost, so it goes out with
+        # [DONE], after the charge, never before.
+        self.usage_event = b""
         self.finished = False  # settled and recorded
+        self.charged = True  # False when the settlement failed: the answer must not end well
         self.pending_error: bytes | None = None  # an SSE error event to end the stream with
+        self.writing_since_s: float | None = None  # a write the client has not taken yet
+        self.stalled = False  # cut: the client stopped taking writes
+        self._pump_task: asyncio.Future[None] | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._extension: asyncio.Future[None] | None = None
+        self._extend_at_s = call.hold_at_s + call.hold_ttl_s / 2
+        # Checked often enough to cut within 1.25 x the stall timeout and to extend the hold
+        # with half its TTL still to run: a timer, not a task, so a stream costs one handle.
+        self._tick_s = min(relay.client_stall_timeout_s, call.hold_ttl_s / 2) / 4
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         headers = [
@@ -546,14 +727,21 @@ class _StreamResponse:
             balance = format_nano(self.call.hold.available_after_nano).encode()
             headers.append((b"x-tokenworks-balance", balance))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        pump = asyncio.ensure_future(self._pump(send))
+        pump = self._pump_task = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
+        self._tick_handle = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
         try:
             await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
+            if not pump.done() or self.stalled:
                 pump.cancel()
                 self.status = HTTP_CLIENT_CLOSED
-                self.error = "client disconnected mid-stream"
+                if self.stalled:
+                    self.error = (
+                        f"client stopped reading for {self.relay.client_stall_timeout_s:g} s;"
+                        " stream cut"
+                    )
+                else:
+                    self.error = "client disconnected mid-stream"
             watch.cancel()
             await asyncio.gather(pump, watch, return_exceptions=True)
             if pump.done() and not pump.cancelled() and pump.exception() is not None:
@@ -564,8 +752,32 @@ class _StreamResponse:
                 else:
                     raise exc  # type: ignore[misc]
         finally:
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
             self.upstream.close()
             await self._finish()
+        # A cut stream returns without its last message: the server closes the connection,
+        # so the client sees a broken answer, not a finished one.
+
+    def _tick(self) -> None:
+        """Cut the stream when the client has not taken a write for the stall timeout;
+        meanwhile keep the hold alive as long as the stream (it may outlive the first TTL)."""
+        now_s = time.monotonic()
+        since_s = self.writing_since_s
+        if since_s is not None and now_s - since_s >= self.relay.client_stall_timeout_s:
+            self.stalled = True
+            assert self._pump_task is not None
+            self._pump_task.cancel()
+            return
+        if now_s >= self._extend_at_s:
+            self._extend_at_s = now_s + self.call.hold_ttl_s / 2
+            self._extension = asyncio.ensure_future(self.relay.extend_hold(self.call))
+        self._tick_handle = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
+
+    async def _write(self, send: Send, body: bytes, more_body: bool) -> None:
+        self.writing_since_s = time.monotonic()
+        await send({"type": "http.response.body", "body": body, "more_body": more_body})
+        self.writing_since_s = None
 
     async def _pump(self, send: Send) -> None:
         event: bytes | None = self.first
@@ -583,9 +795,7 @@ class _StreamResponse:
             if chunks:
                 if self.ttft_s is None:
                     self.ttft_s = time.perf_counter() - self.call.started_s
-                await send(
-                    {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
-                )
+                await self._write(send, b"".join(chunks), True)
             if self.error is not None or self.done:
                 break
             try:
@@ -599,10 +809,17 @@ class _StreamResponse:
             if event is None:
                 self._fail(502, "upstream closed the stream before [DONE]", "upstream_cut")
                 break
-        # Charge before the last byte: a client that saw the end of its answer has paid.
-        await self._finish()
-        tail = self.pending_error or self.done_event
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        # Charge before the last byte: a client that saw the end of its answer has paid, and
+        # one whose answer could not be charged is not shown its end.
+        charged = await self._finish()
+        usage_event = self.usage_event
+        if usage_event and self.call.client_wants_usage and self.quote is not None:
+            usage_event = _with_cost(usage_event, self.quote.price_nano)
+        if not charged:
+            tail = self.pending_error or b""
+        else:
+            tail = usage_event + (self.pending_error or self.done_event)
+        await self._write(send, tail, False)
 
     def _fail(self, status: int, message: str, code: str) -> None:
         self.status = status
@@ -631,13 +848,14 @@ class _StreamResponse:
             self.status = 502
             self.error = "upstream reported an error mid-stream"
             return event + b"\n\n"
-        usage = extract.usage_from_openai(chunk.get("usage"))
-        if usage is not None:
-            self.usage = usage
-            self.quote = self.relay.price(
-                self.call, self.deployment, usage, chunk.get("service_tier")
-            )
-        for choice in chunk.get("choices") or ():
+        raw_usage = chunk.get("usage")
+        if raw_usage is not None:
+            usage, self.usage_error = self.relay.read_usage(self.call, self.deployment, raw_usage)
+            if usage is not None:
+                self.usage = usage
+                self.reported_tier = chunk.get("service_tier")
+        choices = chunk.get("choices")
+        for choice in choices or ():
             if isinstance(choice, dict):
                 delta = choice.get("delta")
                 text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
@@ -647,35 +865,40 @@ class _StreamResponse:
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                     if isinstance(reasoning, str):
                         self.texts.append(reasoning)
-        if not self.call.client_wants_usage:
-            if usage is not None and not chunk.get("choices"):
+        if isinstance(raw_usage, dict) and not choices:
+            if not self.call.client_wants_usage:
                 return None  # the usage chunk we asked for on the client's behalf
+            earlier = self.usage_event  # a second usage chunk: the first goes out as it was
+            self.usage_event = _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+            return earlier or None
+        if not self.call.client_wants_usage:
             event = _USAGE_NULL.sub(b"", event)
-        elif self.quote is not None and usage is not None:
-            event = _with_cost(event, self.quote.price_nano)
         return _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
 
-    async def _finish(self) -> None:
-        """Settle and record once, whichever way the stream ended."""
+    async def _finish(self) -> bool:
+        """Settle and record once, whichever way the stream ended; False if not charged."""
         if self.finished:
-            return
+            return self.charged
         self.finished = True
-        usage, quote = self.usage, self.quote
+        usage = self.usage
         if usage is None:
             usage = self.relay._estimate(self.call, self.texts)
-            quote = self.relay.price(self.call, self.deployment, usage, None)
-        self.relay._record(
+        self.quote = quote = self.relay.price(self.call, self.deployment, usage, self.reported_tier)
+        self.charged, _ = await self.relay.conclude(
             self.call,
             self.deployment,
             self.status,
             usage,
+            quote,
             ttft_s=self.ttft_s,
-            error=self.error,
-            quote=quote,
+            error=_joined(self.error, self.usage_error) if self.usage_error else self.error,
+            durable=self.status != HTTP_CLIENT_CLOSED,
         )
-        await self.relay.settle(
-            self.call, self.deployment, quote, durable=self.status != HTTP_CLIENT_CLOSED
-        )
+        if not self.charged and self.pending_error is None:
+            self.pending_error = (
+                b"data: " + error_body(502, SETTLEMENT_FAILED_MESSAGE, SETTLEMENT_FAILED) + b"\n\n"
+            )
+        return self.charged
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -703,6 +926,28 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
 
 def _rewrite_model(data: bytes, public_model: str) -> bytes:
     return _MODEL_FIELD.sub(b'"model":' + _encode(public_model), data, count=1)
+
+
+def _unsettled_status(status: int) -> int:
+    """The status recorded for an answer that could not be charged: the client was not given
+    it (a 502), unless it had already gone away."""
+    return status if status == HTTP_CLIENT_CLOSED else 502
+
+
+def _joined(first: str | None, second: str) -> str:
+    return f"{first}; {second}" if first else second
+
+
+def _size_param(payload: dict[str, Any]) -> str:
+    """The parameter to name when a request's worst case is too large to hold."""
+    for name in ("n", "best_of"):
+        value = payload.get(name)
+        if isinstance(value, int) and value > 1:
+            return name
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in payload:
+            return name
+    return "prompt" if "prompt" in payload else "max_tokens"
 
 
 def hold_payer(call: Call) -> str:

@@ -3,6 +3,10 @@
 OpenAI puts cache hits in `prompt_tokens_details.cached_tokens`; DeepSeek reports
 `prompt_cache_hit_tokens` instead; Anthropic-style proxies add `cache_creation_input_tokens`.
 All of them land in one `Usage`.
+
+A count that is negative, not a whole number, or not a number at all is the upstream's error,
+not a figure to bill: `usage_from_openai` raises `ImplausibleUsage` and the relay charges its
+offline estimate instead (and counts the upstream error).
 """
 
 from __future__ import annotations
@@ -13,8 +17,19 @@ from tokenworks.metering import tokens
 from tokenworks.metering.usage import Usage
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+class ImplausibleUsage(ValueError):
+    """An upstream's usage object with a count no upstream can mean (negative, fractional,
+    not a number); the message names the field."""
+
+
+def _int(value: Any, name: str) -> int:
+    if type(value) is int and value >= 0:  # the common case first: one type check, one compare
+        return value
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)  # 12.0: a whole count written as a float
+    raise ImplausibleUsage(f"upstream usage {name}={value!r} is not a token count")
 
 
 def _get(mapping: Any, *path: str) -> int:
@@ -22,16 +37,24 @@ def _get(mapping: Any, *path: str) -> int:
         if not isinstance(mapping, dict):
             return 0
         mapping = mapping.get(key)
-    return _int(mapping)
+    return _int(mapping, ".".join(path))
 
 
-def usage_from_openai(raw: Any) -> Usage | None:
-    """Usage from an OpenAI-style `usage` object; None when there is none to read.
+_COUNT_KEYS = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
+
+
+def usage_from_openai(raw: Any, limit_tokens: int | None = None) -> Usage | None:
+    """Usage from an OpenAI-style `usage` object; None when there is none to read (not an
+    object, or an object with neither an input nor an output count: billing it would charge 0).
+    Raises `ImplausibleUsage` for a count that is not a whole number >= 0, or an input or
+    output count above `limit_tokens` (what the request could possibly have used).
 
     genai-prices' own DeepSeek reader ignores `prompt_cache_hit_tokens`, which would price a
     cached prompt as uncached (up to ~50x on that part); we read the providers' native fields.
     """
     if not isinstance(raw, dict):
+        return None
+    if not any(k in raw for k in _COUNT_KEYS):
         return None
     prompt = _get(raw, "prompt_tokens") or _get(raw, "input_tokens")
     completion = _get(raw, "completion_tokens") or _get(raw, "output_tokens")
@@ -48,6 +71,11 @@ def usage_from_openai(raw: Any) -> Usage | None:
     reasoning = _get(raw, "completion_tokens_details", "reasoning_tokens") or _get(
         raw, "output_tokens_details", "reasoning_tokens"
     )
+    if limit_tokens is not None and (prompt > limit_tokens or completion > limit_tokens):
+        raise ImplausibleUsage(
+            f"upstream usage of {prompt} input / {completion} output tokens exceeds the"
+            f" {limit_tokens} this request can use"
+        )
     # Keep the parts within the whole even when an upstream reports inconsistent numbers.
     cached = min(cached, prompt)
     cache_write = min(cache_write, prompt - cached)

@@ -283,3 +283,21 @@ class GenaiBook:
             raise UnknownCost(f"genai-prices: {exc}") from exc
         self._cache[key] = schedule = schedule_from_genai(provider, model)
         return schedule
+
+    def context_window(
+        self, model_ref: str, *, provider_id: str | None, base_url: str | None
+    ) -> int | None:
+        """The model's context window (input tokens) as genai-prices publishes it; None when
+        the model or its window is unknown."""
+        from genai_prices.data_snapshot import get_snapshot
+
+        if not provider_id and not base_url:
+            return None
+        try:
+            _, model = get_snapshot().find_provider_model(
+                model_ref, None, provider_id or None, None if provider_id else base_url
+            )
+        except LookupError:
+            return None
+        window = getattr(model, "context_window", None)
+        return window if isinstance(window, int) and window > 0 else None

@@ -235,6 +235,20 @@ class Pricer:
             )
         return DeploymentCost(schedule, (rate.numerator, rate.denominator))
 
+    def context_window(
+        self, producer: str, upstream_model: str, cost: CostSpec | None
+    ) -> int | None:
+        """A deployment's context window from the price book; None when unknown (a cost
+        override is a model the book does not describe: a self-hosted one may differ)."""
+        info = self._producers.get(producer)
+        if info is None or (cost is not None and cost.is_override):
+            return None
+        return self._book.context_window(
+            (cost.model_ref if cost else None) or upstream_model,
+            provider_id=(cost.provider if cost else None) or info.provider_id,
+            base_url=info.base_url,
+        )
+
     def _copy(self, **changes: Any) -> Pricer:
         fields = {
             "currency": self.currency,
@@ -340,6 +354,8 @@ class Pricer:
                 cost_amount * dep.to_ledger[0] * k_num * m_num,
                 dep.nano_denominator * k_den * m_den,
             )
+        if price_nano < cost_nano and plan.floor_at_cost:
+            price_nano = cost_nano  # no price below cost unless the tariff allows it
         return cost_nano, price_nano
 
     def quote(
@@ -429,6 +445,8 @@ class Pricer:
             prices = allocate(
                 [p * k_num * m_num for p in cost_parts], dep.nano_denominator * k_den * m_den
             )
+        if plan.floor_at_cost and quote.price_nano == quote.cost_nano != sum(prices):
+            prices = costs  # the price was floored at cost: each line at its cost
         lines = [
             Line(cls, n, c, p)
             for cls, n, c, p in zip(TOKEN_CLASSES, split, costs, prices, strict=True)

@@ -9,6 +9,8 @@ integer tables (`book.py`, `tariff.py`). All prices are decimal strings, never Y
 from __future__ import annotations
 
 import re
+from fractions import Fraction
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -192,6 +194,10 @@ class TariffSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     default_service_tier: str = "standard"
     # First matching window wins; none matching means multiplier 1.
     time_of_use: list[TimeOfUseSpec] = msgspec.field(default_factory=list)
+    # "refuse": a price is never below the request's cost: multipliers that would take a
+    # markup price below cost are a config error, and a fixed price below a deployment's cost
+    # is raised to that cost. "allow": sell below cost on purpose (a loss leader, staff use).
+    below_cost: Literal["refuse", "allow"] = "refuse"
 
     def __post_init__(self) -> None:
         parse_factor(self.markup)
@@ -200,6 +206,21 @@ class TariffSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         known = set(SERVICE_TIERS) | set(self.service_tiers)
         if self.default_service_tier not in known:
             raise ValueError(f"default_service_tier {self.default_service_tier!r} is not a tier")
+
+    def lowest_markup(self) -> tuple[Fraction, str]:
+        """The lowest price over cost this tariff's markup can reach (its cheapest tier in its
+        cheapest time-of-use window), and how: below 1 it sells below cost."""
+        tiers = dict.fromkeys(SERVICE_TIERS, Fraction(1))
+        tiers.update({t: parse_factor(m) for t, m in self.service_tiers.items()})
+        tier, tier_factor = min(tiers.items(), key=lambda item: item[1])
+        window = min((parse_factor(w.multiplier) for w in self.time_of_use), default=Fraction(1))
+        window = min(window, Fraction(1))
+        lowest = (1 + parse_factor(self.markup)) * tier_factor * window
+        how = (
+            f"(1 + markup {self.markup}) x {tier} tier {float(tier_factor):g}"
+            f" x time of use {float(window):g} = {float(lowest):g} of cost"
+        )
+        return lowest, how
 
 
 class PricingSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -227,6 +248,15 @@ class PricingSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for account, tariff in self.accounts.items():
             if tariff not in self.tariffs:
                 raise ValueError(f"account {account!r}: unknown tariff {tariff!r}")
+        for name, spec in self.tariffs.items():
+            # Prices are floored at cost at run time; a discount the floor would silently
+            # cancel is a config mistake to show at load, unless the tariff opts in.
+            lowest, how = spec.lowest_markup()
+            if lowest < 1 and spec.below_cost != "allow":
+                raise ValueError(
+                    f"tariff {name!r} sells below cost: {how}; raise its multipliers, or set"
+                    " `below_cost: allow` on it to sell below cost on purpose"
+                )
 
 
 # --- what-if scenario files (`tokenworks reprice --scenario FILE`) -------------------------

@@ -42,6 +42,8 @@ class Tariff:
     tier_multipliers: dict[str, Ratio]
     default_tier: str
     time_of_use: tuple[tuple[Window, Ratio], ...] = field(default=())
+    # Raise a price below the request's cost to that cost (the spec's `below_cost: refuse`).
+    floor_at_cost: bool = True
 
     @classmethod
     def from_spec(cls, name: str, spec: TariffSpec) -> Tariff:
@@ -62,6 +64,7 @@ class Tariff:
             tier_multipliers=tiers,
             default_tier=spec.default_service_tier,
             time_of_use=time_of_use,
+            floor_at_cost=spec.below_cost != "allow",
         )
 
     def service_tier(self, requested: str | None) -> str:
