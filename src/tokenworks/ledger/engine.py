@@ -726,7 +726,8 @@ class Engine:
             if effective < now_ms - MAX_BACKDATE_MS:
                 # Every elapsed period is issued, rolled and expired now: bounded work.
                 raise InvalidRequest(
-                    f"a grant may take effect at most {MAX_BACKDATE_MS // 86_400_000} days ago"
+                    f"a grant's effective_at may be at most {MAX_BACKDATE_MS // 86_400_000} "
+                    "days in the past"
                 )
             if expires_ms is not None and expires_ms <= effective:
                 raise InvalidRequest("a grant must expire after it takes effect")
