@@ -210,27 +210,32 @@ def _time(value: Any, name: str) -> int | None:
         return None
     what = f"'{name}' must be an ISO 8601 date/time or unix seconds between 1970 and 9999"
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ApiError(400, what, param=name)
+        raise ApiError(400, what, param=name, code="invalid_request")
     text = str(value)
     if len(text) > MAX_TIME_CHARS:
-        raise ApiError(400, what, param=name)
+        raise ApiError(400, what, param=name, code="invalid_request")
     try:
         ms = parse_time_ms(text, name)
     except (OverflowError, OSError, ValueError) as exc:  # past what a datetime can hold
-        raise ApiError(400, what, param=name) from exc
+        raise ApiError(400, what, param=name, code="invalid_request") from exc
     if ms is None or not 0 <= ms <= MAX_TIME_MS:
-        raise ApiError(400, what, param=name)
+        raise ApiError(400, what, param=name, code="invalid_request")
     return ms
 
 
 def _tz(value: Any, name: str) -> str:
     """An IANA time zone name the ledger knows."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TZ_CHARS or not value.isprintable():
-        raise ApiError(400, f"'{name}' must be a time zone name like \"Europe/Paris\"", param=name)
+        raise ApiError(
+            400,
+            f"'{name}' must be a time zone name like \"Europe/Paris\"",
+            param=name,
+            code="invalid_request",
+        )
     try:
         zone(value)
     except InvalidRequest as exc:
-        raise ApiError(400, f"'{name}': {exc}", param=name) from exc
+        raise ApiError(400, f"'{name}': {exc}", param=name, code="invalid_request") from exc
     return value
 
 
