@@ -188,8 +188,9 @@ class Ledger:
 
     def attach(self, table: str, columns: Columns, row: tuple[Any, ...]) -> bool:
         """Commit a row of another table in the ledger's next transaction, so that a request's
-        usage row becomes durable with its settlement. False: not taken (store failed or
-        backlog full); the caller must store it otherwise."""
+        usage row becomes durable with its settlement. False: not taken (store failed, backlog
+        full, or a value its column cannot hold: `writer.refused_rows`); the caller must store
+        it otherwise, or not at all."""
         return not self._closed and self.writer.attach(table, columns, row)
 
     async def _sweep_loop(self, interval_s: float) -> None:
