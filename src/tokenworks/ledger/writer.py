@@ -224,9 +224,12 @@ class GroupCommitWriter:
             await self._wake.wait()
             await self._linger()
             self._wake.clear()
-            with self.engine._lock:  # the cut sees exactly the state the batch leaves
-                batch = self.engine.take_batch()
-                cuts = self._capture_cuts()
+            if self._cuts:
+                with self.engine._lock:  # the cut sees exactly the state the batch leaves
+                    batch = self.engine.take_batch()
+                    cuts = self._capture_cuts()
+            else:
+                batch, cuts = self.engine.take_batch(), []
             attached, attached_seq = self._take_attached()
             if not batch.is_empty() or attached:
                 try:
