@@ -598,7 +598,7 @@ def test_a_failing_store_fails_closed(tmp_path: Path, monkeypatch: pytest.Monkey
         await L.top_up(org, 1_000, idempotency_key="top")
         await L.hold([org], 100, request_id="r")
 
-        async def broken(batch: object) -> None:
+        async def broken(batch: object, attached: object = ()) -> None:
             raise OSError("disk gone")
 
         monkeypatch.setattr(L.store, "write", broken)

@@ -36,8 +36,13 @@ from tokenworks.ledger import (
     Rollover,
     StoreUnavailable,
 )
-from tokenworks.ledger.domain import CASH_PRIORITY, CUSTOMER_KINDS, MAX_AMOUNT_NANO
-from tokenworks.ledger.periods import from_ms
+from tokenworks.ledger.domain import (
+    CASH_PRIORITY,
+    CUSTOMER_KINDS,
+    MAX_AMOUNT_NANO,
+    MAX_TIME_MS,
+)
+from tokenworks.ledger.periods import from_ms, zone
 from tokenworks.money import format_nano, parse_amount
 
 IDEMPOTENCY_HEADER = "idempotency-key"
@@ -46,6 +51,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 # keys the gateway derives itself (hold ids, key limits).
 IDEMPOTENCY_PREFIX = "admin:"
 MAX_LIST_LIMIT = 10_000
+MAX_TIME_CHARS = 40  # the longest ISO 8601 time with offset and microseconds is 32
+MAX_TZ_CHARS = 64  # the longest IANA zone name is 32
 DEFAULT_LIST_LIMIT = 1_000
 
 # A child account's kind when the request does not say: one level down the tree.
@@ -198,11 +205,38 @@ def _path_account(request: Request) -> int:
 
 
 def _time(value: Any, name: str) -> int | None:
-    if value is None:
+    """A time from the body or the query: ISO 8601 or unix seconds, between 1970 and 9999."""
+    if value is None or value == "":
         return None
+    what = f"'{name}' must be an ISO 8601 date/time or unix seconds between 1970 and 9999"
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ApiError(400, f"'{name}' must be an ISO 8601 date/time or unix seconds", param=name)
-    return parse_time_ms(str(value), name)
+        raise ApiError(400, what, param=name, code="invalid_request")
+    text = str(value)
+    if len(text) > MAX_TIME_CHARS:
+        raise ApiError(400, what, param=name, code="invalid_request")
+    try:
+        ms = parse_time_ms(text, name)
+    except (OverflowError, OSError, ValueError) as exc:  # past what a datetime can hold
+        raise ApiError(400, what, param=name, code="invalid_request") from exc
+    if ms is None or not 0 <= ms <= MAX_TIME_MS:
+        raise ApiError(400, what, param=name, code="invalid_request")
+    return ms
+
+
+def _tz(value: Any, name: str) -> str:
+    """An IANA time zone name the ledger knows."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TZ_CHARS or not value.isprintable():
+        raise ApiError(
+            400,
+            f"'{name}' must be a time zone name like \"Europe/Paris\"",
+            param=name,
+            code="invalid_request",
+        )
+    try:
+        zone(value)
+    except InvalidRequest as exc:
+        raise ApiError(400, f"'{name}': {exc}", param=name, code="invalid_request") from exc
+    return value
 
 
 def _dt(ms: int | None) -> datetime | None:
@@ -438,14 +472,12 @@ def _recurrence(value: Any) -> Recurrence | None:
             400, "'recurring' must be {\"period\": \"month\", \"tz\": \"Europe/Paris\"}",
             param="recurring",
         )  # fmt: skip
-    period, tz = value.get("period"), value.get("tz", "UTC")
+    period = value.get("period")
     if period not in {str(p) for p in Period if p is not Period.TOTAL}:
         raise ApiError(
             400, f"recurring.period must be one of {_RECURRING_NAMES}", param="recurring.period"
         )
-    if not isinstance(tz, str) or not tz:
-        raise ApiError(400, "recurring.tz must be a time zone name", param="recurring.tz")
-    return Recurrence(Period(period), tz)
+    return Recurrence(Period(period), _tz(value.get("tz", "UTC"), "recurring.tz"))
 
 
 def _rollover(value: Any, recurring: Recurrence | None) -> Rollover:
@@ -476,9 +508,11 @@ async def create_grant(request: Request, ledger: Ledger) -> Response:
     recurring = _recurrence(body.get("recurring"))
     rollover = _rollover(body.get("rollover"), recurring)
     priority = body.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31:
         raise ApiError(
-            400, "'priority' must be an integer (lower is spent first)", param="priority"
+            400,
+            "'priority' must be an integer in [0, 2147483647] (lower is spent first)",
+            param="priority",
         )
     grant_id = await ledger.grant(
         account_id,
@@ -517,7 +551,8 @@ async def create_transfer(request: Request, ledger: Ledger) -> Response:
     amount = _amount(body, "amount")
     actor = body.get("actor", "operator")
     kind, _, ident = actor.partition(":") if isinstance(actor, str) else ("", "", "")
-    if actor != "operator" and not (kind == "account" and ident.isdigit()):
+    account_actor = kind == "account" and ident.isascii() and ident.isdigit() and len(ident) < 19
+    if actor != "operator" and not account_actor:
         raise ApiError(400, '\'actor\' is "operator" or "account:<id>"', param="actor")
     transfer_id = await ledger.transfer(src, dst, amount, idempotency_key=key, actor=actor)
     return json_response(
@@ -545,9 +580,7 @@ async def set_budget(request: Request, ledger: Ledger) -> Response:
     period = body.get("period")
     if period not in {str(p) for p in Period}:
         raise ApiError(400, f"'period' must be one of {_PERIOD_NAMES}", param="period")
-    tz = body.get("tz", "UTC")
-    if not isinstance(tz, str) or not tz:
-        raise ApiError(400, "'tz' must be a time zone name", param="tz")
+    tz = _tz(body.get("tz", "UTC"), "tz")
     ledger.engine.customer(account_id)  # budgets of operator accounts make no sense
     view = await ledger.set_budget(account_id, amount, period, idempotency_key=key, tz=tz)
     return json_response(_budget_view(view))
@@ -572,8 +605,8 @@ async def statement(request: Request, ledger: Ledger) -> Response:
     if fmt not in ("json", "csv"):
         raise ApiError(400, "'format' is json or csv", param="format")
     now = datetime.now(UTC)
-    since_ms = parse_time_ms(params.get("since"), "since")
-    until_ms = parse_time_ms(params.get("until"), "until")
+    since_ms = _time(params.get("since"), "since")
+    until_ms = _time(params.get("until"), "until")
     # Defaults: this calendar month (UTC) up to and including now.
     if since_ms is None:
         since_ms = int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())

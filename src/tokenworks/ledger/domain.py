@@ -17,6 +17,14 @@ import msgspec
 MAX_AMOUNT_NANO = 2**62
 """Largest amount any single operation accepts: leaves BIGINT head-room for sums."""
 
+MAX_TIME_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z: the latest time the ledger takes (a datetime's last year)."""
+
+MAX_BACKDATE_MS = 400 * 86_400_000
+"""How far back a grant's `effective_at` may go: enough to migrate a year of allowances, and
+few enough periods (400 daily ones at most) that issuing them all stays a few milliseconds
+of the event loop."""
+
 NO_EXPIRY_MS = 2**62
 """Sort key for buckets that never expire (consumed after every expiring one)."""
 
@@ -412,6 +420,12 @@ def check_text(value: str, what: str) -> None:
     cannot hold NUL, and one such row would fail its whole group commit."""
     if "\x00" in value:
         raise InvalidRequest(f"{what} must not contain NUL characters")
+
+
+def check_time(ms: int, what: str) -> None:
+    """A time the ledger will store: an int ms in [1970, 9999]."""
+    if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms <= MAX_TIME_MS:
+        raise InvalidRequest(f"{what} must be a time between 1970 and 9999")
 
 
 def check_amount(amount_nano: int, *, allow_zero: bool = False) -> None:

@@ -26,6 +26,8 @@ from tokenworks.ledger import grants as grantmath
 from tokenworks.ledger.domain import (
     CASH_PRIORITY,
     CUSTOMER_KINDS,
+    MAX_AMOUNT_NANO,
+    MAX_BACKDATE_MS,
     Account,
     AccountKind,
     BalanceView,
@@ -49,6 +51,7 @@ from tokenworks.ledger.domain import (
     body_hash,
     check_amount,
     check_text,
+    check_time,
 )
 from tokenworks.ledger.periods import period_end_ms, period_start_ms, zone
 from tokenworks.ledger.schema import ACCOUNTS, TRANSFERS
@@ -126,6 +129,10 @@ class Batch:
     transfers: list[tuple[Any, ...]]
     idempotency: list[tuple[Any, ...]]
     meta: list[tuple[str, int]]
+
+    @classmethod
+    def empty(cls, seq: int) -> Batch:
+        return cls(seq, [], [], [], [], [], [], [], [])
 
     def is_empty(self) -> bool:
         return not (
@@ -694,8 +701,12 @@ class Engine:
         check_amount(amount_nano)
         if rollover_cap_nano is not None:
             check_amount(rollover_cap_nano, allow_zero=True)
-        if not 0 <= priority < CASH_PRIORITY:
+        if not isinstance(priority, int) or not 0 <= priority < CASH_PRIORITY:
             raise InvalidRequest("grant priority must be in [0, 2**31)")
+        if expires_ms is not None:
+            check_time(expires_ms, "a grant's expiry")
+        if effective_ms is not None:
+            check_time(effective_ms, "a grant's effective time")
         effective = now_ms if effective_ms is None else effective_ms
         body = {
             "account": account_id,
@@ -712,6 +723,12 @@ class Engine:
             self.customer(account_id)
             if recurring:
                 zone(recurring.tz)
+            if effective < now_ms - MAX_BACKDATE_MS:
+                # Every elapsed period is issued, rolled and expired now: bounded work.
+                raise InvalidRequest(
+                    f"a grant's effective_at may be at most {MAX_BACKDATE_MS // 86_400_000} "
+                    "days in the past"
+                )
             if expires_ms is not None and expires_ms <= effective:
                 raise InvalidRequest("a grant must expire after it takes effect")
             g = Grant(
@@ -901,6 +918,12 @@ class Engine:
                     raise InvalidRequest("a delegated budget's limit is fixed when it is minted")
                 self._roll(b, now_ms)
                 b.limit_nano = limit_nano
+                if tz != b.tz:
+                    # The current period keeps its start and what was spent in it, and ends
+                    # at the next boundary in the new zone; the next ones are the new zone's.
+                    b.tz = tz
+                    if b.period_end_ms is not None:
+                        b.period_end_ms = period_end_ms(period, tz, now_ms)
             self._dirty_budget(b)
             self.seq += 1
             return b.public()
@@ -932,6 +955,8 @@ class Engine:
         it (then it counts as the parent's spend) or is revoked or expires (then it returns).
         """
         check_amount(limit_nano, allow_zero=True)
+        if expires_ms is not None:
+            check_time(expires_ms, "a delegated budget's expiry")
         body = {
             "parent": parent_scope,
             "child": child_scope,
@@ -1299,10 +1324,13 @@ class Engine:
         expense = self.operator_account(AccountKind.EXPENSE)
         for (producer, model), (amount_nano, ts_ms) in costs.items():
             payable = self.payable_for(producer, ts_ms)
-            self._post(
-                TransferKind.COST, expense, payable, amount_nano, ts_ms,
-                model=model, producer=producer,
-            )  # fmt: skip
+            while amount_nano > 0:  # a transfer is at most MAX_AMOUNT_NANO, like any other
+                part = min(amount_nano, MAX_AMOUNT_NANO)
+                amount_nano -= part
+                self._post(
+                    TransferKind.COST, expense, payable, part, ts_ms,
+                    model=model, producer=producer,
+                )  # fmt: skip
 
     def void(self, hold_id: str, *, now_ms: int) -> Hold:
         with self._lock:

@@ -20,9 +20,11 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from tokenworks.ledger.domain import (
+    MAX_TIME_MS,
     AccountKind,
     BalanceView,
     Hold,
+    InvalidRequest,
     LedgerError,
     NotFound,
     Period,
@@ -88,6 +90,11 @@ class Account:
     parent_id: int | None
     kind: str
     draws_on_parent: bool
+
+
+# check()'s view of the engine at a commit: in-memory violations, budgets (scope, period,
+# spent, period start), account balances, open buckets' remaining credit, and the time.
+_Cut = tuple[list[str], list[tuple[str, str, int, int]], dict[int, int], dict[int, int], int]
 
 
 class Ledger:
@@ -181,8 +188,9 @@ class Ledger:
 
     def attach(self, table: str, columns: Columns, row: tuple[Any, ...]) -> bool:
         """Commit a row of another table in the ledger's next transaction, so that a request's
-        usage row becomes durable with its settlement. False: not taken (store failed or
-        backlog full); the caller must store it otherwise."""
+        usage row becomes durable with its settlement. False: not taken (store failed, backlog
+        full, or a value its column cannot hold: `writer.refused_rows`); the caller must store
+        it otherwise, or not at all."""
         return not self._closed and self.writer.attach(table, columns, row)
 
     async def _sweep_loop(self, interval_s: float) -> None:
@@ -347,6 +355,8 @@ class Ledger:
         child; whatever the child leaves unspent returns to the parent.
         """
         now = self.now_ms()
+        if ttl_s is not None and not 0 <= ttl_s <= MAX_TIME_MS / 1000:
+            raise InvalidRequest(f"ttl_s {ttl_s!r} out of range")
         return await self._durable(  # type: ignore[no-any-return]
             lambda: self.engine.delegate(
                 scope_name(("key", parent_key_id)),
@@ -500,32 +510,43 @@ class Ledger:
     async def check(self) -> list[str]:
         """Every invariant, in memory and in the store; an empty list means sound.
 
-        The store/engine comparison needs a quiet moment: it is retried a few times and
-        reported as skipped when traffic never pauses.
+        The engine and the store are compared at one commit boundary: the writer captures
+        the engine's figures as it takes a batch and, once that batch is committed, opens a
+        read snapshot of the store, which later commits do not change. So traffic never has
+        to pause. When the store cannot be read (it failed), that is itself a violation:
+        a check that did not compare the store does not pass.
         """
-        for _ in range(5):
-            await self.flush()
+
+        def capture() -> _Cut:
             now = self.now_ms()
-            seq = self.engine.seq
-            violations = self.engine.check(now)
             budgets = [
                 (b.scope, str(b.period), b.spent_nano, b.period_start_ms)
                 for b in self.engine.all_budgets(now)
             ]
-            accounts = {a.id: a.balance_nano for a in self.engine.accounts.values()}
-            buckets = {b.id: b.remaining_nano for b in self.engine.buckets.values()}
-            seq = self.engine.seq  # rolling budgets may journal; compare against that
-            await self.flush()
-            audit = await self.store.audit()
+            return (
+                self.engine.check(now),
+                budgets,
+                {a.id: a.balance_nano for a in self.engine.accounts.values()},
+                {b.id: b.remaining_nano for b in self.engine.buckets.values()},
+                now,
+            )
+
+        self.store_compared = False
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        try:
+            (violations, budgets, accounts, buckets, now), snap = await self.writer.cut(capture)
+        except StoreUnavailable as exc:
+            return [*self.engine.check(self.now_ms()), f"store not compared: {exc}"]
+        except Exception as exc:
+            log.exception("ledger check could not open a store snapshot")
+            return [*self.engine.check(self.now_ms()), f"store not compared: {exc!r}"]
+        try:
+            audit = await snap.audit()
             since = min((b[3] for b in budgets), default=now)
-            settled = await self.store.settled_scopes(since, now + 1)
-            if self.engine.seq == seq:
-                break
-        else:
-            # Traffic never paused: the in-memory invariants were checked, the store
-            # comparison was not. That is not a violation; callers see it in the flag.
-            self.store_compared = False
-            return self.engine.check(self.now_ms())
+            settled = await snap.settled_scopes(since, MAX_TIME_MS)
+        finally:
+            await snap.close()
         self.store_compared = True
         total = 0
         for acc_id, stored, net in audit.accounts:

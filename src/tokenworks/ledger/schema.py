@@ -17,7 +17,7 @@ from dataclasses import dataclass
 class Table:
     name: str
     key: tuple[str, ...]
-    columns: tuple[tuple[str, str], ...]  # (name, "bigint" | "text")
+    columns: tuple[tuple[str, str], ...]  # (name, "bigint" | WIDE | "text")
     upsert: bool = True  # False: insert-only, a conflict is ignored (immutable rows)
 
     @property
@@ -26,6 +26,13 @@ class Table:
 
 
 B, T = "bigint", "text"
+# A running total that may pass int64: an account's balance (operator accounts accumulate
+# lifetime totals), a bucket's remaining credit. Exact in both stores: PostgreSQL's NUMERIC,
+# and SQLite's INTEGER column holding a value past int64 as a BLOB of its decimal digits
+# (`store_sqlite.wide`), which SQLite stores as given (a text would become a lossy REAL).
+# The name is PostgreSQL's type, so a batch's JSON casts to it as written.
+WIDE = "numeric(39,0)"
+WIDE_COLUMNS = (("ledger_accounts", "balance_nano"), ("ledger_buckets", "remaining_nano"))
 
 ACCOUNTS = Table(
     "ledger_accounts",
@@ -37,7 +44,7 @@ ACCOUNTS = Table(
         ("kind", T),
         ("draws_on_parent", B),
         ("created_ms", B),
-        ("balance_nano", B),
+        ("balance_nano", WIDE),
     ),
 )
 BUCKETS = Table(
@@ -50,7 +57,7 @@ BUCKETS = Table(
         ("priority", B),
         ("expires_ms", B),
         ("created_seq", B),
-        ("remaining_nano", B),
+        ("remaining_nano", WIDE),
         ("ended", B),
         ("closed", B),
     ),
@@ -155,7 +162,10 @@ INDEXES = (
 
 def ddl(dialect: str) -> list[str]:
     """CREATE statements for `sqlite` or `postgres`."""
-    types = {"sqlite": {B: "INTEGER", T: "TEXT"}, "postgres": {B: "BIGINT", T: "TEXT"}}[dialect]
+    types = {
+        "sqlite": {B: "INTEGER", WIDE: "INTEGER", T: "TEXT"},
+        "postgres": {B: "BIGINT", WIDE: "NUMERIC(39,0)", T: "TEXT"},
+    }[dialect]
     out = []
     for t in TABLES:
         cols = ", ".join(f"{c} {types[ty]}" for c, ty in t.columns)
@@ -169,4 +179,13 @@ def ddl(dialect: str) -> list[str]:
             + (" WITHOUT ROWID" if clustered else "")
         )
     out.extend(INDEXES)
+    if dialect == "postgres":
+        # Upgrade a ledger created when these were BIGINT (a no-op once they are NUMERIC).
+        out.extend(
+            f"DO $$ BEGIN IF (SELECT data_type FROM information_schema.columns "
+            f"WHERE table_schema = current_schema() AND table_name = '{table}' "
+            f"AND column_name = '{column}') = 'bigint' THEN "
+            f"ALTER TABLE {table} ALTER COLUMN {column} TYPE NUMERIC(39,0); END IF; END $$"
+            for table, column in WIDE_COLUMNS
+        )
     return out

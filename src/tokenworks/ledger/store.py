@@ -50,6 +50,15 @@ Columns = tuple[tuple[str, str], ...]
 Attachment = tuple[str, Columns, list[tuple[Any, ...]]]
 
 
+class StoreSnapshot(Protocol):
+    async def audit(self) -> AuditData: ...
+
+    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
+        """(scopes JSON, price, closed_ms) of holds settled in [since, until)."""
+
+    async def close(self) -> None: ...
+
+
 class Store(Protocol):
     dialect: str
     # How long the group-commit writer may wait for more settlements before a commit, while
@@ -75,10 +84,16 @@ class Store(Protocol):
     async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
         """(op, body_hash, result) of a key the engine no longer caches."""
 
-    async def audit(self) -> AuditData: ...
+    async def snapshot(self) -> StoreSnapshot:
+        """A read-only view of the store as it is now, unchanged by later commits: the writer
+        opens one right after a commit, so `check()` compares the engine at that commit with
+        the store at that commit while traffic goes on."""
 
-    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
-        """(scopes JSON, price, closed_ms) of holds settled in [since, until)."""
+    def refuses(self, exc: BaseException) -> bool:
+        """Whether `exc`, raised by `write`, is the store refusing a value of the batch (a
+        number out of a column's range, a text it cannot hold, a constraint): retrying the
+        same rows fails the same way. Anything else (a lost connection, a full disk, a lock
+        timeout) is the store being unavailable, which a retry may clear."""
 
     async def recent_closed_holds(self, limit: int) -> list[tuple[Any, ...]]:
         """The latest closed holds, so a restarted engine still answers their retries."""
@@ -119,24 +134,29 @@ RECENT_CLOSED_HOLDS = (
 )
 GET_IDEMPOTENCY = "SELECT op, body_hash, result FROM ledger_idempotency WHERE key = :key"
 
+# Sums that may pass int64 (an account's transfers over its life) use XSUM: PostgreSQL's SUM
+# (exact NUMERIC over BIGINT), SQLite's `xsum` (an exact aggregate the store registers:
+# SQLite's own SUM raises on int64 overflow). Differences of two such sums are taken in
+# Python, where they are exact.
 AUDIT_ACCOUNTS = """
-SELECT a.id, a.balance_nano, COALESCE(c.s, 0) - COALESCE(d.s, 0)
+SELECT a.id, a.balance_nano, c.s, d.s
 FROM ledger_accounts a
-LEFT JOIN (SELECT credit_account_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+LEFT JOIN (SELECT credit_account_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers GROUP BY credit_account_id) c ON c.id = a.id
-LEFT JOIN (SELECT debit_account_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+LEFT JOIN (SELECT debit_account_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers GROUP BY debit_account_id) d ON d.id = a.id
 """
 AUDIT_BUCKETS = """
-SELECT b.id, b.remaining_nano, b.closed, COALESCE(c.s, 0) - COALESCE(d.s, 0)
+SELECT b.id, b.remaining_nano, b.closed, c.s, d.s
 FROM ledger_buckets b
-LEFT JOIN (SELECT credit_bucket_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+LEFT JOIN (SELECT credit_bucket_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers WHERE credit_bucket_id IS NOT NULL
            GROUP BY credit_bucket_id) c ON c.id = b.id
-LEFT JOIN (SELECT debit_bucket_id AS id, CAST(SUM(amount_nano) AS BIGINT) AS s
+LEFT JOIN (SELECT debit_bucket_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers WHERE debit_bucket_id IS NOT NULL
            GROUP BY debit_bucket_id) d ON d.id = b.id
 """
+# A hold's spend is at most its amount (<= 2**62): SUM cannot overflow.
 AUDIT_MISCHARGED = """
 SELECT h.id, h.price_nano, COALESCE(t.s, 0)
 FROM ledger_holds h
@@ -150,10 +170,8 @@ SELECT COUNT(*) FROM ledger_transfers
 WHERE amount_nano <= 0 OR (debit_account_id = credit_account_id AND kind <> 'rollover')
 """
 AUDIT_COSTS = """
-SELECT COALESCE((SELECT CAST(SUM(amount_nano) AS BIGINT) FROM ledger_transfers
-                 WHERE kind = 'cost'), 0),
-       COALESCE((SELECT CAST(SUM(cost_nano) AS BIGINT) FROM ledger_holds
-                 WHERE status = 'settled'), 0)
+SELECT (SELECT XSUM(amount_nano) FROM ledger_transfers WHERE kind = 'cost'),
+       (SELECT XSUM(cost_nano) FROM ledger_holds WHERE status = 'settled')
 """
 AUDIT_OPEN_HOLDS = "SELECT id FROM ledger_holds WHERE status = 'open'"
 SETTLED_SCOPES = """
@@ -168,11 +186,46 @@ SELECT kind, 1, model, amount_nano, hold_id FROM ledger_transfers
 WHERE credit_account_id = :acc AND ts_ms >= :since AND ts_ms < :until AND kind <> 'rollover'
 """
 NET_BEFORE = """
-SELECT COALESCE((SELECT CAST(SUM(amount_nano) AS BIGINT) FROM ledger_transfers
-                 WHERE credit_account_id = :acc AND ts_ms < :until), 0)
-     - COALESCE((SELECT CAST(SUM(amount_nano) AS BIGINT) FROM ledger_transfers
-                 WHERE debit_account_id = :acc AND ts_ms < :until), 0)
+SELECT (SELECT XSUM(amount_nano) FROM ledger_transfers
+        WHERE credit_account_id = :acc AND ts_ms < :until),
+       (SELECT XSUM(amount_nano) FROM ledger_transfers
+        WHERE debit_account_id = :acc AND ts_ms < :until)
 """
+
+
+def exact(value: Any) -> int:
+    """A stored amount or an XSUM as an int: NULL (no rows) is 0, and SQLite gives a value
+    past int64 as its decimal digits (bytes or text)."""
+    return 0 if value is None else value if type(value) is int else int(value)
+
+
+def audit_data(
+    accounts: list[tuple[Any, ...]],
+    buckets: list[tuple[Any, ...]],
+    mischarged: list[tuple[Any, ...]],
+    bad_transfers: int,
+    costs: tuple[Any, ...],
+    open_holds: list[str],
+) -> AuditData:
+    """AuditData from the audit queries' rows, the nets taken exactly."""
+    return AuditData(
+        accounts=[(i, exact(bal), exact(c) - exact(d)) for i, bal, c, d in accounts],
+        buckets=[(i, exact(rem), closed, exact(c) - exact(d)) for i, rem, closed, c, d in buckets],
+        mischarged=mischarged,  # type: ignore[arg-type]
+        bad_transfers=int(bad_transfers),
+        costs=(exact(costs[0]), exact(costs[1])),
+        open_holds=open_holds,
+    )
+
+
+AUDIT_QUERIES = {
+    "accounts": AUDIT_ACCOUNTS,
+    "buckets": AUDIT_BUCKETS,
+    "mischarged": AUDIT_MISCHARGED,
+    "bad_transfers": AUDIT_BAD_TRANSFERS,
+    "costs": AUDIT_COSTS,
+    "open_holds": AUDIT_OPEN_HOLDS,
+}
 
 
 def upsert_tail(table: Table, excluded: str) -> str:

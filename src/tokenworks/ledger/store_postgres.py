@@ -26,12 +26,7 @@ from tokenworks.ledger.domain import LedgerError
 from tokenworks.ledger.engine import Batch, Snapshot
 from tokenworks.ledger.schema import ddl
 from tokenworks.ledger.store import (
-    AUDIT_ACCOUNTS,
-    AUDIT_BAD_TRANSFERS,
-    AUDIT_BUCKETS,
-    AUDIT_COSTS,
-    AUDIT_MISCHARGED,
-    AUDIT_OPEN_HOLDS,
+    AUDIT_QUERIES,
     BATCH_TABLES,
     EXPIRE_STORED_OPEN_HOLDS,
     GET_HOLD,
@@ -44,6 +39,8 @@ from tokenworks.ledger.store import (
     Attachment,
     AuditData,
     Columns,
+    audit_data,
+    exact,
     numbered,
     upsert_tail,
 )
@@ -105,6 +102,77 @@ def batch_document(batch: Batch, attached: Sequence[Attachment]) -> str:
 
 _encode_json = msgspec.json.encode
 
+# SQLSTATE classes of a value the store will not take, so the same rows fail again: 22 data
+# exception (out of range, bad text, NUL in jsonb), 23 integrity constraint (NOT NULL,
+# CHECK). Errors raised while encoding the batch, before the server is asked, count too.
+# Anything else (connection lost, timeouts, admin shutdown, disk full: classes 08, 53, 57)
+# is the store being unavailable.
+REFUSED_SQLSTATE_CLASSES = ("22", "23")
+ENCODING_ERRORS = (msgspec.EncodeError, OverflowError, TypeError, ValueError)
+
+
+async def _numeric_as_int(conn: asyncpg.Connection) -> None:
+    """NUMERIC (wide balances, SUMs of BIGINT) read as int, not Decimal: every NUMERIC the
+    ledger reads is a whole number."""
+    await conn.set_type_codec(
+        "numeric", schema="pg_catalog", encoder=str, decoder=int, format="text"
+    )
+
+
+def _sql(text: str) -> str:
+    return text.replace("XSUM(", "SUM(")
+
+
+async def _fetch(
+    conn: asyncpg.Connection, text: str, params: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    q, args = numbered(_sql(text), params)
+    return [tuple(r) for r in await conn.fetch(q, *args)]
+
+
+async def _read_audit(conn: asyncpg.Connection) -> AuditData:
+    rows = {k: await _fetch(conn, q, {}) for k, q in AUDIT_QUERIES.items()}
+    return audit_data(
+        rows["accounts"],
+        rows["buckets"],
+        rows["mischarged"],
+        rows["bad_transfers"][0][0],
+        rows["costs"][0],
+        [r[0] for r in rows["open_holds"]],
+    )
+
+
+class PostgresSnapshot:
+    """A REPEATABLE READ, read-only transaction on a pool connection: every query in it sees
+    the database as of its first statement."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: Any = None
+        self._tx: Any = None
+
+    async def begin(self) -> None:
+        self._conn = await self._pool.acquire()
+        self._tx = self._conn.transaction(isolation="repeatable_read", readonly=True)
+        await self._tx.start()
+        await self._conn.fetchval("SELECT 1")  # the snapshot is taken here
+
+    async def audit(self) -> AuditData:
+        return await _read_audit(self._conn)
+
+    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
+        return await _fetch(self._conn, SETTLED_SCOPES, {"since": since_ms, "until": until_ms})  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._tx is not None:
+                await self._tx.rollback()
+        finally:
+            await self._pool.release(conn)
+
 
 class PostgresStore:
     dialect = "postgres"
@@ -149,6 +217,7 @@ class PostgresStore:
                     await w.execute(stmt)
             self._pool = await asyncpg.create_pool(
                 self.url,
+                init=_numeric_as_int,
                 min_size=1,
                 max_size=4,
                 timeout=CONNECT_TIMEOUT_S,
@@ -181,11 +250,16 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ reads
 
-    async def _all(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    def refuses(self, exc: BaseException) -> bool:
+        if isinstance(exc, ENCODING_ERRORS):
+            return True
+        state = getattr(exc, "sqlstate", None)
+        return isinstance(exc, asyncpg.PostgresError) and str(state)[:2] in REFUSED_SQLSTATE_CLASSES
+
+    async def _all(self, text: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         assert self._pool is not None, "store is not open"
-        text, args = numbered(sql, params or {})
         async with self._pool.acquire() as c:
-            return [tuple(r) for r in await c.fetch(text, *args)]
+            return await _fetch(c, text, params or {})
 
     async def load(self) -> Snapshot | None:
         rows = {name: await self._all(sql) for name, sql in LOAD_QUERIES.items()}
@@ -216,18 +290,15 @@ class PostgresStore:
         rows = await self._all(GET_IDEMPOTENCY, {"key": key})
         return rows[0] if rows else None  # type: ignore[return-value]
 
-    async def audit(self) -> AuditData:
-        return AuditData(
-            accounts=await self._all(AUDIT_ACCOUNTS),  # type: ignore[arg-type]
-            buckets=await self._all(AUDIT_BUCKETS),  # type: ignore[arg-type]
-            mischarged=await self._all(AUDIT_MISCHARGED),  # type: ignore[arg-type]
-            bad_transfers=(await self._all(AUDIT_BAD_TRANSFERS))[0][0],
-            costs=(await self._all(AUDIT_COSTS))[0],  # type: ignore[arg-type]
-            open_holds=[r[0] for r in await self._all(AUDIT_OPEN_HOLDS)],
-        )
-
-    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
-        return await self._all(SETTLED_SCOPES, {"since": since_ms, "until": until_ms})  # type: ignore[return-value]
+    async def snapshot(self) -> PostgresSnapshot:
+        assert self._pool is not None, "store is not open"
+        snap = PostgresSnapshot(self._pool)
+        try:
+            await snap.begin()
+        except BaseException:
+            await snap.close()
+            raise
+        return snap
 
     async def movements(
         self, account_id: int, since_ms: int, until_ms: int
@@ -237,4 +308,4 @@ class PostgresStore:
 
     async def net_before(self, account_id: int, until_ms: int) -> int:
         rows = await self._all(NET_BEFORE, {"acc": account_id, "until": until_ms})
-        return int(rows[0][0])
+        return exact(rows[0][0]) - exact(rows[0][1])

@@ -19,14 +19,9 @@ from typing import Any, TypeVar
 
 from tokenworks.ledger.domain import LedgerError
 from tokenworks.ledger.engine import Batch, Snapshot
-from tokenworks.ledger.schema import ddl
+from tokenworks.ledger.schema import WIDE, ddl
 from tokenworks.ledger.store import (
-    AUDIT_ACCOUNTS,
-    AUDIT_BAD_TRANSFERS,
-    AUDIT_BUCKETS,
-    AUDIT_COSTS,
-    AUDIT_MISCHARGED,
-    AUDIT_OPEN_HOLDS,
+    AUDIT_QUERIES,
     BATCH_TABLES,
     EXPIRE_STORED_OPEN_HOLDS,
     GET_HOLD,
@@ -38,10 +33,149 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
+    audit_data,
+    exact,
     upsert_tail,
 )
 
 R = TypeVar("R")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# Errors that say a value of the batch cannot be stored (so the same rows fail again), as
+# opposed to the database being unavailable (sqlite3.OperationalError: I/O, full, locked).
+# OverflowError: an int past int64, refused by the driver before SQLite sees it;
+# InterfaceError/ProgrammingError: a value of a type it cannot bind, or a row of the wrong
+# length; TypeError/ValueError: the same, raised by Python while binding.
+REFUSALS = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+
+
+def wide(row: tuple[Any, ...], columns: tuple[int, ...]) -> tuple[Any, ...]:
+    """The row with each value past int64 in a WIDE column as the BLOB of its decimal digits:
+    SQLite keeps a BLOB as given (it would turn such a text into a lossy REAL), and `exact`
+    reads it back."""
+    out = list(row)
+    for i in columns:
+        v = out[i]
+        if type(v) is int and not INT64_MIN <= v <= INT64_MAX:
+            out[i] = str(v).encode()
+    return tuple(out)
+
+
+class ExactSum:
+    """`xsum(x)`: SQLite's SUM raises on int64 overflow; this sums exactly, BLOB digits
+    included, and gives a total past int64 as its decimal text."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def step(self, value: Any) -> None:
+        if value is not None:
+            self.total += value if type(value) is int else int(value)
+
+    def finalize(self) -> int | str:
+        t = self.total
+        return t if INT64_MIN <= t <= INT64_MAX else str(t)
+
+
+def sql(text: str) -> str:
+    return text.replace("XSUM(", "xsum(")
+
+
+def connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.create_aggregate("xsum", 1, ExactSum)  # type: ignore[arg-type]
+    return conn
+
+
+def read_audit(conn: sqlite3.Connection) -> AuditData:
+    rows = {k: [tuple(r) for r in conn.execute(sql(q))] for k, q in AUDIT_QUERIES.items()}
+    return audit_data(
+        rows["accounts"],
+        rows["buckets"],
+        rows["mischarged"],
+        rows["bad_transfers"][0][0],
+        rows["costs"][0],
+        [r[0] for r in rows["open_holds"]],
+    )
+
+
+def exact_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A loaded row with WIDE values stored as BLOB digits as ints (only they are BLOBs)."""
+    if bytes not in map(type, row):
+        return row
+    return tuple(int(v) if type(v) is bytes else v for v in row)
+
+
+class SqliteSnapshot:
+    """A read transaction on a connection of its own (and a thread of its own): in WAL mode
+    it sees the database as of its first read, whatever the writer commits after.
+
+    An in-memory database has no second connection: its snapshot reads everything at once,
+    while the writer waits."""
+
+    def __init__(self, path: str, main: SqliteStore) -> None:
+        self.path = path
+        self.main = main
+        self._pool: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._audit: AuditData | None = None
+        self._settled: list[tuple[str, int, int]] = []
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def begin(self) -> None:
+        if self.path == ":memory:":
+
+            def read_all() -> tuple[AuditData, list[tuple[str, int, int]]]:
+                settled = self.main._all(SETTLED_SCOPES, {"since": INT64_MIN, "until": INT64_MAX})
+                return read_audit(self.main.conn), settled  # type: ignore[return-value]
+
+            self._audit, self._settled = await self.main._run(read_all)
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-audit")
+
+        def begin() -> None:
+            conn = connect(self.path)
+            conn.execute("BEGIN")
+            conn.execute("SELECT count(*) FROM ledger_meta").fetchall()  # the snapshot is now
+            self._conn = conn
+
+        await self._run(begin)
+
+    async def audit(self) -> AuditData:
+        if self._conn is None:
+            assert self._audit is not None
+            return self._audit
+        return await self._run(read_audit, self._conn)  # type: ignore[no-any-return]
+
+    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
+        if self._conn is None:
+            return [r for r in self._settled if since_ms <= r[2] < until_ms]
+        conn = self._conn
+        params = {"since": since_ms, "until": until_ms}
+
+        def run() -> list[tuple[str, int, int]]:
+            return [tuple(r) for r in conn.execute(SETTLED_SCOPES, params).fetchall()]  # type: ignore[misc]
+
+        return await self._run(run)  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._run(conn.close)  # closing ends the read transaction
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 def sqlite_path(url: str) -> str:
@@ -63,6 +197,11 @@ class SqliteStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        # Where the WIDE columns are in each batch table's rows.
+        self._wide = {
+            name: tuple(i for i, (_, ty) in enumerate(t.columns) if ty == WIDE)
+            for t, name in BATCH_TABLES
+        }
         self._insert_sql = {
             name: (
                 f"INSERT INTO {t.name} ({', '.join(t.column_names)}) "
@@ -89,7 +228,7 @@ class SqliteStore:
                 os.close(fd)
                 raise LedgerError(f"another process has the ledger {self.path} open") from None
             self._lock_fd = fd
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn = connect(self.path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
@@ -127,8 +266,16 @@ class SqliteStore:
         try:
             for _, name in BATCH_TABLES:
                 rows = getattr(batch, name)
-                if rows:
+                if not rows:
+                    continue
+                try:
                     c.executemany(self._insert_sql[name], rows)
+                except OverflowError:
+                    # A running total past int64 (rare: free on the common path). Rows
+                    # written before the one that overflowed are upserted again, alike.
+                    if not (cols := self._wide[name]):
+                        raise
+                    c.executemany(self._insert_sql[name], [wide(r, cols) for r in rows])
             for table, columns, rows in attached:
                 names = ", ".join(name for name, _ in columns)
                 marks = ", ".join("?" for _ in columns)
@@ -142,14 +289,17 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ reads
 
-    def _all(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in self.conn.execute(sql, params or {}).fetchall()]
+    def _all(self, text: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.execute(sql(text), params or {}).fetchall()]
+
+    def refuses(self, exc: BaseException) -> bool:
+        return isinstance(exc, REFUSALS)
 
     async def load(self) -> Snapshot | None:
         return await self._run(self._load_sync)
 
     def _load_sync(self) -> Snapshot | None:
-        rows = {name: self._all(sql) for name, sql in LOAD_QUERIES.items()}
+        rows = {name: [exact_row(r) for r in self._all(q)] for name, q in LOAD_QUERIES.items()}
         if not rows["accounts"]:
             return None
         return Snapshot(
@@ -177,21 +327,14 @@ class SqliteStore:
         rows = await self._run(self._all, GET_IDEMPOTENCY, {"key": key})
         return rows[0] if rows else None  # type: ignore[return-value]
 
-    async def audit(self) -> AuditData:
-        def run() -> AuditData:
-            return AuditData(
-                accounts=self._all(AUDIT_ACCOUNTS),  # type: ignore[arg-type]
-                buckets=self._all(AUDIT_BUCKETS),  # type: ignore[arg-type]
-                mischarged=self._all(AUDIT_MISCHARGED),  # type: ignore[arg-type]
-                bad_transfers=self._all(AUDIT_BAD_TRANSFERS)[0][0],
-                costs=self._all(AUDIT_COSTS)[0],  # type: ignore[arg-type]
-                open_holds=[r[0] for r in self._all(AUDIT_OPEN_HOLDS)],
-            )
-
-        return await self._run(run)
-
-    async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
-        return await self._run(self._all, SETTLED_SCOPES, {"since": since_ms, "until": until_ms})
+    async def snapshot(self) -> SqliteSnapshot:
+        snap = SqliteSnapshot(self.path, self)
+        try:
+            await snap.begin()
+        except BaseException:
+            await snap.close()
+            raise
+        return snap
 
     async def movements(
         self, account_id: int, since_ms: int, until_ms: int
@@ -201,4 +344,4 @@ class SqliteStore:
 
     async def net_before(self, account_id: int, until_ms: int) -> int:
         rows = await self._run(self._all, NET_BEFORE, {"acc": account_id, "until": until_ms})
-        return int(rows[0][0])
+        return exact(rows[0][0]) - exact(rows[0][1])
