@@ -538,7 +538,7 @@ CHILD = textwrap.dedent(
 
 
 def test_crash_mid_load_leaves_no_double_charge_and_no_stranded_hold(url: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, url],
         stdout=subprocess.PIPE,

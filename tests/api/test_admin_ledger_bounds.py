@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tests.api.test_admin_ledger import create, error, ok, post, send
 from tests.conftest import Gateway, both_stores
-from tests.test_admin_ledger import create, error, ok, post, send
 
 
 def test_unbounded_admin_inputs_are_400(gateway: Gateway) -> None:

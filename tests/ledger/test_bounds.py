@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_ledger_store import START, Clock, _pg_schema_url, org_tree, run, with_ledger
+from tests.ledger.test_store import START, Clock, _pg_schema_url, org_tree, run, with_ledger
 from tokenworks.ledger import (
     AccountKind,
     InvalidRequest,

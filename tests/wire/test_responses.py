@@ -18,7 +18,7 @@ from tokenworks.wire import PreviousResponseUnsupported, Untranslatable
 from tokenworks.wire import responses as wire
 from tokenworks.wire.sse import SSESplitter, data_of
 
-FIXTURES = Path(__file__).parent / "fixtures" / "wire"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def cassette(name: str) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from tokenworks.wire import Untranslatable
 from tokenworks.wire import anthropic as wire
 from tokenworks.wire.sse import SSESplitter, data_of
 
-FIXTURES = Path(__file__).parent / "fixtures" / "wire"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def cassette(name: str) -> list[dict[str, Any]]:

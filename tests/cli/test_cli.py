@@ -63,7 +63,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_the_example_config_loads() -> None:
     from tokenworks.config import load
 
-    config = load(Path(__file__).parent.parent / "examples" / "tokenworks.yaml")
+    config = load(Path(__file__).parents[2] / "examples" / "tokenworks.yaml")
     assert [m.name for m in config.models] == ["chat-fast", "gpt", "deepseek", "embed"]
     assert config.pricing.default_tariff == "retail"
 

@@ -194,7 +194,7 @@ def test_docs_examples_parse() -> None:
 
     from tokenworks.pricing.spec import CostSpec
 
-    text = (Path(__file__).parent.parent / "docs" / "pricing.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "pricing.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
     config, scenario = yaml.safe_load(blocks[0]), blocks[1]
     msgspec.convert(config["pricing"], PricingSpec)

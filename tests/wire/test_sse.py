@@ -9,7 +9,7 @@ import yaml
 
 from tokenworks.wire.sse import SSESplitter, data_of, encode_event, parse_event
 
-FIXTURES = Path(__file__).parent / "fixtures" / "wire"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def recorded(name: str) -> bytes:
