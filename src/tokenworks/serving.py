@@ -1,7 +1,10 @@
-"""Run an ASGI app under uvicorn on a background thread: for tests, the demo and benchmarks."""
+"""Run an ASGI app under uvicorn: the HTTP protocol with bounds on request heads, the server
+config `tokenworks serve` uses, and a background-thread server for tests, the demo and
+benchmarks."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -10,8 +13,112 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tokenworks.api.errors import error_body
+from tokenworks.config import Http
 
 START_TIMEOUT_S = 15.0
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with what it lacks: a bound on a request head's size
+    (431) and on the time a client takes to send it (slowloris).
+
+    A head is counted from its first byte (a new connection counts from its opening, a kept-
+    alive one from the next request's first byte) until its headers are complete. Bytes are
+    counted per chunk received while a head is incomplete, so a huge header is refused before
+    it has all arrived. The clock is lazy: a request only notes when its head began; one
+    timer per connection checks, and is armed again only while a head is in progress, so a
+    request costs no timer of its own.
+    """
+
+    max_header_bytes = 16 * 1024
+    header_timeout_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_started_s = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_started_s = self.loop.time()
+        self._arm_head_timer(self.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head:  # every byte of this chunk is (still) part of an unfinished head
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
+                self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_started_s = self.loop.time()
+        if self._head_timer is None:
+            self._arm_head_timer(self.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def _arm_head_timer(self, delay_s: float) -> None:
+        self._head_timer = self.loop.call_later(delay_s, self._head_timer_fired)
+
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return  # no head in progress: the next one arms the timer again
+        left_s = self._head_started_s + self.header_timeout_s - self.loop.time()
+        if left_s > 0:
+            self._arm_head_timer(left_s)
+        elif self._head_bytes:
+            self._refuse(408, f"request headers not received within {self.header_timeout_s:g} s")
+        else:
+            self.transport.close()  # connected and never said a word: nobody to answer
+
+    def _refuse(self, status: int, message: str) -> None:
+        body = error_body(status, message, code="bad_request_head")
+        phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+        )
+        self.transport.close()
+
+
+def bounded_protocol(http: Http) -> type[BoundedHttpToolsProtocol]:
+    """The protocol class for uvicorn, carrying the config's bounds."""
+    return type(
+        "BoundedHttpToolsProtocol",
+        (BoundedHttpToolsProtocol,),
+        {"max_header_bytes": http.max_header_bytes, "header_timeout_s": http.header_timeout_s},
+    )
+
+
+def uvicorn_config(app: Any, **kwargs: Any) -> uvicorn.Config:
+    """How every tokenworks server runs: uvloop, httptools with bounded heads (the app's
+    own bounds when it is a gateway, `app.state.http`, else the defaults), quiet logs."""
+    http = getattr(getattr(app, "state", None), "http", None) or Http()
+    return uvicorn.Config(
+        app,
+        loop="uvloop",
+        http=bounded_protocol(http),
+        log_level="warning",
+        access_log=False,
+        **kwargs,
+    )
 
 
 def free_port() -> int:
@@ -31,15 +138,7 @@ def serve_in_thread(app: Any, port: int | None = None, host: str = "127.0.0.1") 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port or 0))
     port = int(sock.getsockname()[1])
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=2,
-    )
+    config = uvicorn_config(app, lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True

@@ -15,6 +15,9 @@ from tokenworks.dispatch.relay import Call
 
 MAX_TAGS = 32
 MAX_TAG_BYTES = 256
+# Nesting deeper than this is refused: no API body needs it, and past about 1,000 levels the
+# decoder (and anything walking the payload after it) runs out of recursion.
+MAX_JSON_DEPTH = 64
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
@@ -66,9 +69,38 @@ async def read_json_sized(request: Request, max_bytes: int) -> tuple[dict[str, A
         payload = _decode(body)
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise _too_deep() from exc
     if not isinstance(payload, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    # Nesting deeper than MAX_JSON_DEPTH needs more brackets than that: most bodies are
+    # cleared by two byte counts, and only the rest are walked.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and nested_deeper_than(
+        payload, MAX_JSON_DEPTH
+    ):
+        raise _too_deep()
     return payload, size
+
+
+def _too_deep() -> ApiError:
+    return ApiError(
+        400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+    )
+
+
+def nested_deeper_than(value: object, max_depth: int) -> bool:
+    """Whether arrays and objects in `value` nest more than `max_depth` levels (the top one is
+    level 1). Iterative, and it visits containers only."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if type(node) is dict else node
+        for child in children:  # type: ignore[attr-defined]
+            if type(child) is dict or type(child) is list:
+                if depth == max_depth:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _require(payload: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
