@@ -23,14 +23,14 @@ START_TIMEOUT_S = 15.0
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with what it lacks: a bound on a request head's size
-    (431) and on the time a client takes to send it (slowloris).
+    (431) and on the time a client takes to send it (slowloris, 408 or a plain close).
 
-    A head is counted from its first byte (a new connection counts from its opening, a kept-
-    alive one from the next request's first byte) until its headers are complete. Bytes are
-    counted per chunk received while a head is incomplete, so a huge header is refused before
-    it has all arrived. The clock is lazy: a request only notes when its head began; one
-    timer per connection checks, and is armed again only while a head is in progress, so a
-    request costs no timer of its own.
+    A head that completes within the chunks received is measured once, at its end (the URL
+    and the headers as parsed). One still incomplete after a chunk counts that chunk's bytes,
+    so a huge header is refused before it has all arrived, with at most one read beyond the
+    bound buffered. The clock is lazy: a request only notes when its head began (its first
+    byte; a new connection's opening); one timer per connection checks, armed again only
+    while a head is in progress, so a request costs no timer of its own.
     """
 
     max_header_bytes = 16 * 1024
@@ -39,9 +39,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True
-        self._head_bytes = 0
+        self._partial_head_bytes = 0
         self._head_started_s = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -55,23 +56,43 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         super().data_received(data)
-        if self._in_head:  # every byte of this chunk is (still) part of an unfinished head
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
-                self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
+        if self._in_head and not self._refused:  # this whole chunk is part of an open head
+            self._partial_head_bytes += len(data)
+            if self._partial_head_bytes > self.max_header_bytes:
+                self._refuse_too_large()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = 0
+        self._partial_head_bytes = 0
         self._head_started_s = self.loop.time()
         if self._head_timer is None:
             self._arm_head_timer(self.header_timeout_s)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        super().on_headers_complete()
+        size = len(self.url)
+        for name, value in self.headers:
+            size += len(name) + len(value)
+        if size > self.max_header_bytes:
+            self._refuse_too_large()  # and no request is started for it
+        elif not self._refused:
+            super().on_headers_complete()
+
+    # The parser goes on with a refused request's body in the same chunk: ignore it.
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def _refuse_too_large(self) -> None:
+        self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
 
     def _arm_head_timer(self, delay_s: float) -> None:
         self._head_timer = self.loop.call_later(delay_s, self._head_timer_fired)
@@ -83,12 +104,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         left_s = self._head_started_s + self.header_timeout_s - self.loop.time()
         if left_s > 0:
             self._arm_head_timer(left_s)
-        elif self._head_bytes:
+        elif self._partial_head_bytes:
             self._refuse(408, f"request headers not received within {self.header_timeout_s:g} s")
         else:
             self.transport.close()  # connected and never said a word: nobody to answer
 
     def _refuse(self, status: int, message: str) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
         body = error_body(status, message, code="bad_request_head")
         phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         self.transport.write(

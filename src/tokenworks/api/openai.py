@@ -112,12 +112,29 @@ def _require(payload: dict[str, Any], name: str, kinds: tuple[type, ...], what: 
     return value
 
 
+# Upper bounds on the integer parameters the gateway prices a hold from: beyond them a hold
+# would be out of the ledger's range, which is the client's mistake (400), not an outage.
+INT_PARAM_MAX = {
+    "max_tokens": 2**31 - 1,
+    "max_completion_tokens": 2**31 - 1,
+    "n": 128,
+    "best_of": 128,
+}
+
+
 def _optional_int(payload: dict[str, Any], name: str) -> None:
     value = payload.get(name)
     if value is None:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ApiError(400, f"'{name}' must be a positive integer", param=name, code="invalid_type")
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not 1 <= value <= (INT_PARAM_MAX[name])
+    ):
+        raise ApiError(
+            400, f"'{name}' must be an integer within 1..{INT_PARAM_MAX[name]}", param=name,
+            code="invalid_type",
+        )  # fmt: skip
 
 
 def _validate(endpoint: str, payload: dict[str, Any]) -> None:
@@ -143,7 +160,7 @@ def _validate(endpoint: str, payload: dict[str, Any]) -> None:
         raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
     if stream and endpoint == "embeddings":
         raise ApiError(400, "embeddings cannot be streamed", param="stream", code="invalid")
-    for name in ("max_tokens", "max_completion_tokens", "n", "best_of"):
+    for name in INT_PARAM_MAX:
         _optional_int(payload, name)
 
 
