@@ -73,6 +73,20 @@ def test_a_huge_header_is_431_in_the_api_shape(gateway: Gateway) -> None:
         )
         status, error = error_of(read_until_closed(sock))
     assert status == 431 and error["type"] == "invalid_request_error"
+    sock = connect(gateway.url)
+    with sock:  # with a body behind it in the same packet: no request is started for it
+        body = b'{"name": "never made"}'
+        sock.sendall(
+            b"POST /admin/v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + ADMIN_KEY.encode()
+            + b"\r\nX-Padding: "
+            + b"p" * 20_000
+            + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        assert error_of(read_until_closed(sock))[0] == 431
+    assert "never made" not in [
+        k["name"] for k in gateway.admin("GET", "/admin/v1/keys").json()["data"]
+    ]
     # A megabyte, sent piece by piece: refused as soon as the bound is crossed, long before
     # it has all arrived (the server hangs up while we are still sending).
     sock = connect(gateway.url)

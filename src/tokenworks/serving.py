@@ -21,6 +21,10 @@ from tokenworks.config import Http
 START_TIMEOUT_S = 15.0
 
 
+class HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head that was refused."""
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with what it lacks: a bound on a request head's size
     (431) and on the time a client takes to send it (slowloris, 408 or a plain close).
@@ -55,17 +59,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = None
         super().connection_lost(exc)
 
+    # The per-request overrides call the base class directly (no super() object): they run
+    # on every request, and the bound must cost next to nothing.
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return
-        super().data_received(data)
-        if self._in_head and not self._refused:  # this whole chunk is part of an open head
+        HttpToolsProtocol.data_received(self, data)
+        if self._in_head:  # this whole chunk is part of a head still open
             self._partial_head_bytes += len(data)
             if self._partial_head_bytes > self.max_header_bytes:
                 self._refuse_too_large()
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        HttpToolsProtocol.on_message_begin(self)
         self._in_head = True
         self._partial_head_bytes = 0
         self._head_started_s = self.loop.time()
@@ -78,18 +82,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         for name, value in self.headers:
             size += len(name) + len(value)
         if size > self.max_header_bytes:
-            self._refuse_too_large()  # and no request is started for it
-        elif not self._refused:
-            super().on_headers_complete()
+            self._refuse_too_large()
+            raise HeadRefused  # stops the parser: no request is started, its body ignored
+        HttpToolsProtocol.on_headers_complete(self)
 
-    # The parser goes on with a refused request's body in the same chunk: ignore it.
-    def on_body(self, body: bytes) -> None:
-        if not self._refused:
-            super().on_body(body)
-
-    def on_message_complete(self) -> None:
-        if not self._refused:
-            super().on_message_complete()
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # the parser error that HeadRefused raises is already answered
+            HttpToolsProtocol.send_400_response(self, msg)
 
     def _refuse_too_large(self) -> None:
         self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
@@ -110,9 +109,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # connected and never said a word: nobody to answer
 
     def _refuse(self, status: int, message: str) -> None:
-        if self._refused or self.transport.is_closing():
+        if self._refused:
             return
         self._refused = True
+        self._in_head = False
         body = error_body(status, message, code="bad_request_head")
         phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         self.transport.write(

@@ -5,6 +5,10 @@ later than the parent, and its budget is carved out of the parent key's room in 
 the child's spend counts against the parent, and revoking or expiring the parent revokes the
 child, whose unspent room returns. Minting is one insert and one in-memory ledger update, so
 an agent that spawns a thousand sub-agents pays a thousand cheap calls.
+
+What an agent can make the gateway keep is bounded (`keys:` in the config): live children
+per key, live keys per tree (all depths below an admin-made key), and a mint rate per tree;
+names and metadata are bounded in `key_requests.py`.
 """
 
 from __future__ import annotations
@@ -56,10 +60,19 @@ class MintRate:
 
 
 def check_room(gateway: Any, parent: ApiKey, now_ms: int) -> None:
-    """Refuse a new child beyond the configured counts (403) or mint rate (429)."""
+    """Refuse a new child beyond the configured mint rate (429) or counts (403). The rate
+    comes first: a count at its cap prunes expired keys, which the rate keeps rare."""
     limits: KeyLimits = gateway.config.keys
     keys = gateway.keys
     root = keys.root_of(parent)
+    wait_s = gateway.mint_rate.take(root.id, now_ms / 1000)
+    if wait_s > 0:
+        retry_after_s = max(1, math.ceil(wait_s))
+        raise ApiError(
+            429, f"sub-agent keys are minted at most {limits.mint_rate_per_s:g} per second "
+            "per key tree; retry later", code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after_s)},
+        )  # fmt: skip
     if keys.live_children(parent.id, now_ms, limits.max_children_per_key) >= (
         limits.max_children_per_key
     ):
@@ -73,14 +86,6 @@ def check_room(gateway: Any, parent: ApiKey, now_ms: int) -> None:
         raise ApiError(
             403, f"this key's tree already has {limits.max_keys_per_tree} live sub-agent keys; "
             "revoke some first", code="too_many_keys",
-        )  # fmt: skip
-    wait_s = gateway.mint_rate.take(root.id, now_ms / 1000)
-    if wait_s > 0:
-        retry_after_s = max(1, math.ceil(wait_s))
-        raise ApiError(
-            429, f"sub-agent keys are minted at most {limits.mint_rate_per_s:g} per second "
-            "per key tree; retry later", code="rate_limit_exceeded",
-            headers={"Retry-After": str(retry_after_s)},
         )  # fmt: skip
 
 
