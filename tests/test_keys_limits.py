@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODELS, Gateway, Sim, both_stores
+from tokenworks.auth import KeyStore
 from tokenworks.ledger import AccountKind
 
 pytestmark = both_stores
@@ -53,14 +54,32 @@ def test_live_children_per_key_are_capped_and_revoking_one_makes_room(limited: G
     assert mint(limited, parent["key"], "sub-3").status_code == 201
 
 
-def test_an_expired_child_no_longer_counts(limited: Gateway) -> None:
-    _, parent = limited.funded_key(10**9, limit={"amount": "1", "period": "total"})
-    assert mint(limited, parent["key"], "brief", ttl_s=0.3).status_code == 201
-    assert mint(limited, parent["key"], "a").status_code == 201
-    assert mint(limited, parent["key"], "b").status_code == 201
-    assert mint(limited, parent["key"], "c").status_code == 403
-    time.sleep(0.4)  # "brief" has expired
-    assert mint(limited, parent["key"], "c").status_code == 201
+def test_expired_keys_stop_counting_once_a_count_reaches_its_cap(database: str) -> None:
+    """The counts behind the caps, at chosen times (no sleeping): an expired child is pruned
+    when its parent's count reaches the cap, and so is it from its tree's count."""
+    keys = KeyStore.open(database)
+    try:
+        root, _ = keys.create("root")
+        child, _ = keys.create("child", parent_id=root.id)
+        keys.create("brief", parent_id=root.id, ttl_s=60)
+        keys.create("grandchild", parent_id=child.id, ttl_s=60)
+        now_ms = int(time.time() * 1000)
+        later_ms = now_ms + 61_000
+        assert keys.live_children(root.id, now_ms, cap=2) == 2
+        assert keys.live_descendants(root.id, now_ms, cap=3) == 3
+        assert keys.live_children(root.id, later_ms, cap=10) == 2  # below the cap: not pruned
+        assert keys.live_children(root.id, later_ms, cap=2) == 1
+        assert keys.live_descendants(root.id, later_ms, cap=3) == 1
+        assert len(keys.revoke(child.id)) == 2  # and its grandchild
+        assert keys.live_descendants(root.id, later_ms, cap=1) == 0
+        again = KeyStore.open(database)  # counted afresh from the table at start
+        try:
+            assert again.live_children(root.id, now_ms, cap=1) == 1  # "brief", for a minute
+            assert again.live_descendants(root.id, now_ms, cap=1) == 1
+        finally:
+            again.close()
+    finally:
+        keys.close()
 
 
 def test_a_key_tree_is_capped_at_every_depth(limited: Gateway) -> None:

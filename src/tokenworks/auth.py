@@ -350,10 +350,6 @@ class KeyStore:
     def get(self, key_id: str) -> ApiKey | None:
         return self._by_id.get(key_id)
 
-    def by_secret(self, secret: str) -> ApiKey | None:
-        """The key for a secret, revoked or expired ones included (for idempotent retries)."""
-        return self._by_hash.get(hash_key(secret))
-
     def list(self, include_revoked: bool = True) -> list[ApiKey]:
         keys = sorted(self._by_id.values(), key=lambda k: (k.created_ms, k.id))
         return [k for k in keys if include_revoked or k.revoked_ms is None]
