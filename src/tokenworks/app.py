@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api import admin, admin_ledger, agent_keys, openai, openapi
+from tokenworks.api.admin import bearer_matches
 from tokenworks.api.errors import ApiError
 from tokenworks.config import Config
 from tokenworks.dispatch.health import Health
@@ -35,6 +36,8 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.admin_key = config.resolved_admin_key()
+        self.metrics_token = config.metrics.resolved_token()
+        self.mint_rate = agent_keys.MintRate(config.keys.mint_rate_per_s, config.keys.mint_burst)
         self.started_s = time.time()
         self.metrics = Metrics()
         # sqlite:///path or postgresql://...[?schema=NAME]; each store on its own connections.
@@ -86,6 +89,11 @@ async def healthz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
+    if gateway.metrics_token is not None and not bearer_matches(request, gateway.metrics_token):
+        return ApiError(
+            401, "/metrics needs 'Authorization: Bearer <token>' (metrics.bearer_token_env)",
+            code="invalid_metrics_token", headers={"WWW-Authenticate": "Bearer"},
+        ).response()  # fmt: skip
     return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -128,7 +136,11 @@ def build_app(config: Config) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
+    # No 307 to the path without its trailing slash: the redirect's URL would be built from
+    # the client's Host header. An unknown path is a 404 in the API's shape, like any other.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
+    app.state.http = config.http  # the server's bounds on request heads (serving.py)
     return app
 
 

@@ -8,10 +8,11 @@ line and column a person has to fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -26,6 +27,12 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message names the place and what is wrong."""
 
 
+# Every float in the schema has both bounds: a bound is what rejects NaN (it compares false
+# with everything) and infinity, which YAML spells `.nan` and `.inf`.
+TimeoutS = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+RatePerS = Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]
+
+
 class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """An upstream that produces tokens."""
 
@@ -33,8 +40,8 @@ class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kind: Literal["openai"] = "openai"
     base_url: str
     api_key_env: str | None = None
-    timeout_s: float = 600.0
-    connect_timeout_s: float = 10.0
+    timeout_s: TimeoutS = 600.0
+    connect_timeout_s: TimeoutS = 10.0
     max_connections: int = 1024
     # The producer's billing currency (for cost overrides), and its genai-prices provider id
     # (openai, anthropic, google, deepseek, zhipuai, ...) for published prices; when unset the
@@ -45,8 +52,6 @@ class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if not re.match(r"^https?://", self.base_url):
             raise ValueError("base_url must start with http:// or https://")
-        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
-            raise ValueError("timeouts must be > 0 seconds")
         if not 1 <= self.max_connections <= 100_000:
             raise ValueError("max_connections must be within 1..100000")
 
@@ -105,6 +110,49 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("max_attempts must be within 1..10")
 
 
+class KeyLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Bounds on the sub-agent keys a key may mint (`POST /v1/keys`): everything a client can
+    make the gateway keep is bounded in count and in rate."""
+
+    # Live (unrevoked, unexpired) children of one key.
+    max_children_per_key: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1000
+    # Live keys under one admin-made key, at every depth: per-key caps alone multiply.
+    max_keys_per_tree: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 10_000
+    # A token bucket per key tree: `mint_burst` at once, then `mint_rate_per_s`; beyond, 429.
+    mint_rate_per_s: RatePerS = 10.0
+    mint_burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
+
+
+class Http(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Bounds on a request's head, enforced by the HTTP server before the app sees it."""
+
+    # The request line and all headers together; more is a 431.
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 16 * 1024
+    # From a connection's first byte (or a kept-alive connection's next request's first byte)
+    # to the end of its headers; a slower client is disconnected (slowloris).
+    header_timeout_s: TimeoutS = 10.0
+
+
+class MetricsAccess(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Who may read `/metrics`: anyone (the default, as before), or whoever presents the
+    bearer token held in the environment variable `bearer_token_env`."""
+
+    bearer_token_env: str | None = None
+
+    def resolved_token(self) -> str | None:
+        """The token to require, or None when open. Raises ConfigError if the variable named
+        is unset or empty: a protection asked for is never silently off."""
+        if self.bearer_token_env is None:
+            return None
+        token = os.environ.get(self.bearer_token_env)
+        if not token:
+            raise ConfigError(
+                f"metrics.bearer_token_env: the environment variable "
+                f"{self.bearer_token_env} is unset or empty"
+            )
+        return token
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole file."""
 
@@ -114,6 +162,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models: list[Model] = msgspec.field(default_factory=list)
     limits: Limits = msgspec.field(default_factory=Limits)
     pricing: PricingSpec = msgspec.field(default_factory=PricingSpec)
+    keys: KeyLimits = msgspec.field(default_factory=KeyLimits)
+    http: Http = msgspec.field(default_factory=Http)
+    metrics: MetricsAccess = msgspec.field(default_factory=MetricsAccess)
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(ADMIN_KEY_ENV) or self.admin_key
@@ -144,6 +195,11 @@ def loads(text: str, source: str = "<config>", *, check_prices: bool = True) -> 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}:1: the config must be a mapping of settings")
+    bad = _non_finite_path(raw, "$")
+    if bad is not None:
+        line = _line_of(node, bad)
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {bad.removeprefix('$.')}: must be a finite number")
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -176,6 +232,23 @@ def _check_prices(config: Config, node: yaml.Node | None, source: str) -> None:
         line = _line_of(node, path)
         where = f"{source}:{line}" if line else source
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _non_finite_path(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinity (YAML's `.nan`, `.inf`) in the raw config."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_path, sub in items:
+        found = _non_finite_path(sub, sub_path)
+        if found is not None:
+            return found
+    return None
 
 
 def _split_msgspec_error(text: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,18 +13,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
+from tokenworks.api.key_requests import (
+    find_retry,
+    idempotency_conflict,
+    optional_idempotency_key,
+    parse_key_name,
+    parse_limit,
+    parse_metadata,
+    parse_models,
+    parse_ttl,
+)
 from tokenworks.api.openai import gateway_of, read_json
-from tokenworks.keys.store import derived_secret
-from tokenworks.ledger import IdempotencyConflict, LedgerError, StoreUnavailable
-from tokenworks.ledger.domain import MAX_AMOUNT_NANO
-from tokenworks.money import format_nano, parse_amount
+from tokenworks.ledger import IdempotencyConflict, LedgerError, NotFound, StoreUnavailable
+from tokenworks.money import format_nano
 from tokenworks.pricing.quote import PricingError
-
-PERIODS = ("day", "week", "month", "total")
 
 _encode = msgspec.json.encode
 MAX_ADMIN_BODY_BYTES = 1024 * 1024
-MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -38,26 +44,48 @@ def require_admin(request: Request) -> None:
             "the admin API is disabled: set TOKENWORKS_ADMIN_KEY or admin_key in the config",
             code="admin_disabled",
         )
-    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(secret.strip(), expected):
+    if not bearer_matches(request, expected):
         raise ApiError(401, "invalid admin key", code="invalid_admin_key")
+
+
+def bearer_matches(request: Request, expected: str) -> bool:
+    """`Authorization: Bearer <expected>`, compared in constant time.
+
+    Compared as bytes: header values arrive decoded as Latin-1 and `compare_digest` refuses
+    non-ASCII strings, so a client's stray byte must not become a 500."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        secret.strip().encode("latin-1"), expected.encode()
+    )
+
+
+# Times are int64 milliseconds in the stores: year 1 .. 9999 is what datetime can say.
+MIN_TIME_MS = -62_135_596_800_000
+MAX_TIME_MS = 253_402_300_799_999
 
 
 def parse_time_ms(value: str | None, name: str) -> int | None:
     """`2026-11-29`, `2026-11-29T10:00:00Z`, or unix seconds; naive times are UTC."""
     if value is None or value == "":
         return None
+    bad = ApiError(
+        400, f"'{name}' must be an ISO 8601 date/time or unix seconds (years 1..9999)", param=name
+    )
     try:
         if value.replace(".", "", 1).isdigit():
-            return int(float(value) * 1000)
+            seconds = float(value)
+            if not math.isfinite(seconds) or seconds * 1000 > MAX_TIME_MS:
+                raise bad
+            return int(seconds * 1000)
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ApiError(
-            400, f"'{name}' must be an ISO 8601 date/time or unix seconds", param=name
-        ) from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        time_ms = int(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError) as exc:
+        raise bad from exc
+    if not MIN_TIME_MS <= time_ms <= MAX_TIME_MS:
+        raise bad
+    return time_ms
 
 
 def _admin(handler: Any) -> Any:
@@ -70,33 +98,6 @@ def _admin(handler: Any) -> Any:
 
     wrapped.__name__ = handler.__name__
     return wrapped
-
-
-def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str] | None:
-    """`"limit": {"amount": "5.00", "period": "day"}` -> (nano, period); absent -> None."""
-    limit = body.get("limit")
-    if limit is None:
-        return None
-    if not isinstance(limit, dict) or not isinstance(limit.get("amount"), str):
-        raise ApiError(
-            400, "'limit' must be {\"amount\": \"<decimal string>\", \"period\": ...}",
-            param="limit",
-        )  # fmt: skip
-    try:
-        amount_nano = parse_amount(limit["amount"])
-    except ValueError as exc:
-        raise ApiError(400, f"limit.amount: {exc}", param="limit.amount") from exc
-    if not 0 <= amount_nano <= MAX_AMOUNT_NANO:
-        raise ApiError(
-            400, f"limit.amount must be within 0..{format_nano(MAX_AMOUNT_NANO)}",
-            param="limit.amount",
-        )  # fmt: skip
-    period = limit.get("period", default_period)
-    if period not in PERIODS:
-        raise ApiError(
-            400, f"limit.period must be one of {', '.join(PERIODS)}", param="limit.period"
-        )
-    return amount_nano, period
 
 
 def check_service_tier(
@@ -128,76 +129,35 @@ def check_service_tier(
                 ) from exc
 
 
-def parse_key_name(body: dict[str, Any]) -> str:
-    """A key's name: non-empty, and storable (PostgreSQL text cannot hold NUL)."""
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ApiError(400, "'name' must be a non-empty string", param="name")
-    if "\x00" in name:
-        raise ApiError(400, "'name' must not contain NUL characters", param="name")
-    return name.strip()
-
-
-def parse_models(body: dict[str, Any]) -> list[str] | None:
-    models = body.get("models")
-    if models is not None and (
-        not isinstance(models, list) or not all(isinstance(m, str) for m in models)
-    ):
-        raise ApiError(400, "'models' must be null or an array of model names", param="models")
-    return models
-
-
-def parse_ttl(body: dict[str, Any]) -> float | None:
-    ttl_s = body.get("ttl_s")
-    if ttl_s is not None and (
-        not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool) or ttl_s <= 0
-    ):
-        raise ApiError(400, "'ttl_s' must be a positive number of seconds", param="ttl_s")
-    return ttl_s
-
-
 @_admin
 async def create_key(request: Request) -> Response:
     body = await read_json(request, MAX_ADMIN_BODY_BYTES)
-    name = parse_key_name(body)
-    models = parse_models(body)
     gateway = gateway_of(request)
-    if models is not None:
-        unknown = sorted(set(models) - set(gateway.router.routes))
-        if unknown:
-            raise ApiError(
-                400, f"unknown models: {', '.join(unknown)}", param="models", code="unknown_model"
-            )
+    name = parse_key_name(body)
+    models = parse_models(body, gateway.router.routes)
     ttl_s = parse_ttl(body)
-    metadata = body.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise ApiError(400, "'metadata' must be an object", param="metadata")
-    account = body.get("account")
-    if account is not None:
-        if isinstance(account, bool) or not isinstance(account, int | str):
-            raise ApiError(400, "'account' must be an account id", param="account")
-        try:
-            gateway.ledger.engine.account(int(account))
-        except (ValueError, LedgerError) as exc:
-            raise ApiError(404, f"no account {account!r}", param="account") from exc
-        account = str(int(account))
+    metadata = parse_metadata(body)
+    account = parse_account(gateway, body.get("account"))
     tier = body.get("service_tier")
-    if tier is not None:
+    if tier is None:
+        tier = metadata.get("service_tier")
+    if tier is not None:  # however it is given, a tier the key's models lack is refused now
         check_service_tier(gateway, tier, account, models)
         metadata = {**metadata, "service_tier": tier}
     limit = parse_limit(body, default_period="month")
     if limit is not None and account is None:
         raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")
-    metadata = {str(k): str(v) for k, v in metadata.items()}
-    idempotency_key = optional_idempotency_key(request, body)
-    secret = derived_secret(gateway.admin_key, idempotency_key) if idempotency_key else None
-    key = gateway.keys.by_secret(secret) if secret else None
-    if key is not None:  # a retry: the same request must find the same key
-        same_request(key, name, models, account, None, ttl_s, metadata)
-    else:
+    asked = {
+        "name": name, "models": models, "account": account, "metadata": metadata,
+        "ttl_ms": int(ttl_s * 1000) if ttl_s is not None else None, "limit": limit,
+    }  # fmt: skip
+    key, key_id, secret = find_retry(
+        gateway.keys, gateway.admin_key, optional_idempotency_key(request, body), asked
+    )
+    if key is None:
         key, secret = gateway.keys.create(
             name, models, account_id=account, ttl_s=ttl_s, metadata=metadata,
-            secret=secret,
+            secret=secret, key_id=key_id,
         )  # fmt: skip
     if limit is not None:  # idempotent too, so a retry finishes what a failed call began
         try:
@@ -205,7 +165,7 @@ async def create_key(request: Request) -> Response:
                 ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
             )
         except IdempotencyConflict as exc:
-            raise _conflict() from exc
+            raise idempotency_conflict() from exc
         except StoreUnavailable as exc:
             raise ApiError(503, "the ledger is unavailable", code="ledger_unavailable") from exc
         except LedgerError as exc:
@@ -213,59 +173,27 @@ async def create_key(request: Request) -> Response:
     return json_response({**key.public(), "key": secret, "limit": _limit_view(limit)}, 201)
 
 
-def optional_idempotency_key(request: Request, body: dict[str, Any]) -> str | None:
-    """`idempotency_key` in the body or the `Idempotency-Key` header (they must agree)."""
-    in_body = body.get("idempotency_key")
-    header = request.headers.get("idempotency-key")
-    if in_body is not None and (not isinstance(in_body, str) or not in_body):
-        raise ApiError(400, "'idempotency_key' must be a non-empty string", param="idempotency_key")
-    if in_body and header and in_body != header:
+def parse_account(gateway: Any, account: Any) -> str | None:
+    """The customer account a key pays from: it must exist, and not be an operator account
+    (revenue, expense, ...), which never pays for requests."""
+    if account is None:
+        return None
+    if isinstance(account, bool) or not isinstance(account, int | str):
+        raise ApiError(400, "'account' must be an account id", param="account")
+    try:
+        account_id = int(account)
+    except ValueError as exc:
+        raise ApiError(400, "'account' must be an account id", param="account") from exc
+    try:
+        gateway.ledger.engine.customer(account_id)
+    except NotFound as exc:
+        raise ApiError(404, f"no account {account_id}", param="account") from exc
+    except LedgerError as exc:
         raise ApiError(
-            400, "the Idempotency-Key header and the body's idempotency_key differ",
-            param="idempotency_key",
-        )  # fmt: skip
-    key = in_body or header
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise ApiError(400, "idempotency keys are at most 200 characters", param="idempotency_key")
-    return key
-
-
-def _conflict() -> ApiError:
-    return ApiError(
-        409,
-        "this idempotency key was already used for a different request; "
-        "use a new key for a new request",
-        code="idempotency_conflict",
-    )
-
-
-def same_request(
-    key: Any,
-    name: str,
-    models: list[str] | None,
-    account: str | None,
-    parent: str | None,
-    ttl_s: float | None,
-    metadata: dict[str, str],
-    *,
-    check_ttl: bool = True,
-) -> None:
-    """409 unless a retried key creation asks for exactly the key it made the first time.
-
-    A child key's TTL is capped by its parent's remaining life, which shrinks between
-    retries, so that comparison is skipped there (`check_ttl=False`).
-    """
-    ttl_ms = int(ttl_s * 1000) if ttl_s is not None else None
-    made_ttl_ms = key.expires_ms - key.created_ms if key.expires_ms is not None else None
-    if (
-        key.name != name
-        or key.models != (frozenset(models) if models is not None else None)
-        or key.account_id != account
-        or key.parent_id != parent
-        or (check_ttl and ttl_ms != made_ttl_ms)
-        or key.metadata != metadata
-    ):
-        raise _conflict()
+            400, f"account {account_id} is an operator account; keys pay from customer accounts",
+            param="account", code="operator_account",
+        ) from exc  # fmt: skip
+    return str(account_id)
 
 
 def _limit_view(limit: tuple[int, str] | None) -> dict[str, str] | None:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenworks.api.admin import MAX_IDEMPOTENCY_KEY_CHARS, PERIODS
+from tokenworks.api.key_requests import MAX_IDEMPOTENCY_KEY_CHARS, PERIODS
 from tokenworks.api.admin_ledger import MAX_LIST_LIMIT
 from tokenworks.ledger.domain import CUSTOMER_KINDS, AccountKind, Period
 

@@ -91,14 +91,26 @@ def new_secret() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def derived_secret(seed: str, idempotency_key: str) -> str:
-    """The secret a retried key creation gets again: HMAC(seed, idempotency key).
+def derived_key_id(seed: str, idempotency_key: str) -> str:
+    """The id a key created under an idempotency key gets, whatever the request asked:
+    a retry finds the key by it, and compares secrets to tell a retry from a new request."""
+    mac = hmac.new(seed.encode(), b"tokenworks-key-id:" + idempotency_key.encode(), "sha256")
+    return "key_" + mac.hexdigest()[:20]
+
+
+def derived_secret(seed: str, idempotency_key: str, request: bytes) -> str:
+    """The secret a retried key creation gets again: HMAC(seed, request digest, idempotency key).
 
     The seed is a secret the caller already proved it holds (the admin key, or the parent
     key of a sub-agent key), so a retry can be answered with the same secret while only its
-    hash is stored, and nobody without the seed can compute it.
+    hash is stored, and nobody without the seed can compute it. `request` is the canonical
+    form of what was asked: the same idempotency key with a different request derives a
+    different secret, which is how a changed retry is told apart (409) without storing it.
     """
-    mac = hmac.new(seed.encode(), b"tokenworks-key:" + idempotency_key.encode(), "sha256")
+    digest = hashlib.sha256(request).hexdigest().encode()  # fixed length: no ambiguity
+    mac = hmac.new(
+        seed.encode(), b"tokenworks-key:" + digest + b":" + idempotency_key.encode(), "sha256"
+    )
     return KEY_PREFIX + base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
@@ -227,10 +239,15 @@ class KeyStore:
         self._by_hash: dict[str, ApiKey] = {}
         self._by_id: dict[str, ApiKey] = {}
         self._children: dict[str, list[str]] = {}
+        # Live (unrevoked; expired ones are pruned when a count reaches its cap) children per
+        # key and descendants per root key: what the mint limits count.
+        self._live_children: dict[str, set[str]] = {}
+        self._live_tree: dict[str, set[str]] = {}
+        now_ms = int(time.time() * 1000)
         with self._lock:
             loaded = rows.load()
         for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"])):
-            self._remember(_from_row(row))
+            self._remember(_from_row(row), now_ms)
 
     @classmethod
     def open(cls, url: str) -> KeyStore:
@@ -240,11 +257,36 @@ class KeyStore:
         with self._lock:
             self._rows.close()
 
-    def _remember(self, key: ApiKey) -> None:
+    def _remember(self, key: ApiKey, now_ms: int) -> None:
         self._by_hash[key.key_hash] = key
         self._by_id[key.id] = key
         if key.parent_id is not None:
             self._children.setdefault(key.parent_id, []).append(key.id)
+            if key.active(now_ms):
+                self._live_children.setdefault(key.parent_id, set()).add(key.id)
+                self._live_tree.setdefault(self.root_of(key).id, set()).add(key.id)
+
+    def root_of(self, key: ApiKey) -> ApiKey:
+        """The admin-made key at the top of `key`'s tree (`key` itself when it has no parent)."""
+        while key.parent_id is not None and key.parent_id in self._by_id:
+            key = self._by_id[key.parent_id]
+        return key
+
+    def live_children(self, key_id: str, now_ms: int, cap: int) -> int:
+        """How many live children `key_id` has, exact up to `cap` (expired ones are pruned
+        only when the count reaches it, so the usual call is O(1))."""
+        return self._live_count(self._live_children.get(key_id), now_ms, cap)
+
+    def live_descendants(self, root_id: str, now_ms: int, cap: int) -> int:
+        """How many live keys hang below the root key `root_id`, at every depth; see above."""
+        return self._live_count(self._live_tree.get(root_id), now_ms, cap)
+
+    def _live_count(self, ids: set[str] | None, now_ms: int, cap: int) -> int:
+        if not ids:
+            return 0
+        if len(ids) >= cap:
+            ids.difference_update([i for i in ids if not self._by_id[i].active(now_ms)])
+        return len(ids)
 
     def authenticate(self, secret: str, now_ms: int | None = None) -> ApiKey | None:
         """The active key for a presented secret, or None."""
@@ -267,15 +309,14 @@ class KeyStore:
         ttl_s: float | None = None,
         metadata: dict[str, str] | None = None,
         secret: str | None = None,
+        key_id: str | None = None,
     ) -> tuple[ApiKey, str]:
-        """Mint a key; with `secret` (a derived one) its id is derived too, so a retry finds it."""
-        digest = hash_key(secret) if secret is not None else None
-        if digest is not None:
-            assert digest not in self._by_hash, "look the secret up before creating it again"
+        """Mint a key; a retryable creation passes its derived `secret` and `key_id`."""
+        assert key_id is None or key_id not in self._by_id, "look the id up before creating it"
         secret = secret or new_secret()
         now_ms = int(time.time() * 1000)
         key = ApiKey(
-            id="key_" + (digest[:20] if digest else uuid.uuid4().hex[:20]),
+            id=key_id or "key_" + uuid.uuid4().hex[:20],
             name=name,
             key_hash=hash_key(secret),
             key_hint=secret[:7] + "..." + secret[-4:],
@@ -303,15 +344,11 @@ class KeyStore:
                     json.dumps(key.metadata),
                 )
             )
-            self._remember(key)
+            self._remember(key, now_ms)
         return key, secret
 
     def get(self, key_id: str) -> ApiKey | None:
         return self._by_id.get(key_id)
-
-    def by_secret(self, secret: str) -> ApiKey | None:
-        """The key for a secret, revoked or expired ones included (for idempotent retries)."""
-        return self._by_hash.get(hash_key(secret))
 
     def list(self, include_revoked: bool = True) -> list[ApiKey]:
         keys = sorted(self._by_id.values(), key=lambda k: (k.created_ms, k.id))
@@ -319,6 +356,11 @@ class KeyStore:
 
     def children(self, key_id: str) -> list[ApiKey]:
         return [self._by_id[i] for i in self._children.get(key_id, ())]
+
+    def _forget_live(self, key: ApiKey) -> None:
+        if key.parent_id is not None:
+            self._live_children.get(key.parent_id, set()).discard(key.id)
+            self._live_tree.get(self.root_of(key).id, set()).discard(key.id)
 
     def revoke(self, key_id: str) -> list[ApiKey]:
         """Revoke a key and, transitively, every key minted under it. Returns those revoked."""
@@ -337,6 +379,7 @@ class KeyStore:
             if key.revoked_ms is None:
                 key.revoked_ms = now_ms
                 revoked.append(key)
+                self._forget_live(key)
             pending.extend(k.id for k in self.children(current))
         if revoked:
             with self._lock:

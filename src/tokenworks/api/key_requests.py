@@ -1,0 +1,173 @@
+"""What both key-creation endpoints (`POST /admin/v1/keys`, `POST /v1/keys`) read from a
+request, each field bounded, and how a retry under the same idempotency key is recognised.
+
+Every field a client sends is kept for the key's life (in memory and in the table), so each is
+bounded here: a bad one is a 400 naming it, never a 500 from the store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+
+from tokenworks.api.errors import ApiError
+from tokenworks.keys.store import ApiKey, KeyStore, derived_key_id, derived_secret, hash_key
+from tokenworks.ledger.domain import MAX_AMOUNT_NANO
+from tokenworks.money import format_nano, parse_amount
+
+PERIODS = ("day", "week", "month", "total")
+MAX_KEY_NAME_CHARS = 256
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+# Expiry times are int64 milliseconds in the table; ten years is far inside and long enough
+# for a key meant to expire (one meant to live on sends no ttl_s).
+MAX_TTL_S = 10 * 365 * 86_400
+
+
+def _text(value: str, param: str, max_chars: int) -> str:
+    if len(value) > max_chars:
+        raise ApiError(400, f"'{param}' is longer than {max_chars} characters", param=param)
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL
+        raise ApiError(400, f"'{param}' must not contain NUL characters", param=param)
+    return value
+
+
+def parse_key_name(body: dict[str, Any]) -> str:
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, "'name' must be a non-empty string", param="name")
+    return _text(name.strip(), "name", MAX_KEY_NAME_CHARS)
+
+
+def parse_models(body: dict[str, Any], known: Collection[str]) -> list[str] | None:
+    """The models a key may call (sorted, once each), all of them known; absent -> None."""
+    models = body.get("models")
+    if models is None:
+        return None
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ApiError(400, "'models' must be null or an array of model names", param="models")
+    unknown = sorted(set(models) - set(known))
+    if unknown:
+        shown = ", ".join(repr(m[:64]) for m in unknown[:10])
+        raise ApiError(400, f"unknown models: {shown}", param="models", code="unknown_model")
+    return sorted(set(models))
+
+
+def parse_ttl(body: dict[str, Any]) -> float | None:
+    ttl_s = body.get("ttl_s")
+    if ttl_s is None:
+        return None
+    if (
+        not isinstance(ttl_s, int | float)
+        or isinstance(ttl_s, bool)
+        or not (0 < ttl_s <= MAX_TTL_S)  # also false for NaN
+    ):
+        raise ApiError(
+            400, f"'ttl_s' must be a number of seconds within 0..{MAX_TTL_S}", param="ttl_s"
+        )
+    return float(ttl_s)
+
+
+def parse_metadata(body: dict[str, Any]) -> dict[str, str]:
+    """Up to MAX_METADATA_ENTRIES string/number/boolean values, kept as strings."""
+    metadata = body.get("metadata")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ApiError(400, "'metadata' must be an object", param="metadata")
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise ApiError(
+            400, f"'metadata' has more than {MAX_METADATA_ENTRIES} entries", param="metadata"
+        )
+    out: dict[str, str] = {}
+    for k, v in metadata.items():
+        if not isinstance(v, str | int | float) or (isinstance(v, float) and not math.isfinite(v)):
+            raise ApiError(
+                400, "metadata values must be strings, numbers or booleans", param="metadata"
+            )
+        text = v if isinstance(v, str) else str(v)  # ints are bounded by the JSON decoder
+        out[_text(k, "metadata", MAX_METADATA_KEY_CHARS)] = _text(
+            text, "metadata", MAX_METADATA_VALUE_CHARS
+        )
+    return out
+
+
+def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str] | None:
+    """`"limit": {"amount": "5.00", "period": "day"}` -> (nano, period); absent -> None."""
+    limit = body.get("limit")
+    if limit is None:
+        return None
+    if not isinstance(limit, dict) or not isinstance(limit.get("amount"), str):
+        raise ApiError(
+            400, "'limit' must be {\"amount\": \"<decimal string>\", \"period\": ...}",
+            param="limit",
+        )  # fmt: skip
+    try:
+        amount_nano = parse_amount(limit["amount"])
+    except ValueError as exc:
+        raise ApiError(400, f"limit.amount: {exc}", param="limit.amount") from exc
+    if not 0 <= amount_nano <= MAX_AMOUNT_NANO:
+        raise ApiError(
+            400, f"limit.amount must be within 0..{format_nano(MAX_AMOUNT_NANO)}",
+            param="limit.amount",
+        )  # fmt: skip
+    period = limit.get("period", default_period)
+    if period not in PERIODS:
+        raise ApiError(
+            400, f"limit.period must be one of {', '.join(PERIODS)}", param="limit.period"
+        )
+    return amount_nano, period
+
+
+def optional_idempotency_key(request: Request, body: dict[str, Any]) -> str | None:
+    """`idempotency_key` in the body or the `Idempotency-Key` header (they must agree)."""
+    in_body = body.get("idempotency_key")
+    header = request.headers.get("idempotency-key")
+    if in_body is not None and (not isinstance(in_body, str) or not in_body):
+        raise ApiError(400, "'idempotency_key' must be a non-empty string", param="idempotency_key")
+    if in_body and header and in_body != header:
+        raise ApiError(
+            400, "the Idempotency-Key header and the body's idempotency_key differ",
+            param="idempotency_key",
+        )  # fmt: skip
+    key = in_body or header
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise ApiError(
+            400,
+            f"idempotency keys are at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            param="idempotency_key",
+        )
+    return key
+
+
+def idempotency_conflict() -> ApiError:
+    return ApiError(
+        409,
+        "this idempotency key was already used for a different request; "
+        "use a new key for a new request",
+        code="idempotency_conflict",
+    )
+
+
+def find_retry(
+    keys: KeyStore, seed: str, idempotency_key: str | None, asked: dict[str, Any]
+) -> tuple[ApiKey | None, str | None, str | None]:
+    """(the key a retry made before, its id, its secret) for a creation under an idempotency
+    key; (None, None, None) without one. `asked` is everything the request asked for, in a
+    canonical form: a retry asking for anything else is a 409, since its derived secret (HMAC
+    of the seed, the request and the idempotency key) is not the one the key was made with.
+    """
+    if idempotency_key is None:
+        return None, None, None
+    key_id = derived_key_id(seed, idempotency_key)
+    secret = derived_secret(seed, idempotency_key, msgspec.json.encode(asked, order="sorted"))
+    made = keys.get(key_id)
+    if made is not None and made.key_hash != hash_key(secret):
+        raise idempotency_conflict()
+    return made, key_id, secret
