@@ -117,9 +117,11 @@ def _require(payload: dict[str, Any], name: str, kinds: tuple[type, ...], what: 
 
 # Upper bounds on the integer parameters the gateway prices a hold from: beyond them a hold
 # would be out of the ledger's range, which is the client's mistake (400), not an outage.
+# The output limits are bounded by the model's own maximum, which the relay checks and names
+# in its 400; here only against the ledger's range.
 INT_PARAM_MAX = {
-    "max_tokens": 2**31 - 1,
-    "max_completion_tokens": 2**31 - 1,
+    "max_tokens": 2**62,
+    "max_completion_tokens": 2**62,
     "n": 128,
     "best_of": 128,
 }
