@@ -340,7 +340,12 @@ def test_batch_prompts_are_held_for_every_prompt(make_gateway, sims) -> None:
         assert r.status_code == 200, r.text
         r = post(gw, key["key"], {**body, "prompt": [[1, 2]] * 500}, "completions")
         assert r.status_code == 402
-        r = post(gw, key["key"], {**body, "prompt": "one", "n": 5, "best_of": 128, "max_tokens": 1000}, "completions")
+        r = post(
+            gw,
+            key["key"],
+            {**body, "prompt": "one", "n": 5, "best_of": 128, "max_tokens": 1000},
+            "completions",
+        )
         assert r.status_code == 402
 
 

@@ -246,8 +246,12 @@ class KeyStore:
         now_ms = int(time.time() * 1000)
         with self._lock:
             loaded = rows.load()
-        for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"])):
-            self._remember(_from_row(row), now_ms)
+        keys = [_from_row(row) for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"]))]
+        # Every key is known before any is counted: a parent and its child made in the same
+        # millisecond may load in either order, and the count goes to the child's root.
+        self._by_id.update((key.id, key) for key in keys)
+        for key in keys:
+            self._remember(key, now_ms)
 
     @classmethod
     def open(cls, url: str) -> KeyStore:
