@@ -177,7 +177,7 @@ async def create_key(request: Request) -> Response:
         if isinstance(account, bool) or not isinstance(account, int | str):
             raise ApiError(400, "'account' must be an account id", param="account")
         try:
-            gateway.ledger.engine.account(int(account))
+            gateway.ledger.account(int(account))
         except (ValueError, LedgerError) as exc:
             raise ApiError(404, f"no account {account!r}", param="account") from exc
         account = str(int(account))
