@@ -28,3 +28,13 @@ def create(conn: sqlite3.Connection, statements: Iterable[str]) -> None:
     """Run DDL statements (each `IF NOT EXISTS`, so every open may run them)."""
     for stmt in statements:
         conn.execute(stmt)
+
+
+def connect_rows(path: str, statements: Iterable[str]) -> sqlite3.Connection:
+    """A connection for a store of plain rows (usage, keys): rows as `sqlite3.Row`, WAL with
+    NORMAL sync, a 30 s wait for the lock, and `statements` (DDL) run."""
+    conn = connect(path, timeout_s=30)
+    conn.row_factory = sqlite3.Row
+    use_wal(conn, synchronous="NORMAL", busy_timeout_ms=30_000)
+    create(conn, statements)
+    return conn
