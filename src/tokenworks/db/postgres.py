@@ -33,22 +33,22 @@ def connect(
     under an advisory lock."""
     conninfo, schema = split_schema(url)
     ddl = list(statements)
-    options = f"-c search_path={schema}" if schema else None
+    options: dict[str, Any] = {"options": f"-c search_path={schema}"} if schema else {}
     conn = psycopg.connect(
         conninfo,
         autocommit=True,
         connect_timeout=CONNECT_TIMEOUT_S,
         row_factory=dict_row,
-        **({"options": options} if options else {}),
+        **options,
     )
     try:
         if schema or ddl:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK_ID,))
                 if schema:
-                    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")  # type: ignore[arg-type]
+                    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
                 for stmt in ddl:
-                    conn.execute(stmt)  # type: ignore[arg-type]
+                    conn.execute(stmt)
         conn.autocommit = autocommit
     except BaseException:
         conn.close()

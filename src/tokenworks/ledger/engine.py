@@ -228,8 +228,8 @@ class Engine:
             if bg.expires_ms is not None and not bg.revoked:
                 heapq.heappush(eng._scope_expiry_heap, (bg.expires_ms, bg.scope))
         for scope, per in eng.budgets.items():
-            for b in per.values():
-                b.delegated_nano = 0 if b.revoked else eng.children_unused(scope)
+            for bg in per.values():
+                bg.delegated_nano = 0 if bg.revoked else eng.children_unused(scope)
         m = snap.meta
         eng.next_account_id = m.get("next_account_id", 1)
         eng.next_bucket_id = m.get("next_bucket_id", 1)

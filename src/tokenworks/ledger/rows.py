@@ -46,7 +46,7 @@ class Batch:
     grants: list[Row]
     budgets: list[Row]
     holds: list[Row]
-    transfers: list[Row]
+    transfers: list[Transfer]  # a Transfer is its row (asserted above)
     idempotency: list[Row]
     meta: list[tuple[str, int]]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenworks.db import backend
-from tokenworks.db.table import Columns
+from tokenworks.db.table import Columns, Table
 from tokenworks.ledger.rows import Batch, Snapshot
 from tokenworks.ledger.schema import (
     ACCOUNTS,
@@ -24,7 +24,6 @@ from tokenworks.ledger.schema import (
     IDEMPOTENCY,
     META,
     TRANSFERS,
-    Table,
 )
 
 
