@@ -17,8 +17,8 @@ import psycopg
 import pytest
 
 from tests.conftest import PG_URL, both_stores
+from tokenworks.db import split_schema
 from tokenworks.keys.store import KeyStore
-from tokenworks.ledger.store_postgres import split_schema
 from tokenworks.metering.store import (
     GROUPS,
     SqliteUsageStore,

@@ -185,7 +185,7 @@ def parse_account(gateway: Any, account: Any) -> str | None:
     except ValueError as exc:
         raise ApiError(400, "'account' must be an account id", param="account") from exc
     try:
-        gateway.ledger.engine.customer(account_id)
+        gateway.ledger.customer(account_id)
     except NotFound as exc:
         raise ApiError(404, f"no account {account_id}", param="account") from exc
     except LedgerError as exc:

@@ -285,7 +285,7 @@ def _balance_view(ledger: Ledger, account_id: int) -> dict[str, Any]:
 
 
 def _account_view(ledger: Ledger, account_id: int) -> dict[str, Any]:
-    acc = ledger.engine.account(account_id)
+    acc = ledger.account(account_id)
     return {
         "object": "ledger.account",
         **acc.public(),
@@ -326,39 +326,35 @@ def _rollover_name(cap_nano: int | None) -> str:
 
 def _credit_views(ledger: Ledger, account_id: int) -> tuple[list[Any], list[Any]]:
     """The account's open buckets (in consumption order) and its active grants."""
-    engine = ledger.engine
-    with engine._lock:
-        acc = engine.account(account_id)
-        buckets = [engine.buckets[i] for i in acc.bucket_ids if i in engine.buckets]
-        grants = [g for g in engine.grants.values() if g.account_id == account_id and g.active]
-        bucket_views = [
-            {
-                "id": b.id,
-                "source": "cash" if b.grant_id is None else "grant",
-                "grant_id": b.grant_id,
-                "priority": None if b.priority == CASH_PRIORITY else b.priority,
-                "expires_at": _iso(b.expires_ms),
-                "remaining": format_nano(b.remaining_nano),
-                "held": format_nano(b.held_nano),
-                "remaining_nano": b.remaining_nano,
-                "held_nano": b.held_nano,
-            }
-            for b in buckets
-        ]
-        grant_views = [
-            {
-                "id": g.id,
-                **_money(g.amount_nano),
-                "priority": g.priority,
-                "recurring": {"period": str(g.period), "tz": g.tz} if g.period else None,
-                "rollover": _rollover_name(g.rollover_cap_nano) if g.period else "expire",
-                "effective_at": _iso(g.effective_ms),
-                "expires_at": _iso(g.expires_ms),
-                "next_due_at": _iso(g.next_due_ms),
-                "bucket_id": g.bucket_id,
-            }
-            for g in sorted(grants, key=lambda g: g.id)
-        ]
+    buckets, grants = ledger.open_credit(account_id)
+    bucket_views = [
+        {
+            "id": b.id,
+            "source": "cash" if b.grant_id is None else "grant",
+            "grant_id": b.grant_id,
+            "priority": None if b.priority == CASH_PRIORITY else b.priority,
+            "expires_at": _iso(b.expires_ms),
+            "remaining": format_nano(b.remaining_nano),
+            "held": format_nano(b.held_nano),
+            "remaining_nano": b.remaining_nano,
+            "held_nano": b.held_nano,
+        }
+        for b in buckets
+    ]
+    grant_views = [
+        {
+            "id": g.id,
+            **_money(g.amount_nano),
+            "priority": g.priority,
+            "recurring": {"period": str(g.period), "tz": g.tz} if g.period else None,
+            "rollover": _rollover_name(g.rollover_cap_nano) if g.period else "expire",
+            "effective_at": _iso(g.effective_ms),
+            "expires_at": _iso(g.expires_ms),
+            "next_due_at": _iso(g.next_due_ms),
+            "bucket_id": g.bucket_id,
+        }
+        for g in sorted(grants, key=lambda g: g.id)
+    ]
     return bucket_views, grant_views
 
 
@@ -379,7 +375,7 @@ async def create_account(request: Request, ledger: Ledger) -> Response:
         if parent_id is None:
             kind = AccountKind.ORGANISATION
         else:
-            parent_kind = ledger.engine.account(parent_id).kind
+            parent_kind = ledger.account(parent_id).kind
             kind = _CHILD_KIND.get(parent_kind, AccountKind.AGENT)
     else:
         if kind_name not in {str(k) for k in CUSTOMER_KINDS}:
@@ -420,7 +416,7 @@ async def list_accounts(request: Request, ledger: Ledger) -> Response:
         raise ApiError(400, f"'limit' must be an integer in [1, {MAX_LIST_LIMIT}]", param="limit")
     ids = sorted(
         a.id
-        for a in list(ledger.engine.accounts.values())
+        for a in ledger.accounts()
         if a.id > after
         and (include_operator or a.kind in CUSTOMER_KINDS)
         and (parent_id is None or a.parent_id == parent_id)
@@ -581,7 +577,7 @@ async def set_budget(request: Request, ledger: Ledger) -> Response:
     if period not in {str(p) for p in Period}:
         raise ApiError(400, f"'period' must be one of {_PERIOD_NAMES}", param="period")
     tz = _tz(body.get("tz", "UTC"), "tz")
-    ledger.engine.customer(account_id)  # budgets of operator accounts make no sense
+    ledger.customer(account_id)  # budgets of operator accounts make no sense
     view = await ledger.set_budget(account_id, amount, period, idempotency_key=key, tz=tz)
     return json_response(_budget_view(view))
 
@@ -589,7 +585,7 @@ async def set_budget(request: Request, ledger: Ledger) -> Response:
 @_ledger_endpoint
 async def list_budgets(request: Request, ledger: Ledger) -> Response:
     account_id = _path_account(request)
-    ledger.engine.account(account_id)
+    ledger.account(account_id)
     data = [_budget_view(b) for b in ledger.budgets(account_id)]
     return json_response({"object": "list", "data": data})
 

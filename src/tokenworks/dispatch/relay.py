@@ -372,7 +372,7 @@ class Relay:
                 )
                 return False, None
         # What the payer can still spend, counting the parents it draws on.
-        return True, ledger.engine.chain_available(int(hold_payer(call)))
+        return True, ledger.available_to(int(hold_payer(call)))
 
     async def _unsettled(
         self,

@@ -24,23 +24,35 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tokenworks.db import backend, sqlite_path
+from tokenworks.db.table import Table
+
 KEY_PREFIX = "tw-"
 
-KEYS_DDL = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_hash TEXT NOT NULL UNIQUE,
-    key_hint TEXT NOT NULL,
-    models TEXT,
-    account_id TEXT,
-    parent_id TEXT,
-    created_ms BIGINT NOT NULL,
-    expires_ms BIGINT,
-    revoked_ms BIGINT,
-    metadata TEXT NOT NULL DEFAULT '{}'
-);
-"""
+KEYS = Table(
+    "api_keys",
+    ("id",),
+    (
+        ("id", "TEXT"),
+        ("name", "TEXT"),
+        ("key_hash", "TEXT"),
+        ("key_hint", "TEXT"),
+        ("models", "TEXT"),  # JSON list, or NULL: every model
+        ("account_id", "TEXT"),
+        ("parent_id", "TEXT"),
+        ("created_ms", "BIGINT"),
+        ("expires_ms", "BIGINT"),
+        ("revoked_ms", "BIGINT"),
+        ("metadata", "TEXT"),  # JSON object
+    ),
+    constraints=(
+        ("name", "NOT NULL"),
+        ("key_hash", "NOT NULL UNIQUE"),
+        ("key_hint", "NOT NULL"),
+        ("created_ms", "NOT NULL"),
+        ("metadata", "NOT NULL DEFAULT '{}'"),
+    ),
+)
 
 
 @dataclass(slots=True)
@@ -114,19 +126,7 @@ def derived_secret(seed: str, idempotency_key: str, request: bytes) -> str:
     return KEY_PREFIX + base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
-KEY_COLUMNS = (
-    "id",
-    "name",
-    "key_hash",
-    "key_hint",
-    "models",
-    "account_id",
-    "parent_id",
-    "created_ms",
-    "expires_ms",
-    "revoked_ms",
-    "metadata",
-)
+KEY_COLUMNS = KEYS.column_names
 
 
 class KeyRows(Protocol):
@@ -173,9 +173,9 @@ class SqliteKeyRows(_SqlKeyRows):
     placeholder = "?"
 
     def __init__(self, path: str) -> None:
-        from tokenworks.metering.store import connect_sqlite
+        from tokenworks.db.sqlite import connect_rows
 
-        super().__init__(connect_sqlite(path, KEYS_DDL))
+        super().__init__(connect_rows(path, KEYS.ddl("sqlite")))
 
     def insert(self, row: Sequence[Any]) -> None:
         self._conn.execute(self._insert, tuple(row))
@@ -196,14 +196,14 @@ class PostgresKeyRows(_SqlKeyRows):
     placeholder = "%s"
 
     def __init__(self, url: str) -> None:
-        from tokenworks.metering.store_postgres import connect
+        from tokenworks.db.postgres import connect
 
         self._url = url
-        super().__init__(connect(url, KEYS_DDL))
+        super().__init__(connect(url, KEYS.ddl("postgres")))
 
     def _reconnect_if_broken(self) -> None:
         if self._conn.broken or self._conn.closed:
-            from tokenworks.metering.store_postgres import connect
+            from tokenworks.db.postgres import connect
 
             self._conn.close()
             self._conn = connect(self._url)
@@ -220,13 +220,9 @@ class PostgresKeyRows(_SqlKeyRows):
 
 def open_key_rows(url: str) -> KeyRows:
     """The `api_keys` table for a `sqlite://` or `postgresql://` database URL."""
-    if url.startswith("sqlite://"):
-        from tokenworks.metering.store import sqlite_path
-
+    if backend(url) == "sqlite":
         return SqliteKeyRows(sqlite_path(url))
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresKeyRows(url)
-    raise ValueError(f"unsupported database URL {url.split(':', 1)[0]}://...")
+    return PostgresKeyRows(url)
 
 
 class KeyStore:

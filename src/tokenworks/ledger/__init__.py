@@ -19,11 +19,11 @@ from tokenworks.ledger.domain import (
     StoreUnavailable,
 )
 from tokenworks.ledger.engine import Engine, default_transfer_policy
-from tokenworks.ledger.facade import Account, HoldView, Ledger
+from tokenworks.ledger.facade import AccountView, HoldView, Ledger
 
 __all__ = [
-    "Account",
     "AccountKind",
+    "AccountView",
     "BalanceView",
     "Engine",
     "HoldClosed",

@@ -17,11 +17,10 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import msgspec
-
+from tokenworks.ledger import auditor
 from tokenworks.ledger import grants as grantmath
 from tokenworks.ledger.domain import (
     CASH_PRIORITY,
@@ -54,10 +53,19 @@ from tokenworks.ledger.domain import (
     check_time,
 )
 from tokenworks.ledger.periods import period_end_ms, period_start_ms, zone
-from tokenworks.ledger.schema import ACCOUNTS, TRANSFERS
-
-# Transfers go to the store as they are: the fields are the table's columns, in order.
-assert Transfer._fields == TRANSFERS.column_names, (Transfer._fields, TRANSFERS.column_names)
+from tokenworks.ledger.rows import (
+    Batch,
+    Snapshot,
+    account_from_row,
+    account_row,
+    bucket_from_row,
+    bucket_row,
+    budget_from_row,
+    budget_row,
+    grant_from_row,
+    grant_row,
+    hold_row,
+)
 
 OPERATOR_ACCOUNTS = (
     ("operator:topups", AccountKind.TOPUPS),
@@ -114,98 +122,6 @@ class Journal:
 
     def __len__(self) -> int:
         return len(self.transfers) + len(self.holds) + len(self.idempotency)
-
-
-@dataclass(slots=True)
-class Batch:
-    """One group commit: rows in `schema` column order, plus the op sequence they cover."""
-
-    seq: int
-    accounts: list[tuple[Any, ...]]
-    buckets: list[tuple[Any, ...]]
-    grants: list[tuple[Any, ...]]
-    budgets: list[tuple[Any, ...]]
-    holds: list[tuple[Any, ...]]
-    transfers: list[tuple[Any, ...]]
-    idempotency: list[tuple[Any, ...]]
-    meta: list[tuple[str, int]]
-
-    @classmethod
-    def empty(cls, seq: int) -> Batch:
-        return cls(seq, [], [], [], [], [], [], [], [])
-
-    def is_empty(self) -> bool:
-        return not (
-            self.accounts
-            or self.buckets
-            or self.grants
-            or self.budgets
-            or self.holds
-            or self.transfers
-            or self.idempotency
-            or self.meta
-        )
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """The durable state a restart rebuilds from: settled state of open things only (no
-    holds: none is open across a restart)."""
-
-    accounts: list[tuple[Any, ...]]
-    buckets: list[tuple[Any, ...]]
-    grants: list[tuple[Any, ...]]
-    budgets: list[tuple[Any, ...]]
-    meta: dict[str, int]
-
-
-def _json(value: Any) -> str:
-    """Compact JSON text, as json.dumps(separators=(",", ":")) writes it, ~10x faster."""
-    return _encode_json(value).decode()
-
-
-_encode_json = msgspec.json.encode
-
-
-def _hold_row(h: Hold) -> tuple[Any, ...]:
-    """A closed hold's row. Its legs (which buckets it reserved) are not kept: the transfers
-    that settled it name their buckets, and a closed hold reserves nothing."""
-    assert h.status is not HoldStatus.OPEN, h
-    return (
-        h.id,
-        str(h.status),
-        _json(h.chain),
-        _json(h.scopes),
-        h.amount_nano,
-        h.created_ms,
-        h.expires_ms,
-        h.closed_ms,
-        h.price_nano,
-        h.cost_nano,
-        h.clamped_nano,
-        h.producer,
-        h.model,
-    )
-
-
-def hold_from_row(r: tuple[Any, ...]) -> Hold:
-    """A closed hold back from the store (to answer a retry of it)."""
-    return Hold(
-        id=r[0],
-        status=HoldStatus(r[1]),
-        chain=tuple(json.loads(r[2])),
-        scopes=tuple(json.loads(r[3])),
-        legs=(),
-        amount_nano=r[4],
-        created_ms=r[5],
-        expires_ms=r[6],
-        closed_ms=r[7],
-        price_nano=r[8],
-        cost_nano=r[9],
-        clamped_nano=r[10],
-        producer=r[11],
-        model=r[12],
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,79 +200,36 @@ class Engine:
         `release_orphans` next, which expires what ended grants still kept for them.
         """
         eng = cls(**kwargs)
-        names = [c for c, _ in ACCOUNTS.columns]
         for r in snap.accounts:
-            d = dict(zip(names, r, strict=True))
-            acc = Account(
-                id=d["id"],
-                name=d["name"],
-                parent_id=d["parent_id"],
-                kind=AccountKind(d["kind"]),
-                draws_on_parent=bool(d["draws_on_parent"]),
-                created_ms=d["created_ms"],
-                balance_nano=d["balance_nano"],
-            )
+            acc = account_from_row(r)
             eng.accounts[acc.id] = acc
             if acc.kind is AccountKind.PAYABLE:
                 eng._payables[acc.name.removeprefix("payable:")] = acc.id
             elif acc.kind not in CUSTOMER_KINDS:
                 eng._names[acc.name] = acc.id
         for r in snap.buckets:
-            b = Bucket(
-                id=r[0],
-                account_id=r[1],
-                grant_id=r[2],
-                priority=r[3],
-                expires_ms=r[4],
-                created_seq=r[5],
-                remaining_nano=r[6],
-                ended=bool(r[7]),
-            )
+            b, _ = bucket_from_row(r)  # the store loads open buckets only
             eng.buckets[b.id] = b
             acc = eng.accounts[b.account_id]
             grantmath.insert_in_order(acc.bucket_ids, b, eng.buckets)
             if b.grant_id is None:
                 acc.cash_bucket_id = b.id
         for r in snap.grants:
-            g = Grant(
-                id=r[0],
-                account_id=r[1],
-                amount_nano=r[2],
-                priority=r[3],
-                effective_ms=r[4],
-                expires_ms=r[5],
-                period=Period(r[6]) if r[6] else None,
-                tz=r[7],
-                rollover_cap_nano=r[8],
-                next_due_ms=r[9],
-                bucket_id=r[10],
-                active=bool(r[11]),
-            )
+            g = grant_from_row(r)
             eng.grants[g.id] = g
             if g.active and g.next_due_ms is not None:
                 heapq.heappush(eng._grant_heap, (g.next_due_ms, g.id))
         for r in snap.budgets:
-            b = Budget(
-                scope=r[0],
-                period=Period(r[1]),
-                tz=r[2],
-                limit_nano=r[3],
-                spent_nano=r[4],
-                period_start_ms=r[5],
-                period_end_ms=r[6],
-                parent_scope=r[7],
-                expires_ms=r[8],
-                revoked=bool(r[9]),
-            )
-            eng.budgets.setdefault(b.scope, {})[b.period] = b
-            if b.parent_scope and not b.revoked:
-                eng.scope_parent[b.scope] = b.parent_scope
-                eng.scope_children.setdefault(b.parent_scope, set()).add(b.scope)
-            if b.expires_ms is not None and not b.revoked:
-                heapq.heappush(eng._scope_expiry_heap, (b.expires_ms, b.scope))
+            bg = budget_from_row(r)
+            eng.budgets.setdefault(bg.scope, {})[bg.period] = bg
+            if bg.parent_scope and not bg.revoked:
+                eng.scope_parent[bg.scope] = bg.parent_scope
+                eng.scope_children.setdefault(bg.parent_scope, set()).add(bg.scope)
+            if bg.expires_ms is not None and not bg.revoked:
+                heapq.heappush(eng._scope_expiry_heap, (bg.expires_ms, bg.scope))
         for scope, per in eng.budgets.items():
-            for b in per.values():
-                b.delegated_nano = 0 if b.revoked else eng._children_unused(scope)
+            for bg in per.values():
+                bg.delegated_nano = 0 if bg.revoked else eng.children_unused(scope)
         m = snap.meta
         eng.next_account_id = m.get("next_account_id", 1)
         eng.next_bucket_id = m.get("next_bucket_id", 1)
@@ -404,66 +277,12 @@ class Engine:
                 ]
             return Batch(
                 seq=self.seq,
-                accounts=[
-                    (
-                        a.id,
-                        a.name,
-                        a.parent_id,
-                        str(a.kind),
-                        int(a.draws_on_parent),
-                        a.created_ms,
-                        a.balance_nano,
-                    )
-                    for a in j.accounts.values()
-                ],
-                buckets=[
-                    (
-                        b.id,
-                        b.account_id,
-                        b.grant_id,
-                        b.priority,
-                        b.expires_ms,
-                        b.created_seq,
-                        b.remaining_nano,
-                        int(b.ended),
-                        int(closed),
-                    )
-                    for b, closed in j.buckets.values()
-                ],
-                grants=[
-                    (
-                        g.id,
-                        g.account_id,
-                        g.amount_nano,
-                        g.priority,
-                        g.effective_ms,
-                        g.expires_ms,
-                        str(g.period) if g.period else None,
-                        g.tz,
-                        g.rollover_cap_nano,
-                        g.next_due_ms,
-                        g.bucket_id,
-                        int(g.active),
-                    )
-                    for g in j.grants.values()
-                ],
-                budgets=[
-                    (
-                        b.scope,
-                        str(b.period),
-                        b.tz,
-                        b.limit_nano,
-                        b.spent_nano,
-                        b.period_start_ms,
-                        b.period_end_ms,
-                        b.parent_scope,
-                        b.expires_ms,
-                        int(b.revoked),
-                    )
-                    for b in j.budgets.values()
-                ],
-                holds=[_hold_row(h) for h in j.holds.values()],
-                transfers=j.transfers,  # a Transfer is its row (asserted at the top)
+                accounts=[account_row(a) for a in j.accounts.values()],
+                buckets=[bucket_row(b, closed) for b, closed in j.buckets.values()],
+                grants=[grant_row(g) for g in j.grants.values()],
+                budgets=[budget_row(b) for b in j.budgets.values()],
+                holds=[hold_row(h) for h in j.holds.values()],
+                transfers=j.transfers,  # a Transfer is its row (asserted in rows.py)
                 idempotency=list(j.idempotency),
                 meta=meta,
             )
@@ -870,7 +689,12 @@ class Engine:
     def _open_holds_on(self, scope: str) -> int:
         return sum(h.amount_nano for h in self.holds.values() if scope in h.scopes)
 
-    def _children_unused(self, scope: str) -> int:
+    def grants_due(self, now_ms: int) -> bool:
+        """Whether a grant period falls due by `now_ms` (rolled on the next operation)."""
+        return bool(self._grant_heap) and self._grant_heap[0][0] <= now_ms
+
+    def children_unused(self, scope: str) -> int:
+        """What the live delegated budgets minted from `scope` still reserve in it."""
         total = 0
         for c in self.scope_children.get(scope, ()):
             cb = self.budgets[c].get(Period.TOTAL)
@@ -905,7 +729,7 @@ class Engine:
                     tz=tz,
                     limit_nano=limit_nano,
                     held_nano=self._open_holds_on(scope),
-                    delegated_nano=self._children_unused(scope),
+                    delegated_nano=self.children_unused(scope),
                     # A new budget counts spend from now: its first period is partial.
                     period_start_ms=now_ms,
                     period_end_ms=period_end_ms(period, tz, now_ms),
@@ -1417,6 +1241,17 @@ class Engine:
                 spent_this_period_nano=spent,
             )
 
+    def open_credit(self, account_id: int) -> tuple[list[Bucket], list[Grant]]:
+        """Copies of the account's open buckets (in consumption order) and active grants,
+        taken together, so held and remaining figures agree."""
+        with self._lock:
+            acc = self.account(account_id)
+            buckets = [replace(self.buckets[i]) for i in acc.bucket_ids if i in self.buckets]
+            grants = [
+                replace(g) for g in self.grants.values() if g.account_id == account_id and g.active
+            ]
+            return buckets, grants
+
     def chain_available(self, account_id: int) -> int:
         """What a hold on this account could draw now, parents included: the balance header's
         figure, without the rest of `balance()` (budgets, grant rolls) on the hot path."""
@@ -1435,58 +1270,7 @@ class Engine:
     # ------------------------------------------------------------------ invariants
 
     def check(self, now_ms: int) -> list[str]:
-        """Every in-memory invariant; an empty list means the state is sound."""
+        """Every in-memory invariant (`auditor.engine_violations`); empty means sound."""
         with self._lock:
             self._post_accrued_costs()
-            v: list[str] = []
-            total = sum(a.balance_nano for a in self.accounts.values())
-            if total != 0:
-                v.append(f"sum of balances is {total}, not 0")
-            per_acc: dict[int, list[int]] = {}
-            for b in self.buckets.values():
-                if not 0 <= b.held_nano <= b.remaining_nano:
-                    v.append(f"bucket {b.id}: held {b.held_nano} outside [0, {b.remaining_nano}]")
-                if b.ended and b.remaining_nano != b.held_nano:
-                    v.append(f"bucket {b.id}: ended with unheld credit")
-                if b.expires_ms is not None and b.expires_ms <= now_ms and not b.ended:
-                    due = self._grant_heap and self._grant_heap[0][0] <= now_ms
-                    if not due:
-                        v.append(f"bucket {b.id}: past expiry but not ended")
-                s = per_acc.setdefault(b.account_id, [0, 0])
-                s[0] += b.remaining_nano
-                s[1] += b.held_nano
-            for a in self.accounts.values():
-                if not a.allow_negative and a.balance_nano < 0:
-                    v.append(f"account {a.id}: negative balance {a.balance_nano}")
-                if not 0 <= a.held_nano <= max(a.balance_nano, 0):
-                    v.append(f"account {a.id}: held {a.held_nano} > balance {a.balance_nano}")
-                if a.kind in CUSTOMER_KINDS:
-                    rem, held = per_acc.get(a.id, [0, 0])
-                    if (rem, held) != (a.balance_nano, a.held_nano):
-                        v.append(f"account {a.id}: buckets {rem}/{held} != balance/held")
-            leg_sum: dict[int, int] = {}
-            scope_held: dict[str, int] = {}
-            for h in self.holds.values():
-                if sum(g.amount_nano for g in h.legs) != h.amount_nano:
-                    v.append(f"hold {h.id}: legs do not add up to {h.amount_nano}")
-                for g in h.legs:
-                    leg_sum[g.bucket_id] = leg_sum.get(g.bucket_id, 0) + g.amount_nano
-                for s in h.scopes:
-                    scope_held[s] = scope_held.get(s, 0) + h.amount_nano
-                if h.expires_ms <= self.last_sweep_ms:
-                    v.append(f"hold {h.id}: open past its expiry after a sweep")
-            for b in self.buckets.values():
-                if leg_sum.get(b.id, 0) != b.held_nano:
-                    v.append(
-                        f"bucket {b.id}: held {b.held_nano} != open legs {leg_sum.get(b.id, 0)}"
-                    )
-            for scope, per in self.budgets.items():
-                for b in per.values():
-                    if b.held_nano != scope_held.get(scope, 0):
-                        v.append(f"budget {scope}/{b.period}: held {b.held_nano} != open holds")
-                    want = 0 if b.revoked else self._children_unused(scope)
-                    if b.delegated_nano != want:
-                        v.append(
-                            f"budget {scope}/{b.period}: delegated {b.delegated_nano} != {want}"
-                        )
-            return v
+            return auditor.engine_violations(self, now_ms)

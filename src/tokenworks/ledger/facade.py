@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,10 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from tokenworks.db.table import Columns
+from tokenworks.ledger import auditor
 from tokenworks.ledger.domain import (
     MAX_TIME_MS,
+    Account,
     AccountKind,
     BalanceView,
+    Bucket,
+    Grant,
     Hold,
     InvalidRequest,
     LedgerError,
@@ -40,11 +44,11 @@ from tokenworks.ledger.engine import (
     Engine,
     TransferPolicy,
     default_transfer_policy,
-    hold_from_row,
 )
 from tokenworks.ledger.periods import to_ms
+from tokenworks.ledger.rows import hold_from_row
 from tokenworks.ledger.statement import build_statement, statement_csv
-from tokenworks.ledger.store import Columns, Store, open_store
+from tokenworks.ledger.store import Store, open_store
 from tokenworks.ledger.writer import GroupCommitWriter
 
 log = logging.getLogger("tokenworks.ledger")
@@ -84,17 +88,15 @@ class HoldView(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class Account:
+class AccountView:
+    """A customer account as `create_account` answers it (the engine's `Account` is the
+    live object, with balances)."""
+
     id: int
     name: str
     parent_id: int | None
     kind: str
     draws_on_parent: bool
-
-
-# check()'s view of the engine at a commit: in-memory violations, budgets (scope, period,
-# spent, period start), account balances, open buckets' remaining credit, and the time.
-_Cut = tuple[list[str], list[tuple[str, str, int, int]], dict[int, int], dict[int, int], int]
 
 
 class Ledger:
@@ -129,7 +131,7 @@ class Ledger:
     ) -> Ledger:
         """Open (or create) the ledger at `url` and rebuild the engine from it."""
         store = open_store(url)
-        await store.open()
+        await store.open(int(clock() * 1000))  # upgrades what an earlier version left
         try:
             snap = await store.load()
             now_ms = int(clock() * 1000)
@@ -137,8 +139,6 @@ class Ledger:
                 engine = Engine(transfer_policy=transfer_policy)
             else:
                 engine = Engine.restore(snap, transfer_policy=transfer_policy)
-                if stale := await store.expire_stored_open_holds(now_ms):
-                    log.warning("closed %d holds an earlier version stored open", stale)
                 for row in reversed(await store.recent_closed_holds(CLOSED_HOLDS_KEPT)):
                     engine.remember_hold(hold_from_row(row))
             ledger = cls(engine, store, clock=clock, max_pending_ops=max_pending_ops)
@@ -232,7 +232,7 @@ class Ledger:
         *,
         idempotency_key: str,
         draws_on_parent: bool = True,
-    ) -> Account:
+    ) -> AccountView:
         """A customer account; with `draws_on_parent` its holds may use its parents' credit."""
         r = await self._durable(
             lambda: self.engine.create_account(
@@ -245,7 +245,7 @@ class Ledger:
             ),
             idempotency_key,
         )
-        return Account(**r)
+        return AccountView(**r)
 
     async def top_up(self, account_id: int, amount_nano: int, *, idempotency_key: str) -> int:
         """Paid credit into an account's cash; returns the transfer id."""
@@ -492,6 +492,27 @@ class Ledger:
         """From memory: always current, never waits on the store."""
         return self.engine.balance(account_id, self.now_ms())
 
+    def available_to(self, payer_id: int) -> int:
+        """What a hold on this account could draw now, its parents' credit included: the
+        payer's balance after a settlement, cheaper than `balance` on the hot path."""
+        return self.engine.chain_available(payer_id)
+
+    def account(self, account_id: int) -> Account:
+        """The account (raises `NotFound`); its figures are live, read them at once."""
+        return self.engine.account(account_id)
+
+    def customer(self, account_id: int) -> Account:
+        """A customer account (`InvalidRequest` for an operator's or a producer's)."""
+        return self.engine.customer(account_id)
+
+    def accounts(self) -> list[Account]:
+        """Every account, operator and producer accounts included."""
+        return list(self.engine.accounts.values())
+
+    def open_credit(self, account_id: int) -> tuple[list[Bucket], list[Grant]]:
+        """Copies of the account's open buckets (consumption order) and active grants."""
+        return self.engine.open_credit(account_id)
+
     async def statement(self, account_id: int, since: datetime, until: datetime) -> dict[str, Any]:
         """Opening balance, credits in, spend by model, expiries and closing balance."""
         since_ms, until_ms = to_ms(since), to_ms(until)
@@ -517,25 +538,14 @@ class Ledger:
         a check that did not compare the store does not pass.
         """
 
-        def capture() -> _Cut:
-            now = self.now_ms()
-            budgets = [
-                (b.scope, str(b.period), b.spent_nano, b.period_start_ms)
-                for b in self.engine.all_budgets(now)
-            ]
-            return (
-                self.engine.check(now),
-                budgets,
-                {a.id: a.balance_nano for a in self.engine.accounts.values()},
-                {b.id: b.remaining_nano for b in self.engine.buckets.values()},
-                now,
-            )
+        def capture() -> auditor.Cut:
+            return auditor.capture(self.engine, self.now_ms())
 
         self.store_compared = False
         if self._closed:
             raise LedgerError("ledger is closed")
         try:
-            (violations, budgets, accounts, buckets, now), snap = await self.writer.cut(capture)
+            cut, snap = await self.writer.cut(capture)
         except StoreUnavailable as exc:
             return [*self.engine.check(self.now_ms()), f"store not compared: {exc}"]
         except Exception as exc:
@@ -543,51 +553,8 @@ class Ledger:
             return [*self.engine.check(self.now_ms()), f"store not compared: {exc!r}"]
         try:
             audit = await snap.audit()
-            since = min((b[3] for b in budgets), default=now)
-            settled = await snap.settled_scopes(since, MAX_TIME_MS)
+            settled = await snap.settled_scopes(auditor.budgets_since_ms(cut), MAX_TIME_MS)
         finally:
             await snap.close()
         self.store_compared = True
-        total = 0
-        for acc_id, stored, net in audit.accounts:
-            total += stored
-            if stored != net:
-                violations.append(f"store account {acc_id}: balance {stored} != transfers {net}")
-            if accounts.get(acc_id) != stored:
-                violations.append(
-                    f"store account {acc_id}: {stored} != engine {accounts.get(acc_id)}"
-                )
-        if total != 0:
-            violations.append(f"store: sum of balances is {total}, not 0")
-        for bucket_id, remaining, closed, net in audit.buckets:
-            if remaining != net:
-                violations.append(f"store bucket {bucket_id}: {remaining} != transfers {net}")
-            if closed and remaining:
-                violations.append(f"store bucket {bucket_id}: closed with {remaining} left")
-            if not closed and buckets.get(bucket_id) != remaining:
-                violations.append(f"store bucket {bucket_id}: {remaining} != engine")
-        for hold_id, price, posted in audit.mischarged:
-            violations.append(f"hold {hold_id}: price {price} but spend postings {posted}")
-        if audit.bad_transfers:
-            violations.append(f"{audit.bad_transfers} malformed transfers")
-        posted, settled_cost = audit.costs
-        if posted != settled_cost:
-            violations.append(f"store: costs posted {posted} != settled holds' {settled_cost}")
-        if audit.open_holds:  # holds are written once, closed
-            violations.append(f"{len(audit.open_holds)} holds stored open")
-        spent: dict[tuple[str, int], int] = {}
-        starts: dict[str, set[int]] = {}
-        for scope, _, _, start in budgets:
-            starts.setdefault(scope, set()).add(start)
-        for scopes_json, price, closed_ms in settled:
-            for s in json.loads(scopes_json):
-                for start in starts.get(s, ()):
-                    if closed_ms >= start:
-                        spent[(s, start)] = spent.get((s, start), 0) + price
-        for scope, period, engine_spent, start in budgets:
-            want = spent.get((scope, start), 0)
-            if engine_spent != want:
-                violations.append(
-                    f"budget {scope}/{period}: spent {engine_spent} != settled {want} in period"
-                )
-        return violations
+        return [*cut.violations, *auditor.store_violations(cut, audit, settled)]

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tokenworks.ledger.engine import Batch, Snapshot
+from tokenworks.db import backend
+from tokenworks.db.table import Columns, Table
+from tokenworks.ledger.rows import Batch, Snapshot
 from tokenworks.ledger.schema import (
     ACCOUNTS,
     BUCKETS,
@@ -22,7 +24,6 @@ from tokenworks.ledger.schema import (
     IDEMPOTENCY,
     META,
     TRANSFERS,
-    Table,
 )
 
 
@@ -42,9 +43,6 @@ class AuditData:
     open_holds: list[str]  # none, ever: holds are written when they close
 
 
-# The columns of a table whose rows ride in the ledger's transaction: (name, SQL type).
-# PostgreSQL casts each value of a batch's JSON document to its column's type.
-Columns = tuple[tuple[str, str], ...]
 # Rows of other tables committed in the ledger's transaction (the usage rows of the requests
 # a batch settles): (table, columns, rows). Inserted with ON CONFLICT DO NOTHING.
 Attachment = tuple[str, Columns, list[tuple[Any, ...]]]
@@ -65,7 +63,9 @@ class Store(Protocol):
     # requests are in flight: worth it where a commit has a fixed cost on the gateway's core.
     linger_s: float
 
-    async def open(self) -> None: ...
+    async def open(self, now_ms: int) -> None:
+        """Connect, create the tables if missing, and upgrade what an earlier version left
+        (`upgrade.py`) at `now_ms`."""
 
     async def close(self) -> None: ...
 
@@ -76,10 +76,6 @@ class Store(Protocol):
         """The open state, or None for an empty store."""
 
     async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None: ...
-
-    async def expire_stored_open_holds(self, now_ms: int) -> int:
-        """Close the holds an earlier version stored open (it wrote holds when they opened);
-        returns how many. They reserve nothing now: a restart rebuilds with nothing held."""
 
     async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
         """(op, body_hash, result) of a key the engine no longer caches."""
@@ -124,9 +120,6 @@ LOAD_QUERIES = {
     "budgets": f"SELECT {', '.join(BUDGETS.column_names)} FROM ledger_budgets",
     "meta": "SELECT k, v FROM ledger_meta",
 }
-EXPIRE_STORED_OPEN_HOLDS = (
-    "UPDATE ledger_holds SET status = 'expired', closed_ms = :now WHERE status = 'open'"
-)
 GET_HOLD = f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE id = :id"
 RECENT_CLOSED_HOLDS = (
     f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE closed_ms IS NOT NULL "
@@ -254,12 +247,10 @@ def numbered(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
 def open_store(url: str) -> Store:
     """`sqlite:///relative.db`, `sqlite:////abs.db`, `sqlite://:memory:` or `postgresql://...`
     (a `?schema=name` query parameter puts the tables in that schema)."""
-    if url.startswith("sqlite:"):
+    if backend(url) == "sqlite":
         from tokenworks.ledger.store_sqlite import SqliteStore
 
         return SqliteStore(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        from tokenworks.ledger.store_postgres import PostgresStore
+    from tokenworks.ledger.store_postgres import PostgresStore
 
-        return PostgresStore(url)
-    raise ValueError(f"unsupported ledger url {url!r}")
+    return PostgresStore(url)

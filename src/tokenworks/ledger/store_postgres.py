@@ -14,21 +14,21 @@ session advisory lock on the writer connection makes this process the ledger's o
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
 
+from tokenworks.db import split_schema
+from tokenworks.db.postgres import server_settings
+from tokenworks.db.table import Columns
 from tokenworks.ledger.domain import LedgerError
-from tokenworks.ledger.engine import Batch, Snapshot
+from tokenworks.ledger.rows import Batch, Snapshot
 from tokenworks.ledger.schema import ddl
 from tokenworks.ledger.store import (
     AUDIT_QUERIES,
     BATCH_TABLES,
-    EXPIRE_STORED_OPEN_HOLDS,
     GET_HOLD,
     GET_IDEMPOTENCY,
     LOAD_QUERIES,
@@ -38,26 +38,15 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
-    Columns,
     audit_data,
     exact,
     numbered,
     upsert_tail,
 )
+from tokenworks.ledger.upgrade import upgrade_postgres
 
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 60.0
-
-
-def split_schema(url: str) -> tuple[str, str | None]:
-    """Take our `schema=` query parameter out of the URL asyncpg will see."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
-    schema = next((v for k, v in query if k == "schema"), None)
-    rest = [(k, v) for k, v in query if k != "schema"]
-    if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
-        raise ValueError(f"bad schema name {schema!r}")
-    return urlunsplit(parts._replace(query=urlencode(rest))), schema
 
 
 def _json_insert(table: str, columns: Columns, key: str, tail: str) -> str:
@@ -190,8 +179,8 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def open(self) -> None:
-        settings = {"search_path": self.schema} if self.schema else {}
+    async def open(self, now_ms: int) -> None:
+        settings = server_settings(self.schema)
         w = await asyncpg.connect(
             self.url,
             timeout=CONNECT_TIMEOUT_S,
@@ -215,6 +204,7 @@ class PostgresStore:
                 await w.execute("SELECT pg_advisory_xact_lock(7412)")
                 for stmt in ddl("postgres"):
                     await w.execute(stmt)
+                await upgrade_postgres(w, now_ms)
             self._pool = await asyncpg.create_pool(
                 self.url,
                 init=_numeric_as_int,
@@ -272,12 +262,6 @@ class PostgresStore:
             budgets=rows["budgets"],
             meta={k: v for k, v in rows["meta"]},
         )
-
-    async def expire_stored_open_holds(self, now_ms: int) -> int:
-        assert self._writer is not None, "store is not open"
-        text, args = numbered(EXPIRE_STORED_OPEN_HOLDS, {"now": now_ms})
-        status = await self._writer.execute(text, *args)  # "UPDATE <n>"
-        return int(status.split()[-1])
 
     async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None:
         rows = await self._all(GET_HOLD, {"id": hold_id})

@@ -17,13 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokenworks.db import sqlite as db_sqlite
+from tokenworks.db import sqlite_path
+from tokenworks.db.table import WIDE
 from tokenworks.ledger.domain import LedgerError
-from tokenworks.ledger.engine import Batch, Snapshot
-from tokenworks.ledger.schema import WIDE, ddl
+from tokenworks.ledger.rows import Batch, Snapshot
+from tokenworks.ledger.schema import ddl
 from tokenworks.ledger.store import (
     AUDIT_QUERIES,
     BATCH_TABLES,
-    EXPIRE_STORED_OPEN_HOLDS,
     GET_HOLD,
     GET_IDEMPOTENCY,
     LOAD_QUERIES,
@@ -37,6 +39,7 @@ from tokenworks.ledger.store import (
     exact,
     upsert_tail,
 )
+from tokenworks.ledger.upgrade import upgrade_sqlite
 
 R = TypeVar("R")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -90,7 +93,7 @@ def sql(text: str) -> str:
 
 
 def connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn = db_sqlite.connect(path)
     conn.create_aggregate("xsum", 1, ExactSum)  # type: ignore[arg-type]
     return conn
 
@@ -178,14 +181,6 @@ class SqliteSnapshot:
             self._pool = None
 
 
-def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:`."""
-    rest = url.removeprefix("sqlite://")
-    if rest in ("", ":memory:", "/:memory:"):
-        return ":memory:"
-    return rest[1:] if rest.startswith("/") else rest
-
-
 class SqliteStore:
     dialect = "sqlite"
     # A commit here costs the gateway's core a thread hand-off, a transaction and an fsync,
@@ -215,10 +210,10 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def open(self) -> None:
-        await self._run(self._open_sync)
+    async def open(self, now_ms: int) -> None:
+        await self._run(self._open_sync, now_ms)
 
-    def _open_sync(self) -> None:
+    def _open_sync(self, now_ms: int) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
@@ -229,11 +224,9 @@ class SqliteStore:
                 raise LedgerError(f"another process has the ledger {self.path} open") from None
             self._lock_fd = fd
         conn = connect(self.path)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        for stmt in ddl("sqlite"):
-            conn.execute(stmt)
+        db_sqlite.use_wal(conn, synchronous="FULL", busy_timeout_ms=10_000)
+        db_sqlite.create(conn, ddl("sqlite"))
+        upgrade_sqlite(conn, now_ms)
         self._conn = conn
 
     async def close(self) -> None:
@@ -309,12 +302,6 @@ class SqliteStore:
             budgets=rows["budgets"],
             meta={k: v for k, v in rows["meta"]},
         )
-
-    async def expire_stored_open_holds(self, now_ms: int) -> int:
-        def run() -> int:
-            return self.conn.execute(EXPIRE_STORED_OPEN_HOLDS, {"now": now_ms}).rowcount
-
-        return int(await self._run(run))
 
     async def get_hold(self, hold_id: str) -> tuple[Any, ...] | None:
         rows = await self._run(self._all, GET_HOLD, {"id": hold_id})

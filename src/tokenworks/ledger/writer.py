@@ -31,9 +31,11 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any, TypeVar
 
+from tokenworks.db.table import Columns
 from tokenworks.ledger.domain import StoreUnavailable
-from tokenworks.ledger.engine import Batch, Engine
-from tokenworks.ledger.store import Attachment, Columns, Store, StoreSnapshot
+from tokenworks.ledger.engine import Engine
+from tokenworks.ledger.rows import Batch
+from tokenworks.ledger.store import Attachment, Store, StoreSnapshot
 
 log = logging.getLogger("tokenworks.ledger")
 

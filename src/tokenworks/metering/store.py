@@ -25,9 +25,11 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from tokenworks.db import backend, sqlite_path
+from tokenworks.db.sqlite import connect_rows
+from tokenworks.db.table import Table
 from tokenworks.metering.usage import Usage, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -64,36 +66,27 @@ USAGE_SCHEMA = (
 )
 USAGE_COLUMNS = tuple(name for name, _ in USAGE_SCHEMA)
 
-# Valid in both dialects.
-USAGE_DDL = """
-CREATE TABLE IF NOT EXISTS usage (
-    request_id TEXT PRIMARY KEY,
-    ts_ms BIGINT NOT NULL,
-    key_id TEXT,
-    account_id TEXT,
-    public_model TEXT NOT NULL,
-    producer TEXT,
-    upstream_model TEXT,
-    endpoint TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    input_tokens BIGINT NOT NULL,
-    cached_input_tokens BIGINT NOT NULL,
-    cache_write_tokens BIGINT NOT NULL,
-    output_tokens BIGINT NOT NULL,
-    reasoning_tokens BIGINT NOT NULL,
-    estimated INTEGER NOT NULL,
-    latency_ms DOUBLE PRECISION NOT NULL,
-    ttft_ms DOUBLE PRECISION,
-    streamed INTEGER NOT NULL,
-    error TEXT,
-    cost_nano BIGINT NOT NULL,
-    price_nano BIGINT NOT NULL,
-    service_tier TEXT,
-    tags TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts_ms);
-CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts_ms);
-"""
+_NULLABLE = (
+    "request_id",  # the key: never NULL in practice, declared as it always was
+    "key_id",
+    "account_id",
+    "producer",
+    "upstream_model",
+    "ttft_ms",
+    "error",
+    "service_tier",
+)
+USAGE = Table(
+    "usage",
+    ("request_id",),
+    USAGE_SCHEMA,
+    upsert=False,  # a request's row is written once; a retried write is ignored
+    constraints=tuple((name, "NOT NULL") for name in USAGE_COLUMNS if name not in _NULLABLE),
+    indexes=(
+        "CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts_ms)",
+        "CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts_ms)",
+    ),
+)
 
 GROUPS = {
     "key": "key_id",
@@ -285,13 +278,11 @@ def open_usage_store(url: str) -> UsageStore:
 
 
 def _backend(url: str) -> type[UsageStore]:
-    if url.startswith("sqlite://"):
+    if backend(url) == "sqlite":
         return SqliteUsageStore
-    if url.startswith(("postgresql://", "postgres://")):
-        from tokenworks.metering.store_postgres import PostgresUsageStore
+    from tokenworks.metering.store_postgres import PostgresUsageStore
 
-        return PostgresUsageStore
-    raise ValueError(f"unsupported database URL {url.split(':', 1)[0]}://...")
+    return PostgresUsageStore
 
 
 class UsageStore:
@@ -412,27 +403,6 @@ class UsageStore:
 # ---------------------------------------------------------------------- SQLite
 
 
-def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite://:memory:`."""
-    assert url.startswith("sqlite://"), url
-    rest = url.removeprefix("sqlite://")
-    if rest in ("", "/:memory:", ":memory:"):
-        return ":memory:"
-    return rest.removeprefix("/") if not rest.startswith("//") else rest[1:]
-
-
-def connect_sqlite(path: str, ddl: str = USAGE_DDL) -> sqlite3.Connection:
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.executescript(ddl)
-    return conn
-
-
 class SqliteUsageStore(UsageStore):
     """The usage table in SQLite (WAL): a writer connection and a reader connection."""
 
@@ -441,8 +411,11 @@ class SqliteUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.path = sqlite_path(url)
-        self._write_conn = connect_sqlite(self.path)
-        self._read_conn = self._write_conn if self.path == ":memory:" else connect_sqlite(self.path)
+        ddl = USAGE.ddl("sqlite")
+        self._write_conn = connect_rows(self.path, ddl)
+        self._read_conn = (
+            self._write_conn if self.path == ":memory:" else connect_rows(self.path, ddl)
+        )
         self._read_lock = threading.Lock()
         placeholders = ",".join("?" * len(USAGE_COLUMNS))
         self._insert_sql = (
@@ -478,6 +451,7 @@ class SqliteUsageStore(UsageStore):
 __all__ = [
     "GROUPS",
     "SUMS",
+    "USAGE",
     "USAGE_COLUMNS",
     "USAGE_SCHEMA",
     "SqliteUsageStore",

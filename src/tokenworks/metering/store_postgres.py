@@ -6,7 +6,7 @@ round trip for up to `MAX_BATCH_ROWS` rows. Reads (`query`, `records`) use a sec
 autocommit connection behind a lock. A lost connection is reopened and the batch retried.
 
 `?schema=NAME` in the URL puts the tables in that schema (created if missing), the same way
-the ledger's store does, so tests and tenants can share one database.
+the ledger's store does (`tokenworks.db`), so tests and tenants can share one database.
 """
 
 from __future__ import annotations
@@ -17,43 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
-from tokenworks.ledger.store_postgres import split_schema
-from tokenworks.metering.store import USAGE_DDL, USAGE_SCHEMA, UsageStore
+from tokenworks.db.postgres import connect
+from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
 
-CONNECT_TIMEOUT_S = 10
 WRITE_ATTEMPTS = 5
-# Serialises concurrent first opens of one database (CREATE ... IF NOT EXISTS races).
-DDL_LOCK_ID = 7413
-
-
-def connect(url: str, ddl: str | None = None, *, autocommit: bool = True) -> psycopg.Connection:
-    """A psycopg connection for a `postgresql://...[?schema=NAME]` URL, its search_path set
-    to the schema (created if missing), with `ddl` applied under an advisory lock."""
-    conninfo, schema = split_schema(url)
-    options = f"-c search_path={schema}" if schema else None
-    conn = psycopg.connect(
-        conninfo,
-        autocommit=True,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        row_factory=dict_row,  # type: ignore[arg-type]
-        **({"options": options} if options else {}),
-    )
-    try:
-        if schema or ddl:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK_ID,))
-                if schema:
-                    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-                for stmt in (ddl or "").split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)  # type: ignore[arg-type]
-        conn.autocommit = autocommit
-    except BaseException:
-        conn.close()
-        raise
-    return conn
 
 
 def _insert_sql() -> str:
@@ -76,7 +44,7 @@ class PostgresUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         # Both connections open here, so a bad URL or a down server fails the constructor.
-        self._write_conn = connect(url, USAGE_DDL)
+        self._write_conn = connect(url, USAGE.ddl("postgres"))
         self._read_conn = connect(url)
         self._read_lock = threading.Lock()
         self._insert_sql = _insert_sql()
@@ -117,4 +85,4 @@ class PostgresUsageStore(UsageStore):
             self._read_conn.close()
 
 
-__all__ = ["PostgresUsageStore", "connect"]
+__all__ = ["PostgresUsageStore"]

@@ -1,0 +1,77 @@
+"""Upgrades of a ledger an earlier version wrote, run by each store as it opens.
+
+Each step is idempotent and a no-op on a ledger this version wrote, so a store runs them
+all on every open, after creating the tables, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import TYPE_CHECKING
+
+from tokenworks.db.table import WIDE
+from tokenworks.ledger.schema import TABLES
+from tokenworks.ledger.store import numbered
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = logging.getLogger("tokenworks.ledger")
+
+INDEXES = (
+    # Empty, since holds are written closed: it lets each open find rows an earlier version
+    # left open (and audits confirm there are none) without reading the whole table.
+    "CREATE INDEX IF NOT EXISTS ledger_holds_left_open ON ledger_holds (id) WHERE status = 'open'",
+    # Retired: open holds are no longer stored, and only audits (full scans) group
+    # transfers by hold. Each was one more B-tree insert per settled request.
+    "DROP INDEX IF EXISTS ledger_holds_open",
+    "DROP INDEX IF EXISTS ledger_transfers_hold",
+)
+
+# Balances and remaining credit were BIGINT before they were WIDE. SQLite's INTEGER column
+# already holds both; PostgreSQL's needs the type changed (a no-op once it is NUMERIC).
+WIDENED = tuple((t.name, c) for t in TABLES for c, ty in t.columns if ty == WIDE)
+
+# The previous version wrote holds when they opened; after a crash, a database it left has
+# open rows. They reserve nothing now (a restart rebuilds with nothing held), so they are
+# closed as expired, and a late settle of one is refused rather than charged.
+CLOSE_STORED_OPEN_HOLDS = (
+    "UPDATE ledger_holds SET status = 'expired', closed_ms = :now WHERE status = 'open'"
+)
+
+
+def statements(dialect: str) -> list[str]:
+    """The schema upgrades for `sqlite` or `postgres`."""
+    out = list(INDEXES)
+    if dialect == "postgres":
+        out.extend(
+            f"DO $$ BEGIN IF (SELECT data_type FROM information_schema.columns "
+            f"WHERE table_schema = current_schema() AND table_name = '{table}' "
+            f"AND column_name = '{column}') = 'bigint' THEN "
+            f"ALTER TABLE {table} ALTER COLUMN {column} TYPE NUMERIC(39,0); END IF; END $$"
+            for table, column in WIDENED
+        )
+    return out
+
+
+def _closed(count: int) -> int:
+    if count:
+        log.warning("closed %d holds an earlier version stored open", count)
+    return count
+
+
+def upgrade_sqlite(conn: sqlite3.Connection, now_ms: int) -> int:
+    """Run every upgrade on a SQLite ledger; returns how many stored open holds it closed."""
+    for stmt in statements("sqlite"):
+        conn.execute(stmt)
+    return _closed(conn.execute(CLOSE_STORED_OPEN_HOLDS, {"now": now_ms}).rowcount)
+
+
+async def upgrade_postgres(conn: asyncpg.Connection, now_ms: int) -> int:
+    """The same on PostgreSQL, inside the caller's transaction."""
+    for stmt in statements("postgres"):
+        await conn.execute(stmt)
+    text, args = numbered(CLOSE_STORED_OPEN_HOLDS, {"now": now_ms})
+    status = await conn.execute(text, *args)  # "UPDATE <n>"
+    return _closed(int(status.split()[-1]))
