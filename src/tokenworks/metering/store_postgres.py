@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from tokenworks.ledger.store_postgres import split_schema
+from tokenworks.ledger.store_postgres import REFUSED_SQLSTATE_CLASSES, split_schema
 from tokenworks.metering.store import USAGE_DDL, USAGE_SCHEMA, UsageStore
 
 CONNECT_TIMEOUT_S = 10
@@ -103,6 +103,13 @@ class PostgresUsageStore(UsageStore):
                 if not self._write_conn.closed and self._write_conn.broken:
                     self._write_conn.close()
                 time.sleep(0.1 * (attempt + 1))
+
+    def refuses(self, exc: BaseException) -> bool:
+        # A data or constraint error (class 22 or 23), or a value psycopg cannot send.
+        if isinstance(exc, psycopg.DataError | psycopg.IntegrityError | OverflowError | TypeError):
+            return True
+        state = getattr(exc, "sqlstate", None)
+        return isinstance(exc, psycopg.Error) and str(state)[:2] in REFUSED_SQLSTATE_CLASSES
 
     def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
         with self._read_lock:
