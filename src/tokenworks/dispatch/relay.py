@@ -720,7 +720,7 @@ class _StreamResponse:
         self.first = first
         self.usage: Usage | None = None  # the upstream's, when plausible
         self.usage_error: str | None = None
-        self.billed = Usage()  # what was charged: the upstream's usage or the estimate
+        self.billed: Usage | None = None  # what was charged: the upstream's or the estimate
         self.reported_tier: Any = None
         self.quote: Quote | None = None
         self.texts: list[str] = []
@@ -869,7 +869,7 @@ class _StreamResponse:
             "created": created if type(created) is int else int(time.time()),
             "model": self.call.public_model,
             "choices": [],
-            "usage": _usage_object(endpoint, self.billed, quote),
+            "usage": _usage_object(endpoint, self.billed or Usage(), quote),
         }
         return b"data: " + _encode(chunk) + b"\n\n"
 
@@ -900,7 +900,9 @@ class _StreamResponse:
             self.status = 502
             self.error = "upstream reported an error mid-stream"
             return event + b"\n\n"
-        reported = extract.reported_usage(chunk)
+        reported = chunk.get("usage")
+        if reported is None and "x_groq" in chunk:  # per chunk: one probe, no call
+            reported = extract.reported_usage(chunk)
         usage = None
         if reported is not None:
             usage, self.usage_error = self.relay.read_usage(self.call, self.deployment, reported)
