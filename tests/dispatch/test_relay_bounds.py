@@ -86,6 +86,9 @@ async def lying_upstream(scope: dict, receive: Any, send: Any) -> None:
             break
     req = json.loads(body)
     usage = req["lie"]
+    # Where the usage goes: "usage" (OpenAI; "null" sends `"usage": null`), "x_groq" (Groq's
+    # streams: x_groq.usage on the last chunk) or "nowhere".
+    where = req.get("lie_where", "usage")
     head = {"id": "x", "created": 1, "model": req["model"]}
     if req.get("stream"):
         chunks = [
@@ -94,17 +97,27 @@ async def lying_upstream(scope: dict, receive: Any, send: Any) -> None:
             ]}
             for word in ("the ", "grid ", "is ", "fine")
         ]  # fmt: skip
-        chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        if where in ("usage", "null"):
+            chunks.append(
+                {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            )
+        elif where == "x_groq":
+            chunks[-1]["x_groq"] = {"id": "req_x", "usage": usage}
         data = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
         data += b"data: [DONE]\n\n"
         content_type = b"text/event-stream"
     else:
-        data = json.dumps({
-            **head, "object": "chat.completion", "usage": usage, "choices": [{
+        answer = {
+            **head, "object": "chat.completion", "choices": [{
                 "index": 0, "finish_reason": "stop",
                 "message": {"role": "assistant", "content": "the grid is fine"},
             }],
-        }).encode()  # fmt: skip
+        }  # fmt: skip
+        if where in ("usage", "null"):
+            answer["usage"] = usage
+        elif where == "x_groq":
+            answer["x_groq"] = {"id": "req_x", "usage": usage}
+        data = json.dumps(answer).encode()
         content_type = b"application/json"
     headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -117,17 +130,21 @@ def liar(make_gateway) -> Iterator[Gateway]:
         yield gw
 
 
-ABSURD = [
-    {"prompt_tokens": 10**19, "completion_tokens": 4},
-    {"prompt_tokens": -5, "completion_tokens": 4},
-    {"prompt_tokens": 12.5, "completion_tokens": 4},
-    {"prompt_tokens": "12", "completion_tokens": 4},
-    {"prompt_tokens": 10, "completion_tokens": 2**70},
-]
+ABSURD = {
+    "1e19": {"prompt_tokens": 10**19, "completion_tokens": 4},
+    "negative": {"prompt_tokens": -5, "completion_tokens": 4},
+    "fraction": {"prompt_tokens": 12.5, "completion_tokens": 4},
+    "text": {"prompt_tokens": "12", "completion_tokens": 4},
+    "2^70": {"prompt_tokens": 10, "completion_tokens": 2**70},
+    # A request with a prompt has input tokens, and an answer with text has output tokens.
+    "zero": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    "zero input": {"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 4},
+    "zero output": {"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 10},
+}
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("lie", ABSURD, ids=["1e19", "negative", "fraction", "text", "2^70"])
+@pytest.mark.parametrize("lie", ABSURD.values(), ids=ABSURD.keys())
 def test_absurd_usage_is_an_upstream_error_and_the_estimate_is_charged(
     liar: Gateway, lie: dict, stream: bool
 ) -> None:
@@ -140,18 +157,84 @@ def test_absurd_usage_is_an_upstream_error_and_the_estimate_is_charged(
     if stream:
         events = sse_events(r.text)
         assert events[-1] == "data: [DONE]"
-        cost = next(json.loads(e[6:])["usage"]["cost"] for e in events if '"usage"' in e)
+        [told] = [json.loads(e[6:])["usage"] for e in events if '"usage"' in e]
     else:
-        cost = r.json()["usage"]["cost"]
-        assert nano(r.headers["x-tokenworks-price"]) == nano(cost)
+        told = r.json()["usage"]
+        assert nano(r.headers["x-tokenworks-price"]) == nano(told["cost"])
     [record] = liar.records()
     assert record.usage.estimated and 0 < record.usage.output_tokens < 10
     assert record.error and "usage" in record.error
-    assert 0 < record.price_nano == nano(cost)  # paid for, at the estimate, and it says so
+    assert 0 < record.price_nano == nano(told["cost"])  # paid for, at the estimate, and says so
+    # The counts shown are the ones charged, not the upstream's.
+    assert (told["prompt_tokens"], told["completion_tokens"]) == (
+        record.usage.input_tokens,
+        record.usage.output_tokens,
+    )
     held = balance(liar, account)
     assert held.available_nano == 1_000_000_000 - record.price_nano and held.held_nano == 0
     assert metric(liar, 'tokenworks_upstream_errors_total{producer="s",reason="implausible') == 1
     assert check(liar) == []
+
+
+def test_zero_output_for_an_answer_without_text_is_believed(make_gateway, sims) -> None:
+    """Zero is implausible only where the answer has text: an empty answer made no tokens."""
+    a, _ = sims
+    with make_gateway({"s": a.url}, ONE_MODEL) as gw:
+        _account, key = gw.funded_key(1_000_000_000)
+        r = post(gw, key["key"], {"model": "m", "input": "grid"}, "embeddings")
+        assert r.status_code == 200, r.text
+        [record] = gw.records()
+        assert not record.usage.estimated and record.usage.output_tokens == 0
+        assert record.error is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("where", ["nowhere", "null", "x_groq"])
+def test_the_client_is_told_the_usage_it_was_charged_wherever_the_upstream_put_it(
+    liar: Gateway, stream: bool, where: str
+) -> None:
+    """Usage missing (or only in Groq's `x_groq.usage`): a stream that asked for usage still
+    gets it, with the price it paid, before [DONE]; a plain answer's headers tell the price."""
+    account, key = liar.funded_key(1_000_000_000)
+    reported = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+    lie = None if where == "null" else reported
+    body = {"model": "m", "messages": CHAT, "max_tokens": 10, "lie": lie, "lie_where": where}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    r = post(liar, key["key"], body)
+    assert r.status_code == 200, r.text
+    [record] = liar.records()
+    assert record.usage.estimated is (where != "x_groq")
+    if where == "x_groq":
+        assert (record.usage.input_tokens, record.usage.output_tokens) == (11, 4)
+    assert record.price_nano > 0
+    assert balance(liar, account).available_nano == 1_000_000_000 - record.price_nano
+    if not stream:  # a plain answer without usage keeps none: its headers tell the price
+        assert r.json().get("usage") is None
+        assert nano(r.headers["x-tokenworks-price"]) == record.price_nano
+        return
+    events = sse_events(r.text)
+    assert events[-1] == "data: [DONE]" and '"cost"' in events[-2]  # told, then done
+    [chunk] = [json.loads(e[6:]) for e in events[:-1] if '"cost"' in e]
+    assert chunk["choices"] == [] and chunk["object"] == "chat.completion.chunk"
+    assert chunk["model"] == "m" and chunk["id"] == "x" and isinstance(chunk["created"], int)
+    assert chunk["usage"] == {
+        "prompt_tokens": record.usage.input_tokens,
+        "completion_tokens": record.usage.output_tokens,
+        "total_tokens": record.usage.input_tokens + record.usage.output_tokens,
+        "cost": chunk["usage"]["cost"],
+    }
+    assert nano(chunk["usage"]["cost"]) == record.price_nano
+
+
+def test_a_stream_that_did_not_ask_for_usage_is_not_sent_one(liar: Gateway) -> None:
+    _account, key = liar.funded_key(1_000_000_000)
+    body = {"model": "m", "messages": CHAT, "lie": None, "lie_where": "nowhere", "stream": True}
+    r = post(liar, key["key"], body)
+    assert r.status_code == 200, r.text
+    assert '"usage"' not in r.text and r.text.endswith("data: [DONE]\n\n")
+    [record] = liar.records()
+    assert record.usage.estimated and record.price_nano > 0
 
 
 def test_usage_without_counts_is_estimated_not_free(liar: Gateway) -> None:

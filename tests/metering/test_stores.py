@@ -10,6 +10,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -118,6 +119,38 @@ def test_flushed_rows_are_committed_and_visible_from_a_fresh_connection(
     finally:
         again.close()
     assert sorted(got, key=lambda r: r.request_id) == batch
+
+
+@both_stores
+def test_a_row_the_store_refuses_is_dropped_alone_not_with_its_batch(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row with a value past its column (the ledger refused to attach it, so the relay sent
+    it here) must not take the other requests' rows of its batch down with it."""
+    monkeypatch.setattr(UsageStore, "_start", lambda self: None)  # queue first: one batch
+    s = open_usage_store(database)
+    monkeypatch.undo()
+    try:
+        batch = records(20)
+        refused = {3, 4, 14}
+        for i in refused:
+            batch[i] = replace(batch[i], usage=replace(batch[i].usage, input_tokens=2**70))
+        batch[4] = replace(batch[4], cost_nano=-(2**64))
+        for r in batch:
+            s.submit(r)
+        s._start()
+        s.flush(timeout_s=30)  # False only if the batch failed while it waited: not asserted
+        assert s.dropped == len(refused)
+        kept = [r for i, r in enumerate(batch) if i not in refused]
+        assert sorted(s.records(), key=lambda r: r.request_id) == kept
+        # The writer goes on: a later batch is written whole.
+        later = [replace(r, request_id=f"later-{i}") for i, r in enumerate(kept)]
+        for r in later:
+            s.submit(r)
+        assert s.flush(timeout_s=30) and s.dropped == len(refused)
+        assert count_from_a_fresh_connection(database) == 2 * len(kept)
+    finally:
+        s.close()
 
 
 @both_stores

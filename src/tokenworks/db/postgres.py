@@ -18,6 +18,12 @@ from tokenworks.db import split_schema
 CONNECT_TIMEOUT_S = 10
 # Serialises concurrent first opens of one database (CREATE ... IF NOT EXISTS races).
 DDL_LOCK_ID = 7413
+# SQLSTATE classes of a value the store will not take, so the same rows fail again: 22 data
+# exception (out of range, bad text, NUL in jsonb), 23 integrity constraint (NOT NULL,
+# CHECK).
+# Anything else (connection lost, timeouts, admin shutdown, disk full: classes 08, 53, 57)
+# is the store being unavailable.
+REFUSED_SQLSTATE_CLASSES = ("22", "23")
 
 
 def server_settings(schema: str | None) -> dict[str, str]:

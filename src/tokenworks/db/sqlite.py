@@ -6,6 +6,21 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+# Errors that say a value of a batch cannot be stored (so the same rows fail again), as
+# opposed to the database being unavailable (sqlite3.OperationalError: I/O, full, locked).
+# OverflowError: an int past int64, refused by the driver before SQLite sees it;
+# InterfaceError/ProgrammingError: a value of a type it cannot bind, or a row of the wrong
+# length; TypeError/ValueError: the same, raised by Python while binding.
+REFUSALS = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+
 
 def connect(path: str, *, timeout_s: float = 5.0) -> sqlite3.Connection:
     """A connection in autocommit mode (stores BEGIN their own transactions), usable from

@@ -451,7 +451,17 @@ class Relay:
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
         self.router.health.ok(producer.name)
-        usage, usage_error = self.read_usage(call, deployment, parsed.get("usage"))
+        raw_usage = extract.reported_usage(parsed)
+        usage, usage_error = self.read_usage(call, deployment, raw_usage)
+        if usage is not None and not (usage.input_tokens and usage.output_tokens):
+            usage, usage_error = self.check_zero_counts(
+                call, deployment, usage, _response_texts(parsed)
+            )
+        # A body whose usage shows counts that were not charged (implausible ones) shows the
+        # charged ones instead; otherwise it goes out as it came, plus its cost.
+        shows_other_counts = isinstance(parsed.get("usage"), dict) and (
+            usage is None or raw_usage is not parsed["usage"]
+        )
         if usage is None:
             usage = self._estimate(call, _response_texts(parsed))
         quote = self.price(call, deployment, usage, parsed.get("service_tier"))
@@ -461,12 +471,19 @@ class Relay:
         )  # fmt: skip
         if not charged:
             raise ApiError(502, SETTLEMENT_FAILED_MESSAGE, code=SETTLEMENT_FAILED)
-        body = _rewrite_model(data, call.public_model)
+        if shows_other_counts:  # a re-encode, on this rare path only
+            parsed["usage"] = _usage_object(call.endpoint, usage, quote)
+            if "model" in parsed:
+                parsed["model"] = call.public_model
+            body = _encode(parsed)
+        else:
+            body = _rewrite_model(data, call.public_model)
+            if quote is not None:
+                body = _with_cost(body, quote.price_nano)
         headers = {"x-request-id": call.request_id}
         if balance_nano is not None:
             headers["x-tokenworks-balance"] = format_nano(balance_nano)
         if quote is not None:
-            body = _with_cost(body, quote.price_nano)
             headers["x-tokenworks-cost"] = format_nano(quote.cost_nano)
             headers["x-tokenworks-price"] = format_nano(quote.price_nano)
         return Response(
@@ -526,6 +543,17 @@ class Relay:
         except extract.ImplausibleUsage as exc:
             self.metrics.upstream_errors.labels(deployment.producer, "implausible_usage").inc()
             return None, f"{exc}; charged the offline estimate"
+
+    def check_zero_counts(
+        self, call: Call, deployment: Deployment, usage: Usage, texts: list[str]
+    ) -> tuple[Usage | None, str | None]:
+        """`usage`, or None and why when a zero in it cannot be right (no input tokens for a
+        prompt, no output tokens for text): implausible, like any other impossible count."""
+        why = extract.zero_count_problem(usage, call.endpoint, call.payload, texts)
+        if why is None:
+            return usage, None
+        self.metrics.upstream_errors.labels(deployment.producer, "implausible_usage").inc()
+        return None, f"{why}; charged the offline estimate"
 
     def _within_hold(self, call: Call, deployment: Deployment, quote: Quote) -> Quote:
         """A paying request is charged at most its hold, and every figure it shows (usage
@@ -690,8 +718,9 @@ class _StreamResponse:
         self.upstream = upstream
         self.events = events
         self.first = first
-        self.usage: Usage | None = None
+        self.usage: Usage | None = None  # the upstream's, when plausible
         self.usage_error: str | None = None
+        self.billed: Usage | None = None  # what was charged: the upstream's or the estimate
         self.reported_tier: Any = None
         self.quote: Quote | None = None
         self.texts: list[str] = []
@@ -812,14 +841,37 @@ class _StreamResponse:
         # Charge before the last byte: a client that saw the end of its answer has paid, and
         # one whose answer could not be charged is not shown its end.
         charged = await self._finish()
-        usage_event = self.usage_event
-        if usage_event and self.call.client_wants_usage and self.quote is not None:
-            usage_event = _with_cost(usage_event, self.quote.price_nano)
         if not charged:
             tail = self.pending_error or b""
         else:
-            tail = usage_event + (self.pending_error or self.done_event)
+            tail = self._usage_tail() + (self.pending_error or self.done_event)
         await self._write(send, tail, False)
+
+    def _usage_tail(self) -> bytes:
+        """The usage chunk a client that asked for one gets before the end: the upstream's
+        with its cost, or, when the charge is not the upstream's own usage chunk (none came,
+        it was implausible, or it came elsewhere), one of ours with what was charged."""
+        if not self.call.client_wants_usage:
+            return b""
+        quote = self.quote
+        if self.usage is not None and self.usage_event:
+            return (
+                self.usage_event
+                if quote is None
+                else _with_cost(self.usage_event, quote.price_nano)
+            )
+        endpoint = self.call.endpoint
+        head = _chunk_head(self.first)
+        rid, created = head.get("id"), head.get("created")
+        chunk = {
+            "id": rid if isinstance(rid, str) else self.call.request_id,
+            "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
+            "created": created if type(created) is int else int(time.time()),
+            "model": self.call.public_model,
+            "choices": [],
+            "usage": _usage_object(endpoint, self.billed or Usage(), quote),
+        }
+        return b"data: " + _encode(chunk) + b"\n\n"
 
     def _fail(self, status: int, message: str, code: str) -> None:
         self.status = status
@@ -848,9 +900,12 @@ class _StreamResponse:
             self.status = 502
             self.error = "upstream reported an error mid-stream"
             return event + b"\n\n"
-        raw_usage = chunk.get("usage")
-        if raw_usage is not None:
-            usage, self.usage_error = self.relay.read_usage(self.call, self.deployment, raw_usage)
+        reported = chunk.get("usage")
+        if reported is None and "x_groq" in chunk:  # per chunk: one probe, no call
+            reported = extract.reported_usage(chunk)
+        usage = None
+        if reported is not None:
+            usage, self.usage_error = self.relay.read_usage(self.call, self.deployment, reported)
             if usage is not None:
                 self.usage = usage
                 self.reported_tier = chunk.get("service_tier")
@@ -865,9 +920,11 @@ class _StreamResponse:
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                     if isinstance(reasoning, str):
                         self.texts.append(reasoning)
-        if isinstance(raw_usage, dict) and not choices:
-            if not self.call.client_wants_usage:
-                return None  # the usage chunk we asked for on the client's behalf
+        if not choices and isinstance(chunk.get("usage"), dict):
+            if not self.call.client_wants_usage or usage is None:
+                # The usage chunk we asked for on the client's behalf, or one we could not
+                # believe (the client gets what it was charged instead, at the end).
+                return None
             earlier = self.usage_event  # a second usage chunk: the first goes out as it was
             self.usage_event = _MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
             return earlier or None
@@ -881,8 +938,13 @@ class _StreamResponse:
             return self.charged
         self.finished = True
         usage = self.usage
+        if usage is not None and not (usage.input_tokens and usage.output_tokens):
+            usage, why = self.relay.check_zero_counts(self.call, self.deployment, usage, self.texts)
+            if why is not None:
+                self.usage, self.usage_error = None, why
         if usage is None:
             usage = self.relay._estimate(self.call, self.texts)
+        self.billed = usage
         self.quote = quote = self.relay.price(self.call, self.deployment, usage, self.reported_tier)
         self.charged, _ = await self.relay.conclude(
             self.call,
@@ -964,6 +1026,30 @@ def _with_cost(data: bytes, price_nano: int) -> bytes:
     insert_at = match.start(1)
     separator = b"" if match.group(1) else b","
     return data[:insert_at] + field + separator + data[insert_at:]
+
+
+def _usage_object(endpoint: str, usage: Usage, quote: Quote | None) -> dict[str, Any]:
+    """`usage` in OpenAI's shape, with the price charged as `cost` (a decimal string)."""
+    out: dict[str, Any] = {"prompt_tokens": usage.input_tokens}
+    if endpoint != "embeddings":
+        out["completion_tokens"] = usage.output_tokens
+    out["total_tokens"] = usage.input_tokens + usage.output_tokens
+    if usage.cached_input_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    if quote is not None:
+        out["cost"] = format_nano(quote.price_nano)
+    return out
+
+
+def _chunk_head(event: bytes) -> dict[str, Any]:
+    """The first chunk of a stream, decoded (for the id and creation time it carries)."""
+    try:
+        chunk = _decode(_event_data(event) or b"null")
+    except msgspec.DecodeError:
+        return {}
+    return chunk if isinstance(chunk, dict) else {}
 
 
 def _response_texts(parsed: dict[str, Any]) -> list[str]:

@@ -21,7 +21,7 @@ import asyncpg
 import msgspec
 
 from tokenworks.db import split_schema
-from tokenworks.db.postgres import server_settings
+from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, server_settings
 from tokenworks.db.table import Columns
 from tokenworks.ledger.domain import LedgerError
 from tokenworks.ledger.rows import Batch, Snapshot
@@ -91,12 +91,7 @@ def batch_document(batch: Batch, attached: Sequence[Attachment]) -> str:
 
 _encode_json = msgspec.json.encode
 
-# SQLSTATE classes of a value the store will not take, so the same rows fail again: 22 data
-# exception (out of range, bad text, NUL in jsonb), 23 integrity constraint (NOT NULL,
-# CHECK). Errors raised while encoding the batch, before the server is asked, count too.
-# Anything else (connection lost, timeouts, admin shutdown, disk full: classes 08, 53, 57)
-# is the store being unavailable.
-REFUSED_SQLSTATE_CLASSES = ("22", "23")
+# Errors raised while encoding a batch, before the server is asked, are refusals too.
 ENCODING_ERRORS = (msgspec.EncodeError, OverflowError, TypeError, ValueError)
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from tokenworks.db import sqlite as db_sqlite
 from tokenworks.db import sqlite_path
+from tokenworks.db.sqlite import REFUSALS
 from tokenworks.db.table import WIDE
 from tokenworks.ledger.domain import LedgerError
 from tokenworks.ledger.rows import Batch, Snapshot
@@ -43,21 +44,6 @@ from tokenworks.ledger.upgrade import upgrade_sqlite
 
 R = TypeVar("R")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-# Errors that say a value of the batch cannot be stored (so the same rows fail again), as
-# opposed to the database being unavailable (sqlite3.OperationalError: I/O, full, locked).
-# OverflowError: an int past int64, refused by the driver before SQLite sees it;
-# InterfaceError/ProgrammingError: a value of a type it cannot bind, or a row of the wrong
-# length; TypeError/ValueError: the same, raised by Python while binding.
-REFUSALS = (
-    sqlite3.IntegrityError,
-    sqlite3.DataError,
-    sqlite3.InterfaceError,
-    sqlite3.ProgrammingError,
-    OverflowError,
-    TypeError,
-    ValueError,
-)
 
 
 def wide(row: tuple[Any, ...], columns: tuple[int, ...]) -> tuple[Any, ...]:

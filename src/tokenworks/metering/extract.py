@@ -6,7 +6,11 @@ All of them land in one `Usage`.
 
 A count that is negative, not a whole number, or not a number at all is the upstream's error,
 not a figure to bill: `usage_from_openai` raises `ImplausibleUsage` and the relay charges its
-offline estimate instead (and counts the upstream error).
+offline estimate instead (and counts the upstream error). So is a count of zero where there
+must be tokens (`zero_count_problem`): input for a request with a prompt, output for an answer
+with text.
+
+Usage is read where producers put it (`reported_usage`): `usage`, else Groq's `x_groq.usage`.
 """
 
 from __future__ import annotations
@@ -88,6 +92,41 @@ def usage_from_openai(raw: Any, limit_tokens: int | None = None) -> Usage | None
         reasoning_tokens=min(reasoning, completion),
         estimated=False,
     )
+
+
+def reported_usage(obj: dict[str, Any]) -> Any:
+    """The usage object of an answer or a stream chunk: `usage`, else `x_groq.usage` (Groq's
+    streams report it there). One dict probe more per chunk without usage."""
+    raw = obj.get("usage")
+    if raw is None:
+        groq = obj.get("x_groq")
+        if isinstance(groq, dict):
+            return groq.get("usage")
+    return raw
+
+
+def zero_count_problem(
+    usage: Usage, endpoint: str, payload: dict[str, Any], texts: list[str]
+) -> str | None:
+    """Why a usage's zero count cannot be right, or None: a request with a prompt has input
+    tokens (a chat message is framed in tokens even when empty), and an answer with text has
+    output tokens. Callers test `usage.input_tokens and usage.output_tokens` first, so a
+    plausible usage costs nothing here."""
+    if usage.input_tokens == 0 and _has_prompt(endpoint, payload):
+        return "upstream usage reports 0 input tokens for a request with a prompt"
+    if usage.output_tokens == 0 and any(texts):
+        return "upstream usage reports 0 output tokens for an answer with text"
+    return None
+
+
+def _has_prompt(endpoint: str, payload: dict[str, Any]) -> bool:
+    if endpoint == "chat":
+        messages = payload.get("messages")
+        return isinstance(messages, list) and bool(messages)
+    value = payload.get("prompt" if endpoint == "completions" else "input")
+    if isinstance(value, list):
+        return any(value)  # a token id 0 alone would be falsy: rare, and then we believe it
+    return bool(value)
 
 
 def estimate_input(endpoint: str, payload: dict[str, Any], encoding: str) -> int:

@@ -2,8 +2,12 @@
 
 Writes leave the hot path at once: a request appends its record to a bounded queue and a
 single writer thread commits whatever has accumulated in one transaction (up to
-`MAX_BATCH_ROWS`). Two backends share this module's columns, row mapping, query building and
-writer loop, and differ only in how a batch is written and a query is run:
+`MAX_BATCH_ROWS`). A row the database refuses (a value past its column: the rows the ledger
+would not attach come here) is dropped alone: the batch is halved until it is isolated, as the
+ledger's writer does, so it never takes other requests' rows down with it.
+
+Two backends share this module's columns, row mapping, query building and writer loop, and
+differ only in how a batch is written, what counts as a refusal and how a query is run:
 
 - SQLite (`sqlite:///path`, the default, here): WAL mode with `synchronous=NORMAL` gives one
   fsync per batch at checkpoint time, so thousands of requests per second cost a handful of
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenworks.db import backend, sqlite_path
+from tokenworks.db.sqlite import REFUSALS as SQLITE_REFUSALS
 from tokenworks.db.sqlite import connect_rows
 from tokenworks.db.table import Table
 from tokenworks.metering.usage import Usage, UsageRecord
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH_ROWS = 2048
 MAX_QUEUE_ROWS = 100_000
 FLUSH_INTERVAL_S = 0.02
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 # (column, SQL type); the order is the row order of `usage_row`.
 USAGE_SCHEMA = (
@@ -306,8 +312,11 @@ class UsageStore:
         self._flushed = threading.Condition()
         self._submitted = 0
         self._committed = 0  # written or given up on: what flush() waits for
-        self.dropped = 0  # rows lost: queue full, or a batch the backend could not write
+        self.dropped = 0  # rows lost: queue full, refused by the database, or store down
+        self.refused_rows = 0  # of those, rows the database refused (dropped alone)
         self._failed_batches = 0
+        self._isolated_rows = 0  # rows of the batch being isolated committed so far
+        self._refusal_logged_s = -REFUSAL_LOG_INTERVAL_S
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
 
     def _start(self) -> None:
@@ -358,20 +367,60 @@ class UsageStore:
                     self._queue.put(None)
                     break
                 batch.append(item)
+            self._isolated_rows = 0
             try:
-                self._write([usage_row(r) for r in batch])
+                lost = self._write_isolating([usage_row(r) for r in batch])
             except Exception:
                 # The backend has retried already. Keep the writer alive for the next batches
                 # and say what was lost, rather than die and silently drop everything after.
-                log.exception("usage store: dropped a batch of %d rows", len(batch))
-                self.dropped += len(batch)
+                lost = len(batch) - self._isolated_rows
+                log.exception("usage store: dropped %d rows, the store is unavailable", lost)
+            if lost:
+                self.dropped += lost
                 self._failed_batches += 1
             with self._flushed:
                 self._committed += len(batch)
                 self._flushed.notify_all()
 
+    def _write_isolating(self, rows: list[tuple[Any, ...]], whole: bool = True) -> int:
+        """Commit the rows but those the database refuses; returns how many it refused.
+        Halves until each refused row is alone: k refused rows among n cost about
+        2k log2(n) small transactions (the ledger's writer isolates its rows the same way)."""
+        try:
+            self._write(rows)
+        except Exception as exc:
+            if not self.refuses(exc):
+                raise
+            if len(rows) == 1:
+                self._refused(rows[0], exc)
+                return 1
+            if whole:
+                log.warning("usage store: a row of a batch was refused; isolating it: %r", exc)
+            mid = len(rows) // 2
+            return self._write_isolating(rows[:mid], False) + self._write_isolating(
+                rows[mid:], False
+            )
+        self._isolated_rows += len(rows)
+        return 0
+
+    def _refused(self, row: tuple[Any, ...], exc: BaseException) -> None:
+        self.refused_rows += 1
+        now_s = time.monotonic()
+        if now_s - self._refusal_logged_s >= REFUSAL_LOG_INTERVAL_S:  # a flood logs once
+            self._refusal_logged_s = now_s
+            log.error(
+                "usage store: the row of request %r cannot be stored and is dropped: %r"
+                " (%d so far)", row[0], exc, self.refused_rows,
+            )  # fmt: skip
+
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
-        """Commit the rows in one transaction (existing request_ids are ignored)."""
+        """Commit the rows in one transaction (existing request_ids are ignored); a refused
+        value raises at once, with nothing committed."""
+        raise NotImplementedError
+
+    def refuses(self, exc: BaseException) -> bool:
+        """Whether `exc`, raised by `_write`, is the database refusing a value of the rows
+        (the same rows would fail again), rather than the store being unavailable."""
         raise NotImplementedError
 
     def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
@@ -428,15 +477,23 @@ class SqliteUsageStore(UsageStore):
             try:
                 shared = self._read_conn is self._write_conn
                 with self._read_lock if shared else contextlib.nullcontext():
-                    self._write_conn.execute("BEGIN IMMEDIATE")
-                    self._write_conn.executemany(self._insert_sql, rows)
-                    self._write_conn.execute("COMMIT")
+                    try:
+                        self._write_conn.execute("BEGIN IMMEDIATE")
+                        self._write_conn.executemany(self._insert_sql, rows)
+                        self._write_conn.execute("COMMIT")
+                    except BaseException:
+                        # Rows bound before a refused one are undone with it.
+                        if self._write_conn.in_transaction:
+                            self._write_conn.execute("ROLLBACK")
+                        raise
                 return
             except sqlite3.OperationalError:
-                self._write_conn.execute("ROLLBACK") if self._write_conn.in_transaction else None
                 if attempt == 4:
                     raise
                 time.sleep(0.05 * (attempt + 1))
+
+    def refuses(self, exc: BaseException) -> bool:
+        return isinstance(exc, SQLITE_REFUSALS)
 
     def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
         with self._read_lock:

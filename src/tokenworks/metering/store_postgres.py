@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from tokenworks.db.postgres import connect
+from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
 from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
 
 WRITE_ATTEMPTS = 5
@@ -71,6 +71,13 @@ class PostgresUsageStore(UsageStore):
                 if not self._write_conn.closed and self._write_conn.broken:
                     self._write_conn.close()
                 time.sleep(0.1 * (attempt + 1))
+
+    def refuses(self, exc: BaseException) -> bool:
+        # A data or constraint error (class 22 or 23), or a value psycopg cannot send.
+        if isinstance(exc, psycopg.DataError | psycopg.IntegrityError | OverflowError | TypeError):
+            return True
+        state = getattr(exc, "sqlstate", None)
+        return isinstance(exc, psycopg.Error) and str(state)[:2] in REFUSED_SQLSTATE_CLASSES
 
     def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
         with self._read_lock:
