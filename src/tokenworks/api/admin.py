@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
-from tokenworks.api.openai import gateway_of, read_json
+from tokenworks.api.openai import GatewayView, gateway_of, open_ledger, read_json
 from tokenworks.keys.store import derived_secret
 from tokenworks.ledger import IdempotencyConflict, LedgerError, StoreUnavailable
 from tokenworks.ledger.domain import MAX_AMOUNT_NANO
@@ -60,7 +61,10 @@ def parse_time_ms(value: str | None, name: str) -> int | None:
     return int(parsed.timestamp() * 1000)
 
 
-def _admin(handler: Any) -> Any:
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _admin(handler: Endpoint) -> Endpoint:
     async def wrapped(request: Request) -> Response:
         try:
             require_admin(request)
@@ -100,7 +104,7 @@ def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str]
 
 
 def check_service_tier(
-    gateway: Any, tier: Any, account: str | None, models: list[str] | None
+    gateway: GatewayView, tier: Any, account: str | None, models: list[str] | None
 ) -> None:
     """A key's default service tier must be priced on every deployment of every model the key
     may call: a request prices it on each candidate before dispatch, and one that cannot is
@@ -177,7 +181,7 @@ async def create_key(request: Request) -> Response:
         if isinstance(account, bool) or not isinstance(account, int | str):
             raise ApiError(400, "'account' must be an account id", param="account")
         try:
-            gateway.ledger.engine.account(int(account))
+            open_ledger(gateway).engine.account(int(account))
         except (ValueError, LedgerError) as exc:
             raise ApiError(404, f"no account {account!r}", param="account") from exc
         account = str(int(account))
@@ -190,6 +194,7 @@ async def create_key(request: Request) -> Response:
         raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")
     metadata = {str(k): str(v) for k, v in metadata.items()}
     idempotency_key = optional_idempotency_key(request, body)
+    assert gateway.admin_key is not None  # _admin answered 403 without one
     secret = derived_secret(gateway.admin_key, idempotency_key) if idempotency_key else None
     key = gateway.keys.by_secret(secret) if secret else None
     if key is not None:  # a retry: the same request must find the same key
@@ -201,7 +206,7 @@ async def create_key(request: Request) -> Response:
         )  # fmt: skip
     if limit is not None:  # idempotent too, so a retry finishes what a failed call began
         try:
-            await gateway.ledger.set_budget(
+            await open_ledger(gateway).set_budget(
                 ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
             )
         except IdempotencyConflict as exc:
@@ -299,10 +304,11 @@ async def revoke_key(request: Request) -> Response:
     return json_response({"id": key_id, "revoked": [k.id for k in revoked]})
 
 
-async def revoke_budgets(gateway: Any, key_id: str) -> None:
+async def revoke_budgets(gateway: GatewayView, key_id: str) -> None:
     """Close a revoked key's delegated budget so its unspent room returns to the parent."""
-    if gateway.ledger.budgets(("key", key_id)):
-        await gateway.ledger.revoke(("key", key_id), idempotency_key=f"revoke-key:{key_id}")
+    ledger = open_ledger(gateway)
+    if ledger.budgets(("key", key_id)):
+        await ledger.revoke(("key", key_id), idempotency_key=f"revoke-key:{key_id}")
 
 
 @_admin

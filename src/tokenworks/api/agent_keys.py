@@ -27,7 +27,7 @@ from tokenworks.api.admin import (
     same_request,
 )
 from tokenworks.api.errors import ApiError
-from tokenworks.api.openai import authenticate, bearer, gateway_of, read_json
+from tokenworks.api.openai import authenticate, bearer, gateway_of, open_ledger, read_json
 from tokenworks.keys.store import derived_secret
 from tokenworks.ledger import IdempotencyConflict, LedgerError, Refused, StoreUnavailable
 from tokenworks.money import format_nano
@@ -83,7 +83,7 @@ async def mint_child_key(request: Request) -> Response:
                 ttl_s=ttl_s, metadata=metadata, secret=secret,
             )  # fmt: skip
         try:
-            await gateway.ledger.delegate(
+            await open_ledger(gateway).delegate(
                 parent.id, child.id, limit[0], idempotency_key=f"delegate:{child.id}",
                 expires_ms=child.expires_ms,
             )  # fmt: skip

@@ -750,7 +750,7 @@ class _StreamResponse:
                     self.status = HTTP_CLIENT_CLOSED
                     self.error = "client disconnected mid-stream"
                 else:
-                    raise exc  # type: ignore[misc]
+                    raise exc  # type: ignore[misc]  # not None: tested above
         finally:
             if self._tick_handle is not None:
                 self._tick_handle.cancel()

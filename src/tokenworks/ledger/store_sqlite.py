@@ -12,10 +12,10 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 from tokenworks.ledger.domain import LedgerError
 from tokenworks.ledger.engine import Batch, Snapshot
@@ -39,6 +39,7 @@ from tokenworks.ledger.store import (
 )
 
 R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # Errors that say a value of the batch cannot be stored (so the same rows fail again), as
@@ -91,6 +92,7 @@ def sql(text: str) -> str:
 
 def connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    # typeshed wants finalize() -> int; SQLite takes any SQL value (text past int64 here).
     conn.create_aggregate("xsum", 1, ExactSum)  # type: ignore[arg-type]
     return conn
 
@@ -129,7 +131,7 @@ class SqliteSnapshot:
         self._audit: AuditData | None = None
         self._settled: list[tuple[str, int, int]] = []
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[[*Ts], R], *args: *Ts) -> R:
         assert self._pool is not None
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
@@ -138,7 +140,7 @@ class SqliteSnapshot:
 
             def read_all() -> tuple[AuditData, list[tuple[str, int, int]]]:
                 settled = self.main._all(SETTLED_SCOPES, {"since": INT64_MIN, "until": INT64_MAX})
-                return read_audit(self.main.conn), settled  # type: ignore[return-value]
+                return read_audit(self.main.conn), settled
 
             self._audit, self._settled = await self.main._run(read_all)
             return
@@ -156,7 +158,7 @@ class SqliteSnapshot:
         if self._conn is None:
             assert self._audit is not None
             return self._audit
-        return await self._run(read_audit, self._conn)  # type: ignore[no-any-return]
+        return await self._run(read_audit, self._conn)
 
     async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
         if self._conn is None:
@@ -165,9 +167,9 @@ class SqliteSnapshot:
         params = {"since": since_ms, "until": until_ms}
 
         def run() -> list[tuple[str, int, int]]:
-            return [tuple(r) for r in conn.execute(SETTLED_SCOPES, params).fetchall()]  # type: ignore[misc]
+            return [tuple(r) for r in conn.execute(SETTLED_SCOPES, params).fetchall()]
 
-        return await self._run(run)  # type: ignore[no-any-return]
+        return await self._run(run)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -210,7 +212,7 @@ class SqliteStore:
             for t, name in BATCH_TABLES
         }
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[[*Ts], R], *args: *Ts) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ------------------------------------------------------------------ lifecycle
@@ -325,7 +327,7 @@ class SqliteStore:
 
     async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
         rows = await self._run(self._all, GET_IDEMPOTENCY, {"key": key})
-        return rows[0] if rows else None  # type: ignore[return-value]
+        return rows[0] if rows else None
 
     async def snapshot(self) -> SqliteSnapshot:
         snap = SqliteSnapshot(self.path, self)

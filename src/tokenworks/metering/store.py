@@ -23,7 +23,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,7 +383,7 @@ class UsageStore:
         """Commit the rows in one transaction (existing request_ids are ignored)."""
         raise NotImplementedError
 
-    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
+    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
         raise NotImplementedError
 
     def _close_connections(self) -> None:
@@ -465,7 +465,7 @@ class SqliteUsageStore(UsageStore):
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
-    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
+    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
         with self._read_lock:
             return self._read_conn.execute(sql, params).fetchall()
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 
 from tokenworks.ledger.store_postgres import split_schema
 from tokenworks.metering.store import USAGE_DDL, USAGE_SCHEMA, UsageStore
@@ -28,7 +28,9 @@ WRITE_ATTEMPTS = 5
 DDL_LOCK_ID = 7413
 
 
-def connect(url: str, ddl: str | None = None, *, autocommit: bool = True) -> psycopg.Connection:
+def connect(
+    url: str, ddl: str | None = None, *, autocommit: bool = True
+) -> psycopg.Connection[DictRow]:
     """A psycopg connection for a `postgresql://...[?schema=NAME]` URL, its search_path set
     to the schema (created if missing), with `ddl` applied under an advisory lock."""
     conninfo, schema = split_schema(url)
@@ -37,8 +39,8 @@ def connect(url: str, ddl: str | None = None, *, autocommit: bool = True) -> psy
         conninfo,
         autocommit=True,
         connect_timeout=CONNECT_TIMEOUT_S,
-        row_factory=dict_row,  # type: ignore[arg-type]
-        **({"options": options} if options else {}),
+        row_factory=dict_row,
+        options=options,  # psycopg drops a None parameter
     )
     try:
         if schema or ddl:
@@ -48,7 +50,7 @@ def connect(url: str, ddl: str | None = None, *, autocommit: bool = True) -> psy
                     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
                 for stmt in (ddl or "").split(";"):
                     if stmt.strip():
-                        conn.execute(stmt)  # type: ignore[arg-type]
+                        conn.execute(stmt)
         conn.autocommit = autocommit
     except BaseException:
         conn.close()
@@ -92,7 +94,7 @@ class PostgresUsageStore(UsageStore):
                 if self._write_conn.closed:
                     self._write_conn = connect(self.url)
                 with self._write_conn.transaction():
-                    self._write_conn.execute(self._insert_sql, columns)  # type: ignore[arg-type]
+                    self._write_conn.execute(self._insert_sql, columns)
                 return
             except psycopg.OperationalError:
                 # The connection broke (server restart, network): reopen it and retry.
@@ -104,12 +106,12 @@ class PostgresUsageStore(UsageStore):
                     self._write_conn.close()
                 time.sleep(0.1 * (attempt + 1))
 
-    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
+    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
         with self._read_lock:
             if self._read_conn.closed or self._read_conn.broken:
                 self._read_conn.close()
                 self._read_conn = connect(self.url)
-            return self._read_conn.execute(sql, params).fetchall()  # type: ignore[arg-type,return-value]
+            return self._read_conn.execute(sql, params).fetchall()
 
     def _close_connections(self) -> None:
         self._write_conn.close()
