@@ -309,4 +309,5 @@ def _check_references(config: Config, node: yaml.Node | None, source: str) -> No
 
 
 def to_builtins(config: Config) -> dict[str, Any]:
-    return msgspec.to_builtins(config)
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    return data

@@ -21,7 +21,7 @@ NANO_PER_UNIT = 10**9
 NANO_PLACES = 9
 # Per-MTok rates are stored as integers in units of 10**-RATE_PLACES currency per MTok.
 RATE_PLACES = 12
-RATE_SCALE = 10**RATE_PLACES
+RATE_SCALE: int = 10**RATE_PLACES  # an int exponent types as Any without this
 TOKENS_PER_MTOK = 10**6
 # An integer sum of `tokens * rate` is in units of 1 / RATE_DENOMINATOR currency.
 RATE_DENOMINATOR = RATE_SCALE * TOKENS_PER_MTOK

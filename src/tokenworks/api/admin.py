@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import math
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from tokenworks.api.key_requests import (
     parse_models,
     parse_ttl,
 )
-from tokenworks.api.openai import gateway_of, read_json
+from tokenworks.api.openai import GatewayView, gateway_of, open_ledger, read_json
 from tokenworks.ledger import IdempotencyConflict, LedgerError, NotFound, StoreUnavailable
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import PricingError
@@ -88,7 +89,10 @@ def parse_time_ms(value: str | None, name: str) -> int | None:
     return time_ms
 
 
-def _admin(handler: Any) -> Any:
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _admin(handler: Endpoint) -> Endpoint:
     async def wrapped(request: Request) -> Response:
         try:
             require_admin(request)
@@ -101,7 +105,7 @@ def _admin(handler: Any) -> Any:
 
 
 def check_service_tier(
-    gateway: Any, tier: Any, account: str | None, models: list[str] | None
+    gateway: GatewayView, tier: Any, account: str | None, models: list[str] | None
 ) -> None:
     """A key's default service tier must be priced on every deployment of every model the key
     may call: a request prices it on each candidate before dispatch, and one that cannot is
@@ -151,6 +155,7 @@ async def create_key(request: Request) -> Response:
         "name": name, "models": models, "account": account, "metadata": metadata,
         "ttl_ms": int(ttl_s * 1000) if ttl_s is not None else None, "limit": limit,
     }  # fmt: skip
+    assert gateway.admin_key is not None  # `require_admin` answered 403 without one
     key, key_id, secret = find_retry(
         gateway.keys, gateway.admin_key, optional_idempotency_key(request, body), asked
     )
@@ -161,7 +166,7 @@ async def create_key(request: Request) -> Response:
         )  # fmt: skip
     if limit is not None:  # idempotent too, so a retry finishes what a failed call began
         try:
-            await gateway.ledger.set_budget(
+            await open_ledger(gateway).set_budget(
                 ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
             )
         except IdempotencyConflict as exc:
@@ -227,10 +232,11 @@ async def revoke_key(request: Request) -> Response:
     return json_response({"id": key_id, "revoked": [k.id for k in revoked]})
 
 
-async def revoke_budgets(gateway: Any, key_id: str) -> None:
+async def revoke_budgets(gateway: GatewayView, key_id: str) -> None:
     """Close a revoked key's delegated budget so its unspent room returns to the parent."""
-    if gateway.ledger.budgets(("key", key_id)):
-        await gateway.ledger.revoke(("key", key_id), idempotency_key=f"revoke-key:{key_id}")
+    ledger = open_ledger(gateway)
+    if ledger.budgets(("key", key_id)):
+        await ledger.revoke(("key", key_id), idempotency_key=f"revoke-key:{key_id}")
 
 
 @_admin

@@ -18,9 +18,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenworks.api.admin import MAX_ADMIN_BODY_BYTES, _admin, json_response, parse_time_ms
+from tokenworks.api.admin import (
+    MAX_ADMIN_BODY_BYTES,
+    Endpoint,
+    _admin,
+    json_response,
+    parse_time_ms,
+)
 from tokenworks.api.errors import ApiError
-from tokenworks.api.openai import gateway_of, read_json
+from tokenworks.api.openai import gateway_of, open_ledger, read_json
 from tokenworks.ledger import (
     AccountKind,
     HoldClosed,
@@ -72,13 +78,11 @@ Handler = Callable[[Request, Ledger], Awaitable[Response]]
 # --------------------------------------------------------------------------- plumbing
 
 
-def _ledger_endpoint(handler: Handler) -> Any:
+def _ledger_endpoint(handler: Handler) -> Endpoint:
     """Admin auth, the gateway's ledger, and ledger errors as OpenAI-shaped errors."""
 
     async def wrapped(request: Request) -> Response:
-        ledger = getattr(gateway_of(request), "ledger", None)
-        if ledger is None:
-            raise ApiError(503, "the ledger is not open", code="ledger_unavailable")
+        ledger = open_ledger(gateway_of(request))
         try:
             return await handler(request, ledger)
         except ApiError:

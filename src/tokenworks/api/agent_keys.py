@@ -31,7 +31,7 @@ from tokenworks.api.key_requests import (
     parse_models,
     parse_ttl,
 )
-from tokenworks.api.openai import authenticate, bearer, gateway_of, read_json
+from tokenworks.api.openai import authenticate, bearer, gateway_of, open_ledger, read_json
 from tokenworks.config import KeyLimits
 from tokenworks.keys.store import ApiKey
 from tokenworks.ledger import IdempotencyConflict, LedgerError, Refused, StoreUnavailable
@@ -143,7 +143,7 @@ async def mint_child_key(request: Request) -> Response:
                 ttl_s=ttl_s, metadata=metadata, secret=secret, key_id=child_id,
             )  # fmt: skip
         try:
-            await gateway.ledger.delegate(
+            await open_ledger(gateway).delegate(
                 parent.id, child.id, limit[0], idempotency_key=f"delegate:{child.id}",
                 expires_ms=child.expires_ms,
             )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from itertools import compress
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from starlette.requests import Request
@@ -12,8 +12,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
-from tokenworks.dispatch.relay import Call
-from tokenworks.keys.store import ApiKey
+from tokenworks.config import Config
+from tokenworks.dispatch.relay import Call, Relay
+from tokenworks.dispatch.router import Router
+from tokenworks.keys.store import ApiKey, KeyStore
+from tokenworks.ledger import Ledger
+from tokenworks.metering.store import UsageStore
+from tokenworks.pricing.quote import Pricer
 
 MAX_TAGS = 32
 MAX_TAG_BYTES = 256
@@ -25,8 +30,32 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
 
-def gateway_of(request: Request) -> Any:
-    return request.app.state.gateway
+class GatewayView(Protocol):
+    """What the handlers use of `tokenworks.app.Gateway`, which sits a layer above them."""
+
+    config: Config
+    admin_key: str | None
+    started_s: float
+    store: UsageStore
+    keys: KeyStore
+    ledger: Ledger | None
+    pricer: Pricer
+    router: Router
+    relay: Relay
+
+    async def flush_usage(self) -> None: ...
+
+
+def gateway_of(request: Request) -> GatewayView:
+    gateway: GatewayView = request.app.state.gateway
+    return gateway
+
+
+def open_ledger(gateway: GatewayView) -> Ledger:
+    """The gateway's ledger, or a 503 before the app has started (and opened it)."""
+    if gateway.ledger is None:
+        raise ApiError(503, "the ledger is not open", code="ledger_unavailable")
+    return gateway.ledger
 
 
 def bearer(request: Request) -> str:
@@ -200,7 +229,7 @@ def _tags(request: Request, payload: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-async def _relay(request: Request, endpoint: str) -> Any:
+async def _relay(request: Request, endpoint: str) -> Response:
     try:
         gateway = gateway_of(request)
         key = authenticate(request)
@@ -232,20 +261,21 @@ async def _relay(request: Request, endpoint: str) -> Any:
             tariff=gateway.pricer.tariff_for(key.account_id),
             body_bytes=size,
         )
-        return await gateway.relay.handle(call)
+        response: Response = await gateway.relay.handle(call)
+        return response
     except ApiError as exc:
         return exc.response()
 
 
-async def chat_completions(request: Request) -> Any:
+async def chat_completions(request: Request) -> Response:
     return await _relay(request, "chat")
 
 
-async def completions(request: Request) -> Any:
+async def completions(request: Request) -> Response:
     return await _relay(request, "completions")
 
 
-async def embeddings(request: Request) -> Any:
+async def embeddings(request: Request) -> Response:
     return await _relay(request, "embeddings")
 
 

@@ -779,7 +779,7 @@ class _StreamResponse:
                     self.status = HTTP_CLIENT_CLOSED
                     self.error = "client disconnected mid-stream"
                 else:
-                    raise exc  # type: ignore[misc]
+                    raise exc  # type: ignore[misc]  # not None: tested above
         finally:
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
@@ -863,7 +863,7 @@ class _StreamResponse:
         endpoint = self.call.endpoint
         head = _chunk_head(self.first)
         rid, created = head.get("id"), head.get("created")
-        chunk = {
+        chunk: dict[str, Any] = {
             "id": rid if isinstance(rid, str) else self.call.request_id,
             "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
             "created": created if type(created) is int else int(time.time()),

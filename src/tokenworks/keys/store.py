@@ -13,6 +13,7 @@ at start and writes on create and revoke; all reads come from memory.
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import hmac
 import json
@@ -354,7 +355,7 @@ class KeyStore:
         keys = sorted(self._by_id.values(), key=lambda k: (k.created_ms, k.id))
         return [k for k in keys if include_revoked or k.revoked_ms is None]
 
-    def children(self, key_id: str) -> list[ApiKey]:
+    def children(self, key_id: str) -> builtins.list[ApiKey]:  # `list` is the method here
         return [self._by_id[i] for i in self._children.get(key_id, ())]
 
     def _forget_live(self, key: ApiKey) -> None:
@@ -362,7 +363,7 @@ class KeyStore:
             self._live_children.get(key.parent_id, set()).discard(key.id)
             self._live_tree.get(self.root_of(key).id, set()).discard(key.id)
 
-    def revoke(self, key_id: str) -> list[ApiKey]:
+    def revoke(self, key_id: str) -> builtins.list[ApiKey]:
         """Revoke a key and, transitively, every key minted under it. Returns those revoked."""
         if key_id not in self._by_id:
             raise KeyError(key_id)

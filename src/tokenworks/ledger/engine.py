@@ -321,7 +321,8 @@ class Engine:
             if seen[0] != digest:
                 raise IdempotencyConflict(f"idempotency key {key!r} was used for another request")
             self._idem.move_to_end(key)
-            return json.loads(seen[1])
+            stored: dict[str, Any] = json.loads(seen[1])
+            return stored
         result = fn()
         raw = json.dumps(result, separators=(",", ":"), sort_keys=True)
         self._idem[key] = (digest, raw)
@@ -488,7 +489,7 @@ class Engine:
 
         def apply() -> dict[str, Any]:
             acc = self.customer(account_id)
-            cash = self.buckets[acc.cash_bucket_id]  # type: ignore[index]
+            cash = self.buckets[acc.cash_bucket_id]  # type: ignore[index]  # customers have one
             t = self._post(
                 TransferKind.TOP_UP,
                 self.operator_account(AccountKind.TOPUPS),
@@ -651,7 +652,7 @@ class Engine:
             reason = self.transfer_policy(self, actor, src, dst, amount_nano)
             if reason:
                 raise PolicyDenied(reason)
-            cash = self.buckets[src.cash_bucket_id]  # type: ignore[index]
+            cash = self.buckets[src.cash_bucket_id]  # type: ignore[index]  # customers have one
             free = cash.remaining_nano - cash.held_nano
             if free < amount_nano:
                 raise Refused(account_scope(src.id), "credit", amount_nano, free)
@@ -662,7 +663,7 @@ class Engine:
                 amount_nano,
                 now_ms,
                 debit_bucket=cash,
-                credit_bucket=self.buckets[dst.cash_bucket_id],  # type: ignore[index]
+                credit_bucket=self.buckets[dst.cash_bucket_id],  # type: ignore[index]  # as above
             )
             return {"transfer_id": t.id, "amount_nano": amount_nano}
 
@@ -879,7 +880,7 @@ class Engine:
         """Root-first delegation ancestors of a key scope, itself last."""
         out = [scope]
         cur = scope
-        while (cur := self.scope_parent.get(cur)) is not None:  # type: ignore[assignment]
+        while (cur := self.scope_parent.get(cur)) is not None:
             out.append(cur)
             if len(out) > MAX_KEY_DEPTH:
                 raise InvalidRequest("delegation deeper than the limit")

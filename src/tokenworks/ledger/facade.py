@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from tokenworks.db.table import Columns
 from tokenworks.ledger import auditor
@@ -52,6 +52,7 @@ from tokenworks.ledger.store import Store, open_store
 from tokenworks.ledger.writer import GroupCommitWriter
 
 log = logging.getLogger("tokenworks.ledger")
+T = TypeVar("T")
 
 DEFAULT_HOLD_TTL_S = 600.0
 MAX_PENDING_OPS = 50_000
@@ -208,7 +209,7 @@ class Ledger:
         if self._closed:
             raise LedgerError("ledger is closed")
 
-    async def _durable(self, fn: Callable[[], Any], key: str | None = None) -> Any:
+    async def _durable(self, fn: Callable[[], T], key: str | None = None) -> T:
         """Apply an admin write (consulting the store for keys the engine forgot) and wait
         for it to be committed."""
         self._usable()
@@ -323,7 +324,7 @@ class Ledger:
     ) -> dict[str, Any]:
         """Limit an account (`7`) or key (`("key", "k1")`) per day/week/month/total."""
         name = scope_name(scope)
-        return await self._durable(  # type: ignore[no-any-return]
+        return await self._durable(
             lambda: self.engine.set_budget(
                 name,
                 limit_nano,
@@ -357,7 +358,7 @@ class Ledger:
         now = self.now_ms()
         if ttl_s is not None and not 0 <= ttl_s <= MAX_TIME_MS / 1000:
             raise InvalidRequest(f"ttl_s {ttl_s!r} out of range")
-        return await self._durable(  # type: ignore[no-any-return]
+        return await self._durable(
             lambda: self.engine.delegate(
                 scope_name(("key", parent_key_id)),
                 scope_name(("key", child_key_id)),

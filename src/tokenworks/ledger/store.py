@@ -204,7 +204,7 @@ def audit_data(
     return AuditData(
         accounts=[(i, exact(bal), exact(c) - exact(d)) for i, bal, c, d in accounts],
         buckets=[(i, exact(rem), closed, exact(c) - exact(d)) for i, rem, closed, c, d in buckets],
-        mischarged=mischarged,  # type: ignore[arg-type]
+        mischarged=mischarged,
         bad_transfers=int(bad_transfers),
         costs=(exact(costs[0]), exact(costs[1])),
         open_holds=open_holds,

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from tokenworks.db import split_schema
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, server_settings
@@ -108,7 +109,7 @@ def _sql(text: str) -> str:
 
 
 async def _fetch(
-    conn: asyncpg.Connection, text: str, params: dict[str, Any]
+    conn: asyncpg.Connection | PoolConnectionProxy, text: str, params: dict[str, Any]
 ) -> list[tuple[Any, ...]]:
     q, args = numbered(_sql(text), params)
     return [tuple(r) for r in await conn.fetch(q, *args)]
@@ -145,7 +146,7 @@ class PostgresSnapshot:
         return await _read_audit(self._conn)
 
     async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
-        return await _fetch(self._conn, SETTLED_SCOPES, {"since": since_ms, "until": until_ms})  # type: ignore[return-value]
+        return await _fetch(self._conn, SETTLED_SCOPES, {"since": since_ms, "until": until_ms})
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -267,7 +268,7 @@ class PostgresStore:
 
     async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
         rows = await self._all(GET_IDEMPOTENCY, {"key": key})
-        return rows[0] if rows else None  # type: ignore[return-value]
+        return rows[0] if rows else None
 
     async def snapshot(self) -> PostgresSnapshot:
         assert self._pool is not None, "store is not open"
@@ -283,7 +284,7 @@ class PostgresStore:
         self, account_id: int, since_ms: int, until_ms: int
     ) -> list[tuple[str, int, str | None, int, str | None]]:
         params = {"acc": account_id, "since": since_ms, "until": until_ms}
-        return await self._all(MOVEMENTS, params)  # type: ignore[return-value]
+        return await self._all(MOVEMENTS, params)
 
     async def net_before(self, account_id: int, until_ms: int) -> int:
         rows = await self._all(NET_BEFORE, {"acc": account_id, "until": until_ms})

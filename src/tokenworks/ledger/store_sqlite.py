@@ -12,10 +12,10 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 from tokenworks.db import sqlite as db_sqlite
 from tokenworks.db import sqlite_path
@@ -43,6 +43,7 @@ from tokenworks.ledger.store import (
 from tokenworks.ledger.upgrade import upgrade_sqlite
 
 R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -118,7 +119,7 @@ class SqliteSnapshot:
         self._audit: AuditData | None = None
         self._settled: list[tuple[str, int, int]] = []
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[[*Ts], R], *args: *Ts) -> R:
         assert self._pool is not None
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
@@ -127,7 +128,7 @@ class SqliteSnapshot:
 
             def read_all() -> tuple[AuditData, list[tuple[str, int, int]]]:
                 settled = self.main._all(SETTLED_SCOPES, {"since": INT64_MIN, "until": INT64_MAX})
-                return read_audit(self.main.conn), settled  # type: ignore[return-value]
+                return read_audit(self.main.conn), settled
 
             self._audit, self._settled = await self.main._run(read_all)
             return
@@ -145,7 +146,7 @@ class SqliteSnapshot:
         if self._conn is None:
             assert self._audit is not None
             return self._audit
-        return await self._run(read_audit, self._conn)  # type: ignore[no-any-return]
+        return await self._run(read_audit, self._conn)
 
     async def settled_scopes(self, since_ms: int, until_ms: int) -> list[tuple[str, int, int]]:
         if self._conn is None:
@@ -154,9 +155,9 @@ class SqliteSnapshot:
         params = {"since": since_ms, "until": until_ms}
 
         def run() -> list[tuple[str, int, int]]:
-            return [tuple(r) for r in conn.execute(SETTLED_SCOPES, params).fetchall()]  # type: ignore[misc]
+            return [tuple(r) for r in conn.execute(SETTLED_SCOPES, params).fetchall()]
 
-        return await self._run(run)  # type: ignore[no-any-return]
+        return await self._run(run)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -191,7 +192,7 @@ class SqliteStore:
             for t, name in BATCH_TABLES
         }
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[[*Ts], R], *args: *Ts) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ------------------------------------------------------------------ lifecycle
@@ -298,7 +299,7 @@ class SqliteStore:
 
     async def get_idempotency(self, key: str) -> tuple[str, str, str] | None:
         rows = await self._run(self._all, GET_IDEMPOTENCY, {"key": key})
-        return rows[0] if rows else None  # type: ignore[return-value]
+        return rows[0] if rows else None
 
     async def snapshot(self) -> SqliteSnapshot:
         snap = SqliteSnapshot(self.path, self)

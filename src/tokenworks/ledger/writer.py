@@ -191,7 +191,8 @@ class GroupCommitWriter:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._cuts.append((capture, fut))
         self._wake.set()
-        return await fut  # type: ignore[no-any-return]
+        result: tuple[T, StoreSnapshot] = await fut  # one future type serves cuts of any T
+        return result
 
     def _refused(self, table: str, row: tuple[Any, ...], why: str) -> None:
         self.refused_rows += 1

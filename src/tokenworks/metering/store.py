@@ -27,7 +27,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -423,7 +423,7 @@ class UsageStore:
         (the same rows would fail again), rather than the store being unavailable."""
         raise NotImplementedError
 
-    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
+    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
         raise NotImplementedError
 
     def _close_connections(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -60,7 +60,7 @@ class PostgresUsageStore(UsageStore):
                 if self._write_conn.closed:
                     self._write_conn = connect(self.url)
                 with self._write_conn.transaction():
-                    self._write_conn.execute(self._insert_sql, columns)  # type: ignore[arg-type]
+                    self._write_conn.execute(self._insert_sql, columns)
                 return
             except psycopg.OperationalError:
                 # The connection broke (server restart, network): reopen it and retry.
@@ -79,12 +79,12 @@ class PostgresUsageStore(UsageStore):
         state = getattr(exc, "sqlstate", None)
         return isinstance(exc, psycopg.Error) and str(state)[:2] in REFUSED_SQLSTATE_CLASSES
 
-    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
+    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
         with self._read_lock:
             if self._read_conn.closed or self._read_conn.broken:
                 self._read_conn.close()
                 self._read_conn = connect(self.url)
-            return self._read_conn.execute(sql, params).fetchall()  # type: ignore[arg-type,return-value]
+            return self._read_conn.execute(sql, params).fetchall()
 
     def _close_connections(self) -> None:
         self._write_conn.close()

@@ -250,7 +250,7 @@ class Pricer:
         )
 
     def _copy(self, **changes: Any) -> Pricer:
-        fields = {
+        fields: dict[str, Any] = {
             "currency": self.currency,
             "fx": self._fx,
             "producers": self._producers,

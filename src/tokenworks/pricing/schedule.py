@@ -66,8 +66,8 @@ class CostSchedule:
         assert STANDARD in self.variants, "a schedule needs standard prices"
         for epochs in self.variants.values():
             assert epochs and epochs[0].start is None, "the first epoch must be open-ended"
-            starts = [e.start for e in epochs[1:]]
-            assert all(s is not None for s in starts) and starts == sorted(starts)  # type: ignore[type-var]
+            starts = [e.start for e in epochs[1:] if e.start is not None]
+            assert len(starts) == len(epochs) - 1 and starts == sorted(starts)
 
     def table_at(
         self, at: datetime, service_tier: str | None = None, batch: bool = False
@@ -80,7 +80,7 @@ class CostSchedule:
         )
         epoch = epochs[0]
         for later in epochs[1:]:
-            if at >= later.start:  # type: ignore[operator]
+            if at >= later.start:  # type: ignore[operator]  # set on all but the first
                 epoch = later
         return epoch.table_at(at)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -67,7 +68,7 @@ def apply_scenario(pricer: Pricer, scenario: ScenarioSpec) -> Pricer:
     for change in scenario.changes:
         if isinstance(change, ScaleCost):
             factor = parse_factor(change.factor)
-            pricer = pricer.with_cost_factor(factor, lambda key, c=change: _matches(c, key))
+            pricer = pricer.with_cost_factor(factor, partial(_matches, change))
         elif isinstance(change, Move):
             for key in pricer.deployment_keys():
                 if not _matches(change, key):

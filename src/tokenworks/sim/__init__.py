@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
@@ -51,7 +52,7 @@ def build_app(profile: str | SimProfile = "instant") -> SimApp:
     return SimApp(get_profile(profile))
 
 
-def _config(app: SimApp, log_level: str, **kwargs: object) -> uvicorn.Config:
+def _config(app: SimApp, log_level: str, **kwargs: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         loop="auto",
@@ -60,7 +61,7 @@ def _config(app: SimApp, log_level: str, **kwargs: object) -> uvicorn.Config:
         access_log=False,
         log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

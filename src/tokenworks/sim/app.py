@@ -991,7 +991,7 @@ async def _read_body(scope: Scope, receive: Receive, limit_bytes: int) -> bytes 
             except ValueError:
                 return None
     message = await receive()
-    body = message.get("body", b"")
+    body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         return body
     parts = [body]

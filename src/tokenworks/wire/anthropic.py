@@ -791,7 +791,7 @@ class ChatToMessagesStream:
 
     def _start(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         self._started = True
-        message = {
+        message: dict[str, Any] = {
             "id": chunk.get("id"),
             "type": "message",
             "role": "assistant",
@@ -837,7 +837,7 @@ class ChatToMessagesStream:
             self._block_kind = "tool_use"
             self._next_index += 1
             self._tool_blocks[position] = block
-            start = {
+            start: dict[str, Any] = {
                 "type": "tool_use",
                 "id": call.get("id"),
                 "name": function.get("name"),

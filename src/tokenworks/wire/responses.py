@@ -435,11 +435,12 @@ class ChatToResponsesStream:
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
                 self._open_reasoning(events)
+                assert self._item is not None
                 self._text.append(reasoning)
                 events.append(
                     self._event(
                         "response.reasoning_summary_text.delta",
-                        item_id=self._item["id"],  # type: ignore[index]
+                        item_id=self._item["id"],
                         output_index=self._index(),
                         summary_index=0,
                         delta=reasoning,
@@ -448,11 +449,12 @@ class ChatToResponsesStream:
             content = delta.get("content")
             if content:
                 self._open_message(events)
+                assert self._item is not None
                 self._text.append(content)
                 events.append(
                     self._event(
                         "response.output_text.delta",
-                        item_id=self._item["id"],  # type: ignore[index]
+                        item_id=self._item["id"],
                         output_index=self._index(),
                         content_index=0,
                         delta=content,
@@ -536,7 +538,7 @@ class ChatToResponsesStream:
     def _tool_delta(self, call: dict[str, Any], events: list[dict[str, Any]]) -> None:
         position = call.get("index", 0)
         function = call.get("function") or {}
-        item = self._tool_items.get(position)
+        item: dict[str, Any] | None = self._tool_items.get(position)
         if item is None:
             item = {
                 "type": "function_call",
@@ -554,11 +556,12 @@ class ChatToResponsesStream:
                 self._text.append(arguments)
             else:  # a late fragment of an earlier call: keep it in that call's arguments
                 item["arguments"] += arguments
+            assert self._response is not None
             events.append(
                 self._event(
                     "response.function_call_arguments.delta",
                     item_id=item["id"],
-                    output_index=self._response["output"].index(item),  # type: ignore[index]
+                    output_index=self._response["output"].index(item),
                     delta=arguments,
                 )
             )
