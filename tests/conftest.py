@@ -20,7 +20,7 @@ import pytest
 
 from tokenworks.app import build_app
 from tokenworks.config import loads
-from tokenworks.serving import serve_in_thread
+from tokenworks.server import serve_in_thread
 
 ADMIN_KEY = "test-admin-key"
 

@@ -1,22 +1,193 @@
-"""`tokenworks serve`: load the config, build the app, run it under uvicorn."""
+"""Run the gateway under uvicorn: `tokenworks serve`, the HTTP protocol with bounds on request
+heads, the server config both use, and a background-thread server for tests, the demo and
+benchmarks."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import os
 import re
+import socket
 import sqlite3
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from tokenworks.config import CONFIG_ENV, ConfigError, load
+from tokenworks.api.errors import error_body
+from tokenworks.config import CONFIG_ENV, ConfigError, Http, load
 
+START_TIMEOUT_S = 15.0
 GC_GEN0_THRESHOLD = 20_000  # objects; CPython's default of 700 collects every few requests
-
 # What opening the stores raises when the database is unreachable or unusable.
 DATABASE_ERRORS = (psycopg.Error, sqlite3.Error, OSError)
+
+
+class HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head that was refused."""
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with what it lacks: a bound on a request head's size
+    (431) and on the time a client takes to send it (slowloris, 408 or a plain close).
+
+    A head that completes within the chunks received is measured once, at its end (the URL
+    and the headers as parsed). One still incomplete after a chunk counts that chunk's bytes,
+    so a huge header is refused before it has all arrived, with at most one read beyond the
+    bound buffered. The clock is lazy: a request only notes when its head began (its first
+    byte; a new connection's opening); one timer per connection checks, armed again only
+    while a head is in progress, so a request costs no timer of its own.
+    """
+
+    max_header_bytes = 16 * 1024
+    header_timeout_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._partial_head_bytes = 0
+        self._head_started_s = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_started_s = self.loop.time()
+        self._arm_head_timer(self.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    # The per-request overrides call the base class directly (no super() object): they run
+    # on every request, and the bound must cost next to nothing.
+    def data_received(self, data: bytes) -> None:
+        HttpToolsProtocol.data_received(self, data)
+        if self._in_head:  # this whole chunk is part of a head still open
+            self._partial_head_bytes += len(data)
+            if self._partial_head_bytes > self.max_header_bytes:
+                self._refuse_too_large()
+
+    def on_message_begin(self) -> None:
+        HttpToolsProtocol.on_message_begin(self)
+        self._in_head = True
+        self._partial_head_bytes = 0
+        self._head_started_s = self.loop.time()
+        if self._head_timer is None:
+            self._arm_head_timer(self.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        size = len(self.url)
+        for name, value in self.headers:
+            size += len(name) + len(value)
+        if size > self.max_header_bytes:
+            self._refuse_too_large()
+            raise HeadRefused  # stops the parser: no request is started, its body ignored
+        HttpToolsProtocol.on_headers_complete(self)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # the parser error that HeadRefused raises is already answered
+            HttpToolsProtocol.send_400_response(self, msg)
+
+    def _refuse_too_large(self) -> None:
+        self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
+
+    def _arm_head_timer(self, delay_s: float) -> None:
+        self._head_timer = self.loop.call_later(delay_s, self._head_timer_fired)
+
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return  # no head in progress: the next one arms the timer again
+        left_s = self._head_started_s + self.header_timeout_s - self.loop.time()
+        if left_s > 0:
+            self._arm_head_timer(left_s)
+        elif self._partial_head_bytes:
+            self._refuse(408, f"request headers not received within {self.header_timeout_s:g} s")
+        else:
+            self.transport.close()  # connected and never said a word: nobody to answer
+
+    def _refuse(self, status: int, message: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        self._in_head = False
+        body = error_body(status, message, code="bad_request_head")
+        phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+        )
+        self.transport.close()
+
+
+def bounded_protocol(http: Http) -> type[BoundedHttpToolsProtocol]:
+    """The protocol class for uvicorn, carrying the config's bounds."""
+    return type(
+        "BoundedHttpToolsProtocol",
+        (BoundedHttpToolsProtocol,),
+        {"max_header_bytes": http.max_header_bytes, "header_timeout_s": http.header_timeout_s},
+    )
+
+
+def uvicorn_config(app: Any, **kwargs: Any) -> uvicorn.Config:
+    """How every tokenworks server runs: uvloop, httptools with bounded heads (the app's
+    own bounds when it is a gateway, `app.state.http`, else the defaults), quiet logs."""
+    http = getattr(getattr(app, "state", None), "http", None) or Http()
+    return uvicorn.Config(
+        app,
+        loop="uvloop",
+        http=bounded_protocol(http),
+        log_level="warning",
+        access_log=False,
+        **kwargs,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `app` until the block exits; yields its base URL (`http://127.0.0.1:PORT`).
+
+    The socket is bound here and handed to uvicorn, so a port picked by the OS cannot be
+    taken by someone else between choosing and listening.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port or 0))
+    port = int(sock.getsockname()[1])
+    config = uvicorn_config(app, lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on {host}:{port} did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def serve(config_path: str | None, host: str, port: int) -> int:
@@ -30,7 +201,6 @@ def serve(config_path: str | None, host: str, port: int) -> int:
         print(f"tokenworks: {exc}", file=sys.stderr)
         return 2
     from tokenworks.app import build_app
-    from tokenworks.serving import uvicorn_config
 
     try:
         app = build_app(config)

@@ -20,7 +20,7 @@ from tests.conftest import ADMIN_KEY, MODELS, Gateway, Sim, both_stores
 from tokenworks.api.openai import MAX_JSON_DEPTH, nested_deeper_than
 from tokenworks.app import build_app
 from tokenworks.config import ConfigError, loads
-from tokenworks.serving import free_port
+from tokenworks.server import free_port
 
 CHAT = [{"role": "user", "content": "hi"}]
 # Short enough for a test, long enough that a loaded machine's event loop does not trip it

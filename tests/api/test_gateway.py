@@ -466,7 +466,7 @@ def test_admin_key_from_the_environment_wins(monkeypatch, make_gateway, sim_a: S
 
 def test_an_error_as_the_first_stream_event_fails_over(make_gateway, sim_a: Sim) -> None:
     """Some upstreams answer 200 and stream the error: nothing reached the client yet."""
-    from tokenworks.serving import serve_in_thread
+    from tokenworks.server import serve_in_thread
 
     async def erring(scope, receive, send) -> None:
         if scope["type"] != "http":

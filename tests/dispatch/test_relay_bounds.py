@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway, Sim, both_stores, running_sim
-from tokenworks.serving import serve_in_thread
+from tokenworks.server import serve_in_thread
 
 pytestmark = both_stores
 

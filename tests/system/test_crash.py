@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import ADMIN_KEY, running_sim
-from tokenworks.serving import free_port
+from tokenworks.server import free_port
 
 CHAT = [{"role": "user", "content": "Write the incident report."}]
 CREDIT_NANO = 10_000_000_000  # 10.00

@@ -34,7 +34,7 @@ from tokenworks.app import build_app
 from tokenworks.cli.admin import request
 from tokenworks.config import loads
 from tokenworks.money import format_nano
-from tokenworks.serving import serve_in_thread
+from tokenworks.server import serve_in_thread
 from tokenworks.sim import build_app as build_sim
 
 ADMIN_KEY = "demo-admin-key"

@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 
-from tokenworks.serving import serve_in_thread
+from tokenworks.server import serve_in_thread
 from tokenworks.sim.app import SimApp, install_log_filter
 from tokenworks.sim.profile import FAULT_KINDS, PROFILES, SimProfile
 
