@@ -1,1 +1,1 @@
-"""metering."""
+"""Metering: usage read from upstream answers (or counted offline), and the usage table."""

@@ -1,1 +1,1 @@
-"""producers."""
+"""Producers: adapters to real upstreams (a pooled HTTP client per producer)."""
