@@ -13,10 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
+from tokenworks.api.idempotency import idempotency_key
 from tokenworks.api.key_requests import (
-    find_retry,
-    idempotency_conflict,
-    optional_idempotency_key,
     parse_key_name,
     parse_limit,
     parse_metadata,
@@ -24,7 +22,8 @@ from tokenworks.api.key_requests import (
     parse_ttl,
 )
 from tokenworks.api.openai import gateway_of, read_json
-from tokenworks.ledger import IdempotencyConflict, LedgerError, NotFound, StoreUnavailable
+from tokenworks.keys import lifecycle
+from tokenworks.ledger import LedgerError, NotFound
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import PricingError
 
@@ -90,11 +89,8 @@ def parse_time_ms(value: str | None, name: str) -> int | None:
 
 def _admin(handler: Any) -> Any:
     async def wrapped(request: Request) -> Response:
-        try:
-            require_admin(request)
-            return await handler(request)
-        except ApiError as exc:
-            return exc.response()
+        require_admin(request)
+        return await handler(request)
 
     wrapped.__name__ = handler.__name__
     return wrapped
@@ -147,29 +143,11 @@ async def create_key(request: Request) -> Response:
     limit = parse_limit(body, default_period="month")
     if limit is not None and account is None:
         raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")
-    asked = {
-        "name": name, "models": models, "account": account, "metadata": metadata,
-        "ttl_ms": int(ttl_s * 1000) if ttl_s is not None else None, "limit": limit,
-    }  # fmt: skip
-    key, key_id, secret = find_retry(
-        gateway.keys, gateway.admin_key, optional_idempotency_key(request, body), asked
-    )
-    if key is None:
-        key, secret = gateway.keys.create(
-            name, models, account_id=account, ttl_s=ttl_s, metadata=metadata,
-            secret=secret, key_id=key_id,
-        )  # fmt: skip
-    if limit is not None:  # idempotent too, so a retry finishes what a failed call began
-        try:
-            await gateway.ledger.set_budget(
-                ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
-            )
-        except IdempotencyConflict as exc:
-            raise idempotency_conflict() from exc
-        except StoreUnavailable as exc:
-            raise ApiError(503, "the ledger is unavailable", code="ledger_unavailable") from exc
-        except LedgerError as exc:
-            raise ApiError(400, str(exc), param="limit") from exc
+    new = lifecycle.NewKey(name, models, account, metadata, ttl_s, limit)
+    key, secret = await lifecycle.create_key(
+        gateway.keys, gateway.ledger, gateway.admin_key,
+        idempotency_key(request.headers, body, required=False), new,
+    )  # fmt: skip
     return json_response({**key.public(), "key": secret, "limit": _limit_view(limit)}, 201)
 
 
@@ -211,7 +189,7 @@ async def list_keys(request: Request) -> Response:
 async def get_key(request: Request) -> Response:
     key = gateway_of(request).keys.get(request.path_params["key_id"])
     if key is None:
-        raise ApiError(404, "no such key", code="key_not_found")
+        raise lifecycle.UnknownKey()
     return json_response(key.public())
 
 
@@ -219,18 +197,8 @@ async def get_key(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
     gateway = gateway_of(request)
-    try:
-        revoked = gateway.keys.revoke(key_id)
-    except KeyError as exc:
-        raise ApiError(404, "no such key", code="key_not_found") from exc
-    await revoke_budgets(gateway, key_id)
+    revoked = await lifecycle.revoke_key(gateway.keys, gateway.ledger, key_id)
     return json_response({"id": key_id, "revoked": [k.id for k in revoked]})
-
-
-async def revoke_budgets(gateway: Any, key_id: str) -> None:
-    """Close a revoked key's delegated budget so its unspent room returns to the parent."""
-    if gateway.ledger.budgets(("key", key_id)):
-        await gateway.ledger.revoke(("key", key_id), idempotency_key=f"revoke-key:{key_id}")
 
 
 @_admin
