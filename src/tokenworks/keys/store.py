@@ -246,8 +246,12 @@ class KeyStore:
         now_ms = int(time.time() * 1000)
         with self._lock:
             loaded = rows.load()
-        for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"])):
-            self._remember(_from_row(row), now_ms)
+        keys = [_from_row(row) for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"]))]
+        # Every key is known before any is counted: a child made in its parent's millisecond
+        # may sort first, and its tree must still be found from its root.
+        self._by_id.update((k.id, k) for k in keys)
+        for key in keys:
+            self._remember(key, now_ms)
 
     @classmethod
     def open(cls, url: str) -> KeyStore:
