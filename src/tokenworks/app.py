@@ -9,18 +9,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api import admin, admin_ledger, agent_keys, openai, openapi
 from tokenworks.api.admin import bearer_matches
-from tokenworks.api.errors import ApiError
+from tokenworks.api.errors import EXCEPTION_HANDLERS, ApiError
 from tokenworks.config import Config
 from tokenworks.dispatch.health import Health
 from tokenworks.dispatch.relay import Relay
 from tokenworks.dispatch.router import Router
+from tokenworks.keys.lifecycle import MintRate
 from tokenworks.keys.store import KeyStore
 from tokenworks.ledger import Ledger
 from tokenworks.metering.store import UsageStore, open_usage_store
@@ -37,7 +37,7 @@ class Gateway:
         self.config = config
         self.admin_key = config.resolved_admin_key()
         self.metrics_token = config.metrics.resolved_token()
-        self.mint_rate = agent_keys.MintRate(config.keys.mint_rate_per_s, config.keys.mint_burst)
+        self.mint_rate = MintRate(config.keys.mint_rate_per_s, config.keys.mint_burst)
         self.started_s = time.time()
         self.metrics = Metrics()
         # sqlite:///path or postgresql://...[?schema=NAME]; each store on its own connections.
@@ -90,26 +90,11 @@ async def healthz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     if gateway.metrics_token is not None and not bearer_matches(request, gateway.metrics_token):
-        return ApiError(
+        raise ApiError(
             401, "/metrics needs 'Authorization: Bearer <token>' (metrics.bearer_token_env)",
             code="invalid_metrics_token", headers={"WWW-Authenticate": "Bearer"},
-        ).response()  # fmt: skip
+        )  # fmt: skip
     return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        return ApiError(404, f"no such endpoint: {request.url.path}", code="unknown_url").response()
-    if exc.status_code == 405:
-        return ApiError(
-            405, f"method {request.method} not allowed here", code="method_not_allowed"
-        ).response()
-    return ApiError(exc.status_code, str(exc.detail)).response()
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    return ApiError(500, "internal error; the request was not charged", code="internal").response()
 
 
 def build_app(config: Config) -> Starlette:
@@ -133,7 +118,7 @@ def build_app(config: Config) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             *openapi.routes,
         ],
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers=EXCEPTION_HANDLERS,  # every error is answered there
         lifespan=lifespan,
     )
     # No 307 to the path without its trailing slash: the redirect's URL would be built from

@@ -82,28 +82,6 @@ def test_expired_keys_stop_counting_once_a_count_reaches_its_cap(database: str) 
         keys.close()
 
 
-def test_tree_counts_at_start_do_not_depend_on_load_order(database: str) -> None:
-    """Keys made in the same millisecond load sorted by id, so a child may load before its
-    parent: the restart's tree count must still go to the root (this flaked before)."""
-    keys = KeyStore.open(database)
-    try:
-        root, _ = keys.create("root")
-        parents = [keys.create(f"p{i}", parent_id=root.id)[0] for i in range(8)]
-        for i, parent in enumerate(parents):
-            keys.create(f"c{i}", parent_id=parent.id)
-        rows = keys._rows
-        # Every key the same created_ms: the order at load is then the ids' (random) order.
-        same_ms = [{**row, "created_ms": 1} for row in rows.load()]
-        rows.load = lambda: same_ms  # type: ignore[method-assign]
-        again = KeyStore(rows)
-        now_ms = int(time.time() * 1000)
-        assert again.live_descendants(root.id, now_ms, cap=100) == 16
-        for parent in parents:
-            assert again.live_descendants(parent.id, now_ms, cap=100) == 0  # not a root
-    finally:
-        keys.close()
-
-
 def test_a_key_tree_is_capped_at_every_depth(limited: Gateway) -> None:
     _, root = limited.funded_key(10**9, limit={"amount": "1", "period": "total"})
     first = mint(limited, root["key"], "child-1", limit={"amount": "0.1"})

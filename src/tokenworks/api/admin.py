@@ -14,10 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
+from tokenworks.api.idempotency import idempotency_key
 from tokenworks.api.key_requests import (
-    find_retry,
-    idempotency_conflict,
-    optional_idempotency_key,
     parse_key_name,
     parse_limit,
     parse_metadata,
@@ -25,7 +23,8 @@ from tokenworks.api.key_requests import (
     parse_ttl,
 )
 from tokenworks.api.openai import GatewayView, gateway_of, open_ledger, read_json
-from tokenworks.ledger import IdempotencyConflict, LedgerError, NotFound, StoreUnavailable
+from tokenworks.keys import lifecycle
+from tokenworks.ledger import LedgerError, NotFound
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import PricingError
 
@@ -94,11 +93,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 def _admin(handler: Endpoint) -> Endpoint:
     async def wrapped(request: Request) -> Response:
-        try:
-            require_admin(request)
-            return await handler(request)
-        except ApiError as exc:
-            return exc.response()
+        require_admin(request)
+        return await handler(request)
 
     wrapped.__name__ = handler.__name__
     return wrapped
@@ -151,30 +147,12 @@ async def create_key(request: Request) -> Response:
     limit = parse_limit(body, default_period="month")
     if limit is not None and account is None:
         raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")
-    asked = {
-        "name": name, "models": models, "account": account, "metadata": metadata,
-        "ttl_ms": int(ttl_s * 1000) if ttl_s is not None else None, "limit": limit,
-    }  # fmt: skip
+    new = lifecycle.NewKey(name, models, account, metadata, ttl_s, limit)
     assert gateway.admin_key is not None  # `require_admin` answered 403 without one
-    key, key_id, secret = find_retry(
-        gateway.keys, gateway.admin_key, optional_idempotency_key(request, body), asked
-    )
-    if key is None:
-        key, secret = gateway.keys.create(
-            name, models, account_id=account, ttl_s=ttl_s, metadata=metadata,
-            secret=secret, key_id=key_id,
-        )  # fmt: skip
-    if limit is not None:  # idempotent too, so a retry finishes what a failed call began
-        try:
-            await open_ledger(gateway).set_budget(
-                ("key", key.id), limit[0], limit[1], idempotency_key=f"key-limit:{key.id}"
-            )
-        except IdempotencyConflict as exc:
-            raise idempotency_conflict() from exc
-        except StoreUnavailable as exc:
-            raise ApiError(503, "the ledger is unavailable", code="ledger_unavailable") from exc
-        except LedgerError as exc:
-            raise ApiError(400, str(exc), param="limit") from exc
+    key, secret = await lifecycle.create_key(
+        gateway.keys, open_ledger(gateway), gateway.admin_key,
+        idempotency_key(request.headers, body, required=False), new,
+    )  # fmt: skip
     return json_response({**key.public(), "key": secret, "limit": _limit_view(limit)}, 201)
 
 
@@ -216,7 +194,7 @@ async def list_keys(request: Request) -> Response:
 async def get_key(request: Request) -> Response:
     key = gateway_of(request).keys.get(request.path_params["key_id"])
     if key is None:
-        raise ApiError(404, "no such key", code="key_not_found")
+        raise lifecycle.UnknownKey()
     return json_response(key.public())
 
 
@@ -224,19 +202,8 @@ async def get_key(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
     gateway = gateway_of(request)
-    try:
-        revoked = gateway.keys.revoke(key_id)
-    except KeyError as exc:
-        raise ApiError(404, "no such key", code="key_not_found") from exc
-    await revoke_budgets(gateway, key_id)
+    revoked = await lifecycle.revoke_key(gateway.keys, open_ledger(gateway), key_id)
     return json_response({"id": key_id, "revoked": [k.id for k in revoked]})
-
-
-async def revoke_budgets(gateway: GatewayView, key_id: str) -> None:
-    """Close a revoked key's delegated budget so its unspent room returns to the parent."""
-    ledger = open_ledger(gateway)
-    if ledger.budgets(("key", key_id)):
-        await ledger.revoke(("key", key_id), idempotency_key=f"revoke-key:{key_id}")
 
 
 @_admin

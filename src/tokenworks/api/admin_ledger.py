@@ -20,27 +20,20 @@ from starlette.routing import Route
 
 from tokenworks.api.admin import (
     MAX_ADMIN_BODY_BYTES,
-    Endpoint,
     _admin,
     json_response,
     parse_time_ms,
 )
 from tokenworks.api.errors import ApiError
+from tokenworks.api.idempotency import idempotency_key
 from tokenworks.api.openai import gateway_of, open_ledger, read_json
 from tokenworks.ledger import (
     AccountKind,
-    HoldClosed,
-    IdempotencyConflict,
     InvalidRequest,
     Ledger,
-    LedgerError,
-    NotFound,
     Period,
-    PolicyDenied,
     Recurrence,
-    Refused,
     Rollover,
-    StoreUnavailable,
 )
 from tokenworks.ledger.domain import (
     CASH_PRIORITY,
@@ -51,8 +44,6 @@ from tokenworks.ledger.domain import (
 from tokenworks.ledger.periods import from_ms, zone
 from tokenworks.money import format_nano, parse_amount
 
-IDEMPOTENCY_HEADER = "idempotency-key"
-MAX_IDEMPOTENCY_KEY_CHARS = 200
 # Admin keys live in their own namespace of the ledger's idempotency table, apart from the
 # keys the gateway derives itself (hold ids, key limits).
 IDEMPOTENCY_PREFIX = "admin:"
@@ -78,50 +69,18 @@ Handler = Callable[[Request, Ledger], Awaitable[Response]]
 # --------------------------------------------------------------------------- plumbing
 
 
-def _ledger_endpoint(handler: Handler) -> Endpoint:
-    """Admin auth, the gateway's ledger, and ledger errors as OpenAI-shaped errors."""
+def _ledger_endpoint(handler: Handler) -> Any:
+    """Admin auth and the gateway's ledger; ledger errors are answered by `api/errors.py`."""
 
     async def wrapped(request: Request) -> Response:
         ledger = open_ledger(gateway_of(request))
         try:
             return await handler(request, ledger)
-        except ApiError:
-            raise
-        except Refused as exc:
-            raise ApiError(402, _refused_message(exc), code="insufficient_quota") from exc
-        except IdempotencyConflict as exc:
-            raise ApiError(
-                409,
-                "this idempotency key was already used for a different request; "
-                "use a new key for a new operation",
-                code="idempotency_conflict",
-                param="idempotency_key",
-            ) from exc
-        except NotFound as exc:
-            raise ApiError(404, str(exc), code="not_found") from exc
-        except PolicyDenied as exc:
-            raise ApiError(403, str(exc), code="policy_denied") from exc
-        except HoldClosed as exc:
-            raise ApiError(409, str(exc), code="hold_closed") from exc
-        except (InvalidRequest, ValueError) as exc:
-            raise ApiError(400, str(exc), code="invalid_request") from exc
-        except StoreUnavailable as exc:
-            raise ApiError(503, str(exc), code="ledger_unavailable") from exc
-        except LedgerError as exc:  # closed, or another state that a later retry may clear
-            raise ApiError(503, str(exc), code="ledger_unavailable") from exc
+        except ValueError as exc:  # a value the ledger's own parsing refused (dates, zones)
+            raise InvalidRequest(str(exc)) from exc
 
     wrapped.__name__ = handler.__name__
     return _admin(wrapped)
-
-
-def _refused_message(exc: Refused) -> str:
-    what = {"credit": "insufficient credit"}.get(exc.limit_kind, exc.limit_kind)
-    if exc.limit_kind.startswith("budget:"):
-        what = f"{exc.limit_kind.removeprefix('budget:')} budget exhausted"
-    return (
-        f"{what} on {exc.scope}: needs {format_nano(exc.needed_nano)}, "
-        f"{format_nano(max(exc.available_nano, 0))} available"
-    )
 
 
 async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
@@ -140,32 +99,8 @@ async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
 
 
 def _idempotency_key(request: Request, body: dict[str, Any]) -> str:
-    in_body = body.get("idempotency_key")
-    header = request.headers.get(IDEMPOTENCY_HEADER)
-    if in_body is not None and not isinstance(in_body, str):
-        raise ApiError(400, "'idempotency_key' must be a string", param="idempotency_key")
-    if in_body and header and in_body != header:
-        raise ApiError(
-            400,
-            "the Idempotency-Key header and the body's idempotency_key differ",
-            param="idempotency_key",
-        )
-    key = in_body or header
-    if not key:
-        raise ApiError(
-            400,
-            "every admin write needs an idempotency key ('idempotency_key' in the body or an "
-            "Idempotency-Key header) so that a retry never applies it twice: use a fresh "
-            "random value (a UUID) per operation and reuse it only to retry that operation",
-            param="idempotency_key",
-            code="missing_idempotency_key",
-        )
-    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
-        raise ApiError(
-            400,
-            f"an idempotency key is 1-{MAX_IDEMPOTENCY_KEY_CHARS} printable characters",
-            param="idempotency_key",
-        )
+    key = idempotency_key(request.headers, body, required=True)
+    assert key is not None
     return IDEMPOTENCY_PREFIX + key
 
 

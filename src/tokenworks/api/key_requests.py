@@ -1,5 +1,5 @@
 """What both key-creation endpoints (`POST /admin/v1/keys`, `POST /v1/keys`) read from a
-request, each field bounded, and how a retry under the same idempotency key is recognised.
+request, each field bounded (what is done with it is `keys/lifecycle.py`'s).
 
 Every field a client sends is kept for the key's life (in memory and in the table), so each is
 bounded here: a bad one is a 400 naming it, never a 500 from the store.
@@ -11,11 +11,7 @@ import math
 from collections.abc import Collection
 from typing import Any
 
-import msgspec
-from starlette.requests import Request
-
 from tokenworks.api.errors import ApiError
-from tokenworks.keys.store import ApiKey, KeyStore, derived_key_id, derived_secret, hash_key
 from tokenworks.ledger.domain import MAX_AMOUNT_NANO
 from tokenworks.money import format_nano, parse_amount
 
@@ -24,7 +20,6 @@ MAX_KEY_NAME_CHARS = 256
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
-MAX_IDEMPOTENCY_KEY_CHARS = 200
 # Expiry times are int64 milliseconds in the table; ten years is far inside and long enough
 # for a key meant to expire (one meant to live on sends no ttl_s).
 MAX_TTL_S = 10 * 365 * 86_400
@@ -123,51 +118,3 @@ def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str]
             400, f"limit.period must be one of {', '.join(PERIODS)}", param="limit.period"
         )
     return amount_nano, period
-
-
-def optional_idempotency_key(request: Request, body: dict[str, Any]) -> str | None:
-    """`idempotency_key` in the body or the `Idempotency-Key` header (they must agree)."""
-    in_body = body.get("idempotency_key")
-    header = request.headers.get("idempotency-key")
-    if in_body is not None and (not isinstance(in_body, str) or not in_body):
-        raise ApiError(400, "'idempotency_key' must be a non-empty string", param="idempotency_key")
-    if in_body and header and in_body != header:
-        raise ApiError(
-            400, "the Idempotency-Key header and the body's idempotency_key differ",
-            param="idempotency_key",
-        )  # fmt: skip
-    key = in_body or header
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise ApiError(
-            400,
-            f"idempotency keys are at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
-            param="idempotency_key",
-        )
-    return key
-
-
-def idempotency_conflict() -> ApiError:
-    return ApiError(
-        409,
-        "this idempotency key was already used for a different request; "
-        "use a new key for a new request",
-        code="idempotency_conflict",
-    )
-
-
-def find_retry(
-    keys: KeyStore, seed: str, idempotency_key: str | None, asked: dict[str, Any]
-) -> tuple[ApiKey | None, str | None, str | None]:
-    """(the key a retry made before, its id, its secret) for a creation under an idempotency
-    key; (None, None, None) without one. `asked` is everything the request asked for, in a
-    canonical form: a retry asking for anything else is a 409, since its derived secret (HMAC
-    of the seed, the request and the idempotency key) is not the one the key was made with.
-    """
-    if idempotency_key is None:
-        return None, None, None
-    key_id = derived_key_id(seed, idempotency_key)
-    secret = derived_secret(seed, idempotency_key, msgspec.json.encode(asked, order="sorted"))
-    made = keys.get(key_id)
-    if made is not None and made.key_hash != hash_key(secret):
-        raise idempotency_conflict()
-    return made, key_id, secret

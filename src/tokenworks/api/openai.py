@@ -15,6 +15,7 @@ from tokenworks.api.errors import ApiError
 from tokenworks.config import Config
 from tokenworks.dispatch.relay import Call, Relay
 from tokenworks.dispatch.router import Router
+from tokenworks.keys.lifecycle import MintRate
 from tokenworks.keys.store import ApiKey, KeyStore
 from tokenworks.ledger import Ledger
 from tokenworks.metering.store import UsageStore
@@ -39,6 +40,7 @@ class GatewayView(Protocol):
     store: UsageStore
     keys: KeyStore
     ledger: Ledger | None
+    mint_rate: MintRate
     pricer: Pricer
     router: Router
     relay: Relay
@@ -230,41 +232,38 @@ def _tags(request: Request, payload: dict[str, Any]) -> dict[str, str]:
 
 
 async def _relay(request: Request, endpoint: str) -> Response:
-    try:
-        gateway = gateway_of(request)
-        key = authenticate(request)
-        payload, size = await read_json_sized(request, gateway.config.limits.max_body_bytes)
-        _validate(endpoint, payload)
-        name = payload["model"]
-        route = gateway.router.get(name)
-        if route is None or not key.allows(name):
-            # One answer for both, so a key cannot probe which models exist beyond its scope.
-            raise ApiError(
-                404,
-                f"The model '{name}' does not exist or you do not have access to it.",
-                param="model",
-                code="model_not_found",
-            )
-        if "service_tier" not in payload and "service_tier" in key.metadata:
-            # The key's default tier, asked of the upstream too so it serves what we bill.
-            payload["service_tier"] = key.metadata["service_tier"]
-        stream = payload.get("stream") is True
-        options = payload.get("stream_options")
-        call = Call(
-            endpoint=endpoint,
-            payload=payload,
-            key=key,
-            route=route,
-            stream=stream,
-            client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
-            tags=_tags(request, payload),
-            tariff=gateway.pricer.tariff_for(key.account_id),
-            body_bytes=size,
+    gateway = gateway_of(request)
+    key = authenticate(request)
+    payload, size = await read_json_sized(request, gateway.config.limits.max_body_bytes)
+    _validate(endpoint, payload)
+    name = payload["model"]
+    route = gateway.router.get(name)
+    if route is None or not key.allows(name):
+        # One answer for both, so a key cannot probe which models exist beyond its scope.
+        raise ApiError(
+            404,
+            f"The model '{name}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
         )
-        response: Response = await gateway.relay.handle(call)
-        return response
-    except ApiError as exc:
-        return exc.response()
+    if "service_tier" not in payload and "service_tier" in key.metadata:
+        # The key's default tier, asked of the upstream too so it serves what we bill.
+        payload["service_tier"] = key.metadata["service_tier"]
+    stream = payload.get("stream") is True
+    options = payload.get("stream_options")
+    call = Call(
+        endpoint=endpoint,
+        payload=payload,
+        key=key,
+        route=route,
+        stream=stream,
+        client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        tags=_tags(request, payload),
+        tariff=gateway.pricer.tariff_for(key.account_id),
+        body_bytes=size,
+    )
+    response: Response = await gateway.relay.handle(call)
+    return response
 
 
 async def chat_completions(request: Request) -> Response:
@@ -280,10 +279,7 @@ async def embeddings(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    try:
-        key = authenticate(request)
-    except ApiError as exc:
-        return exc.response()
+    key = authenticate(request)
     gateway = gateway_of(request)
     created = int(gateway.started_s)
     tariff = gateway.pricer.tariff_for(key.account_id)

@@ -19,7 +19,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenworks.api.admin_ledger import MAX_LIST_LIMIT
-from tokenworks.api.key_requests import MAX_IDEMPOTENCY_KEY_CHARS, PERIODS
+from tokenworks.api.idempotency import MAX_IDEMPOTENCY_KEY_CHARS
+from tokenworks.api.key_requests import PERIODS
 from tokenworks.ledger.domain import CUSTOMER_KINDS, AccountKind, Period
 
 Schema = dict[str, Any]

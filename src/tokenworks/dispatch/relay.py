@@ -25,11 +25,18 @@ import aiohttp
 import msgspec
 from starlette.responses import Response
 
-from tokenworks.api.errors import ApiError, error_body
 from tokenworks.config import Deployment, Model
+from tokenworks.dispatch.errors import (
+    SETTLEMENT_FAILED_MESSAGE,
+    HoldRefused,
+    HoldUnavailable,
+    InvalidCall,
+    SettlementFailed,
+    from_upstream,
+)
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.keys.store import ApiKey
-from tokenworks.ledger import HoldClosed, HoldView, Ledger, LedgerError, Refused
+from tokenworks.ledger import HoldClosed, HoldView, Ledger, LedgerBusy, LedgerError, Refused
 from tokenworks.ledger.domain import MAX_AMOUNT_NANO
 from tokenworks.metering import extract
 from tokenworks.metering.store import USAGE_SCHEMA, UsageStore, usage_row
@@ -38,6 +45,7 @@ from tokenworks.metrics import Metrics
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer, PricingError, Quote
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
+from tokenworks.wire.openai_errors import error_body
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -51,10 +59,7 @@ CLAMP_LOG_INTERVAL_S = 10.0  # at most one warning per interval; the metrics cou
 # context window is larger than 10 Mi tokens (Llama 4 Scout's 10M).
 DEFAULT_MAX_OUTPUT_TOKENS = 131_072
 DEFAULT_CONTEXT_WINDOW_TOKENS = 10_485_760
-SETTLEMENT_FAILED = "settlement_failed"
-SETTLEMENT_FAILED_MESSAGE = (
-    "the answer could not be charged, so it is withheld; nothing was charged, try again"
-)
+SETTLEMENT_FAILED = SettlementFailed.code
 
 log = logging.getLogger("tokenworks.relay")
 
@@ -173,7 +178,7 @@ class Relay:
         self.max_attempts = max_attempts
 
     async def handle(self, call: Call) -> Any:
-        """Serve a call; returns an ASGI response. Raises ApiError when no upstream served it."""
+        """Serve a call; returns an ASGI response. Raises a `DispatchError` when it cannot."""
         candidates = self.router.candidates(call.route, self.max_attempts)
         paying = self.ledger is not None and call.key.account_id is not None
         output_tokens = self._output_bound(call)
@@ -182,14 +187,12 @@ class Relay:
                 call, candidates if paying else candidates[:1], output_tokens
             )
         except PricingError as exc:
-            raise ApiError(400, str(exc), param="service_tier", code="invalid_value") from exc
+            raise InvalidCall(str(exc), param="service_tier") from exc
         if worst_nano > MAX_AMOUNT_NANO:  # more than any one ledger operation can hold
-            raise ApiError(
-                400,
+            raise InvalidCall(
                 f"this request may cost up to {format_nano(worst_nano)}, more than one request"
                 " can be charged; lower max_tokens, n or the number of prompts",
                 param=_size_param(call.payload),
-                code="invalid_value",
             )
         if paying:
             call.hold = await self._hold(call, candidates, worst_nano)
@@ -214,7 +217,7 @@ class Relay:
             await self._void(call)
             raise
         assert last is not None, "a route always has at least one deployment"
-        error = _client_error(last)
+        error = from_upstream(last)
         self._record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
         await self._void(call)
         raise error
@@ -243,12 +246,10 @@ class Relay:
             if not isinstance(value, int) or isinstance(value, bool):
                 continue
             if value > bounds.max_output_tokens:
-                raise ApiError(
-                    400,
+                raise InvalidCall(
                     f"'{name}' is {value}, but model '{call.public_model}' produces at most"
                     f" {bounds.max_output_tokens} tokens per choice",
                     param=name,
-                    code="invalid_value",
                 )
             asked = max(asked, value)
         return (asked or bounds.max_output_tokens) * choices
@@ -287,30 +288,16 @@ class Relay:
                 key_scopes=[call.key.id],
                 ttl_s=call.hold_ttl_s,
             )
+        except LedgerBusy:
+            raise  # the ledger's writer is behind: not a money problem, answered as such
         except Refused as exc:
-            if exc.limit_kind == "busy":  # the ledger's writer is behind: not a money problem
-                raise ApiError(
-                    503, "the ledger is catching up; try again shortly", code="ledger_busy",
-                    headers={"Retry-After": "1"},
-                ) from exc  # fmt: skip
-            self.metrics.refused.labels(exc.limit_kind.partition(":")[0]).inc()
-            what = {"credit": "insufficient credit"}.get(exc.limit_kind, exc.limit_kind)
-            if exc.limit_kind.startswith("budget:"):
-                what = f"{exc.limit_kind.removeprefix('budget:')} budget exhausted"
-            error = ApiError(
-                402,
-                f"{what} on {exc.scope}: this request may cost up to "
-                f"{format_nano(exc.needed_nano)}, {format_nano(max(exc.available_nano, 0))} "
-                "available",
-                code="insufficient_quota",
-            )
+            self.metrics.refused.labels(str(exc.reason)).inc()
+            error = HoldRefused(exc)
             # Refusals are metered too: a runaway agent shows up in usage, not only in logs.
-            self._record(call, None, 402, Usage(), ttft_s=None, error=error.message)
+            self._record(call, None, error.status, Usage(), ttft_s=None, error=error.message)
             raise error from exc
         except LedgerError as exc:
-            raise ApiError(
-                503, f"the ledger cannot take holds now: {exc}", code="ledger_unavailable"
-            ) from exc
+            raise HoldUnavailable(f"the ledger cannot take holds now: {exc}") from exc
 
     async def conclude(
         self,
@@ -470,7 +457,7 @@ class Relay:
             ttft_s=None, error=usage_error, durable=True,
         )  # fmt: skip
         if not charged:
-            raise ApiError(502, SETTLEMENT_FAILED_MESSAGE, code=SETTLEMENT_FAILED)
+            raise SettlementFailed()
         if shows_other_counts:  # a re-encode, on this rare path only
             parsed["usage"] = _usage_object(call.endpoint, usage, quote)
             if "model" in parsed:
@@ -1072,29 +1059,3 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
-
-
-def _client_error(exc: UpstreamError) -> ApiError:
-    """What the client sees when no deployment could serve its request."""
-    if exc.status is not None and not exc.retryable and 400 <= exc.status < 500:
-        message = exc.message
-        try:
-            upstream = _decode(exc.body)
-            if isinstance(upstream, dict) and isinstance(upstream.get("error"), dict):
-                message = str(upstream["error"].get("message") or message)
-        except msgspec.DecodeError:
-            pass
-        return ApiError(exc.status, message, code="upstream_rejected")
-    if exc.status == 429:
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-        return ApiError(
-            429,
-            "every upstream for this model is at capacity; try again later",
-            code="upstream_capacity",
-            headers=headers,
-        )
-    if exc.reason == "timeout":
-        return ApiError(504, "the upstream timed out", code="upstream_timeout")
-    if exc.reason == "connect":
-        return ApiError(503, "no upstream for this model is reachable", code="upstream_unavailable")
-    return ApiError(502, f"the upstream failed: {exc.message}", code="upstream_error")

@@ -82,19 +82,39 @@ class HoldStatus(StrEnum):
 
 
 class LedgerError(Exception):
-    """Base of every ledger error."""
+    """Base of every ledger error. Raised bare, it means the ledger cannot act now (closed,
+    or another process owns the store): a later retry may succeed."""
+
+
+class Refusal(StrEnum):
+    """Why the ledger refused a hold or a delegation: a closed set, like TigerBeetle's result
+    codes, so callers branch on a value rather than parse a string."""
+
+    CREDIT = "credit"  # the funding chain has less available than asked
+    BUDGET = "budget"  # a budget of the scope has less room this period (`Refused.period`)
+    REVOKED = "revoked"  # the scope's delegated budget was revoked
+    EXPIRED = "expired"  # the scope's delegated budget has expired
 
 
 class Refused(LedgerError):
-    """A hold the ledger will not place. The gateway answers 402 `insufficient_quota`.
+    """A hold (or delegation) the ledger will not place: a money answer, not an outage.
 
-    `scope` is "account:<id>" or "key:<id>"; `limit_kind` is "credit", "budget:<period>",
-    "revoked", "expired" or "busy".
+    `scope` is "account:<id>" or "key:<id>"; `reason` says which limit; `period` is the
+    budget's period when `reason` is BUDGET.
     """
 
-    def __init__(self, scope: str, limit_kind: str, needed_nano: int, available_nano: int) -> None:
+    def __init__(
+        self,
+        scope: str,
+        reason: Refusal,
+        needed_nano: int,
+        available_nano: int,
+        *,
+        period: Period | None = None,
+    ) -> None:
         self.scope = scope
-        self.limit_kind = limit_kind
+        self.reason = Refusal(reason)
+        self.period = period
         self.needed_nano = needed_nano
         self.available_nano = available_nano
         kind, _, ident = scope.partition(":")
@@ -103,14 +123,32 @@ class Refused(LedgerError):
         super().__init__(self.message)
 
     @property
+    def limit_kind(self) -> str:
+        """ "credit", "budget:<period>", "revoked" or "expired" (the reason, and the period)."""
+        if self.reason is Refusal.BUDGET:
+            return f"budget:{self.period}"
+        return str(self.reason)
+
+    @property
+    def what(self) -> str:
+        if self.reason is Refusal.CREDIT:
+            return "insufficient credit"
+        if self.reason is Refusal.BUDGET:
+            return f"{self.period} budget exhausted"
+        return str(self.reason)
+
+    def describe(self, needs: str, available: str) -> str:
+        """The one sentence every refusal is told in; callers choose how amounts read."""
+        return f"{self.what} on {self.scope}: {needs}, {available} available"
+
+    @property
     def message(self) -> str:
-        what = {"credit": "insufficient credit"}.get(self.limit_kind, self.limit_kind)
-        if self.limit_kind.startswith("budget:"):
-            what = f"{self.limit_kind.removeprefix('budget:')} budget exhausted"
-        return (
-            f"{what} on {self.scope}: needs {self.needed_nano} nano, "
-            f"{self.available_nano} nano available"
-        )
+        return self.describe(f"needs {self.needed_nano} nano", f"{self.available_nano} nano")
+
+
+class LedgerBusy(LedgerError):
+    """Backpressure: the writer is too far behind to take another hold now. Not a money
+    answer: the same request succeeds once the writer catches up (answered 503, Retry-After)."""
 
 
 class IdempotencyConflict(LedgerError):

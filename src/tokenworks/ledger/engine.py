@@ -43,6 +43,7 @@ from tokenworks.ledger.domain import (
     Period,
     PolicyDenied,
     Recurrence,
+    Refusal,
     Refused,
     Transfer,
     TransferKind,
@@ -655,7 +656,7 @@ class Engine:
             cash = self.buckets[src.cash_bucket_id]  # type: ignore[index]  # customers have one
             free = cash.remaining_nano - cash.held_nano
             if free < amount_nano:
-                raise Refused(account_scope(src.id), "credit", amount_nano, free)
+                raise Refused(account_scope(src.id), Refusal.CREDIT, amount_nano, free)
             t = self._post(
                 TransferKind.TRANSFER,
                 src,
@@ -803,15 +804,16 @@ class Engine:
             exp = expires_ms
             for pb in parents:
                 if pb.revoked:
-                    raise Refused(parent_scope, "revoked", limit_nano, 0)
+                    raise Refused(parent_scope, Refusal.REVOKED, limit_nano, 0)
                 if pb.expires_ms is not None:
                     if pb.expires_ms <= now_ms:
-                        raise Refused(parent_scope, "expired", limit_nano, 0)
+                        raise Refused(parent_scope, Refusal.EXPIRED, limit_nano, 0)
                     exp = pb.expires_ms if exp is None else min(exp, pb.expires_ms)
                 if pb.room_nano < limit_nano:
                     raise Refused(
-                        parent_scope, f"budget:{pb.period}", limit_nano, max(0, pb.room_nano)
-                    )
+                        parent_scope, Refusal.BUDGET, limit_nano, max(0, pb.room_nano),
+                        period=pb.period,
+                    )  # fmt: skip
             child = Budget(
                 scope=child_scope,
                 period=Period.TOTAL,
@@ -970,16 +972,18 @@ class Engine:
                     continue
                 for b in self._budgets_of(s, now_ms):
                     if b.revoked:
-                        raise Refused(s, "revoked", amount_nano, 0)
+                        raise Refused(s, Refusal.REVOKED, amount_nano, 0)
                     if b.expires_ms is not None and b.expires_ms <= now_ms:
-                        raise Refused(s, "expired", amount_nano, 0)
+                        raise Refused(s, Refusal.EXPIRED, amount_nano, 0)
                     if s not in parents_in_hold and b.room_nano < amount_nano:
-                        raise Refused(s, f"budget:{b.period}", amount_nano, max(0, b.room_nano))
+                        raise Refused(
+                            s, Refusal.BUDGET, amount_nano, max(0, b.room_nano), period=b.period
+                        )
                     touched.append(b)
             funding = payer.funding
             available = payer.available_nano()
             if available < amount_nano:
-                raise Refused(account_scope(funding[-1].id), "credit", amount_nano, available)
+                raise Refused(account_scope(funding[-1].id), Refusal.CREDIT, amount_nano, available)
             # Apply: legs leaf first, each account's buckets in consumption order.
             legs: list[HoldLeg] = []
             left = amount_nano

@@ -29,11 +29,11 @@ from tokenworks.ledger.domain import (
     Grant,
     Hold,
     InvalidRequest,
+    LedgerBusy,
     LedgerError,
     NotFound,
     Period,
     Recurrence,
-    Refused,
     Rollover,
     StoreUnavailable,
     check_text,
@@ -400,8 +400,8 @@ class Ledger:
     ) -> HoldView:
         """Reserve `amount_nano` for `request_id` on the account chain (payer last).
 
-        Raises `Refused(scope, limit_kind, needed_nano, available_nano)`. Idempotent per
-        request id. Not awaited for durability: see the module docstring.
+        Raises `Refused` (a limit: its `reason` says which) or `LedgerBusy` (backpressure).
+        Idempotent per request id. Not awaited for durability: see the module docstring.
         """
         self._usable()
         if self.engine.pending_ops() > self.max_pending_ops:
@@ -424,7 +424,7 @@ class Ledger:
         try:
             await asyncio.wait_for(self.writer.flush(), BACKPRESSURE_WAIT_S)
         except TimeoutError:
-            raise Refused("ledger:writer", "busy", 0, 0) from None
+            raise LedgerBusy("the ledger's writer is behind; try again shortly") from None
 
     async def _load_hold(self, hold_id: str) -> None:
         """Bring a closed hold the engine no longer caches back from the store (a late retry)."""
