@@ -119,7 +119,6 @@ class Relay:
         *,
         client_stall_timeout_s: float = 30.0,
     ) -> None:
-        self.pricer = pricer
         self.client_stall_timeout_s = client_stall_timeout_s
         bounds = {
             name: ModelBounds.of(route.model, pricer) for name, route in router.routes.items()
@@ -128,7 +127,6 @@ class Relay:
         self.billing = Billing(pricer, metrics, self.recorder, bounds)
         self.router = router
         self.producers = producers
-        self.store = store
         self.metrics = metrics
         self.max_attempts = max_attempts
 

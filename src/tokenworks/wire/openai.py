@@ -108,7 +108,7 @@ def model_field(public_model: str) -> bytes:
 
 
 def rewrite_model(data: bytes, public_model: str) -> bytes:
-    return MODEL_FIELD.sub(model_field(public_model), data, count=1)
+    return MODEL_FIELD.sub(b'"model":' + _encode(public_model), data, count=1)
 
 
 def with_cost(data: bytes, price_nano: int) -> bytes:
