@@ -36,6 +36,10 @@ import uvloop
 # Where a frame's file lives -> the part of the system it stands for.
 PACKAGE_PATTERNS = (
     ("tokenworks/dispatch/relay.py", "tokenworks.relay"),
+    ("tokenworks/dispatch/billing.py", "tokenworks.relay"),
+    ("tokenworks/dispatch/stream.py", "tokenworks.relay"),
+    ("tokenworks/dispatch/recording.py", "tokenworks.relay"),
+    ("tokenworks/wire/openai.py", "tokenworks.relay"),
     ("tokenworks/api/", "tokenworks.api"),
     ("tokenworks/keys/store.py", "tokenworks.keys.store"),
     ("tokenworks/metering/", "tokenworks.metering"),

@@ -73,11 +73,11 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tokenizer: str | None = None
     # The most output one choice may produce: what a request without max_tokens is held for,
     # and the most max_tokens may ask (more is a 400). Unset: the context window, at most
-    # 131,072 tokens (dispatch/relay.py DEFAULT_MAX_OUTPUT_TOKENS).
+    # 131,072 tokens (dispatch/billing.py DEFAULT_MAX_OUTPUT_TOKENS).
     max_output_tokens: int | None = None
     # Tokens one choice can use, input and output each; usage reported beyond it (times the
     # request's prompts and choices) is an upstream error, not a bill. Unset: the price book's
-    # window of every deployment, else 10,485,760 (relay.DEFAULT_CONTEXT_WINDOW_TOKENS).
+    # window of every deployment, else 10,485,760 (billing.DEFAULT_CONTEXT_WINDOW_TOKENS).
     context_window_tokens: int | None = None
 
     def __post_init__(self) -> None:

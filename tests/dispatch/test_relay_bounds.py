@@ -384,9 +384,9 @@ def test_a_client_that_stops_reading_is_cut_and_pays_for_what_was_produced(
 def test_a_stream_outliving_its_hold_ttl_keeps_its_hold(make_gateway, sims, monkeypatch) -> None:
     """A stream alive past its hold's first TTL (here a client that pauses for less than the
     stall timeout) is still charged at its end: the hold lives as long as the request."""
-    from tokenworks.dispatch import relay
+    from tokenworks.dispatch import billing
 
-    monkeypatch.setattr(relay, "MAX_HOLD_TTL_S", 2.0)  # every hold's TTL: 2 s
+    monkeypatch.setattr(billing, "MAX_HOLD_TTL_S", 2.0)  # every hold's TTL: 2 s
     a, _ = sims
     upstream = {"s": (a.url, 60.0)}  # the upstream may take its time
     with make_gateway(upstream, ONE_MODEL, "limits:\n  client_stall_timeout_s: 30\n") as gw:

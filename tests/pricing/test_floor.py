@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tokenworks.config import ConfigError, loads
-from tokenworks.dispatch.relay import (
+from tokenworks.dispatch.billing import (
     DEFAULT_CONTEXT_WINDOW_TOKENS,
     DEFAULT_MAX_OUTPUT_TOKENS,
     ModelBounds,

@@ -10,7 +10,8 @@ offline estimate instead (and counts the upstream error). So is a count of zero 
 must be tokens (`zero_count_problem`): input for a request with a prompt, output for an answer
 with text.
 
-Usage is read where producers put it (`reported_usage`): `usage`, else Groq's `x_groq.usage`.
+Where usage sits in an answer (`usage`, else Groq's `x_groq.usage`) is wire knowledge:
+`wire.openai.reported_usage`.
 """
 
 from __future__ import annotations
@@ -92,17 +93,6 @@ def usage_from_openai(raw: Any, limit_tokens: int | None = None) -> Usage | None
         reasoning_tokens=min(reasoning, completion),
         estimated=False,
     )
-
-
-def reported_usage(obj: dict[str, Any]) -> Any:
-    """The usage object of an answer or a stream chunk: `usage`, else `x_groq.usage` (Groq's
-    streams report it there). One dict probe more per chunk without usage."""
-    raw = obj.get("usage")
-    if raw is None:
-        groq = obj.get("x_groq")
-        if isinstance(groq, dict):
-            return groq.get("usage")
-    return raw
 
 
 def zero_count_problem(

@@ -1,7 +1,7 @@
 """Wire formats: pure, synchronous translations between the dialects agents speak.
 
-Nothing here does I/O; every function takes and returns plain JSON values (dicts) or SSE bytes,
-so the translations are tested against recorded provider traffic without HTTP.
+Nothing here does I/O of its own; every function takes and returns plain JSON values (dicts)
+or SSE bytes, so the translations are tested against recorded provider traffic without HTTP.
 
 Modules:
 - `sse`: `SSESplitter` cuts a byte stream into whole events, each returned as the exact bytes
@@ -11,6 +11,9 @@ Modules:
   ways, errors, `usage_from_messages` / `MessagesUsageCollector` into `metering.usage.Usage`).
 - `responses`: Responses -> chat completions requests; chat completions -> Response objects
   and the Responses typed event stream.
+- `openai`: the chat completions bytes the relay passes through: `SSEReader` (given the
+  function that reads the upstream), `event_data`, the model and cost splices, the usage chunk
+  the gateway writes, `reported_usage`.
 - `common`: `Untranslatable` (and `PreviousResponseUnsupported`): what the target dialect
   cannot express; a route answers it with a 400 in the client's error shape, naming `param`.
 
