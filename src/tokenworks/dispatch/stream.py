@@ -155,11 +155,6 @@ class StreamResponse:
             self._extension = asyncio.ensure_future(self.billing.extend_hold(self.call))
         self._tick_handle = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
 
-    async def _write(self, send: Send, body: bytes, more_body: bool) -> None:
-        self.writing_since_s = time.monotonic()
-        await send({"type": "http.response.body", "body": body, "more_body": more_body})
-        self.writing_since_s = None
-
     async def _pump(self, send: Send) -> None:
         event: bytes | None = self.first
         while True:
@@ -176,7 +171,13 @@ class StreamResponse:
             if chunks:
                 if self.ttft_s is None:
                     self.ttft_s = time.perf_counter() - self.call.started_s
-                await self._write(send, b"".join(chunks), True)
+                # Written inline, not through a helper coroutine: that coroutine per write
+                # cost 0.6-0.9 % of a stream's instructions. The tick reads the mark.
+                self.writing_since_s = time.monotonic()
+                await send(
+                    {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
+                )
+                self.writing_since_s = None
             if self.error is not None or self.done:
                 break
             try:
@@ -197,7 +198,9 @@ class StreamResponse:
             tail = self.pending_error or b""
         else:
             tail = self._usage_tail() + (self.pending_error or self.done_event)
-        await self._write(send, tail, False)
+        self.writing_since_s = time.monotonic()
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        self.writing_since_s = None
 
     def _usage_tail(self) -> bytes:
         """The usage chunk a client that asked for one gets before the end: the upstream's
