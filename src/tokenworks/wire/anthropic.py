@@ -246,16 +246,7 @@ def _assistant_to_chat(content: Any, index: int) -> dict[str, Any]:
         if kind == "text":
             texts.append(block.get("text", ""))
         elif kind == "tool_use":
-            tool_calls.append(
-                {
-                    "id": block.get("id"),
-                    "type": "function",
-                    "function": {
-                        "name": block.get("name"),
-                        "arguments": dumps_str(block.get("input", {})),
-                    },
-                }
-            )
+            tool_calls.append(_tool_call(block))
         elif kind in ("thinking", "redacted_thinking"):
             continue  # signed for Anthropic only; another producer cannot verify or reuse it
         else:
@@ -610,16 +601,7 @@ def messages_response_to_chat(
         elif kind == "thinking":
             thinking.append(block.get("thinking", ""))
         elif kind == "tool_use":
-            tool_calls.append(
-                {
-                    "id": block.get("id"),
-                    "type": "function",
-                    "function": {
-                        "name": block.get("name"),
-                        "arguments": dumps_str(block.get("input", {})),
-                    },
-                }
-            )
+            tool_calls.append(_tool_call(block))
     out_message: dict[str, Any] = {
         "role": "assistant",
         "content": "".join(texts) if texts or not tool_calls else None,
@@ -1016,3 +998,12 @@ class MessagesToChatStream:
 
     def usage(self) -> Usage:
         return self.collector.usage()
+
+
+def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
+    """A Messages `tool_use` block as a chat completion's tool call."""
+    return {
+        "id": block.get("id"),
+        "type": "function",
+        "function": {"name": block.get("name"), "arguments": dumps_str(block.get("input", {}))},
+    }
