@@ -60,6 +60,13 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "tokenworks_requests_rate_limited",
+            "Requests refused (429) by a key's or account's rate limit, by limit: requests, "
+            "tokens or concurrency.",
+            ["limit"],
+            registry=self.registry,
+        )
         self.clamped = Counter(
             "tokenworks_clamped_price_nano",
             "Price above a request's hold, not charged: the hold's worst case fell short (an "

@@ -20,7 +20,9 @@ from tokenworks.api.key_requests import (
     parse_limit,
     parse_metadata,
     parse_models,
+    parse_rate_limits,
     parse_ttl,
+    refuse_unknown_fields,
 )
 from tokenworks.api.openai import GatewayView, gateway_of, open_ledger, read_json
 from tokenworks.keys import lifecycle
@@ -129,9 +131,16 @@ def check_service_tier(
                 ) from exc
 
 
+CREATE_KEY_FIELDS = (
+    "name", "models", "ttl_s", "metadata", "account", "service_tier", "limit", "rate_limits",
+    "idempotency_key",
+)  # fmt: skip
+
+
 @_admin
 async def create_key(request: Request) -> Response:
     body = await read_json(request, MAX_ADMIN_BODY_BYTES)
+    refuse_unknown_fields(body, CREATE_KEY_FIELDS)
     gateway = gateway_of(request)
     name = parse_key_name(body)
     models = parse_models(body, gateway.router.routes)
@@ -147,7 +156,8 @@ async def create_key(request: Request) -> Response:
     limit = parse_limit(body, default_period="month")
     if limit is not None and account is None:
         raise ApiError(400, "a key with a limit needs an 'account' to pay for it", param="limit")
-    new = lifecycle.NewKey(name, models, account, metadata, ttl_s, limit)
+    rate_limits = parse_rate_limits(body)
+    new = lifecycle.NewKey(name, models, account, metadata, ttl_s, limit, rate_limits)
     assert gateway.admin_key is not None  # `require_admin` answered 403 without one
     key, secret = await lifecycle.create_key(
         gateway.keys, open_ledger(gateway), gateway.admin_key,

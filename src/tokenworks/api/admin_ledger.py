@@ -26,7 +26,14 @@ from tokenworks.api.admin import (
 )
 from tokenworks.api.errors import ApiError
 from tokenworks.api.idempotency import idempotency_key
+from tokenworks.api.key_requests import (
+    parse_rate_limits,
+    rate_limits_from,
+    refuse_unknown_fields,
+)
 from tokenworks.api.openai import gateway_of, open_ledger, read_json
+from tokenworks.keys.rate_limits import FIELDS as RATE_LIMIT_FIELDS
+from tokenworks.keys.rate_limits import RateLimits
 from tokenworks.ledger import (
     AccountKind,
     InvalidRequest,
@@ -85,16 +92,8 @@ def _ledger_endpoint(handler: Handler) -> Any:
 
 async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
     body = await read_json(request, MAX_ADMIN_BODY_BYTES)
-    unknown = sorted(set(body) - allowed - {"idempotency_key"})
-    if unknown:
-        # A misspelt field (say "expires" for "expires_at") must not silently change money.
-        raise ApiError(
-            400,
-            f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}; "
-            f"expected {', '.join(sorted(allowed | {'idempotency_key'}))}",
-            param=unknown[0],
-            code="unknown_field",
-        )
+    # A misspelt field (say "expires" for "expires_at") must not silently change money.
+    refuse_unknown_fields(body, allowed | {"idempotency_key"})
     return body
 
 
@@ -302,7 +301,7 @@ def _credit_views(ledger: Ledger, account_id: int) -> tuple[list[Any], list[Any]
 
 @_ledger_endpoint
 async def create_account(request: Request, ledger: Ledger) -> Response:
-    body = await _body(request, {"name", "parent", "kind", "draws_on_parent"})
+    body = await _body(request, {"name", "parent", "kind", "draws_on_parent", "rate_limits"})
     key = _idempotency_key(request, body)
     name = body.get("name")
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > 200:
@@ -323,9 +322,13 @@ async def create_account(request: Request, ledger: Ledger) -> Response:
     draws = body.get("draws_on_parent", True)
     if not isinstance(draws, bool):
         raise ApiError(400, "'draws_on_parent' must be true or false", param="draws_on_parent")
+    rate_limits = parse_rate_limits(body)
     acc = await ledger.create_account(
         name.strip(), parent_id, kind, idempotency_key=key, draws_on_parent=draws
     )
+    keys = gateway_of(request).keys
+    if rate_limits is not None:  # setting them again on a retry changes nothing
+        keys.set_account_limits(str(acc.id), rate_limits)
     return json_response(
         {
             "object": "ledger.account",
@@ -334,8 +337,28 @@ async def create_account(request: Request, ledger: Ledger) -> Response:
             "parent_id": acc.parent_id,
             "kind": acc.kind,
             "draws_on_parent": acc.draws_on_parent,
+            "rate_limits": _rate_limits_view(keys.account_limits(str(acc.id))),
         },
         status=201,
+    )
+
+
+def _rate_limits_view(limits: RateLimits | None) -> dict[str, int | None] | None:
+    return None if limits is None or limits.empty else limits.public()
+
+
+@_ledger_endpoint
+async def set_rate_limits(request: Request, ledger: Ledger) -> Response:
+    """Replace an account's rate limits (each field left out or null: unlimited). Setting
+    the same limits twice is the same as once, so no idempotency key is needed."""
+    account_id = _path_account(request)
+    body = await _body(request, set(RATE_LIMIT_FIELDS))
+    limits = rate_limits_from(body, "")
+    ledger.customer(account_id)  # operator accounts never pay for requests
+    keys = gateway_of(request).keys
+    keys.set_account_limits(str(account_id), limits)
+    return json_response(
+        {"object": "account.rate_limits", "account_id": account_id, **limits.public()}
     )
 
 
@@ -372,6 +395,8 @@ async def get_account(request: Request, ledger: Ledger) -> Response:
     view = _account_view(ledger, account_id)
     view["buckets"], view["grants"] = _credit_views(ledger, account_id)
     view["budgets"] = [_budget_view(b) for b in ledger.budgets(account_id)]
+    account_limits = gateway_of(request).keys.account_limits(str(account_id))
+    view["rate_limits"] = _rate_limits_view(account_limits)
     return json_response(view)
 
 
@@ -402,11 +427,12 @@ def _recurrence(value: Any) -> Recurrence | None:
         return None
     if isinstance(value, str):
         value = {"period": value}
-    if not isinstance(value, dict) or set(value) - {"period", "tz"}:
+    if not isinstance(value, dict):
         raise ApiError(
             400, "'recurring' must be {\"period\": \"month\", \"tz\": \"Europe/Paris\"}",
             param="recurring",
         )  # fmt: skip
+    refuse_unknown_fields(value, ("period", "tz"), "recurring.")
     period = value.get("period")
     if period not in {str(p) for p in Period if p is not Period.TOTAL}:
         raise ApiError(
@@ -595,6 +621,7 @@ routes = [
     Route("/admin/v1/accounts/{account_id}/topups", top_up, methods=["POST"]),
     Route("/admin/v1/accounts/{account_id}/grants", create_grant, methods=["POST"]),
     Route("/admin/v1/accounts/{account_id}/budgets", set_budget, methods=["POST"]),
+    Route("/admin/v1/accounts/{account_id}/rate_limits", set_rate_limits, methods=["POST"]),
     Route("/admin/v1/accounts/{account_id}/budgets", list_budgets, methods=["GET"]),
     Route("/admin/v1/accounts/{account_id}/statement", statement, methods=["GET"]),
     Route("/admin/v1/transfers", create_transfer, methods=["POST"]),

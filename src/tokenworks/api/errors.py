@@ -26,6 +26,7 @@ raise the right exception class.
     │   ├── RetryOfDeadKey               409 idempotency_conflict
     │   ├── NotDelegable                 403 no_account
     │   ├── ModelsBeyondParent           403 (param models)
+    │   ├── RateLimitsBeyondParent       403 rate_limits_beyond_parent (param the field)
     │   ├── MintRateExceeded             429 rate_limit_exceeded  Retry-After
     │   ├── TooManyKeys                  403 too_many_keys
     │   ├── UnknownKey                   404 key_not_found
@@ -170,6 +171,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     keys.RetryOfDeadKey: Answer(409, "idempotency_conflict"),
     keys.NotDelegable: Answer(403, "no_account"),
     keys.ModelsBeyondParent: Answer(403, None),
+    keys.RateLimitsBeyondParent: Answer(403, "rate_limits_beyond_parent"),
     keys.MintRateExceeded: Answer(
         429, "rate_limit_exceeded", headers=lambda exc: {"Retry-After": str(exc.retry_after_s)}
     ),

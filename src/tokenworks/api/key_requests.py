@@ -2,7 +2,9 @@
 request, each field bounded (what is done with it is `keys/lifecycle.py`'s).
 
 Every field a client sends is kept for the key's life (in memory and in the table), so each is
-bounded here: a bad one is a 400 naming it, never a 500 from the store.
+bounded here: a bad one is a 400 naming it, never a 500 from the store. A field nobody reads
+is refused too (`refuse_unknown_fields`, used by every admin body): a misspelt `"limits"`
+must not make a key without its budget.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Collection
 from typing import Any
 
 from tokenworks.api.errors import ApiError
+from tokenworks.keys.rate_limits import FIELDS as RATE_LIMIT_FIELDS
+from tokenworks.keys.rate_limits import MAX_RATE_LIMIT, RateLimits
 from tokenworks.ledger.domain import MAX_AMOUNT_NANO
 from tokenworks.money import format_nano, parse_amount
 
@@ -23,6 +27,22 @@ MAX_METADATA_VALUE_CHARS = 512
 # Expiry times are int64 milliseconds in the table; ten years is far inside and long enough
 # for a key meant to expire (one meant to live on sends no ttl_s).
 MAX_TTL_S = 10 * 365 * 86_400
+
+
+def refuse_unknown_fields(body: dict[str, Any], allowed: Collection[str], where: str = "") -> None:
+    """A 400 naming the first field not in `allowed`, as the config refuses unknown keys.
+    `where`: the enclosing field of a nested object (`limit.`), named in the error."""
+    unknown = sorted(set(body) - set(allowed))
+    if not unknown:
+        return
+    shown = ", ".join(repr(where + u[:64]) for u in unknown[:10])
+    raise ApiError(
+        400,
+        f"unknown field{'s' if len(unknown) > 1 else ''}: {shown}; expected "
+        f"{', '.join(where + a for a in sorted(allowed))}",
+        param=where + unknown[0][:64],
+        code="unknown_field",
+    )
 
 
 def _text(value: str, param: str, max_chars: int) -> str:
@@ -103,6 +123,7 @@ def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str]
             400, "'limit' must be {\"amount\": \"<decimal string>\", \"period\": ...}",
             param="limit",
         )  # fmt: skip
+    refuse_unknown_fields(limit, ("amount", "period"), "limit.")
     try:
         amount_nano = parse_amount(limit["amount"])
     except ValueError as exc:
@@ -118,3 +139,35 @@ def parse_limit(body: dict[str, Any], *, default_period: str) -> tuple[int, str]
             400, f"limit.period must be one of {', '.join(PERIODS)}", param="limit.period"
         )
     return amount_nano, period
+
+
+def parse_rate_limits(body: dict[str, Any]) -> RateLimits | None:
+    """`"rate_limits": {"rpm": N, "tpm": N, "max_concurrency": N}` (each optional, a positive
+    integer or null); absent or null -> None."""
+    value = body.get("rate_limits")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(
+            400, "'rate_limits' must be {\"rpm\": N, \"tpm\": N, \"max_concurrency\": N}",
+            param="rate_limits",
+        )  # fmt: skip
+    refuse_unknown_fields(value, RATE_LIMIT_FIELDS, "rate_limits.")
+    return rate_limits_from(value, "rate_limits.")
+
+
+def rate_limits_from(value: dict[str, Any], where: str) -> RateLimits:
+    """The three limits of an object whose other fields were checked; `where` prefixes the
+    field named in an error."""
+    parsed: dict[str, int | None] = {}
+    for name in RATE_LIMIT_FIELDS:
+        n = value.get(name)
+        if n is not None and (
+            not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_RATE_LIMIT
+        ):
+            raise ApiError(
+                400, f"'{where}{name}' must be null or an integer in 1..{MAX_RATE_LIMIT}",
+                param=f"{where}{name}",
+            )  # fmt: skip
+        parsed[name] = n
+    return RateLimits(**parsed)

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from tokenworks.api.admin_ledger import MAX_LIST_LIMIT
 from tokenworks.api.idempotency import MAX_IDEMPOTENCY_KEY_CHARS
 from tokenworks.api.key_requests import PERIODS
+from tokenworks.keys.rate_limits import MAX_RATE_LIMIT
 from tokenworks.ledger.domain import CUSTOMER_KINDS, AccountKind, Period
 
 Schema = dict[str, Any]
@@ -206,6 +207,14 @@ _MODEL = _obj(
 )
 LIMIT_TOTAL = _obj({"amount": AMOUNT, "period": {"const": "total"}}, ("amount",), extra=False)
 LIMIT = _obj({"amount": AMOUNT, "period": {"enum": list(PERIODS)}}, ("amount",), extra=False)
+_RATE: Schema = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_RATE_LIMIT}
+RATE_LIMITS_FIELDS: Schema = {"rpm": _RATE, "tpm": _RATE, "max_concurrency": _RATE}
+RATE_LIMITS = _obj(
+    RATE_LIMITS_FIELDS,
+    extra=False,
+    description="requests per minute, tokens per minute (the request's size in bytes plus its"
+    " max_tokens reserved, corrected to the actual), concurrent requests; per gateway process",
+)
 KEY = _obj(
     {
         "id": STRING,
@@ -218,6 +227,7 @@ KEY = _obj(
         "expires_at": {"type": ["integer", "null"]},
         "revoked_at": {"type": ["integer", "null"]},
         "metadata": {"type": "object", "additionalProperties": STRING},
+        "rate_limits": {"oneOf": [RATE_LIMITS, {"type": "null"}]},
     },
     ("id", "name"),
 )
@@ -239,9 +249,14 @@ CHILD_KEY_REQUEST = _obj(
         "models": {**MODELS, "description": "at most the parent's models (default: those)"},
         "limit": LIMIT_TOTAL,
         "ttl_s": TTL_S,
+        "rate_limits": {
+            **RATE_LIMITS,
+            "description": "each at most the parent's (a field left out is the parent's)",
+        },
         "idempotency_key": IDEMPOTENCY_KEY,
     },
     ("name", "limit"),
+    extra=False,
 )
 
 
@@ -317,9 +332,11 @@ CREATE_KEY_REQUEST = _obj(
         },
         "service_tier": {"type": "string", "description": "the key's default tier"},
         "limit": {**LIMIT, "description": "a budget on this key (needs an account)"},
+        "rate_limits": RATE_LIMITS,
         "idempotency_key": IDEMPOTENCY_KEY,
     },
     ("name",),
+    extra=False,
 )
 ACCOUNT_PATH = _path(
     "account_id", {"type": "string", "pattern": r"^[0-9]{1,18}$", "examples": ["1"]}
@@ -435,6 +452,7 @@ def _admin_paths() -> Schema:
                         "parent": {"oneOf": [ACCOUNT_ID, {"type": "null"}]},
                         "kind": {"enum": _CUSTOMER_KINDS},
                         "draws_on_parent": {"type": "boolean"},
+                        "rate_limits": RATE_LIMITS,
                         **_WRITE,
                     },
                     ("name", *_WRITE_REQUIRED),
@@ -521,6 +539,21 @@ def _admin_paths() -> Schema:
                 _obj({"object": {"const": "list"}, "data": {"type": "array", "items": BUDGET}}),
                 params=[ACCOUNT_PATH],
             ),
+        },
+        "/admin/v1/accounts/{account_id}/rate_limits": {
+            "post": _admin_op(
+                "Replace an account's rate limits (a field left out or null: unlimited)",
+                200,
+                _obj(
+                    {
+                        "object": {"const": "account.rate_limits"},
+                        "account_id": ACCOUNT_ID,
+                        **RATE_LIMITS_FIELDS,
+                    }
+                ),
+                body=_obj({**RATE_LIMITS_FIELDS, **_WRITE}, extra=False),
+                params=[ACCOUNT_PATH],
+            )
         },
         "/admin/v1/accounts/{account_id}/statement": {
             "get": _admin_op(

@@ -71,6 +71,7 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     create.add_argument("--ttl-s", type=float, default=None)
     create.add_argument("--limit", default=None, help='spending limit, e.g. "5.00"')
     create.add_argument("--period", default="month", choices=("day", "week", "month", "total"))
+    add_rate_limit_options(create)
     create.add_argument(
         "--idempotency-key",
         default=None,
@@ -88,6 +89,16 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     usage.add_argument("--since", default=None)
     usage.add_argument("--until", default=None)
     common(usage)
+
+
+def add_rate_limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    parser.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="requests at once")
+
+
+def rate_limits_of(args: argparse.Namespace) -> dict[str, int | None]:
+    return {"rpm": args.rpm, "tpm": args.tpm, "max_concurrency": args.max_concurrency}
 
 
 def admin_key_from_env() -> str | None:
@@ -123,6 +134,9 @@ def _keys(args: argparse.Namespace, admin_key: str, console: Console) -> int:
             body["ttl_s"] = args.ttl_s
         if args.limit is not None:
             body["limit"] = {"amount": args.limit, "period": args.period}
+        rate_limits = rate_limits_of(args)
+        if any(v is not None for v in rate_limits.values()):
+            body["rate_limits"] = rate_limits
         body["idempotency_key"] = args.idempotency_key or f"cli-{uuid.uuid4()}"
         result = request("POST", "/admin/v1/keys", body, **call)
         if args.json:

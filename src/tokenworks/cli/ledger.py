@@ -25,7 +25,9 @@ from tokenworks.cli.admin import (
     DEFAULT_URL,
     URL_ENV,
     AdminError,
+    add_rate_limit_options,
     admin_key_from_env,
+    rate_limits_of,
     request,
     request_bytes,
 )
@@ -56,7 +58,14 @@ def add_subcommands(sub: Any, handler: Any) -> None:
         action="store_true",
         help="do not let this account's spending draw on its parents' credit",
     )
+    add_rate_limit_options(create)
     common(create, write=True)
+    limits = acc_sub.add_parser(
+        "rate-limits", help="replace an account's rate limits (an option left out: unlimited)"
+    )
+    limits.add_argument("account", type=int)
+    add_rate_limit_options(limits)
+    common(limits, write=True)
     listing = acc_sub.add_parser("list", help="accounts with their balances")
     listing.add_argument("--parent", type=int, default=None)
     listing.add_argument("--include-operator", action="store_true")
@@ -181,9 +190,16 @@ def _accounts(args: argparse.Namespace, call: _Call) -> int:
             body["kind"] = args.kind
         if args.no_draw:
             body["draws_on_parent"] = False
+        rate_limits = rate_limits_of(args)
+        if any(v is not None for v in rate_limits.values()):
+            body["rate_limits"] = rate_limits
         r = call.write("/admin/v1/accounts", body)
         parent = f" under {r['parent_id']}" if r["parent_id"] is not None else ""
         return call.show(r, f"account {r['id']}: {r['kind']} {r['name']!r}{parent}")
+    if args.accounts_command == "rate-limits":
+        r = call.write(f"/admin/v1/accounts/{args.account}/rate_limits", rate_limits_of(args))
+        shown = ", ".join(f"{k} {v}" for k, v in rate_limits_of(args).items() if v is not None)
+        return call.show(r, f"account {r['account_id']}: {shown or 'no rate limits'}")
     if args.accounts_command == "list":
         query: dict[str, str] = {}
         if args.parent is not None:

@@ -6,6 +6,7 @@ raises) and the code it is answered with; `api/errors.py` turns them into respon
 
     DispatchError
     ├── InvalidCall            400 invalid_value      priced or bounded out before any work
+    ├── RateLimited            429 rate_limit_exceeded a key's or account's rate limit
     ├── HoldRefused            402 insufficient_quota the ledger refused the worst case
     ├── HoldUnavailable        503 ledger_unavailable the ledger cannot take holds now
     ├── SettlementFailed       502 settlement_failed  served, but the charge failed: withheld
@@ -20,6 +21,8 @@ Backpressure (`ledger.LedgerBusy`) passes through the relay untouched: it is the
 """
 
 from __future__ import annotations
+
+import math
 
 import msgspec
 
@@ -55,6 +58,33 @@ class InvalidCall(DispatchError):
 
     status = 400
     code = "invalid_value"
+
+
+MAX_RETRY_AFTER_S = 60.0
+
+
+class RateLimited(DispatchError):
+    """A consumer rate limit (rpm, tpm or concurrency of the key, a key above it, or its
+    account) refused the call before any hold: OpenAI's 429, with when to retry."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float, ratelimit_headers: dict[str, str]):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.ratelimit_headers = ratelimit_headers
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # Retry-After is whole seconds (1-60, rounded up: a retry then must fit);
+        # retry-after-ms, as OpenAI's SDKs read first, is the finer figure.
+        wait_ms = min(max(math.ceil(self.retry_after_s * 1000), 1), int(MAX_RETRY_AFTER_S * 1000))
+        return {
+            **self.ratelimit_headers,
+            "Retry-After": str(max(1, math.ceil(wait_ms / 1000))),
+            "retry-after-ms": str(wait_ms),
+        }
 
 
 class HoldRefused(DispatchError):

@@ -22,30 +22,17 @@ Pure and synchronous: `now` comes from the caller's clock.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenworks.dispatch.capacity import SlidingWindow, WindowEntry
+from tokenworks.keys.rate_limits import RateLimits
+
+__all__ = ["CLOCK", "Permit", "RateLimiter", "RateLimits", "Refusal", "go_duration"]
 
 WINDOW_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimits:
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrency: int | None = None
-
-    def no_looser_than(self, parent: RateLimits) -> bool:
-        """A child key's limits may only narrow its parent's (each unset one inherits)."""
-        return all(
-            p is None or (c is not None and c <= p)
-            for c, p in (
-                (self.rpm, parent.rpm),
-                (self.tpm, parent.tpm),
-                (self.max_concurrency, parent.max_concurrency),
-            )
-        )
+CLOCK = time.monotonic  # the gateway's clock for these windows (tests inject their own `now`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +84,18 @@ class Permit:
         self.tokens_reserved = tokens
         self.settled = False
 
+    def settle(self, tokens: int, now: float) -> None:
+        """The answer ended (or failed, or the client left): actual tokens, concurrency back.
+        Only the first call counts, so every way a request can end may call it."""
+        if self.settled:
+            return
+        self.settled = True
+        for state, taken in zip(self._scopes, self._entries, strict=True):
+            state.inflight -= 1
+            # The window the reservation went into, even if the scope's limits changed since.
+            if taken is not None:
+                taken[0].correct(taken[1], tokens, now)
+
 
 class RateLimiter:
     def __init__(self) -> None:
@@ -136,15 +135,8 @@ class RateLimiter:
         return Permit(states, entries, tokens)
 
     def settle(self, permit: Permit, tokens: int, now: float) -> None:
-        """The answer ended (or failed, or the client left): actual tokens, concurrency back."""
-        if permit.settled:
-            return
-        permit.settled = True
-        for state, taken in zip(permit._scopes, permit._entries, strict=True):
-            state.inflight -= 1
-            # The window the reservation went into, even if the scope's limits changed since.
-            if taken is not None:
-                taken[0].correct(taken[1], tokens, now)
+        """The answer ended: see `Permit.settle`."""
+        permit.settle(tokens, now)
 
     def headers(self, scopes: Sequence[str], now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit-* for the tightest limited scope of each kind (none if none)."""

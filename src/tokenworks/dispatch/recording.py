@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tokenworks.config import Deployment
+from tokenworks.dispatch.ratelimit import CLOCK
 from tokenworks.ledger import Ledger
 from tokenworks.metering import extract
 from tokenworks.metering.store import USAGE_SCHEMA, UsageStore, usage_row
@@ -22,6 +23,14 @@ from tokenworks.pricing.quote import Quote
 
 if TYPE_CHECKING:
     from tokenworks.dispatch.relay import Call
+
+
+def release(call: Call, usage: Usage) -> None:
+    """The call ended (served, failed or cut): its rate limits get its actual tokens and
+    their concurrency back. Safe to call more than once; only the first counts."""
+    permit = call.permit
+    if permit is not None:
+        permit.settle(usage.input_tokens + usage.output_tokens, CLOCK())
 
 
 class Recorder:
@@ -71,6 +80,7 @@ class Recorder:
         error: str | None = None,
         quote: Quote | None = None,
     ) -> UsageRecord:
+        release(call, usage)  # every call ends in one record: its rate limits settle here
         latency_s = time.perf_counter() - call.started_s
         record = UsageRecord(
             request_id=call.request_id,

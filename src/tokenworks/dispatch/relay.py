@@ -21,6 +21,7 @@ import msgspec
 from starlette.responses import Response
 
 from tokenworks.config import Deployment
+from tokenworks.dispatch.admission import Admission
 from tokenworks.dispatch.billing import (
     DEFAULT_CONTEXT_WINDOW_TOKENS,
     HOLD_MARGIN_S,
@@ -28,7 +29,8 @@ from tokenworks.dispatch.billing import (
     ModelBounds,
 )
 from tokenworks.dispatch.errors import SettlementFailed, from_upstream
-from tokenworks.dispatch.recording import Recorder
+from tokenworks.dispatch.ratelimit import Permit
+from tokenworks.dispatch.recording import Recorder, release
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.stream import StreamResponse
 from tokenworks.keys.store import ApiKey
@@ -90,6 +92,10 @@ class Call:
     request_id: str = field(default_factory=lambda: next_request_id())
     # When the request started: the moment its prices are taken at (several times per call).
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # What it took from its key's rate limits (settled when it is recorded), and the
+    # x-ratelimit-* headers its answer carries; None for a key without limits.
+    permit: Permit | None = None
+    rate_headers: dict[str, str] | None = None
 
     @property
     def public_model(self) -> str:
@@ -123,6 +129,7 @@ class Relay:
         }
         self.recorder = Recorder(store, metrics)
         self.billing = Billing(pricer, metrics, self.recorder, bounds)
+        self.limits = Admission(self.recorder, metrics, bounds)
         self.router = router
         self.producers = producers
         self.metrics = metrics
@@ -142,12 +149,14 @@ class Relay:
         billing = self.billing
         paying = billing.ledger is not None and call.key.account_id is not None
         worst_nano = billing.worst_case(call, candidates if paying else candidates[:1])
-        if paying:
-            # Attempts run one after another, each up to its producer's timeout.
-            attempts_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates)
-            call.hold = await billing.hold(call, worst_nano, attempts_s)
+        if call.key.rate_scopes:  # a key without rate limits pays this one check
+            self.limits.admit(call)
         last: UpstreamError | None = None
         try:
+            if paying:
+                # Attempts run one after another, each up to its producer's timeout.
+                attempts_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates)
+                call.hold = await billing.hold(call, worst_nano, attempts_s)
             for deployment in candidates:
                 producer = self.producers[deployment.producer]
                 body = self._upstream_body(call, deployment)
@@ -163,7 +172,9 @@ class Relay:
                     if not exc.retryable:
                         break
         except BaseException:
-            # Cancelled (the client left) or a bug: release the credit now, not at expiry.
+            # Cancelled (the client left), no hold, or a bug: release the credit now, not at
+            # expiry, and the rate limits' concurrency (a recorded call has released it).
+            release(call, Usage())
             await billing.void(call)
             raise
         assert last is not None, "a route always has at least one deployment"
@@ -237,6 +248,8 @@ class Relay:
             if quote is not None:
                 body = with_cost(body, quote.price_nano)
         headers = {"x-request-id": call.request_id}
+        if call.rate_headers:
+            headers.update(call.rate_headers)
         if balance_nano is not None:
             headers["x-tokenworks-balance"] = format_nano(balance_nano)
         if quote is not None:

@@ -105,6 +105,8 @@ class StreamResponse:
             (b"cache-control", b"no-cache"),
             (b"x-request-id", self.call.request_id.encode()),
         ]
+        if self.call.rate_headers:
+            headers.extend((k.encode(), v.encode()) for k, v in self.call.rate_headers.items())
         if self.call.hold is not None:  # what is left with this request's hold in place
             balance = format_nano(self.call.hold.available_after_nano).encode()
             headers.append((b"x-tokenworks-balance", balance))

@@ -10,6 +10,7 @@ error), and `api/errors.py` answers it.
     ├── RetryOfDeadKey        ... made a key that was refused, revoked or has expired since
     ├── NotDelegable          the parent key has no account to delegate from
     ├── ModelsBeyondParent    a child asked for models its parent may not use
+    ├── RateLimitsBeyondParent a child asked for rate limits looser than its parent's
     ├── MintRateExceeded      the key tree minted faster than `keys.mint_rate_per_s`
     ├── TooManyKeys           a live-children or live-tree cap is reached
     ├── UnknownKey            revoking a key that does not exist
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from tokenworks.keys.rate_limits import RateLimits
 from tokenworks.keys.store import ApiKey, KeyStore, derived_key_id, derived_secret, hash_key
 from tokenworks.ledger import (
     IdempotencyConflict,
@@ -84,6 +86,15 @@ class ModelsBeyondParent(KeyLifecycleError):
 
     def __init__(self) -> None:
         super().__init__("a child key may only use models its parent may use")
+
+
+class RateLimitsBeyondParent(KeyLifecycleError):
+    def __init__(self, field: str, parent: int) -> None:
+        super().__init__(
+            f"a child key's rate limits may not be looser than its parent's: "
+            f"'rate_limits.{field}' must be at most {parent} (leave it out to inherit it)"
+        )
+        self.param = f"rate_limits.{field}"
 
 
 class MintRateExceeded(KeyLifecycleError):
@@ -216,14 +227,21 @@ class NewKey:
     metadata: dict[str, str]
     ttl_s: float | None
     limit: Limit | None
+    rate_limits: RateLimits | None = None
 
     def asked(self) -> dict[str, Any]:
         """The canonical request a retry is compared by."""
-        return {
+        asked = {
             "name": self.name, "models": self.models, "account": self.account,
             "metadata": self.metadata, "limit": self.limit,
             "ttl_ms": int(self.ttl_s * 1000) if self.ttl_s is not None else None,
         }  # fmt: skip
+        return _with_rate_limits(asked, self.rate_limits)
+
+
+def _with_rate_limits(asked: dict[str, Any], limits: RateLimits | None) -> dict[str, Any]:
+    # Only when given: a retry of a key made before rate limits existed still matches.
+    return asked if limits is None else {**asked, "rate_limits": limits.public()}
 
 
 async def create_key(
@@ -235,7 +253,7 @@ async def create_key(
     if key is None:
         key, secret = keys.create(
             new.name, new.models, account_id=new.account, ttl_s=new.ttl_s,
-            metadata=new.metadata, secret=secret, key_id=key_id,
+            metadata=new.metadata, secret=secret, key_id=key_id, rate_limits=new.rate_limits,
         )  # fmt: skip
     assert secret is not None
     if new.limit is not None:
@@ -259,14 +277,16 @@ class NewChild:
     models: list[str] | None  # as asked; None: the parent's
     limit_nano: int  # its delegated budget, a 'total'
     ttl_s: float | None  # as asked, before the parent's expiry caps it
+    rate_limits: RateLimits | None = None  # with the parent's filled in (`child_rate_limits`)
 
     def asked(self) -> dict[str, Any]:
         # What the agent asked, not what it got: the TTL before the parent's cap, which
         # shrinks between retries.
-        return {
+        asked = {
             "name": self.name, "models": self.models, "limit": (self.limit_nano, "total"),
             "ttl_ms": int(self.ttl_s * 1000) if self.ttl_s is not None else None,
         }  # fmt: skip
+        return _with_rate_limits(asked, self.rate_limits)
 
 
 def require_delegable(parent: ApiKey) -> None:
@@ -282,6 +302,19 @@ def child_models(parent: ApiKey, asked: list[str] | None) -> list[str] | None:
     if not parent.allows_all(asked):
         raise ModelsBeyondParent()
     return asked
+
+
+def child_rate_limits(parent: ApiKey, asked: RateLimits | None) -> RateLimits | None:
+    """A child's rate limits: those asked, each no looser than the parent's (else refused,
+    naming the field), and the parent's for each one not asked."""
+    own = parent.rate_limits
+    if own is None:
+        return asked
+    wanted = asked or RateLimits()
+    for name in wanted.looser_fields(own):
+        if getattr(wanted, name) is not None:
+            raise RateLimitsBeyondParent(name, getattr(own, name))
+    return wanted.inherit(own)
 
 
 async def mint_child(
@@ -319,6 +352,7 @@ async def mint_child(
         child, secret = keys.create(
             new.name, models, account_id=parent.account_id, parent_id=parent.id,
             ttl_s=ttl_s, metadata=metadata, secret=secret, key_id=child_id,
+            rate_limits=new.rate_limits,
         )  # fmt: skip
     assert secret is not None
     try:

@@ -8,6 +8,13 @@ table and the cache in the same call, so it takes effect on the next request.
 Storage is a small seam, `KeyRows`: the `api_keys` table in SQLite or PostgreSQL, each on its
 own connection (`open_key_rows(url)`, `KeyStore.open(url)`). The store only loads every row
 at start and writes on create and revoke; all reads come from memory.
+
+Rate limits (`keys/rate_limits.py`) live beside the keys in `rate_limits`, one row per scope
+(`key:<id>`, `account:<id>`): a key's are written in the transaction that makes the key, an
+account's whenever an admin sets them. A database an earlier version made has no such table;
+opening it creates one (`CREATE TABLE IF NOT EXISTS`), which is the whole upgrade. Each key
+carries `rate_scopes`, every limited scope a request of it draws on (its own, its ancestors',
+its account's), so a key without limits costs the hot path one empty-tuple check.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any, Protocol
 
 from tokenworks.db import backend, sqlite_path
 from tokenworks.db.table import Table
+from tokenworks.keys.rate_limits import RateLimits
 
 KEY_PREFIX = "tw-"
 
@@ -56,6 +64,32 @@ KEYS = Table(
 )
 
 
+RATE_LIMITS = Table(
+    "rate_limits",
+    ("scope",),
+    (
+        ("scope", "TEXT"),  # "key:<id>" or "account:<id>"
+        ("rpm", "BIGINT"),
+        ("tpm", "BIGINT"),
+        ("max_concurrency", "BIGINT"),
+        ("updated_ms", "BIGINT"),
+    ),
+    constraints=(("updated_ms", "NOT NULL"),),
+)
+_UPSERT_LIMITS = (
+    "INSERT INTO rate_limits (scope, rpm, tpm, max_concurrency, updated_ms) "
+    "VALUES ({0}, {0}, {0}, {0}, {0}) ON CONFLICT (scope) DO UPDATE SET rpm = excluded.rpm, "
+    "tpm = excluded.tpm, max_concurrency = excluded.max_concurrency, "
+    "updated_ms = excluded.updated_ms"
+)
+LimitsRow = tuple[str, int | None, int | None, int | None, int]
+RateScopes = tuple[tuple[str, RateLimits], ...]
+
+
+def limits_row(scope: str, limits: RateLimits, now_ms: int) -> LimitsRow:
+    return (scope, limits.rpm, limits.tpm, limits.max_concurrency, now_ms)
+
+
 @dataclass(slots=True)
 class ApiKey:
     id: str
@@ -69,6 +103,9 @@ class ApiKey:
     expires_ms: int | None
     revoked_ms: int | None
     metadata: dict[str, str]
+    rate_limits: RateLimits | None = None  # its own, as made
+    # Every limited scope its requests draw on (own, ancestors', account's); () when none.
+    rate_scopes: RateScopes = ()
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -93,6 +130,7 @@ class ApiKey:
             "expires_at": self.expires_ms // 1000 if self.expires_ms else None,
             "revoked_at": self.revoked_ms // 1000 if self.revoked_ms else None,
             "metadata": self.metadata,
+            "rate_limits": self.rate_limits.public() if self.rate_limits is not None else None,
         }
 
 
@@ -136,8 +174,14 @@ class KeyRows(Protocol):
     def load(self) -> list[Mapping[str, Any]]:
         """Every row, as mappings of column name to value."""
 
-    def insert(self, row: Sequence[Any]) -> None:
-        """One row, values in `KEY_COLUMNS` order."""
+    def insert(self, row: Sequence[Any], limits: LimitsRow | None = None) -> None:
+        """One row, values in `KEY_COLUMNS` order, and its rate limits, in one transaction."""
+
+    def load_limits(self) -> list[Mapping[str, Any]]:
+        """Every `rate_limits` row."""
+
+    def set_limits(self, row: LimitsRow) -> None:
+        """Insert or replace one scope's rate limits."""
 
     def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
         """Set `revoked_ms` on those of the keys not revoked yet."""
@@ -160,9 +204,13 @@ class _SqlKeyRows:
         self._revoke = (
             f"UPDATE api_keys SET revoked_ms = {ph} WHERE id = {ph} AND revoked_ms IS NULL"
         )
+        self._upsert_limits = _UPSERT_LIMITS.format(ph)
 
     def load(self) -> list[Mapping[str, Any]]:
         return list(self._conn.execute("SELECT * FROM api_keys").fetchall())
+
+    def load_limits(self) -> list[Mapping[str, Any]]:
+        return list(self._conn.execute("SELECT * FROM rate_limits").fetchall())
 
     def close(self) -> None:
         self._conn.close()
@@ -176,10 +224,23 @@ class SqliteKeyRows(_SqlKeyRows):
     def __init__(self, path: str) -> None:
         from tokenworks.db.sqlite import connect_rows
 
-        super().__init__(connect_rows(path, KEYS.ddl("sqlite")))
+        super().__init__(connect_rows(path, KEYS.ddl("sqlite") + RATE_LIMITS.ddl("sqlite")))
 
-    def insert(self, row: Sequence[Any]) -> None:
-        self._conn.execute(self._insert, tuple(row))
+    def insert(self, row: Sequence[Any], limits: LimitsRow | None = None) -> None:
+        if limits is None:
+            self._conn.execute(self._insert, tuple(row))
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(self._insert, tuple(row))
+            self._conn.execute(self._upsert_limits, limits)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def set_limits(self, row: LimitsRow) -> None:
+        self._conn.execute(self._upsert_limits, row)
 
     def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
         self._conn.execute("BEGIN IMMEDIATE")
@@ -200,7 +261,7 @@ class PostgresKeyRows(_SqlKeyRows):
         from tokenworks.db.postgres import connect
 
         self._url = url
-        super().__init__(connect(url, KEYS.ddl("postgres")))
+        super().__init__(connect(url, KEYS.ddl("postgres") + RATE_LIMITS.ddl("postgres")))
 
     def _reconnect_if_broken(self) -> None:
         if self._conn.broken or self._conn.closed:
@@ -209,9 +270,16 @@ class PostgresKeyRows(_SqlKeyRows):
             self._conn.close()
             self._conn = connect(self._url)
 
-    def insert(self, row: Sequence[Any]) -> None:
+    def insert(self, row: Sequence[Any], limits: LimitsRow | None = None) -> None:
         self._reconnect_if_broken()
-        self._conn.execute(self._insert, tuple(row))
+        with self._conn.transaction():
+            self._conn.execute(self._insert, tuple(row))
+            if limits is not None:
+                self._conn.execute(self._upsert_limits, limits)
+
+    def set_limits(self, row: LimitsRow) -> None:
+        self._reconnect_if_broken()
+        self._conn.execute(self._upsert_limits, row)
 
     def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
         self._reconnect_if_broken()
@@ -240,15 +308,28 @@ class KeyStore:
         # key and descendants per root key: what the mint limits count.
         self._live_children: dict[str, set[str]] = {}
         self._live_tree: dict[str, set[str]] = {}
+        self._account_limits: dict[str, RateLimits] = {}
+        self._by_account: dict[str, list[ApiKey]] = {}
         now_ms = int(time.time() * 1000)
         with self._lock:
             loaded = rows.load()
+            loaded_limits = rows.load_limits()
+        limits = {r["scope"]: _limits_from_row(r) for r in loaded_limits}
         keys = [_from_row(row) for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"]))]
+        for key in keys:
+            key.rate_limits = limits.get("key:" + key.id)
+        self._account_limits = {
+            scope.removeprefix("account:"): value
+            for scope, value in limits.items()
+            if scope.startswith("account:")
+        }
         # Every key is known before any is counted: a parent and its child made in the same
         # millisecond may load in either order, and the count goes to the child's root.
         self._by_id.update((key.id, key) for key in keys)
         for key in keys:
             self._remember(key, now_ms)
+        for key in keys:
+            key.rate_scopes = self._rate_scopes(key)
 
     @classmethod
     def open(cls, url: str) -> KeyStore:
@@ -261,11 +342,43 @@ class KeyStore:
     def _remember(self, key: ApiKey, now_ms: int) -> None:
         self._by_hash[key.key_hash] = key
         self._by_id[key.id] = key
+        if key.account_id is not None:
+            self._by_account.setdefault(key.account_id, []).append(key)
         if key.parent_id is not None:
             self._children.setdefault(key.parent_id, []).append(key.id)
             if key.active(now_ms):
                 self._live_children.setdefault(key.parent_id, set()).add(key.id)
                 self._live_tree.setdefault(self.root_of(key).id, set()).add(key.id)
+
+    def _rate_scopes(self, key: ApiKey) -> RateScopes:
+        """Every limited scope a request of `key` draws on: its own limits and those of every
+        key above it (a key's limits cover all it minted), and its account's."""
+        scopes: list[tuple[str, RateLimits]] = []
+        current: ApiKey | None = key
+        while current is not None:
+            if current.rate_limits is not None and not current.rate_limits.empty:
+                scopes.append(("key:" + current.id, current.rate_limits))
+            parent_id = current.parent_id
+            current = self._by_id.get(parent_id) if parent_id is not None else None
+        if key.account_id is not None:
+            account = self._account_limits.get(key.account_id)
+            if account is not None and not account.empty:
+                scopes.append(("account:" + key.account_id, account))
+        return tuple(scopes)
+
+    def account_limits(self, account_id: str) -> RateLimits | None:
+        return self._account_limits.get(account_id)
+
+    def set_account_limits(self, account_id: str, limits: RateLimits) -> None:
+        """Set (or, all fields None, clear) an account's rate limits; every key paying from
+        it draws on them from its next request."""
+        with self._lock:
+            self._rows.set_limits(
+                limits_row("account:" + account_id, limits, int(time.time() * 1000))
+            )
+            self._account_limits[account_id] = limits
+            for key in self._by_account.get(account_id, ()):
+                key.rate_scopes = self._rate_scopes(key)
 
     def root_of(self, key: ApiKey) -> ApiKey:
         """The admin-made key at the top of `key`'s tree (`key` itself when it has no parent)."""
@@ -311,6 +424,7 @@ class KeyStore:
         metadata: dict[str, str] | None = None,
         secret: str | None = None,
         key_id: str | None = None,
+        rate_limits: RateLimits | None = None,
     ) -> tuple[ApiKey, str]:
         """Mint a key; a retryable creation passes its derived `secret` and `key_id`."""
         assert key_id is None or key_id not in self._by_id, "look the id up before creating it"
@@ -328,6 +442,12 @@ class KeyStore:
             expires_ms=now_ms + int(ttl_s * 1000) if ttl_s is not None else None,
             revoked_ms=None,
             metadata=metadata or {},
+            rate_limits=rate_limits if rate_limits is not None and not rate_limits.empty else None,
+        )
+        limits = (
+            limits_row("key:" + key.id, key.rate_limits, now_ms)
+            if key.rate_limits is not None
+            else None
         )
         with self._lock:
             self._rows.insert(
@@ -343,9 +463,11 @@ class KeyStore:
                     key.expires_ms,
                     None,
                     json.dumps(key.metadata),
-                )
+                ),
+                limits,
             )
             self._remember(key, now_ms)
+            key.rate_scopes = self._rate_scopes(key)
         return key, secret
 
     def get(self, key_id: str) -> ApiKey | None:
@@ -403,3 +525,7 @@ def _from_row(row: Mapping[str, Any]) -> ApiKey:
         revoked_ms=row["revoked_ms"],
         metadata=json.loads(row["metadata"] or "{}"),
     )
+
+
+def _limits_from_row(row: Mapping[str, Any]) -> RateLimits:
+    return RateLimits(row["rpm"], row["tpm"], row["max_concurrency"])
