@@ -126,3 +126,26 @@ def test_reprice_shows_what_a_price_rise_would_have_cost(gateway: Gateway, tmp_p
     bad.write_text("name: x\nchanges:\n  - {kind: scale_cost, factor: 1.3e}\n")
     failed = tokenworks("reprice", "--config", str(config), "--scenario", str(bad))
     assert failed.returncode == 2 and "bad.yaml" in failed.stderr
+
+
+def test_rate_limits_from_the_command_line(gateway: Gateway) -> None:
+    env = {"TOKENWORKS_URL": gateway.url, "TOKENWORKS_ADMIN_KEY": ADMIN_KEY}
+    made = tokenworks("accounts", "create", "acme", "--rpm", "30", "--json", env=env)
+    assert made.returncode == 0, made.stderr
+    account = json.loads(made.stdout)
+    assert account["rate_limits"] == {"rpm": 30, "tpm": None, "max_concurrency": None}
+    changed = tokenworks(
+        "accounts", "rate-limits", str(account["id"]), "--tpm", "5000", "--max-concurrency", "2",
+        env=env,
+    )  # fmt: skip
+    assert changed.returncode == 0, changed.stderr
+    assert "tpm 5000" in changed.stdout and "max_concurrency 2" in changed.stdout
+    shown = gateway.admin("GET", f"/admin/v1/accounts/{account['id']}").json()
+    assert shown["rate_limits"] == {"rpm": None, "tpm": 5000, "max_concurrency": 2}
+    key = tokenworks("keys", "create", "capped", "--rpm", "1", "--json", env=env)
+    assert key.returncode == 0, key.stderr
+    assert json.loads(key.stdout)["rate_limits"] == {"rpm": 1, "tpm": None, "max_concurrency": None}
+    c = openai.OpenAI(base_url=gateway.v1, api_key=json.loads(key.stdout)["key"], max_retries=0)
+    c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=3)
+    with pytest.raises(openai.RateLimitError):  # the SDK reads OpenAI's 429
+        c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=3)

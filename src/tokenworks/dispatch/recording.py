@@ -80,7 +80,8 @@ class Recorder:
         error: str | None = None,
         quote: Quote | None = None,
     ) -> UsageRecord:
-        release(call, usage)  # every call ends in one record: its rate limits settle here
+        if call.permit is not None:  # every call ends in one record: its limits settle here
+            release(call, usage)
         latency_s = time.perf_counter() - call.started_s
         record = UsageRecord(
             request_id=call.request_id,
