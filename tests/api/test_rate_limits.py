@@ -247,3 +247,67 @@ def test_key_rate_limits_are_validated(gw: Gateway) -> None:
         assert r.status_code == 400, (bad, r.text)
         assert r.json()["error"]["param"] == param
     assert gw.admin("GET", "/admin/v1/keys").json()["data"] == []
+
+
+async def _burst_usage(gw: Gateway, secret: str, count: int, content: bytes) -> list[int | None]:
+    """Each reply's total_tokens, None for a refusal."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+        replies = await asyncio.gather(
+            *(
+                client.post(f"{gw.v1}/chat/completions", headers=headers, content=content)
+                for _ in range(count)
+            )
+        )
+    assert {r.status_code for r in replies} <= {200, 429}
+    return [r.json()["usage"]["total_tokens"] if r.status_code == 200 else None for r in replies]
+
+
+def test_a_tpm_burst_with_concurrency_never_serves_more_tokens_than_the_limit(
+    gw: Gateway,
+) -> None:
+    """LiteLLM's #18730: concurrency beat a 100 TPM limit. Reservations are upper bounds,
+    so whatever the interleaving the tokens served stay within the limit."""
+    content = body_bytes(max_tokens=30)
+    tpm = 3 * (len(content) + 30) + 10  # room for three reservations at once
+    _, key = limited_key(gw, tpm=tpm)
+    served = asyncio.run(_burst_usage(gw, key["key"], 16, content))
+    used = [u for u in served if u is not None]
+    assert len(used) >= 3 and None in served
+    assert sum(used) <= tpm
+
+
+def test_streams_carry_the_headers_too(gw: Gateway) -> None:
+    _, key = limited_key(gw, rpm=7)
+    with httpx.stream(
+        "POST",
+        f"{gw.v1}/chat/completions",
+        headers={"Authorization": f"Bearer {key['key']}", "Content-Type": "application/json"},
+        content=body_bytes(stream=True),
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-limit-requests"] == "7"
+        assert r.headers["x-ratelimit-remaining-requests"] == "6"
+        assert "data: [DONE]" in r.read().decode()
+
+
+def test_a_retried_key_creation_must_ask_for_the_same_limits(gw: Gateway) -> None:
+    body = {"name": "r", "rate_limits": {"rpm": 5}, "idempotency_key": "same"}
+    first = gw.admin("POST", "/admin/v1/keys", json=body)
+    again = gw.admin("POST", "/admin/v1/keys", json=body)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"]
+    assert first.json()["key"] == again.json()["key"]
+    other = gw.admin("POST", "/admin/v1/keys", json={**body, "rate_limits": {"rpm": 6}})
+    assert other.status_code == 409
+
+
+def test_account_rate_limits_need_a_customer_account(gw: Gateway) -> None:
+    r = gw.admin("POST", "/admin/v1/accounts/999999/rate_limits", json={"rpm": 1})
+    assert r.status_code == 404
+    r = gw.admin("POST", "/admin/v1/accounts/1/rate_limits", json={"rpm": 1})  # the operator's
+    assert r.status_code == 400, r.text
+    account, _ = gw.funded_key(10**9)
+    r = gw.admin("POST", f"/admin/v1/accounts/{account}/rate_limits", json={"rpm": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rpm"
