@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from tokenworks.dispatch.ratelimit import RateLimiter
+from tokenworks.dispatch.ratelimit import Permit, RateLimiter
 from tokenworks.keys.rate_limits import RateLimits
 
 KEY = RateLimits(rpm=10**9, tpm=10**12, max_concurrency=10**6)
@@ -48,8 +48,8 @@ def run(requests: int) -> tuple[list[float], list[float]]:
                 names.append(name)
             permit = limiter.acquire(names, 1_200, now)
             limiter.headers(names, now)
-            assert not isinstance(permit, type(None))
-            permit.settle(800, now)  # type: ignore[union-attr]
+            assert isinstance(permit, Permit)
+            permit.settle(800, now)
         with_limits.append(clock() - start)
         start = clock()
         if plain.rate_scopes:
