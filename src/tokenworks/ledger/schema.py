@@ -134,8 +134,25 @@ IDEMPOTENCY = Table(
     without_rowid=True,
 )
 META = Table("ledger_meta", ("k",), (("k", T), ("v", B)), without_rowid=True)
+# Closed holds past their retention, summed per UTC day of closing, status and scopes
+# (`compaction.py`): what check() still compares with the transfers once their rows are gone.
+HOLDS_COMPACTED = Table(
+    "ledger_holds_compacted",
+    ("day", "status", "scopes"),
+    (
+        ("day", T),  # YYYY-MM-DD
+        ("status", T),
+        ("scopes", T),  # the holds' scopes JSON, as ledger_holds had it
+        ("closed_ms", B),  # the day's first instant
+        ("holds", B),
+        ("price_nano", B),
+        ("cost_nano", B),
+        ("clamped_nano", B),
+    ),
+    without_rowid=True,
+)
 
-TABLES = (ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META)
+TABLES = (ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META, HOLDS_COMPACTED)
 
 
 def ddl(dialect: str) -> list[str]:
