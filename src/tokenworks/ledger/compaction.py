@@ -3,7 +3,8 @@
 A closed hold's row (`ledger_holds`) is read back only by the last 100,000 closed holds a
 restarted engine remembers, by `get_hold` for a retried request id, and by `check()`. Past
 the retention its row is replaced by its share of one `ledger_holds_compacted` row per UTC
-day of closing, status and scopes JSON: hold count, prices, costs, clamped amounts. Each
+day of closing (cut where a lifetime budget starts), status and scopes JSON: hold count,
+prices, costs, clamped amounts. Each
 batch moves at most `batch_holds` holds in one transaction (sums added, rows deleted), so a
 check sees the holds either as rows or as sums, never both or neither.
 
@@ -22,6 +23,7 @@ writer only inserts holds, never touches an old one, so the two never write the 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import sqlite3
 from collections.abc import Iterator
@@ -109,6 +111,14 @@ class HoldCompactor:
     def _batch(self, before_ms: int, limit: int) -> int:
         ph = self.ph
         with self._tx():
+            # Where lifetime budgets start (day, week and month periods are younger than
+            # any compacted hold): read in the batch's transaction, so none is missed.
+            cuts = sorted(
+                int(r[0])
+                for r in self._conn.execute(
+                    "SELECT DISTINCT period_start_ms FROM ledger_budgets WHERE period = 'total'"
+                ).fetchall()
+            )
             rows = self._conn.execute(
                 "SELECT id, status, scopes, closed_ms, price_nano, cost_nano, clamped_nano"
                 f" FROM ledger_holds WHERE closed_ms < {ph} ORDER BY closed_ms LIMIT {ph}",
@@ -119,6 +129,11 @@ class HoldCompactor:
             sums: dict[tuple[str, str, str, int], list[int]] = {}
             for _id, status, scopes, closed_ms, price, cost, clamped in rows:
                 start = closed_ms - closed_ms % DAY_MS
+                # A lifetime budget that started within the day counts the holds closed from
+                # its start on: they must not share a sum with those before.
+                i = bisect.bisect_right(cuts, closed_ms)
+                if i and cuts[i - 1] > start:
+                    start = cuts[i - 1]
                 key = (_day(start), status, scopes, start)
                 acc = sums.setdefault(key, [0, 0, 0, 0])
                 acc[0] += 1
@@ -130,7 +145,7 @@ class HoldCompactor:
             adds = ", ".join(f"{c} = ledger_holds_compacted.{c} + excluded.{c}" for c in _SUMS)
             upsert = (
                 f"INSERT INTO ledger_holds_compacted ({cols}) VALUES ({marks})"
-                f" ON CONFLICT (day, status, scopes) DO UPDATE SET {adds}"
+                f" ON CONFLICT (closed_ms, status, scopes) DO UPDATE SET {adds}"
             )
             values = [(*key, *acc) for key, acc in sums.items()]
             ids = [r[0] for r in rows]
