@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from tests.conftest import both_stores
 from tests.metering.test_stores import record
-from tokenworks.metering import partitions
 from tokenworks.metering.retention import UsageRetention
 from tokenworks.metering.rollup import DAY_MS, GRACE_MS
 from tokenworks.metering.store import GROUPS, UsageStore, open_usage_store
@@ -154,31 +153,3 @@ def test_a_late_row_is_rolled_up_before_its_day_goes(
     job.expire(LATER_MS)
     assert store.query(use_rollup=False)[0].requests == 0
     assert store.query(group_by=["day"]) == want
-
-
-def test_postgres_retention_drops_whole_months(
-    stores: tuple[UsageStore, UsageRetention], database: str
-) -> None:
-    store, job = stores
-    if store.dialect != "postgres":
-        pytest.skip("partitions are PostgreSQL's")
-    # Rows of 2024-03-30 .. 2024-05-08, written before their months had partitions: they
-    # wait in the default partition, and move when their month is made.
-    _fill(store, 400, seed=11, span_days=40)
-    partitions.ensure(job._pg, DAY0_MS + 40 * DAY_MS, DAY0_MS)
-    names = partitions.months(job._pg)
-    assert {"usage_p202403", "usage_p202404", "usage_p202405"} <= set(names)
-    assert job._value("SELECT COUNT(*) FROM usage_default") == 0
-    want = store.query(group_by=["day", "model"], use_rollup=False)
-    job.roll_up(DAY0_MS + 60 * DAY_MS, max_days=31)
-    # 31 days a call: April is not rolled up whole yet, so it stays.
-    assert job.expire(DAY0_MS + 34 * DAY_MS) == 1
-    job.roll_up(DAY0_MS + 60 * DAY_MS, max_days=31)
-    # Retention up to 2024-05-03: March and April go as partitions, May stays whole.
-    gone = job.expire(DAY0_MS + 34 * DAY_MS)
-    names = partitions.months(job._pg)
-    assert "usage_p202403" not in names and "usage_p202404" not in names
-    assert "usage_p202405" in names
-    assert gone == 1  # a partition, no row deleted one by one
-    assert store.query(group_by=["day", "model"]) == want
-    assert store.records(until_ms=DAY0_MS + 32 * DAY_MS) == []
