@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Any
 
 import pytest
 
@@ -123,3 +124,22 @@ def test_the_job_runs_on_its_thread_until_stopped(tmp_path: object) -> None:
         job.stop()
     assert not job._thread.is_alive()
     assert not RetentionJob.applies("sqlite://:memory:")
+
+
+def test_the_gateway_runs_the_job_and_stops_it(make_gateway: Any, sims: tuple[Any, Any]) -> None:
+    models = """
+        models:
+          - name: chat-fast
+            deployments: [{producer: a, model: sim-small}]
+        """
+    extra = "retention:\n  usage_rows_days: 30\n  interval_s: 1\n"
+    with make_gateway({"a": sims[0].url}, models, extra) as gw:
+        job = gw.app.state.gateway.retention
+        assert isinstance(job, RetentionJob) and job._thread.is_alive()
+        assert job.policy.usage_rows_days == 30
+        for _ in range(50):  # its first run, on its own thread
+            if job.last is not None:
+                break
+            time.sleep(0.1)
+        assert job.last is not None
+    assert not job._thread.is_alive()
