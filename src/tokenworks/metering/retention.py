@@ -96,11 +96,27 @@ class UsageRetention:
             [name, until_ms],
         )
 
-    def _roll_day(self, start_ms: int) -> None:
-        """Replace one day's roll-up from its raw rows (inside a transaction)."""
+    def _roll_day(self, start_ms: int, watermark: str | None = None) -> None:
+        """Replace one day's roll-up from its raw rows, and move a watermark past it. The
+        rows are read first, outside the transaction, which then only writes the roll-up's
+        few rows: a writer waits for that, never for a day's GROUP BY."""
         day = day_of(start_ms)
-        for sql, n in rollup.rollup_day_sql(self.ph):
-            self._exec(sql, [day, start_ms, start_ms + DAY_MS][:n])
+        conn: Any = self._lite if self._lite is not None else self._pg
+        rows = [
+            tuple(r.values()) if isinstance(r, dict) else tuple(r)
+            for r in conn.execute(rollup.day_rows_sql(self.ph), [day, start_ms, start_ms + DAY_MS])
+        ]
+        delete, insert = rollup.replace_day_sql(self.ph)
+        with self._tx():
+            self._exec(delete, [day])
+            if rows:
+                if self._lite is not None:
+                    self._lite.executemany(insert, rows)
+                else:
+                    with self._pg.cursor() as cur:
+                        cur.executemany(insert, rows)
+            if watermark is not None:
+                self._set_watermark(watermark, start_ms + DAY_MS)
 
     def _next_row_ms(self, from_ms: int | None) -> int | None:
         where = "" if from_ms is None else f" WHERE ts_ms >= {self.ph}"
@@ -128,9 +144,7 @@ class UsageRetention:
                     with self._tx():
                         self._set_watermark("usage", closed_ms)
                 break
-            with self._tx():
-                self._roll_day(start)
-                self._set_watermark("usage", start + DAY_MS)
+            self._roll_day(start, "usage")
             mark = start + DAY_MS
             rolled += 1
         return rolled
@@ -187,11 +201,14 @@ class UsageRetention:
         day = day_start_ms(day)
         count_raw, count_daily = rollup.day_counts_sql(self.ph)
         while day < until_ms:
-            with self._tx():
-                raw = int(self._value(count_raw, [day, day + DAY_MS]))
-                if raw != int(self._value(count_daily, [day_of(day)])):
-                    self._roll_day(day)
-                self._set_watermark("final", day + DAY_MS)
+            # Counted outside a transaction (reads); a day a late row changed is rolled up
+            # again, and marked final with its new roll-up.
+            raw = int(self._value(count_raw, [day, day + DAY_MS]))
+            if raw != int(self._value(count_daily, [day_of(day)])):
+                self._roll_day(day, "final")
+            else:
+                with self._tx():
+                    self._set_watermark("final", day + DAY_MS)
             day += DAY_MS
 
     def _delete_batch(self, table: str, before_ms: int, batch_rows: int) -> int:

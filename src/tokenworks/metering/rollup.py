@@ -75,20 +75,25 @@ def closed_until_ms(now_ms: int) -> int:
 # ---------------------------------------------------------------------- rolling up
 
 
-def rollup_day_sql(ph: str) -> list[tuple[str, int]]:
-    """The statements that replace one day's roll-up from its raw rows, with how many of the
-    parameters (day text, start ms, end ms) each takes: run in one transaction."""
+def day_rows_sql(ph: str) -> str:
+    """A day's roll-up rows from its raw rows (parameters: day text, start ms, end ms). A
+    read: on SQLite it takes no write lock, so the writers go on while it runs."""
     keys = ", ".join(KEYS)
-    sums = ", ".join(f"COALESCE(SUM({s}), 0)" for s in SUMS)
-    return [
-        (f"DELETE FROM usage_daily WHERE day = {ph}", 1),
-        (
-            f"INSERT INTO usage_daily ({', '.join(DAILY_COLUMNS)}) "
-            f"SELECT {ph}, {keys}, COUNT(*), {sums} FROM usage "
-            f"WHERE ts_ms >= {ph} AND ts_ms < {ph} GROUP BY {keys}",
-            3,
-        ),
-    ]
+    # Every column named: rows may come back as dicts.
+    sums = ", ".join(f"COALESCE(SUM({s}), 0) AS {s}" for s in SUMS)
+    return (
+        f"SELECT {ph} AS day, {keys}, COUNT(*) AS requests, {sums} FROM usage "
+        f"WHERE ts_ms >= {ph} AND ts_ms < {ph} GROUP BY {keys}"
+    )
+
+
+def replace_day_sql(ph: str) -> tuple[str, str]:
+    """(delete a day's roll-up rows, insert one): run in one short transaction."""
+    marks = ", ".join([ph] * len(DAILY_COLUMNS))
+    return (
+        f"DELETE FROM usage_daily WHERE day = {ph}",
+        f"INSERT INTO usage_daily ({', '.join(DAILY_COLUMNS)}) VALUES ({marks})",
+    )
 
 
 def watermark_sql(ph: str) -> str:
