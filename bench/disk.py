@@ -175,10 +175,11 @@ def run_sqlite(args: argparse.Namespace) -> None:
         retain(url, args.usage_days, args.holds_days, end2)
         steady, file_steady = sqlite_sizes(path)
         show(f"after {args.more_days} more days and retention (pages in use)", steady, n + n2)
+        grew = sum(steady.values()) - sum(after.values())
         print(
-            f"  steady state: the file grew {(file_steady - file_after) / 1e6:.2f} MB for {n2}"
-            f" requests, {(file_steady - file_after) / n2:.0f} B/request"
-            f" (before retention: {file_before / n:.0f} B/request)"
+            f"  steady state: pages in use grew {grew / 1e6:.2f} MB for {n2} requests,"
+            f" {grew / n2:.0f} B/request (before retention: {sum(before.values()) / n:.0f});"
+            f" the file grew {(file_steady - file_after) / 1e6:.2f} MB (freed pages reused)"
         )
         conn = sqlite3.connect(path)
         conn.execute("VACUUM")
