@@ -100,25 +100,26 @@ class HoldCompactor:
         before_ms = min(before_ms, now_ms - MIN_HOLDS_DAYS * DAY_MS)
         if not self._has_holds_table():
             return 0
+        # Where lifetime budgets start (day, week and month periods are younger than any
+        # compacted hold). Read once, outside the batches' transactions: a budget made
+        # meanwhile starts now, after every hold old enough to be compacted.
+        cuts = sorted(
+            int(r[0])
+            for r in self._conn.execute(
+                "SELECT DISTINCT period_start_ms FROM ledger_budgets WHERE period = 'total'"
+            ).fetchall()
+        )
         done = 0
         for _ in range(max_batches):
-            n = self._batch(before_ms, batch_holds)
+            n = self._batch(before_ms, batch_holds, cuts)
             done += n
             if n < batch_holds:
                 break
         return done
 
-    def _batch(self, before_ms: int, limit: int) -> int:
+    def _batch(self, before_ms: int, limit: int, cuts: list[int]) -> int:
         ph = self.ph
         with self._tx():
-            # Where lifetime budgets start (day, week and month periods are younger than
-            # any compacted hold): read in the batch's transaction, so none is missed.
-            cuts = sorted(
-                int(r[0])
-                for r in self._conn.execute(
-                    "SELECT DISTINCT period_start_ms FROM ledger_budgets WHERE period = 'total'"
-                ).fetchall()
-            )
             rows = self._conn.execute(
                 "SELECT id, status, scopes, closed_ms, price_nano, cost_nano, clamped_nano"
                 f" FROM ledger_holds WHERE closed_ms < {ph} ORDER BY closed_ms LIMIT {ph}",
