@@ -7,6 +7,7 @@ rows, windows, groups and key filters), and keep answering it once the raw rows 
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -153,3 +154,29 @@ def test_a_late_row_is_rolled_up_before_its_day_goes(
     job.expire(LATER_MS)
     assert store.query(use_rollup=False)[0].requests == 0
     assert store.query(group_by=["day"]) == want
+
+
+def test_deletion_runs_beside_the_writer_and_loses_nothing_new(
+    stores: tuple[UsageStore, UsageRetention],
+) -> None:
+    store, job = stores
+    _fill(store, 2_000, seed=8, span_days=5)
+    job.roll_up(DAY0_MS + 5 * DAY_MS + GRACE_MS)
+    want_old = store.query(group_by=["day", "model"], use_rollup=False)
+    deleted: list[int] = []
+
+    def expire() -> None:  # small batches, each its own transaction, beside the writer
+        while n := job.expire(DAY0_MS + 5 * DAY_MS, batch_rows=20, max_batches=1):
+            deleted.append(n)
+
+    thread = threading.Thread(target=expire)
+    thread.start()
+    rng = random.Random(99)
+    for i in range(500):  # new rows, of later days, written meanwhile
+        store.submit(record(100_000 + i, rng, ts_ms=DAY0_MS + 6 * DAY_MS + i))
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert store.flush()
+    assert sum(deleted) == 2_000 and len(deleted) >= 100
+    assert store.query(since_ms=DAY0_MS + 6 * DAY_MS, use_rollup=False)[0].requests == 500
+    assert store.query(group_by=["day", "model"], until_ms=DAY0_MS + 5 * DAY_MS) == want_old
