@@ -16,7 +16,7 @@ RANKS = {
     # entry points and tools
     "__main__": 5, "cli": 5, "server": 5, "sim": 5, "app": 4,
     "api": 3,
-    "dispatch": 2,
+    "dispatch": 2, "retention": 2,
     "producers": 1, "pricing": 1, "ledger": 1, "metering": 1, "keys": 1, "wire": 1,
     "config": 1,
     "money": 0, "metrics": 0, "db": 0, "__init__": 0,

@@ -28,6 +28,7 @@ from tokenworks.metering.tokens import install_vocabularies
 from tokenworks.metrics import Metrics
 from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer
+from tokenworks.retention import RetentionJob
 
 
 class Gateway:
@@ -44,6 +45,7 @@ class Gateway:
         self.store: UsageStore = open_usage_store(config.database)
         self.keys = KeyStore.open(config.database)
         self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
+        self.retention: RetentionJob | None = None  # roll-ups and retention, off the loop
         self.pricer = Pricer.from_config(config)
         self.router = Router(config, Health())
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
@@ -65,10 +67,14 @@ class Gateway:
         # nothing held: holds of a process that died died with it).
         self.ledger = await Ledger.open(self.config.database)
         self.relay.ledger = self.ledger
+        if RetentionJob.applies(self.config.database):
+            self.retention = RetentionJob(self.config.retention, self.config.database).start()
         for producer in self.producers.values():
             await producer.start()
 
     async def close(self) -> None:
+        if self.retention is not None:
+            await asyncio.to_thread(self.retention.stop)
         for producer in self.producers.values():
             await producer.close()
         if self.ledger is not None:

@@ -153,6 +153,23 @@ class MetricsAccess(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return token
 
 
+class Retention(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How long history is kept (docs/retention.md). Unset: forever (the default, as before);
+    daily roll-ups of usage are kept regardless and made either way."""
+
+    # Raw usage rows (one per request) of UTC days older than this are deleted once their day
+    # is rolled up; reports of whole days keep reading the roll-up. On a partitioned
+    # PostgreSQL table a month goes as one partition, once all of it is past the limit.
+    usage_rows_days: Annotated[int, msgspec.Meta(ge=1, le=36_500)] | None = None
+    # Closed holds older than this are compacted into per-day sums. At least 35 days: a
+    # monthly budget's check reads the holds of its current period.
+    holds_days: Annotated[int, msgspec.Meta(ge=35, le=36_500)] | None = None
+    # How often the job runs (roll-ups, deletions, compaction), and the rows one of its
+    # transactions may delete: the writers wait at most that one batch.
+    interval_s: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 300.0
+    batch_rows: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 5_000
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole file."""
 
@@ -165,6 +182,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: KeyLimits = msgspec.field(default_factory=KeyLimits)
     http: Http = msgspec.field(default_factory=Http)
     metrics: MetricsAccess = msgspec.field(default_factory=MetricsAccess)
+    retention: Retention = msgspec.field(default_factory=Retention)
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(ADMIN_KEY_ENV) or self.admin_key

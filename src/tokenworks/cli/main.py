@@ -90,6 +90,12 @@ def _reprice(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from tokenworks.cli import export
+
+    return export.run(args)
+
+
 def _admin(args: argparse.Namespace) -> int:
     from tokenworks.cli import admin as admin_cli
 
@@ -137,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     what_if.add_argument("--json", action="store_true")
     what_if.set_defaults(func=_reprice)
 
+    from tokenworks.cli.export import add_subcommand as add_export
+
+    add_export(sub, _export)
     from tokenworks.cli.admin import add_subcommands
 
     add_subcommands(sub, _admin)

@@ -134,8 +134,28 @@ IDEMPOTENCY = Table(
     without_rowid=True,
 )
 META = Table("ledger_meta", ("k",), (("k", T), ("v", B)), without_rowid=True)
+# Closed holds past their retention, summed per UTC day of closing (cut where a lifetime
+# budget starts), status and scopes (`compaction.py`): what check() still compares with the
+# transfers once their rows are gone.
+HOLDS_COMPACTED = Table(
+    "ledger_holds_compacted",
+    ("closed_ms", "status", "scopes"),
+    (
+        ("day", T),  # YYYY-MM-DD, of closed_ms
+        ("status", T),
+        ("scopes", T),  # the holds' scopes JSON, as ledger_holds had it
+        # The first instant of the stretch the holds closed in: their UTC day, or the start
+        # of a lifetime budget within it, so that a budget counts exactly the holds after it.
+        ("closed_ms", B),
+        ("holds", B),
+        ("price_nano", B),
+        ("cost_nano", B),
+        ("clamped_nano", B),
+    ),
+    without_rowid=True,
+)
 
-TABLES = (ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META)
+TABLES = (ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META, HOLDS_COMPACTED)
 
 
 def ddl(dialect: str) -> list[str]:

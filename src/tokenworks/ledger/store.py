@@ -149,7 +149,9 @@ LEFT JOIN (SELECT debit_bucket_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers WHERE debit_bucket_id IS NOT NULL
            GROUP BY debit_bucket_id) d ON d.id = b.id
 """
-# A hold's spend is at most its amount (<= 2**62): SUM cannot overflow.
+# A hold's spend is at most its amount (<= 2**62): SUM cannot overflow. Holds compacted
+# away (`compaction.py`) are checked in aggregate: the spend transfers whose hold row is gone
+# add up to the compacted settled holds' prices.
 AUDIT_MISCHARGED = """
 SELECT h.id, h.price_nano, COALESCE(t.s, 0)
 FROM ledger_holds h
@@ -157,6 +159,12 @@ LEFT JOIN (SELECT hold_id, CAST(SUM(amount_nano) AS BIGINT) AS s FROM ledger_tra
            WHERE kind = 'spend' GROUP BY hold_id) t ON t.hold_id = h.id
 WHERE (h.status = 'settled' AND h.price_nano <> COALESCE(t.s, 0))
    OR (h.status <> 'settled' AND COALESCE(t.s, 0) <> 0)
+UNION ALL
+SELECT '(compacted holds)', p.s, o.s
+FROM (SELECT XSUM(price_nano) AS s FROM ledger_holds_compacted WHERE status = 'settled') p,
+     (SELECT XSUM(amount_nano) AS s FROM ledger_transfers t WHERE kind = 'spend'
+      AND NOT EXISTS (SELECT 1 FROM ledger_holds h WHERE h.id = t.hold_id)) o
+WHERE COALESCE(p.s, 0) <> COALESCE(o.s, 0)
 """
 AUDIT_BAD_TRANSFERS = """
 SELECT COUNT(*) FROM ledger_transfers
@@ -164,11 +172,17 @@ WHERE amount_nano <= 0 OR (debit_account_id = credit_account_id AND kind <> 'rol
 """
 AUDIT_COSTS = """
 SELECT (SELECT XSUM(amount_nano) FROM ledger_transfers WHERE kind = 'cost'),
-       (SELECT XSUM(cost_nano) FROM ledger_holds WHERE status = 'settled')
+       (SELECT XSUM(cost_nano) FROM (
+          SELECT cost_nano FROM ledger_holds WHERE status = 'settled'
+          UNION ALL
+          SELECT cost_nano FROM ledger_holds_compacted WHERE status = 'settled') s)
 """
 AUDIT_OPEN_HOLDS = "SELECT id FROM ledger_holds WHERE status = 'open'"
 SETTLED_SCOPES = """
 SELECT scopes, price_nano, closed_ms FROM ledger_holds
+WHERE status = 'settled' AND closed_ms >= :since AND closed_ms < :until
+UNION ALL
+SELECT scopes, price_nano, closed_ms FROM ledger_holds_compacted
 WHERE status = 'settled' AND closed_ms >= :since AND closed_ms < :until
 """
 MOVEMENTS = """

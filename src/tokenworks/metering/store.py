@@ -35,6 +35,7 @@ from tokenworks.db import backend, sqlite_path
 from tokenworks.db.sqlite import REFUSALS as SQLITE_REFUSALS
 from tokenworks.db.sqlite import connect_rows
 from tokenworks.db.table import Table
+from tokenworks.metering import rollup
 from tokenworks.metering.usage import Usage, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -111,15 +112,7 @@ DAY_EXPR = {
     "postgres": "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
 
-SUMS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cost_nano",
-    "price_nano",
-)
+SUMS = rollup.SUMS  # the summed columns, the same in the raw rows and the daily roll-up
 
 
 def usage_row(record: UsageRecord) -> tuple[Any, ...]:
@@ -437,9 +430,24 @@ class UsageStore:
         since_ms: int | None = None,
         until_ms: int | None = None,
         key_id: str | None = None,
+        *,
+        use_rollup: bool = True,
     ) -> list[Summary]:
+        """Requests and sums per group in [since, until). The whole days of the window that
+        are rolled up (`rollup.py`) are read from `usage_daily`, the rest from the raw rows;
+        `use_rollup=False` reads raw rows only (what the roll-up must equal)."""
         groups = list(group_by)
         sql, params = query_sql(self.dialect, groups, since_ms, until_ms, key_id)
+        watermark = self._fetch(rollup.WATERMARK_QUERY, []) if use_rollup else []
+        span = rollup.split_window(
+            since_ms, until_ms, watermark[0]["until_ms"] if watermark else None
+        )
+        if span is not None:
+            raw_expr = {g: group_expr(g, self.dialect) for g in groups}
+            sql, params = rollup.combined_sql(
+                self.dialect, groups, raw_expr, since_ms, until_ms, span, key_id,
+                PLACEHOLDER[self.dialect],
+            )  # fmt: skip
         return summaries(groups, self._fetch(sql, params))
 
     def records(
@@ -460,7 +468,7 @@ class SqliteUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.path = sqlite_path(url)
-        ddl = USAGE.ddl("sqlite")
+        ddl = USAGE.ddl("sqlite") + rollup.DDL
         self._write_conn = connect_rows(self.path, ddl)
         self._read_conn = (
             self._write_conn if self.path == ":memory:" else connect_rows(self.path, ddl)

@@ -7,10 +7,15 @@ autocommit connection behind a lock. A lost connection is reopened and the batch
 
 `?schema=NAME` in the URL puts the tables in that schema (created if missing), the same way
 the ledger's store does (`tokenworks.db`), so tests and tenants can share one database.
+
+A new database's `usage` is partitioned by month (`partitions.py`); the writer creates the
+next month's partition before a row needs it. An older, unpartitioned `usage` is used as it
+is.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -19,9 +24,11 @@ from typing import Any
 import psycopg
 
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
+from tokenworks.metering import partitions, rollup
 from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
 
 WRITE_ATTEMPTS = 5
+log = logging.getLogger(__name__)
 
 
 def _insert_sql() -> str:
@@ -29,8 +36,22 @@ def _insert_sql() -> str:
     arrays = ", ".join(f"%s::{ty.lower()}[]" for _, ty in USAGE_SCHEMA)
     return (
         f"INSERT INTO usage ({columns}) SELECT * FROM unnest({arrays}) "
-        "ON CONFLICT (request_id) DO NOTHING"
+        # No conflict target: the key is (request_id, ts_ms) on a partitioned table and
+        # request_id on an older one; either way a repeat of a row is ignored.
+        "ON CONFLICT DO NOTHING"
     )
+
+
+def ddl() -> list[str]:
+    """A partitioned `usage` for a new database (an existing table is kept as it is), its
+    indexes, and the roll-up tables."""
+    not_null = {c for c, rule in USAGE.constraints if rule == "NOT NULL"}
+    table, default = partitions.partitioned_ddl(USAGE_SCHEMA, not_null)
+    only_if_partitioned = (
+        "DO $$ BEGIN IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('usage')) = 'p'"
+        f" THEN {default}; END IF; END $$"
+    )
+    return [table, only_if_partitioned, *USAGE.indexes, *rollup.DDL]
 
 
 _FLOAT_COLUMNS = tuple(i for i, (_, ty) in enumerate(USAGE_SCHEMA) if ty == "DOUBLE PRECISION")
@@ -44,14 +65,35 @@ class PostgresUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         # Both connections open here, so a bad URL or a down server fails the constructor.
-        self._write_conn = connect(url, USAGE.ddl("postgres"))
+        self._write_conn = connect(url, ddl())
         self._read_conn = connect(url)
         self._read_lock = threading.Lock()
         self._insert_sql = _insert_sql()
+        self.partitioned = partitions.is_partitioned(self._write_conn)
+        self._partitions_until_ms = 0  # every month before this has its partition
+        self._ensure_partitions(int(time.time() * 1000))
         self._start()
+
+    def _ensure_partitions(self, now_ms: int) -> None:
+        """Make this month's and the next month's partitions, if not made yet: the next
+        month's exists a month before its first row."""
+        if not self.partitioned:
+            return
+        through_ms = partitions.next_month_ms(now_ms)
+        if through_ms < self._partitions_until_ms:
+            return
+        try:
+            self._partitions_until_ms = partitions.ensure(self._write_conn, through_ms, now_ms)
+        except Exception:
+            # Rows of a month without its partition land in the default one, never lost;
+            # the next batch tries again.
+            log.exception("usage store: could not create the partitions through %d", through_ms)
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         columns = [list(c) for c in zip(*rows, strict=True)]
+        # Through next month by the clock, not the rows' times: a row from far ahead goes to
+        # the default partition rather than make a partition for every month up to it.
+        self._ensure_partitions(int(time.time() * 1000))
         # A list's array type follows its first element: make latencies floats throughout.
         for i in _FLOAT_COLUMNS:
             columns[i] = [None if v is None else float(v) for v in columns[i]]
