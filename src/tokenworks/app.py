@@ -45,7 +45,7 @@ class Gateway:
         self.keys = KeyStore.open(config.database)
         self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
         self.pricer = Pricer.from_config(config)
-        self.router = Router(config, Health())
+        self.router = Router(config, Health(), self.pricer)
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
         self.relay = Relay(
             self.router,

@@ -6,6 +6,7 @@ raises) and the code it is answered with; `api/errors.py` turns them into respon
 
     DispatchError
     ├── InvalidCall            400 invalid_value      priced or bounded out before any work
+    │   └── NoProviderLeft     400 no_provider_left   the `provider` object excluded them all
     ├── HoldRefused            402 insufficient_quota the ledger refused the worst case
     ├── HoldUnavailable        503 ledger_unavailable the ledger cannot take holds now
     ├── SettlementFailed       502 settlement_failed  served, but the charge failed: withheld
@@ -55,6 +56,13 @@ class InvalidCall(DispatchError):
 
     status = 400
     code = "invalid_value"
+
+
+class NoProviderLeft(InvalidCall):
+    """The request's `provider` constraints (`param` names the one that emptied the list)
+    leave no deployment to try: nothing was sent anywhere, nothing is charged."""
+
+    code = "no_provider_left"
 
 
 class HoldRefused(DispatchError):

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tokenworks.config import Deployment
+from tokenworks.dispatch.speeds import Speeds
 from tokenworks.ledger import Ledger
 from tokenworks.metering import extract
 from tokenworks.metering.store import USAGE_SCHEMA, UsageStore, usage_row
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
 
 
 class Recorder:
-    def __init__(self, store: UsageStore, metrics: Metrics) -> None:
+    def __init__(self, store: UsageStore, metrics: Metrics, speeds: Speeds | None = None) -> None:
         self.store = store
         self.metrics = metrics
+        self.speeds = speeds
         self.ledger: Ledger | None = None  # set when the gateway starts
 
     def read_usage(
@@ -71,7 +73,10 @@ class Recorder:
         error: str | None = None,
         quote: Quote | None = None,
     ) -> UsageRecord:
-        latency_s = time.perf_counter() - call.started_s
+        now_s = time.perf_counter()
+        latency_s = now_s - call.started_s
+        if deployment is not None and status < 400 and self.speeds is not None:
+            self._observe_speed(call, deployment, usage, ttft_s, now_s)
         record = UsageRecord(
             request_id=call.request_id,
             ts_ms=call.ts_ms,
@@ -108,3 +113,21 @@ class Recorder:
             usage.output_tokens,
         )
         return record
+
+    def _observe_speed(
+        self, call: Call, deployment: Deployment, usage: Usage, ttft_s: float | None, now_s: float
+    ) -> None:
+        """The served attempt's speed, timed from when it was sent (`call.sent_s`), not from
+        the request's arrival: earlier attempts and the hold are not the upstream's time."""
+        assert self.speeds is not None
+        if ttft_s is None:  # a plain answer: its rate over the whole answer
+            self.speeds.observe(
+                deployment.producer, deployment.model, None, usage.output_tokens,
+                now_s - call.sent_s,
+            )  # fmt: skip
+            return
+        first_s = call.started_s + ttft_s
+        self.speeds.observe(
+            deployment.producer, deployment.model, first_s - call.sent_s, usage.output_tokens,
+            now_s - first_s,
+        )  # fmt: skip
