@@ -279,3 +279,10 @@ def test_ordered_without_provider_is_today_s_path() -> None:
     route = r.routes["m"]
     assert [d.producer for d in r.candidates(route, 3)] == ["a", "b", "c"]
     assert [d.producer for d in r.candidates(route, 3, call(r))] == ["a", "b", "c"]
+
+
+def test_max_price_leaves_an_unpriceable_request_to_the_hold_to_refuse() -> None:
+    """An unknown service tier is the tier's 400 (from billing), not a max_price one."""
+    r = router(config())
+    c = call(r, service_tier="turbo", provider={"max_price": {"prompt": 1}})
+    assert producers(r, c) == ["a", "b", "c"]

@@ -173,6 +173,8 @@ class Router:
                 ceiling.completion is None or completion <= ceiling.completion
             ):
                 kept.append(d)  # `request`: no deployment here charges a per-request fee
+        if not prompts:
+            return deployments  # nothing prices this request (its tier): the hold says why
         if not kept:
             currency = self.pricer.currency
             cheapest = (
@@ -195,6 +197,8 @@ class Router:
         self, strategy: str, deployments: list[Deployment], call: Call | None
     ) -> list[Deployment]:
         """`deployments` in the strategy's order (health aside)."""
+        if len(deployments) < 2:
+            return deployments  # nothing to rank, nothing to price
         if strategy == "cheapest":
             return self._cheapest(deployments, call)
         if strategy == "weighted":
