@@ -236,3 +236,31 @@ def test_served_attempts_teach_speeds_shown_in_metrics(
         assert learned["b"]["output_tokens_per_s"] > 0
         metrics = httpx.get(f"{gw.url}/metrics").text
         assert 'tokenworks_deployment_ttft_seconds{model="sim-small",producer="a"}' in metrics
+
+
+def test_fastest_learns_to_prefer_the_quicker_producer(
+    make_gateway: Callable[..., Any], sims: tuple[Sim, Sim]
+) -> None:
+    """`slow` (a 0.15 s first token, 150 tokens/s) is configured first; once both were
+    probed, everything goes to the instant sim. No timing is asserted: 0.15 s against
+    microseconds decides the order, whatever the machine's noise."""
+    with running_sim("fast") as slow:
+        instant = sims[1]
+        models = (
+            "models:\n  - name: m\n    routing: fastest\n    deployments:\n"
+            "      - {producer: slow, model: sim-small}\n"
+            "      - {producer: quick, model: sim-small}\n"
+        )
+        with make_gateway({"slow": slow.url, "quick": instant.url}, models) as gw:
+            key = gw.create_key()["key"]
+            for _ in range(2):  # one probe each, in configured order
+                assert chat(gw, key, stream=True).status_code == 200
+            assert slow.stats()["requests_total"] == 1
+            assert instant.stats()["requests_total"] == 1
+            for _ in range(4):
+                assert chat(gw, key, stream=True).status_code == 200
+            assert slow.stats()["requests_total"] == 1
+            assert instant.stats()["requests_total"] == 5
+            # The client can still ask for it by name.
+            assert chat(gw, key, provider={"order": ["slow"]}).status_code == 200
+            assert slow.stats()["requests_total"] == 2

@@ -89,10 +89,19 @@ class Router:
         Raises NoProviderLeft when the call's `provider` object excludes every one."""
         prefs = None if call is None else call.provider
         if prefs is None and route.model.routing == "ordered":
-            # Today's path, unchanged: no ranking, no allocation beyond these lists.
-            healthy = [d for d in route.deployments if self.health.healthy(d.producer)]
-            cooling = [d for d in route.deployments if not self.health.healthy(d.producer)]
-            return (healthy + cooling)[:max_attempts]
+            ranked: tuple[Deployment, ...] | list[Deployment] = route.deployments  # as today
+        else:
+            ranked = self._ranked(route, prefs, call)
+        healthy = [d for d in ranked if self.health.healthy(d.producer)]
+        cooling = [d for d in ranked if not self.health.healthy(d.producer)]
+        if prefs is not None and not prefs.allow_fallbacks and not prefs.order:
+            return (healthy + cooling)[:1]  # only the first choice, no backups
+        return (healthy + cooling)[:max_attempts]
+
+    def _ranked(
+        self, route: Route, prefs: ProviderPrefs | None, call: Call | None
+    ) -> list[Deployment]:
+        """The strategy's order, narrowed and reordered by the `provider` object."""
         strategy = route.model.routing
         if prefs is not None and prefs.sort is not None:
             strategy = SORT_STRATEGY[prefs.sort]
@@ -100,26 +109,20 @@ class Router:
         if prefs is not None:
             deployments = self._allowed(route, deployments, prefs, call)
         ranked = self.rank(strategy, deployments, call)
-        if prefs is not None and prefs.order:
-            listed = [d for name in prefs.order for d in ranked if d.producer.lower() == name]
-            if not listed and not prefs.allow_fallbacks:
+        if prefs is None or not prefs.order:
+            return ranked
+        listed = [d for name in prefs.order for d in ranked if d.producer.lower() == name]
+        if not prefs.allow_fallbacks:
+            if not listed:
                 raise NoProviderLeft(
                     f"provider.order names none of the producers left for model"
                     f" '{route.model.name}' ({_names(ranked)}), and provider.allow_fallbacks"
                     " is false",
                     param="provider.order",
                 )
-            rest = []
-            if prefs.allow_fallbacks:
-                order = set(prefs.order)
-                rest = [d for d in ranked if d.producer.lower() not in order]
-            ranked = listed + rest
-        healthy = [d for d in ranked if self.health.healthy(d.producer)]
-        cooling = [d for d in ranked if not self.health.healthy(d.producer)]
-        ranked = healthy + cooling
-        if prefs is not None and not prefs.allow_fallbacks and not prefs.order:
-            ranked = ranked[:1]  # only the first choice, no backups
-        return ranked[:max_attempts]
+            return listed
+        order = set(prefs.order)
+        return listed + [d for d in ranked if d.producer.lower() not in order]
 
     # -- the provider object's filters -------------------------------------------------------
 
