@@ -77,3 +77,33 @@ def test_snapshot_and_metrics() -> None:
     assert 'tokenworks_deployment_ttft_seconds{model="m",producer="a"} 0.25' in text
     assert 'tokenworks_deployment_output_tokens_per_second{model="m",producer="a"} 20.0' in text
     assert 'producer="b"' not in text  # nothing learned: no figure
+
+
+def test_the_recorder_times_the_served_attempt_not_the_request() -> None:
+    """A failed first attempt and the hold are not the serving upstream's time: TTFT is
+    measured from when the served attempt was sent, the rate from its first token."""
+    import time
+
+    from tests.dispatch.test_router import call, config, router
+    from tokenworks.dispatch.recording import Recorder
+    from tokenworks.metering.usage import Usage
+
+    class Store:
+        def submit(self, record: object) -> None:
+            pass
+
+    r = router(config())
+    recorder = Recorder(Store(), Metrics(), r.speeds)  # type: ignore[arg-type]
+    c = call(r)
+    now_s = time.perf_counter()
+    c.started_s = now_s - 10.0  # arrived 10 s ago; the served attempt went out 4 s later
+    c.sent_s = now_s - 6.0
+    deployment = c.route.deployments[1]
+    # First token 7 s after arrival (3 s after sending), 300 tokens since then (~3 s).
+    recorder.record(c, deployment, 200, Usage(input_tokens=5, output_tokens=300), ttft_s=7.0)
+    speed = r.speeds.get("b", "up-b")
+    assert speed is not None and speed.ttft_s == pytest.approx(3.0)
+    assert speed.tokens_per_s == pytest.approx(100.0, rel=0.05)
+    # A failed answer teaches nothing.
+    recorder.record(c, c.route.deployments[0], 502, Usage(), ttft_s=None)
+    assert r.speeds.get("a", "up-a").samples == 0  # type: ignore[union-attr]

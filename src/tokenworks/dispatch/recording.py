@@ -75,8 +75,21 @@ class Recorder:
     ) -> UsageRecord:
         now_s = time.perf_counter()
         latency_s = now_s - call.started_s
-        if deployment is not None and status < 400 and self.speeds is not None:
-            self._observe_speed(call, deployment, usage, ttft_s, now_s)
+        speeds = self.speeds
+        if speeds is not None and deployment is not None and status < 400:
+            # The served attempt's speed, timed from when it was sent (`call.sent_s`), not
+            # from the request's arrival: earlier attempts and the hold are not its time.
+            if ttft_s is None:  # a plain answer: its rate over the whole answer
+                speeds.observe(
+                    deployment.producer, deployment.model, None, usage.output_tokens,
+                    now_s - call.sent_s,
+                )  # fmt: skip
+            else:
+                first_s = call.started_s + ttft_s
+                speeds.observe(
+                    deployment.producer, deployment.model, first_s - call.sent_s,
+                    usage.output_tokens, now_s - first_s,
+                )  # fmt: skip
         record = UsageRecord(
             request_id=call.request_id,
             ts_ms=call.ts_ms,
@@ -113,21 +126,3 @@ class Recorder:
             usage.output_tokens,
         )
         return record
-
-    def _observe_speed(
-        self, call: Call, deployment: Deployment, usage: Usage, ttft_s: float | None, now_s: float
-    ) -> None:
-        """The served attempt's speed, timed from when it was sent (`call.sent_s`), not from
-        the request's arrival: earlier attempts and the hold are not the upstream's time."""
-        assert self.speeds is not None
-        if ttft_s is None:  # a plain answer: its rate over the whole answer
-            self.speeds.observe(
-                deployment.producer, deployment.model, None, usage.output_tokens,
-                now_s - call.sent_s,
-            )  # fmt: skip
-            return
-        first_s = call.started_s + ttft_s
-        self.speeds.observe(
-            deployment.producer, deployment.model, first_s - call.sent_s, usage.output_tokens,
-            now_s - first_s,
-        )  # fmt: skip

@@ -76,7 +76,8 @@ class Speeds:
         """One finished attempt: its upstream time to first token (None for a plain answer)
         and `output_tokens` produced in `generation_s` (after the first token for a stream,
         the whole answer otherwise). Deployments not in the config are ignored (bounded)."""
-        speed = self.get(producer, model)
+        models = self._by_producer.get(producer)  # inline `get`: once per request
+        speed = None if models is None else models.get(model)
         if speed is None:
             return
         learned = False
