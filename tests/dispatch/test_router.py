@@ -174,6 +174,7 @@ def test_weight_zero_is_only_a_fallback() -> None:
 def test_fastest_explores_unknown_deployments_then_ranks_by_learned_speed() -> None:
     clock = Clock()
     r = router(config("fastest"), clock=clock)
+    assert r.speeds.learning  # a fastest model learns from the first request
     # Nothing known: each deployment is probed once, one per request, in configured order.
     assert producers(r, call(r))[0] == "a"
     assert producers(r, call(r))[0] == "b"

@@ -95,6 +95,12 @@ def test_the_recorder_times_the_served_attempt_not_the_request() -> None:
     r = router(config())
     recorder = Recorder(Store(), Metrics(), r.speeds)  # type: ignore[arg-type]
     c = call(r)
+    # An ordered gateway pays nothing for speeds until something ranks by them.
+    assert not r.speeds.learning
+    recorder.record(c, c.route.deployments[1], 200, Usage(output_tokens=9), ttft_s=1.0)
+    assert r.speeds.get("b", "up-b").samples == 0  # type: ignore[union-attr]
+    r.candidates(c.route, 3, call(r, provider={"sort": "latency"}))
+    assert r.speeds.learning
     now_s = time.perf_counter()
     c.started_s = now_s - 10.0  # arrived 10 s ago; the served attempt went out 4 s later
     c.sent_s = now_s - 6.0

@@ -76,7 +76,7 @@ class Recorder:
         now_s = time.perf_counter()
         latency_s = now_s - call.started_s
         speeds = self.speeds
-        if speeds is not None and deployment is not None and status < 400:
+        if speeds is not None and speeds.learning and deployment is not None and status < 400:
             # The served attempt's speed, timed from when it was sent (`call.sent_s`), not
             # from the request's arrival: earlier attempts and the hold are not its time.
             if ttft_s is None:  # a plain answer: its rate over the whole answer

@@ -70,6 +70,7 @@ class Router:
         self.speeds = speeds or Speeds(
             (d.producer, d.model) for m in config.models for d in m.deployments
         )
+        self.speeds.learning = any(m.routing == "fastest" for m in config.models)
         self.routes: dict[str, Route] = {
             m.name: Route(
                 model=m,
@@ -250,6 +251,7 @@ class Router:
         """Known deployments by their learned figures; the first one due a probe goes first
         (explored, not starved); unknown ones not due go after the known, in config order."""
         speeds = self.speeds
+        speeds.learning = True  # from now on served attempts teach (a sort may ask first)
         now_s = speeds.clock()
         output_tokens = expected_tokens(call)[1] if call is not None else EXPECTED_OUTPUT_TOKENS
         probe: Deployment | None = None

@@ -3,9 +3,10 @@
 Per deployment (producer, upstream model): an exponentially weighted moving average of its
 time to first token (streams only: a plain answer's first token comes with its last) and of
 its output rate in tokens per second (streams: after the first token; plain answers: over
-the whole answer, prefill included, so a lower bound). Every finished attempt reports once
-(`observe`), whatever the model's routing, so the figures are there when a request asks
-`provider.sort` and for the admin view.
+the whole answer, prefill included, so a lower bound). Every served attempt reports once
+(`observe`) while `learning` is on: from the start when a model routes `fastest`, else from
+the first request that sorts by throughput or latency. Until then a gateway that only routes
+`ordered` pays nothing for it (observing costs about 1 µs a request).
 
 Unknown is not slow: a deployment without samples, or whose last sample is older than
 `STALE_AFTER_S`, is *due* a probe, and the router puts it first for one request at most every
@@ -56,6 +57,7 @@ class Speeds:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
+        self.learning = False  # set by the router when something ranks by speed
         # producer -> upstream model -> Speed: two probes, no key tuple built per request.
         self._by_producer: dict[str, dict[str, Speed]] = {}
         for producer, model in deployments:
