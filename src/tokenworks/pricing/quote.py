@@ -441,7 +441,7 @@ class Pricer:
         else:
             factor = Fraction(plan.markup[0] * m_num, plan.markup[1] * m_den)
             price_in, price_out = cost_in * factor, cost_out * factor
-        if plan.floor_at_cost:  # as `_finish`: never below cost
+        if plan.floor_at_cost:  # never below cost; per rate here, `_finish` floors the sum
             price_in, price_out = max(price_in, cost_in), max(price_out, cost_out)
         return price_in, price_out
 
