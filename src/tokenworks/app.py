@@ -47,7 +47,7 @@ class Gateway:
         self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
         self.retention: RetentionJob | None = None  # roll-ups and retention, off the loop
         self.pricer = Pricer.from_config(config)
-        self.router = Router(config, Health())
+        self.router = Router(config, Health(), self.pricer)
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
         self.relay = Relay(
             self.router,

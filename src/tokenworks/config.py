@@ -62,6 +62,9 @@ class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     producer: str
     model: str
     cost: CostSpec | None = None
+    # Share of first picks under `routing: weighted` (relative to the other deployments'
+    # weights); 0: only ever a fallback.
+    weight: Annotated[float, msgspec.Meta(ge=0, le=1_000_000)] = 1.0
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -79,6 +82,10 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # request's prompts and choices) is an upstream error, not a bill. Unset: the price book's
     # window of every deployment, else 10,485,760 (billing.DEFAULT_CONTEXT_WINDOW_TOKENS).
     context_window_tokens: int | None = None
+    # The order deployments are tried in (dispatch/router.py): as configured, cheapest for
+    # the request first (its price now: time of day, tier, tariff), fastest first (learned
+    # time to first token and output rate), or a random order weighted by `weight`.
+    routing: Literal["ordered", "cheapest", "fastest", "weighted"] = "ordered"
 
     def __post_init__(self) -> None:
         if not self.deployments:

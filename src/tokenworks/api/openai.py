@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from tokenworks.api.errors import ApiError
 from tokenworks.config import Config
+from tokenworks.dispatch.preferences import parse_provider
 from tokenworks.dispatch.relay import Call, Relay
 from tokenworks.dispatch.router import Router
 from tokenworks.keys.lifecycle import MintRate
@@ -251,6 +252,8 @@ async def _relay(request: Request, endpoint: str) -> Response:
         payload["service_tier"] = key.metadata["service_tier"]
     stream = payload.get("stream") is True
     options = payload.get("stream_options")
+    # OpenRouter's provider preferences are the gateway's to apply, never an upstream's.
+    provider = payload.pop("provider", None)
     call = Call(
         endpoint=endpoint,
         payload=payload,
@@ -261,6 +264,7 @@ async def _relay(request: Request, endpoint: str) -> Response:
         tags=_tags(request, payload),
         tariff=gateway.pricer.tariff_for(key.account_id),
         body_bytes=size,
+        provider=None if provider is None else parse_provider(provider),
     )
     response: Response = await gateway.relay.handle(call)
     return response

@@ -119,6 +119,18 @@ _TEXTS: Schema = {
         {"type": "array", "items": _TOKEN_IDS},
     ]
 }
+_PRODUCER_NAMES: Schema = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1, "maxLength": 256},
+    "maxItems": 64,
+}
+_SORT: Schema = {"enum": ["price", "throughput", "latency"]}
+_PRICE_PER_MTOK: Schema = {
+    "oneOf": [
+        {"type": "number", "minimum": 0, "maximum": 1e12},
+        {"type": "string", "pattern": r"^\s*[0-9]{1,12}(\.[0-9]{1,12})?\s*$"},
+    ]
+}
 _COMMON_REQUEST: Schema = {
     "model": {"type": "string", "description": "a public model name (GET /v1/models)"},
     "stream": {"type": "boolean"},
@@ -132,6 +144,29 @@ _COMMON_REQUEST: Schema = {
         "additionalProperties": {"type": ["string", "number"]},
         "description": "kept as tags of the usage record (at most 32, 256 bytes each)",
     },
+    "provider": _obj(
+        {
+            **{name: _PRODUCER_NAMES for name in ("order", "only", "ignore")},
+            "allow_fallbacks": {"type": "boolean"},
+            "sort": {
+                "oneOf": [
+                    _SORT,
+                    _obj({"by": _SORT, "partition": {"enum": ["model", "none"]}}, extra=False),
+                ]
+            },
+            "max_price": _obj(
+                {name: _PRICE_PER_MTOK for name in ("prompt", "completion", "request")},
+                extra=False,
+            ),
+        },
+        extra=False,
+        description=(
+            "OpenRouter's provider routing, applied by the gateway and never sent upstream;"
+            " names are producer names (case-insensitive); max_price is in the ledger"
+            " currency per million tokens. A constraint leaving no producer is a 400"
+            " no_provider_left naming it"
+        ),
+    ),
 }
 CHAT_REQUEST = _obj(
     {

@@ -6,6 +6,7 @@ raises) and the code it is answered with; `api/errors.py` turns them into respon
 
     DispatchError
     ├── InvalidCall            400 invalid_value      priced or bounded out before any work
+    │   └── NoProviderLeft     400 no_provider_left   the `provider` object excluded them all
     ├── RateLimited            429 rate_limit_exceeded a key's or account's rate limit
     ├── HoldRefused            402 insufficient_quota the ledger refused the worst case
     ├── HoldUnavailable        503 ledger_unavailable the ledger cannot take holds now
@@ -85,6 +86,13 @@ class RateLimited(DispatchError):
             "Retry-After": str(max(1, math.ceil(wait_ms / 1000))),
             "retry-after-ms": str(wait_ms),
         }
+
+
+class NoProviderLeft(InvalidCall):
+    """The request's `provider` constraints (`param` names the one that emptied the list)
+    leave no deployment to try: nothing was sent anywhere, nothing is charged."""
+
+    code = "no_provider_left"
 
 
 class HoldRefused(DispatchError):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenworks.config import Deployment
 from tokenworks.dispatch.ratelimit import CLOCK
+from tokenworks.dispatch.speeds import Speeds
 from tokenworks.ledger import Ledger
 from tokenworks.metering import extract
 from tokenworks.metering.store import USAGE_SCHEMA, UsageStore, usage_row
@@ -34,9 +35,10 @@ def release(call: Call, usage: Usage) -> None:
 
 
 class Recorder:
-    def __init__(self, store: UsageStore, metrics: Metrics) -> None:
+    def __init__(self, store: UsageStore, metrics: Metrics, speeds: Speeds | None = None) -> None:
         self.store = store
         self.metrics = metrics
+        self.speeds = speeds
         self.ledger: Ledger | None = None  # set when the gateway starts
 
     def read_usage(
@@ -82,7 +84,23 @@ class Recorder:
     ) -> UsageRecord:
         if call.permit is not None:  # every call ends in one record: its limits settle here
             release(call, usage)
-        latency_s = time.perf_counter() - call.started_s
+        now_s = time.perf_counter()
+        latency_s = now_s - call.started_s
+        speeds = self.speeds
+        if speeds is not None and speeds.learning and deployment is not None and status < 400:
+            # The served attempt's speed, timed from when it was sent (`call.sent_s`), not
+            # from the request's arrival: earlier attempts and the hold are not its time.
+            if ttft_s is None:  # a plain answer: its rate over the whole answer
+                speeds.observe(
+                    deployment.producer, deployment.model, None, usage.output_tokens,
+                    now_s - call.sent_s,
+                )  # fmt: skip
+            else:
+                first_s = call.started_s + ttft_s
+                speeds.observe(
+                    deployment.producer, deployment.model, first_s - call.sent_s,
+                    usage.output_tokens, now_s - first_s,
+                )  # fmt: skip
         record = UsageRecord(
             request_id=call.request_id,
             ts_ms=call.ts_ms,

@@ -29,9 +29,11 @@ from tokenworks.dispatch.billing import (
     ModelBounds,
 )
 from tokenworks.dispatch.errors import SettlementFailed, from_upstream
+from tokenworks.dispatch.preferences import ProviderPrefs
 from tokenworks.dispatch.ratelimit import Permit
 from tokenworks.dispatch.recording import Recorder, release
 from tokenworks.dispatch.router import Route, Router
+from tokenworks.dispatch.speeds import SpeedsCollector
 from tokenworks.dispatch.stream import StreamResponse
 from tokenworks.keys.store import ApiKey
 from tokenworks.ledger import HoldView, Ledger
@@ -96,6 +98,11 @@ class Call:
     # x-ratelimit-* headers its answer carries; None for a key without limits.
     permit: Permit | None = None
     rate_headers: dict[str, str] | None = None
+    # The request's OpenRouter `provider` object, taken out of the payload (never sent on).
+    provider: ProviderPrefs | None = None
+    # time.perf_counter() when the current attempt was sent: its upstream's speed is timed
+    # from here (`dispatch/speeds.py`).
+    sent_s: float = 0.0
 
     @property
     def public_model(self) -> str:
@@ -127,7 +134,8 @@ class Relay:
         bounds = {
             name: ModelBounds.of(route.model, pricer) for name, route in router.routes.items()
         }
-        self.recorder = Recorder(store, metrics)
+        self.recorder = Recorder(store, metrics, router.speeds)
+        metrics.registry.register(SpeedsCollector(router.speeds))
         self.billing = Billing(pricer, metrics, self.recorder, bounds)
         self.limits = Admission(self.recorder, metrics, bounds)
         self.router = router
@@ -145,7 +153,7 @@ class Relay:
 
     async def handle(self, call: Call) -> Any:
         """Serve a call; returns an ASGI response. Raises a `DispatchError` when it cannot."""
-        candidates = self.router.candidates(call.route, self.max_attempts)
+        candidates = self.router.candidates(call.route, self.max_attempts, call)
         billing = self.billing
         paying = billing.ledger is not None and call.key.account_id is not None
         worst_nano = billing.worst_case(call, candidates if paying else candidates[:1])
@@ -160,6 +168,7 @@ class Relay:
             for deployment in candidates:
                 producer = self.producers[deployment.producer]
                 body = self._upstream_body(call, deployment)
+                call.sent_s = time.perf_counter()
                 try:
                     if call.stream:
                         return await self._open_stream(call, deployment, producer, body)

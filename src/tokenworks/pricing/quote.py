@@ -410,6 +410,41 @@ class Pricer:
         cost, price = self._finish(dep, plan, multiplier, cost_amount, fixed_amount)
         return Quote(cost, price, self.currency, tier)
 
+    def unit_prices(
+        self,
+        public_model: str,
+        producer: str,
+        upstream_model: str,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        at: datetime,
+        service_tier: str | None = None,
+        tariff: str | None = None,
+    ) -> tuple[Fraction, Fraction]:
+        """The consumer price per million input and per million output tokens, exact, in the
+        ledger currency, for a request of this size (it picks the cliff tier) at `at`, tier
+        and tariff: what OpenRouter's `max_price` is compared with. Uncached input and plain
+        output: the rates a price list shows."""
+        dep, table, plan, _, (m_num, m_den), fixed = self._resolve(
+            public_model, producer, upstream_model, at, service_tier, tariff, False
+        )
+        cost_rates = table.rates_for(input_tokens, output_tokens)
+        to_ledger = Fraction(*dep.to_ledger)
+        cost_in = Fraction(cost_rates.input, RATE_SCALE) * to_ledger
+        cost_out = Fraction(cost_rates.output, RATE_SCALE) * to_ledger
+        if fixed is not None:
+            rates = fixed.rates_for(input_tokens, output_tokens)
+            factor = Fraction(m_num, m_den)
+            price_in = Fraction(rates.input, RATE_SCALE) * factor
+            price_out = Fraction(rates.output, RATE_SCALE) * factor
+        else:
+            factor = Fraction(plan.markup[0] * m_num, plan.markup[1] * m_den)
+            price_in, price_out = cost_in * factor, cost_out * factor
+        if plan.floor_at_cost:  # never below cost; per rate here, `_finish` floors the sum
+            price_in, price_out = max(price_in, cost_in), max(price_out, cost_out)
+        return price_in, price_out
+
     def explain(
         self,
         public_model: str,
