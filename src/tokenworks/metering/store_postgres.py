@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
+from tokenworks.db.reads import ReadTimeout, pg_timeout_ms
 from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
 
 WRITE_ATTEMPTS = 5
@@ -79,12 +80,24 @@ class PostgresUsageStore(UsageStore):
         state = getattr(exc, "sqlstate", None)
         return isinstance(exc, psycopg.Error) and str(state)[:2] in REFUSED_SQLSTATE_CLASSES
 
-    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
+    def _fetch(
+        self, sql: str, params: list[Any], timeout_s: float | None
+    ) -> Sequence[Mapping[str, Any]]:
         with self._read_lock:
             if self._read_conn.closed or self._read_conn.broken:
                 self._read_conn.close()
                 self._read_conn = connect(self.url)
-            return self._read_conn.execute(sql, params).fetchall()
+            conn = self._read_conn
+            if timeout_s is None:
+                return conn.execute(sql, params).fetchall()
+            try:
+                with conn.transaction():
+                    # SET LOCAL: the limit ends with this read's transaction.
+                    limit = str(pg_timeout_ms(timeout_s))
+                    conn.execute("SELECT set_config('statement_timeout', %s, true)", (limit,))
+                    return conn.execute(sql, params).fetchall()
+            except psycopg.errors.QueryCanceled as exc:
+                raise ReadTimeout(timeout_s) from exc
 
     def _close_connections(self) -> None:
         self._write_conn.close()
