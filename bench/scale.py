@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import statistics
@@ -293,18 +294,33 @@ async def bench_boundary(tmp: Path, users: int) -> dict[str, Any]:
                 await L.settle(f"h{i}", price_nano=5, cost_nano=1, producer="p", model="m")
                 held.append(time.perf_counter() - t0)
 
+        gc_pauses: list[float] = []
+        gc_start = [0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                gc_start[0] = time.perf_counter()
+            else:
+                gc_pauses.append(time.perf_counter() - gc_start[0])
+
+        gc.callbacks.append(on_gc)
         t0 = time.perf_counter()
         task = asyncio.create_task(L._sweep_due(L.now_ms))
         await holds()
         await task
         await L.flush()
         drained = time.perf_counter() - t0
+        gc.callbacks.remove(on_gc)
         return {
             "users": users,
             "turn_items": SWEEP_TURN_ITEMS,
             "batches": len(batches),
             "max_batch_ops": max(batches),
+            "sweep_turns": len(turns),
+            "median_sweep_turn_ms": _ms(statistics.median(turns)),
+            "p99_sweep_turn_ms": _ms(_p(turns, 0.99)),
             "max_sweep_turn_ms": _ms(max(turns)),
+            "max_gc_pause_ms": _ms(max(gc_pauses, default=0.0)),
             "holds_served_meanwhile": len(held),
             "hold_settle_p99_ms": _ms(_p(held, 0.99)) if held else None,
             "drain_s": round(drained, 2),

@@ -1,7 +1,7 @@
 """Reads with a time limit: admin queries, statements and reports must never hang a caller.
 
 Every long read (a usage summary over a year, a statement) runs off the event loop, on a
-read connection of its own, under a deadline: SQLite's progress handler interrupts the
+read connection of its own, under a deadline: on SQLite a timer interrupts the
 statement past it, PostgreSQL's `statement_timeout` cancels it on the server. Either way the
 caller gets `ReadTimeout`, which the API answers as a 503 in its own shape, never a hang.
 """
@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import time
+import threading
 from collections.abc import Iterator
 
 # Default limit of one admin read (usage query, statement).
 READ_TIMEOUT_S = 30.0
-# SQLite calls the progress handler every this many virtual-machine instructions: often
-# enough to stop within a millisecond or so, rarely enough to cost nothing measurable.
-PROGRESS_STEPS = 1_000
 
 
 class ReadTimeout(Exception):
@@ -34,12 +31,17 @@ class ReadTimeout(Exception):
 @contextlib.contextmanager
 def sqlite_deadline(conn: sqlite3.Connection, timeout_s: float | None) -> Iterator[None]:
     """Run the block's statements on `conn` under a deadline; past it they raise
-    `ReadTimeout` (SQLite's "interrupted")."""
+    `ReadTimeout` (SQLite's "interrupted").
+
+    A timer calls `Connection.interrupt` (thread-safe, meant for this) at the deadline. Not
+    the progress handler: that calls back into Python every few thousand instructions, and
+    each call takes the GIL from the event loop, which a long read would then slow down."""
     if timeout_s is None:
         yield
         return
-    deadline = time.monotonic() + timeout_s
-    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), PROGRESS_STEPS)
+    timer = threading.Timer(timeout_s, conn.interrupt)
+    timer.daemon = True
+    timer.start()
     try:
         yield
     except sqlite3.OperationalError as exc:
@@ -47,7 +49,7 @@ def sqlite_deadline(conn: sqlite3.Connection, timeout_s: float | None) -> Iterat
             raise ReadTimeout(timeout_s) from exc
         raise
     finally:
-        conn.set_progress_handler(None, 0)
+        timer.cancel()
 
 
 def pg_timeout_ms(timeout_s: float) -> int:
