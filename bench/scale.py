@@ -13,7 +13,8 @@ the admin writes, which is what `Ledger` does minus the await per write), then r
    sweep turn on the event loop, holds served meanwhile, and the time to drain.
 
     .venv/bin/python bench/scale.py [--dead-keys 200000] [--usage-rows 300000]
-        [--weeks 4,16,52] [--users 100000] [--only keys,paying,statement,boundary]
+        [--weeks 4,16,52] [--users 100000] [--gc-freeze]
+        [--only keys,paying,statement,boundary]
 
 Every figure is one process on whatever cores it gets: compare figures of one run (ratios),
 not across machines. Bounded in count and time: each part's sizes are its arguments.
@@ -244,7 +245,7 @@ async def bench_statement(tmp: Path, weeks: int, per_week: int) -> dict[str, Any
 # ---------------------------------------------------------------------- 4. boundary
 
 
-async def bench_boundary(tmp: Path, users: int) -> dict[str, Any]:
+async def bench_boundary(tmp: Path, users: int, freeze: bool) -> dict[str, Any]:
     clock_s = [datetime(2026, 3, 31, 23, tzinfo=UTC).timestamp()]
     L = await Ledger.open(f"sqlite:///{tmp}/boundary.db", clock=lambda: clock_s[0],
                           sweep_interval_s=None)  # fmt: skip
@@ -263,6 +264,9 @@ async def bench_boundary(tmp: Path, users: int) -> dict[str, Any]:
                                  idempotency_key="p", now_ms=now_ms)["id"]  # fmt: skip
         e.top_up(payer, 10**12, idempotency_key="pt", now_ms=now_ms)
         await L.flush()
+        if freeze:  # what a server could do after start-up: the loaded state leaves the GC
+            gc.collect()
+            gc.freeze()
         batches: list[int] = []
         write = L.store.write
 
@@ -313,6 +317,7 @@ async def bench_boundary(tmp: Path, users: int) -> dict[str, Any]:
         gc.callbacks.remove(on_gc)
         return {
             "users": users,
+            "gc_freeze": freeze,
             "turn_items": SWEEP_TURN_ITEMS,
             "batches": len(batches),
             "max_batch_ops": max(batches),
@@ -338,6 +343,7 @@ def main() -> int:
     ap.add_argument("--weeks", default="4,16,52")
     ap.add_argument("--per-week", type=int, default=300)
     ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up")
     ap.add_argument("--only", default="keys,paying,statement,boundary")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -358,7 +364,7 @@ def main() -> int:
             ]
             print(json.dumps(out["statement"]), file=sys.stderr)
         if "boundary" in parts:
-            out["boundary"] = asyncio.run(bench_boundary(tmp, args.users))
+            out["boundary"] = asyncio.run(bench_boundary(tmp, args.users, args.gc_freeze))
     print(json.dumps(out, indent=2))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,6 +45,7 @@ class Gateway:
         self.store: UsageStore = open_usage_store(config.database)
         self.keys = KeyStore.open(config.database)
         self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
+        self.freeze_gc_after_start = False  # `tokenworks serve` sets it (server.py)
         self.pricer = Pricer.from_config(config)
         self.router = Router(config, Health())
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
@@ -65,6 +67,12 @@ class Gateway:
         # nothing held: holds of a process that died died with it).
         self.ledger = await Ledger.open(self.config.database)
         self.relay.ledger = self.ledger
+        if self.freeze_gc_after_start:
+            # The ledger's state (every tenant's accounts, grants, budgets) lives as long as
+            # the process: out of the collector's sight, a full collection no longer walks it
+            # (bench/scale.py: a 0.77 s pause at 100,000 tenants became 17 ms).
+            gc.collect()
+            gc.freeze()
         for producer in self.producers.values():
             await producer.start()
 
