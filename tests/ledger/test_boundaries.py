@@ -107,3 +107,33 @@ def test_100k_monthly_grants_renewing_at_once_are_bounded_batches(tmp_path: Path
             await L.close()
 
     asyncio.run(body())
+
+
+def test_a_long_catch_up_is_spread_over_turns_too() -> None:
+    """A daily grant that takes effect 300 days back is 300 periods: no turn does more than
+    its share, and the turns together bring it up to date."""
+    from tokenworks.ledger.engine import Engine
+
+    e = Engine()
+    day_ms = 86_400_000
+    now_ms = int(START.timestamp() * 1000)
+    e.bootstrap(now_ms)
+    acc = e.create_account(
+        "u", None, "organisation", draws_on_parent=False, idempotency_key="a", now_ms=now_ms
+    )["id"]
+    e.grant(
+        acc, GRANT_NANO, recurring=Recurrence(Period.DAY), rollover_cap_nano=0, priority=0,
+        expires_ms=None, effective_ms=now_ms + day_ms, idempotency_key="g", now_ms=now_ms,
+    )  # fmt: skip
+    later_ms = now_ms + 301 * day_ms
+    e.take_batch()
+    turns = 0
+    for turns in range(1, 100):  # noqa: B007
+        more = e.sweep(later_ms, max_items=40)["more"]
+        assert len(e.take_batch().transfers) <= 40 * 3
+        if not more:
+            break
+    assert turns >= 300 // 40
+    (g,) = e.grants.values()
+    assert g.next_due_ms is not None and g.next_due_ms > later_ms
+    assert e.balance(acc, later_ms).balance_nano == GRANT_NANO

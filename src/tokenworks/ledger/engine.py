@@ -85,7 +85,7 @@ MAX_CATCHUP_PERIODS = 10_000
 # backpressure limit) and the event loop is never held for long: a grant period costs about
 # 60 us, so a turn about 15 ms (bench/scale.py measures it).
 SWEEP_TURN_ITEMS = 250
-# The most operations one turn can journal: what the ledger keeps free below its limit.
+# The most operations one turn can journal (about the size of the batch it makes).
 SWEEP_TURN_OPS = SWEEP_TURN_ITEMS * 5
 CLOSED_HOLDS_KEPT = 100_000
 # The expiry heap keeps a closed hold's entry until it would have expired (lazy deletion);
@@ -602,17 +602,18 @@ class Engine:
             g = self.grants.get(gid)
             if g is None or not g.active or g.next_due_ms != due:
                 continue  # done already (its account's hold advanced it), or ended
-            done = self._advance_grant(g, now_ms)
+            done = self._advance_grant(g, now_ms, max(1, max_steps - work + 1))
             steps += done
             work += done - 1
         return steps
 
-    def _advance_grant(self, g: Grant, now_ms: int) -> int:
-        """Bring one grant up to `now_ms`; returns the periods it stepped. Its heap entry
+    def _advance_grant(self, g: Grant, now_ms: int, limit: int = MAX_CATCHUP_PERIODS) -> int:
+        """Bring one grant up to `now_ms`, at most `limit` periods (a grant back-dated by
+        months catches up over several turns); returns the periods it stepped. Its heap entry
         for the old due time goes stale (skipped), a new one is pushed."""
         steps = 0
         while g.active and g.next_due_ms is not None and g.next_due_ms <= now_ms:
-            if steps == MAX_CATCHUP_PERIODS:
+            if steps == limit:
                 break
             self._grant_step(g, now_ms)
             steps += 1
