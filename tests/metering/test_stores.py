@@ -275,3 +275,20 @@ def test_iter_records_streams_every_row_in_pages(store: UsageStore) -> None:
     window = list(store.iter_records(since_ms=T0_MS + 2, until_ms=T0_MS + 5, page_rows=4))
     assert len(window) == 12 and all(T0_MS + 2 <= r.ts_ms < T0_MS + 5 for r in window)
     assert len(list(store.iter_records(page_rows=53))) == 53  # an exact last page
+
+
+@both_stores
+def test_reads_do_not_wait_for_each_other(store: UsageStore) -> None:
+    """A read holding a connection (a long summary) does not stop another: the store has a
+    small pool of read connections, not one behind a lock."""
+    import concurrent.futures
+
+    rng = random.Random(3)
+    for i in range(5):
+        store.submit(record(i, rng))
+    assert store.flush()
+    readers = store._readers  # type: ignore[attr-defined]
+    with readers.conn(), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # The first reader is taken, as by a read still running: another read goes ahead.
+        other = pool.submit(store.query, ["model"])
+        assert sum(s.requests for s in other.result(timeout=20)) == 5

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenworks.db import backend, sqlite_path
-from tokenworks.db.reads import READ_TIMEOUT_S, sqlite_deadline
+from tokenworks.db.reads import READ_TIMEOUT_S, ReadPool, sqlite_deadline
 from tokenworks.db.sqlite import REFUSALS as SQLITE_REFUSALS
 from tokenworks.db.sqlite import connect_rows
 from tokenworks.db.table import Table
@@ -44,6 +44,7 @@ MAX_BATCH_ROWS = 2048
 MAX_QUEUE_ROWS = 100_000
 FLUSH_INTERVAL_S = 0.02
 RECORDS_PAGE_ROWS = 10_000  # rows per page of `iter_records`
+READERS = 3  # read connections per usage store: admin reads that may run side by side
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 # (column, SQL type); the order is the row order of `usage_row`.
@@ -502,6 +503,17 @@ class SqliteUsageStore(UsageStore):
             self._write_conn if self.path == ":memory:" else connect_rows(self.path, ddl)
         )
         self._read_lock = threading.Lock()
+        # More read connections (WAL readers), opened as concurrent reads need them.
+        self._readers: ReadPool[sqlite3.Connection] | None = (
+            None
+            if self.path == ":memory:"
+            else ReadPool(
+                lambda: connect_rows(self.path, ()),
+                sqlite3.Connection.close,
+                READERS,
+                first=self._read_conn,
+            )
+        )
         placeholders = ",".join("?" * len(USAGE_COLUMNS))
         self._insert_sql = (
             f"INSERT OR IGNORE INTO usage ({','.join(USAGE_COLUMNS)}) VALUES ({placeholders})"
@@ -534,13 +546,16 @@ class SqliteUsageStore(UsageStore):
     def _fetch(
         self, sql: str, params: list[Any], timeout_s: float | None
     ) -> list[Mapping[str, Any]]:
-        with self._read_lock, sqlite_deadline(self._read_conn, timeout_s):
-            return self._read_conn.execute(sql, params).fetchall()
+        if self._readers is None:  # in memory: the writer's connection, behind the lock
+            with self._read_lock, sqlite_deadline(self._read_conn, timeout_s):
+                return self._read_conn.execute(sql, params).fetchall()
+        with self._readers.conn() as conn, sqlite_deadline(conn, timeout_s):
+            return conn.execute(sql, params).fetchall()
 
     def _close_connections(self) -> None:
         self._write_conn.close()
-        if self._read_conn is not self._write_conn:
-            self._read_conn.close()
+        if self._readers is not None:
+            self._readers.close()  # the first reader among them
 
 
 __all__ = [

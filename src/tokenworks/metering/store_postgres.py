@@ -2,8 +2,8 @@
 
 The writer thread owns one connection and commits each batch as one transaction of one
 statement, `INSERT ... SELECT * FROM unnest(typed arrays) ON CONFLICT DO NOTHING`: a single
-round trip for up to `MAX_BATCH_ROWS` rows. Reads (`query`, `records`) use a second,
-autocommit connection behind a lock. A lost connection is reopened and the batch retried.
+round trip for up to `MAX_BATCH_ROWS` rows. Reads (`query`, `records`) use a small pool of
+autocommit connections (`db.reads.ReadPool`). A lost connection is reopened and the batch retried.
 
 `?schema=NAME` in the URL puts the tables in that schema (created if missing), the same way
 the ledger's store does (`tokenworks.db`), so tests and tenants can share one database.
@@ -11,7 +11,6 @@ the ledger's store does (`tokenworks.db`), so tests and tenants can share one da
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,8 +18,8 @@ from typing import Any
 import psycopg
 
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
-from tokenworks.db.reads import ReadTimeout, pg_timeout_ms
-from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
+from tokenworks.db.reads import ReadPool, ReadTimeout, pg_timeout_ms
+from tokenworks.metering.store import READERS, USAGE, USAGE_SCHEMA, UsageStore
 
 WRITE_ATTEMPTS = 5
 
@@ -46,8 +45,13 @@ class PostgresUsageStore(UsageStore):
         super().__init__(url)
         # Both connections open here, so a bad URL or a down server fails the constructor.
         self._write_conn = connect(url, USAGE.ddl("postgres"))
-        self._read_conn = connect(url)
-        self._read_lock = threading.Lock()
+        self._readers: ReadPool[psycopg.Connection[dict[str, Any]]] = ReadPool(
+            lambda: connect(self.url),
+            lambda c: c.close(),
+            READERS,
+            usable=lambda c: not (c.closed or c.broken),  # a broken one is replaced
+            first=connect(url),
+        )
         self._insert_sql = _insert_sql()
         self._start()
 
@@ -83,11 +87,7 @@ class PostgresUsageStore(UsageStore):
     def _fetch(
         self, sql: str, params: list[Any], timeout_s: float | None
     ) -> Sequence[Mapping[str, Any]]:
-        with self._read_lock:
-            if self._read_conn.closed or self._read_conn.broken:
-                self._read_conn.close()
-                self._read_conn = connect(self.url)
-            conn = self._read_conn
+        with self._readers.conn() as conn:
             if timeout_s is None:
                 return conn.execute(sql, params).fetchall()
             try:
@@ -101,8 +101,7 @@ class PostgresUsageStore(UsageStore):
 
     def _close_connections(self) -> None:
         self._write_conn.close()
-        with self._read_lock:
-            self._read_conn.close()
+        self._readers.close()
 
 
 __all__ = ["PostgresUsageStore"]
