@@ -259,6 +259,16 @@ class PostgresKeyRows(_SqlKeyRows):
         self._reconnect_if_broken()
         self._conn.execute(self._insert, tuple(row))
 
+    def get(self, key_ids: Sequence[str]) -> list[Mapping[str, Any]]:
+        self._reconnect_if_broken()  # dead keys and listings read here long after start
+        return super().get(key_ids)
+
+    def page(
+        self, limit: int, after: tuple[int, str] | None, include_revoked: bool
+    ) -> list[Mapping[str, Any]]:
+        self._reconnect_if_broken()
+        return super().page(limit, after, include_revoked)
+
     def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
         self._reconnect_if_broken()
         with self._conn.transaction(), self._conn.cursor() as cur:
