@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,6 +47,7 @@ class Gateway:
         self.keys = KeyStore.open(config.database)
         self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
         self.retention: RetentionJob | None = None  # roll-ups and retention, off the loop
+        self.freeze_gc_after_start = False  # `tokenworks serve` sets it (server.py)
         self.pricer = Pricer.from_config(config)
         self.router = Router(config, Health(), self.pricer)
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
@@ -69,6 +71,12 @@ class Gateway:
         self.relay.ledger = self.ledger
         if RetentionJob.applies(self.config.database):
             self.retention = RetentionJob(self.config.retention, self.config.database).start()
+        if self.freeze_gc_after_start:
+            # The ledger's state (every tenant's accounts, grants, budgets) lives as long as
+            # the process: out of the collector's sight, a full collection no longer walks it
+            # (bench/scale.py: a 0.77 s pause at 100,000 tenants became 17 ms).
+            gc.collect()
+            gc.freeze()
         for producer in self.producers.values():
             await producer.start()
 

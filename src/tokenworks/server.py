@@ -220,6 +220,7 @@ def serve(config_path: str | None, host: str, port: int) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+    app.state.gateway.freeze_gc_after_start = True  # and the ledger's state, once loaded
     if not config.resolved_admin_key():
         print("tokenworks: no admin key set; the admin API is disabled", file=sys.stderr)
     server = uvicorn.Server(uvicorn_config(app, host=host, port=port, timeout_graceful_shutdown=10))

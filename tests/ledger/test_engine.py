@@ -361,7 +361,9 @@ def test_a_thousand_sub_agents_are_cheap() -> None:
     (root,) = eng.budget_view("key:root", T0)
     assert root["spent_nano"] == 1_000_000
     assert root["delegated_nano"] == 1000 * 99_000
-    eng.sweep(T0 + 60_000)  # all children expire at once
+    for _ in range(10):  # all children expire at once: in bounded turns of the sweep
+        if not eng.sweep(T0 + 60_000)["more"]:
+            break
     (root,) = eng.budget_view("key:root", T0 + 60_000)
     assert (root["delegated_nano"], root["room_nano"]) == (0, 10**9 - 1_000_000)
     assert eng.check(T0 + 60_000) == []

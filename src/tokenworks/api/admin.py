@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 from collections.abc import Awaitable, Callable
@@ -193,11 +194,34 @@ def _limit_view(limit: tuple[int, str] | None) -> dict[str, str] | None:
     return None if limit is None else {"amount": format_nano(limit[0]), "period": limit[1]}
 
 
+MAX_KEYS_PAGE = 1_000
+DEFAULT_KEYS_PAGE = 100
+
+
 @_admin
 async def list_keys(request: Request) -> Response:
-    include = request.query_params.get("include_revoked", "true").lower() != "false"
-    keys = gateway_of(request).keys.list(include_revoked=include)
-    return json_response({"data": [k.public() for k in keys]})
+    """A page of keys in creation order, dead ones included unless `include_revoked=false`:
+    `limit` (1..1,000, default 100) after the key `after` (the last id of the previous page),
+    and `has_more`. Read from the table, O(page): memory holds live keys only."""
+    params = request.query_params
+    include = params.get("include_revoked", "true").lower() != "false"
+    try:
+        limit = int(params.get("limit", DEFAULT_KEYS_PAGE))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_KEYS_PAGE:
+        raise ApiError(400, f"'limit' must be an integer in [1, {MAX_KEYS_PAGE}]", param="limit")
+    keys = gateway_of(request).keys
+    after_id = params.get("after")
+    after = None
+    if after_id:
+        last = await asyncio.to_thread(keys.get, after_id) if "\x00" not in after_id else None
+        if last is None:
+            raise ApiError(400, f"'after' names no key: {after_id[:64]!r}", param="after")
+        after = (last.created_ms, last.id)
+    page = await asyncio.to_thread(keys.page, limit + 1, after, include)
+    data = [k.public() for k in page[:limit]]
+    return json_response({"object": "list", "data": data, "has_more": len(page) > limit})
 
 
 @_admin
@@ -225,7 +249,10 @@ async def usage(request: Request) -> Response:
     gateway = gateway_of(request)
     await gateway.flush_usage()
     try:
-        rows = gateway.store.query(
+        # On a thread: a summary over a year of rows takes seconds, and paying requests must
+        # not wait for it (the store reads on its own connection, under a time limit).
+        rows = await asyncio.to_thread(
+            gateway.store.query,
             groups,
             since_ms=parse_time_ms(params.get("since"), "since"),
             until_ms=parse_time_ms(params.get("until"), "until"),

@@ -35,6 +35,7 @@ raise the right exception class.
     │   ├── DelegationConflict           409 idempotency_conflict
     │   ├── DelegationInvalid            400 delegation_refused
     │   └── KeysLedgerUnavailable        503 ledger_unavailable
+    ├── db.reads.ReadTimeout             503 query_timeout       a read past its time limit
     ├── starlette HTTPException          404 unknown_url, 405 method_not_allowed, else its own
     └── anything else                    500 internal: a bug; the request was not charged
 """
@@ -49,6 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenworks.db.reads import ReadTimeout
 from tokenworks.dispatch.errors import DispatchError
 from tokenworks.keys import lifecycle as keys
 from tokenworks.ledger import (
@@ -182,6 +184,8 @@ ANSWERS: dict[type[Exception], Answer] = {
     keys.DelegationConflict: Answer(409, "idempotency_conflict"),
     keys.DelegationInvalid: Answer(400, "delegation_refused"),
     keys.KeysLedgerUnavailable: Answer(503, "ledger_unavailable"),
+    # A read (usage summary, statement) stopped at its time limit: nothing changed.
+    ReadTimeout: Answer(503, "query_timeout", headers={"Retry-After": "5"}),
 }
 
 INTERNAL = "internal error; the request was not charged"
@@ -222,6 +226,7 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Any]] = {
     LedgerError: _answer,
     DispatchError: _answer,
     keys.KeyLifecycleError: _answer,
+    ReadTimeout: _answer,
     HTTPException: _http_error,
     Exception: _server_error,  # Starlette sends this one from its outermost middleware
 }

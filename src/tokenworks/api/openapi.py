@@ -443,8 +443,21 @@ def _admin_paths() -> Schema:
             "get": _admin_op(
                 "List keys",
                 200,
-                _obj({"data": {"type": "array", "items": KEY}}, ("data",)),
-                params=[_query("include_revoked", {"enum": ["true", "false"]})],
+                _obj(
+                    {
+                        "object": {"const": "list"},
+                        "data": {"type": "array", "items": KEY},
+                        "has_more": {"type": "boolean"},
+                    },
+                    ("data",),
+                ),
+                params=[
+                    _query("include_revoked", {"enum": ["true", "false"]}),
+                    _query(
+                        "after", {"type": "string", "maxLength": 64}, "the previous page's last id"
+                    ),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1_000}),
+                ],
             ),
         },
         "/admin/v1/keys/{key_id}": {

@@ -56,6 +56,24 @@ def request_bytes(method: str, path: str, body: Any = None, *, url: str, admin_k
         raise AdminError(f"cannot reach the gateway at {url}: {exc.reason}") from exc
 
 
+MAX_PAGES = 100_000  # a bound on the pages a listing follows (10^8 rows at 1,000 a page)
+
+
+def list_all(path: str, call: dict[str, str], query: dict[str, str] | None = None) -> list[Any]:
+    """Every item of a paged listing: pages of 1,000, each `after` the last id of the one
+    before, until `has_more` is false."""
+    items: list[Any] = []
+    params = {**(query or {}), "limit": "1000"}
+    for _ in range(MAX_PAGES):
+        sep = "&" if "?" in path else "?"
+        page = request("GET", path + sep + urllib.parse.urlencode(params), **call)
+        items += page["data"]
+        if not page.get("has_more") or not page["data"]:
+            return items
+        params["after"] = str(page["data"][-1]["id"])
+    raise SystemExit(f"{path}: more than {MAX_PAGES} pages")
+
+
 def add_subcommands(sub: Any, handler: Any) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL))
@@ -145,7 +163,7 @@ def _keys(args: argparse.Namespace, admin_key: str, console: Console) -> int:
             console.print(f"id:  {result['id']}\nkey: {result['key']}  (shown once)")
         return 0
     if args.keys_command == "list":
-        result = request("GET", "/admin/v1/keys", **call)
+        result = {"object": "list", "data": list_all("/admin/v1/keys", call)}
         if args.json:
             print(json.dumps(result))
             return 0

@@ -27,6 +27,7 @@ from tokenworks.cli.admin import (
     AdminError,
     add_rate_limit_options,
     admin_key_from_env,
+    list_all,
     rate_limits_of,
     request,
     request_bytes,
@@ -206,7 +207,8 @@ def _accounts(args: argparse.Namespace, call: _Call) -> int:
             query["parent"] = str(args.parent)
         if args.include_operator:
             query["include_operator"] = "true"
-        r = call.get("/admin/v1/accounts?" + urllib.parse.urlencode(query))
+        data = list_all("/admin/v1/accounts", {"url": call.url, "admin_key": call.admin_key}, query)
+        r = {"object": "list", "data": data}
         if call.raw:
             return call.show(r, "")
         table = Table("id", "name", "kind", "parent", "available", "held", "spent this period")

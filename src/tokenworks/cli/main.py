@@ -54,14 +54,14 @@ def _reprice(args: argparse.Namespace) -> int:
         return 2
     store = UsageStore(config.database)
     try:
-        records = store.records(since_ms=since_ms, until_ms=until_ms)
-    finally:
-        store.close()
-    try:
+        # Every record in range, streamed a page at a time: memory holds one page and the sums.
+        records = store.iter_records(since_ms=since_ms, until_ms=until_ms)
         result = reprice(records, Pricer.from_config(config), scenario)
     except ScenarioError as exc:
         print(f"tokenworks: {exc}", file=sys.stderr)
         return 2
+    finally:
+        store.close()
     if args.json:
         rows = [*result.rows, result.total]
         print(

@@ -6,8 +6,12 @@ so a plain digest is the right tool. Lookups are one dict probe; revocation upda
 table and the cache in the same call, so it takes effect on the next request.
 
 Storage is a small seam, `KeyRows`: the `api_keys` table in SQLite or PostgreSQL, each on its
-own connection (`open_key_rows(url)`, `KeyStore.open(url)`). The store only loads every row
-at start and writes on create and revoke; all reads come from memory.
+own connection (`open_key_rows(url)`, `KeyStore.open(url)`). The store loads the *live* keys
+at start (not revoked, not expired; and the ancestors they count under) and writes on create
+and revoke; the hot path reads only memory. Memory and start-up follow the live tenants, not
+every key ever minted: a fleet that mints a million short-lived sub-agent keys a month does
+not grow either. A dead key is read from the table when an admin asks for it (to say
+"revoked" rather than "unknown"), and listings page through the table.
 
 Rate limits (`keys/rate_limits.py`) live beside the keys in `rate_limits`, one row per scope
 (`key:<id>`, `account:<id>`): a key's are written in the transaction that makes the key, an
@@ -60,6 +64,11 @@ KEYS = Table(
         ("key_hint", "NOT NULL"),
         ("created_ms", "NOT NULL"),
         ("metadata", "NOT NULL DEFAULT '{}'"),
+    ),
+    indexes=(
+        # Listings page in (created_ms, id) order; start-up reads only unrevoked rows.
+        "CREATE INDEX IF NOT EXISTS api_keys_created ON api_keys (created_ms, id)",
+        "CREATE INDEX IF NOT EXISTS api_keys_live ON api_keys (id) WHERE revoked_ms IS NULL",
     ),
 )
 
@@ -166,19 +175,31 @@ def derived_secret(seed: str, idempotency_key: str, request: bytes) -> str:
 
 
 KEY_COLUMNS = KEYS.column_names
+MAX_ANCESTRY = 64  # levels of missing ancestors looked up at start
+LIST_PAGE = 1_000
 
 
 class KeyRows(Protocol):
     """Where the `api_keys` rows live. Each call is its own committed transaction."""
 
-    def load(self) -> list[Mapping[str, Any]]:
-        """Every row, as mappings of column name to value."""
+    def load(self, now_ms: int) -> list[Mapping[str, Any]]:
+        """The live rows (not revoked, not expired at `now_ms`), as mappings of column name to
+        value."""
+
+    def get(self, key_ids: Sequence[str]) -> list[Mapping[str, Any]]:
+        """The rows of these ids, live or not."""
+
+    def page(
+        self, limit: int, after: tuple[int, str] | None, include_revoked: bool
+    ) -> list[Mapping[str, Any]]:
+        """Up to `limit` rows in (created_ms, id) order, after `after`."""
 
     def insert(self, row: Sequence[Any], limits: LimitsRow | None = None) -> None:
         """One row, values in `KEY_COLUMNS` order, and its rate limits, in one transaction."""
 
-    def load_limits(self) -> list[Mapping[str, Any]]:
-        """Every `rate_limits` row."""
+    def load_limits(self, now_ms: int) -> list[Mapping[str, Any]]:
+        """The `rate_limits` rows of accounts and of live keys (as `load`): a dead sub-agent
+        key's limits stay in the table, out of memory."""
 
     def set_limits(self, row: LimitsRow) -> None:
         """Insert or replace one scope's rate limits."""
@@ -206,11 +227,42 @@ class _SqlKeyRows:
         )
         self._upsert_limits = _UPSERT_LIMITS.format(ph)
 
-    def load(self) -> list[Mapping[str, Any]]:
-        return list(self._conn.execute("SELECT * FROM api_keys").fetchall())
+    def load(self, now_ms: int) -> list[Mapping[str, Any]]:
+        ph = self.placeholder
+        sql = (
+            "SELECT * FROM api_keys WHERE revoked_ms IS NULL "
+            f"AND (expires_ms IS NULL OR expires_ms > {ph})"
+        )
+        return list(self._conn.execute(sql, (now_ms,)).fetchall())
 
-    def load_limits(self) -> list[Mapping[str, Any]]:
-        return list(self._conn.execute("SELECT * FROM rate_limits").fetchall())
+    def get(self, key_ids: Sequence[str]) -> list[Mapping[str, Any]]:
+        if not key_ids:
+            return []
+        marks = ", ".join([self.placeholder] * len(key_ids))
+        sql = f"SELECT * FROM api_keys WHERE id IN ({marks})"
+        return list(self._conn.execute(sql, tuple(key_ids)).fetchall())
+
+    def page(
+        self, limit: int, after: tuple[int, str] | None, include_revoked: bool
+    ) -> list[Mapping[str, Any]]:
+        ph = self.placeholder
+        where: list[str] = [] if include_revoked else ["revoked_ms IS NULL"]
+        params: list[Any] = []
+        if after is not None:
+            # (created_ms, id) > after, spelled out: both dialects use the index with it.
+            where.append(f"(created_ms > {ph} OR (created_ms = {ph} AND id > {ph}))")
+            params += [after[0], after[0], after[1]]
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT * FROM api_keys{clause} ORDER BY created_ms, id LIMIT {ph}"
+        return list(self._conn.execute(sql, (*params, limit)).fetchall())
+
+    def load_limits(self, now_ms: int) -> list[Mapping[str, Any]]:
+        sql = (
+            "SELECT r.* FROM rate_limits r WHERE r.scope LIKE 'account:%' OR EXISTS ("
+            "SELECT 1 FROM api_keys k WHERE r.scope = 'key:' || k.id AND k.revoked_ms IS NULL "
+            f"AND (k.expires_ms IS NULL OR k.expires_ms > {self.placeholder}))"
+        )
+        return list(self._conn.execute(sql, (now_ms,)).fetchall())
 
     def close(self) -> None:
         self._conn.close()
@@ -281,6 +333,16 @@ class PostgresKeyRows(_SqlKeyRows):
         self._reconnect_if_broken()
         self._conn.execute(self._upsert_limits, row)
 
+    def get(self, key_ids: Sequence[str]) -> list[Mapping[str, Any]]:
+        self._reconnect_if_broken()  # dead keys and listings read here long after start
+        return super().get(key_ids)
+
+    def page(
+        self, limit: int, after: tuple[int, str] | None, include_revoked: bool
+    ) -> list[Mapping[str, Any]]:
+        self._reconnect_if_broken()
+        return super().page(limit, after, include_revoked)
+
     def revoke(self, key_ids: Sequence[str], now_ms: int) -> None:
         self._reconnect_if_broken()
         with self._conn.transaction(), self._conn.cursor() as cur:
@@ -312,10 +374,21 @@ class KeyStore:
         self._by_account: dict[str, list[ApiKey]] = {}
         now_ms = int(time.time() * 1000)
         with self._lock:
-            loaded = rows.load()
-            loaded_limits = rows.load_limits()
+            loaded = [_from_row(row) for row in rows.load(now_ms)]
+            # The ancestors a live key counts under (an expired parent's live child), level by
+            # level: bounded by the depth of the trees, and only where a parent is missing.
+            ids = {key.id for key in loaded}
+            missing = {k.parent_id for k in loaded if k.parent_id and k.parent_id not in ids}
+            for _ in range(MAX_ANCESTRY):
+                if not missing:
+                    break
+                found = [_from_row(row) for row in rows.get(sorted(missing))]
+                loaded += found
+                ids.update(k.id for k in found)
+                missing = {k.parent_id for k in found if k.parent_id and k.parent_id not in ids}
+            loaded_limits = rows.load_limits(now_ms)
         limits = {r["scope"]: _limits_from_row(r) for r in loaded_limits}
-        keys = [_from_row(row) for row in sorted(loaded, key=lambda r: (r["created_ms"], r["id"]))]
+        keys = sorted(loaded, key=lambda k: (k.created_ms, k.id))
         for key in keys:
             key.rate_limits = limits.get("key:" + key.id)
         self._account_limits = {
@@ -471,14 +544,38 @@ class KeyStore:
         return key, secret
 
     def get(self, key_id: str) -> ApiKey | None:
-        return self._by_id.get(key_id)
+        """The key, live from memory, else (revoked or expired, not kept in memory) from the
+        table, uncached."""
+        key = self._by_id.get(key_id)
+        if key is not None:
+            return key
+        with self._lock:
+            rows = self._rows.get([key_id])
+        return _from_row(rows[0]) if rows else None
 
-    def list(self, include_revoked: bool = True) -> list[ApiKey]:
-        keys = sorted(self._by_id.values(), key=lambda k: (k.created_ms, k.id))
-        return [k for k in keys if include_revoked or k.revoked_ms is None]
+    def page(
+        self, limit: int, after: tuple[int, str] | None = None, include_revoked: bool = True
+    ) -> builtins.list[ApiKey]:
+        """Up to `limit` keys in (created_ms, id) order after `after`, from the table: the
+        dead ones too, which memory does not keep. O(page), by the (created_ms, id) index."""
+        with self._lock:
+            rows = self._rows.page(limit, after, include_revoked)
+        return [self._by_id.get(r["id"]) or _from_row(r) for r in rows]
+
+    def list(self, include_revoked: bool = True) -> builtins.list[ApiKey]:
+        """Every key, in pages of the table (tools and tests; the API pages)."""
+        out: list[ApiKey] = []
+        after: tuple[int, str] | None = None
+        while True:
+            page = self.page(LIST_PAGE, after, include_revoked)
+            out += page
+            if len(page) < LIST_PAGE:
+                return out
+            after = (page[-1].created_ms, page[-1].id)
 
     def children(self, key_id: str) -> builtins.list[ApiKey]:  # `list` is the method here
-        return [self._by_id[i] for i in self._children.get(key_id, ())]
+        # Live children only: revoked ones have left memory.
+        return [self._by_id[i] for i in self._children.get(key_id, ()) if i in self._by_id]
 
     def _forget_live(self, key: ApiKey) -> None:
         if key.parent_id is not None:
@@ -486,9 +583,18 @@ class KeyStore:
             self._live_tree.get(self.root_of(key).id, set()).discard(key.id)
 
     def revoke(self, key_id: str) -> builtins.list[ApiKey]:
-        """Revoke a key and, transitively, every key minted under it. Returns those revoked."""
+        """Revoke a key and, transitively, every live key minted under it. Returns those
+        revoked. A dead key (not in memory) that is only expired is marked revoked too."""
         if key_id not in self._by_id:
-            raise KeyError(key_id)
+            dead = self.get(key_id)
+            if dead is None:
+                raise KeyError(key_id)
+            if dead.revoked_ms is not None:
+                return []
+            dead.revoked_ms = int(time.time() * 1000)
+            with self._lock:
+                self._rows.revoke([key_id], dead.revoked_ms)
+            return [dead]
         now_ms = int(time.time() * 1000)
         revoked: list[ApiKey] = []
         pending = [key_id]
@@ -507,6 +613,13 @@ class KeyStore:
         if revoked:
             with self._lock:
                 self._rows.revoke([k.id for k in revoked], now_ms)
+        # Dead keys leave memory (the table answers for them from now on).
+        for dead_id in seen:
+            dead = self._by_id.pop(dead_id)
+            self._by_hash.pop(dead.key_hash, None)
+            self._children.pop(dead_id, None)
+            self._live_children.pop(dead_id, None)
+            self._live_tree.pop(dead_id, None)
         return revoked
 
 

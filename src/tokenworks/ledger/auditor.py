@@ -105,10 +105,12 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
     (`settled`: (scopes JSON, price, closed ms) since `budgets_since_ms`)."""
     violations: list[str] = []
     total = 0
-    for acc_id, stored, net in audit.accounts:
+    for acc_id, stored, net, periods in audit.accounts:
         total += stored
         if stored != net:
             violations.append(f"store account {acc_id}: balance {stored} != transfers {net}")
+        if periods != net:  # what statements' opening balances are summed from
+            violations.append(f"store account {acc_id}: period nets {periods} != transfers {net}")
         if cut.accounts.get(acc_id) != stored:
             violations.append(
                 f"store account {acc_id}: {stored} != engine {cut.accounts.get(acc_id)}"

@@ -78,6 +78,15 @@ OPERATOR_ACCOUNTS = (
 MAX_CHAIN_DEPTH = 16
 MAX_KEY_DEPTH = 16
 MAX_CATCHUP_PERIODS = 10_000
+# One sweep turn's work: at most this many hold expiries, this many grant periods (each up to
+# three transfers) and this many scope expiries. The ledger runs turns until nothing is due,
+# yielding to requests in between and committing each turn before the next, so a month
+# boundary where 100,000 grants renew at once is many small batches (none near the
+# backpressure limit) and the event loop is never held for long: a grant period costs about
+# 60 us, so a turn about 15 ms (bench/scale.py measures it).
+SWEEP_TURN_ITEMS = 250
+# The most operations one turn can journal (about the size of the batch it makes).
+SWEEP_TURN_OPS = SWEEP_TURN_ITEMS * 5
 CLOSED_HOLDS_KEPT = 100_000
 # The expiry heap keeps a closed hold's entry until it would have expired (lazy deletion);
 # past twice the open holds plus this, it is rebuilt from the open holds alone, so its size
@@ -165,6 +174,9 @@ class Engine:
         self._hold_heap: list[tuple[int, str]] = []
         self._payers: dict[int, _Payer] = {}
         self._grant_heap: list[tuple[int, int]] = []
+        # Each account's grant ids: a hold advances only its own accounts' due grants, so the
+        # first request after a boundary does not renew every tenant's grant inline.
+        self._account_grants: dict[int, list[int]] = {}
         self._scope_expiry_heap: list[tuple[int, str]] = []
         self.next_account_id = 1
         self.next_bucket_id = 1
@@ -218,6 +230,7 @@ class Engine:
         for r in snap.grants:
             g = grant_from_row(r)
             eng.grants[g.id] = g
+            eng._account_grants.setdefault(g.account_id, []).append(g.id)
             if g.active and g.next_due_ms is not None:
                 heapq.heappush(eng._grant_heap, (g.next_due_ms, g.id))
         for r in snap.budgets:
@@ -566,30 +579,66 @@ class Engine:
             )
             self.next_grant_id += 1
             self.grants[g.id] = g
+            self._account_grants.setdefault(account_id, []).append(g.id)
             self.journal.grants[g.id] = g
             self.journal.meta_dirty = True
             self.seq += 1
-            heapq.heappush(self._grant_heap, (effective, g.id))
-            self._advance_grants(now_ms)
+            if not self._advance_grant(g, now_ms):  # (it schedules the next period itself)
+                heapq.heappush(self._grant_heap, (effective, g.id))
             return {"grant_id": g.id, "bucket_id": g.bucket_id}
 
         with self._lock:
             return self._idempotent(idempotency_key, "grant", body, apply)
 
-    def _advance_grants(self, now_ms: int) -> None:
-        """Issue, refill, roll over and expire every grant that is due at `now_ms`."""
+    def _advance_grants(self, now_ms: int, max_steps: int = SWEEP_TURN_ITEMS) -> int:
+        """Issue, refill, roll over and expire the grants due at `now_ms`, earliest first, at
+        most about `max_steps` grant periods; returns the periods done. Due grants left over
+        stay in the heap for the next turn (their own account's holds advance them sooner)."""
         heap = self._grant_heap
-        while heap and heap[0][0] <= now_ms:
+        steps = work = 0
+        while heap and heap[0][0] <= now_ms and work < max_steps:
             due, gid = heapq.heappop(heap)
+            work += 1  # a stale entry costs a pop: it counts against the turn too
             g = self.grants.get(gid)
             if g is None or not g.active or g.next_due_ms != due:
+                continue  # done already (its account's hold advanced it), or ended
+            done = self._advance_grant(g, now_ms, max(1, max_steps - work + 1))
+            steps += done
+            work += done - 1
+        return steps
+
+    def _advance_grant(self, g: Grant, now_ms: int, limit: int = MAX_CATCHUP_PERIODS) -> int:
+        """Bring one grant up to `now_ms`, at most `limit` periods (a grant back-dated by
+        months catches up over several turns); returns the periods it stepped. Its heap entry
+        for the old due time goes stale (skipped), a new one is pushed."""
+        steps = 0
+        while g.active and g.next_due_ms is not None and g.next_due_ms <= now_ms:
+            if steps == limit:
+                break
+            self._grant_step(g, now_ms)
+            steps += 1
+        if steps and g.active and g.next_due_ms is not None:
+            heapq.heappush(self._grant_heap, (g.next_due_ms, g.id))
+        return steps
+
+    def _advance_accounts(self, accounts: Iterable[Account], now_ms: int) -> None:
+        """Bring the grants of these accounts (a hold's funding) up to `now_ms`: what the
+        hold may draw must include a period that has begun, whether or not the sweep has
+        reached that grant yet. Ended grants are dropped from the index on the way."""
+        for acc in accounts:
+            ids = self._account_grants.get(acc.id)
+            if not ids:
                 continue
-            for _ in range(MAX_CATCHUP_PERIODS):
-                self._grant_step(g, now_ms)
-                if not g.active or g.next_due_ms is None or g.next_due_ms > now_ms:
-                    break
-            if g.active and g.next_due_ms is not None:
-                heapq.heappush(heap, (g.next_due_ms, g.id))
+            live = []
+            for gid in ids:
+                g = self.grants.get(gid)
+                if g is None or not g.active:
+                    continue
+                if g.next_due_ms is not None and g.next_due_ms <= now_ms:
+                    self._advance_grant(g, now_ms)
+                live.append(gid)
+            if len(live) != len(ids):
+                self._account_grants[acc.id] = live
 
     def _grant_step(self, g: Grant, now_ms: int) -> None:
         """One boundary of a grant: issue it, or end its bucket and maybe refill."""
@@ -963,7 +1012,7 @@ class Engine:
                 return existing
             check_text(request_id, "a request id")
             if self._grant_heap and self._grant_heap[0][0] <= now_ms:
-                self._advance_grants(now_ms)
+                self._advance_accounts(payer.funding, now_ms)
             # Budgets first: they are cheap and name the tighter limit.
             parents_in_hold = {delegations[s] for s in scopes if s in delegations}
             touched: list[Budget] = []
@@ -1190,8 +1239,10 @@ class Engine:
 
     # ------------------------------------------------------------------ sweep
 
-    def sweep(self, now_ms: int, *, max_items: int = 100_000) -> dict[str, int]:
-        """Expire holds, grants and delegated budgets that are due; bounded per call."""
+    def sweep(self, now_ms: int, *, max_items: int = SWEEP_TURN_ITEMS) -> dict[str, int]:
+        """One turn: expire holds, step grants and expire delegated budgets that are due, at
+        most `max_items` of each. `more` (0/1) says whether anything due is left for another
+        turn."""
         with self._lock:
             n_holds = n_scopes = 0
             while self._hold_heap and self._hold_heap[0][0] <= now_ms and n_holds < max_items:
@@ -1203,7 +1254,7 @@ class Engine:
                 self._close(h, HoldStatus.EXPIRED, now_ms)
                 n_holds += 1
             before = self.seq
-            self._advance_grants(now_ms)
+            self._advance_grants(now_ms, max_items)
             heap = self._scope_expiry_heap
             while heap and heap[0][0] <= now_ms and n_scopes < max_items:
                 _, scope = heapq.heappop(heap)
@@ -1215,10 +1266,12 @@ class Engine:
                 self.last_sweep_ms = now_ms
                 self.journal.meta_dirty = True
                 self.seq += 1
+            more = not done or self.grants_due(now_ms) or bool(heap and heap[0][0] <= now_ms)
             return {
                 "holds_expired": n_holds,
                 "grant_events": int(self.seq != before),
                 "scopes_expired": n_scopes,
+                "more": int(more),
             }
 
     # ------------------------------------------------------------------ reads
@@ -1226,9 +1279,10 @@ class Engine:
     def balance(self, account_id: int, now_ms: int) -> BalanceView:
         with self._lock:
             self._post_accrued_costs()
-            if self._grant_heap and self._grant_heap[0][0] <= now_ms:
-                self._advance_grants(now_ms)
             acc = self.account(account_id)
+            if self._grant_heap and self._grant_heap[0][0] <= now_ms:
+                funding = self._payer(acc.id).funding if acc.kind in CUSTOMER_KINDS else (acc,)
+                self._advance_accounts(funding, now_ms)
             chain_avail = (
                 self._payer(account_id).available_nano()
                 if acc.kind in CUSTOMER_KINDS
@@ -1252,9 +1306,8 @@ class Engine:
         with self._lock:
             acc = self.account(account_id)
             buckets = [replace(self.buckets[i]) for i in acc.bucket_ids if i in self.buckets]
-            grants = [
-                replace(g) for g in self.grants.values() if g.account_id == account_id and g.active
-            ]
+            ids = self._account_grants.get(account_id, ())
+            grants = [replace(g) for i in ids if (g := self.grants[i]).active]
             return buckets, grants
 
     def chain_available(self, account_id: int) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
+from tokenworks.db.reads import READ_TIMEOUT_S
 from tokenworks.db.table import Columns
 from tokenworks.ledger import auditor
 from tokenworks.ledger.domain import (
@@ -57,6 +58,9 @@ T = TypeVar("T")
 DEFAULT_HOLD_TTL_S = 600.0
 MAX_PENDING_OPS = 50_000
 BACKPRESSURE_WAIT_S = 5.0
+# Bound on one sweep's turns (each at most `SWEEP_TURN_ITEMS` of each kind); what is left
+# is taken up on the next sweep.
+MAX_SWEEP_TURNS = 2_000
 
 
 class HoldView(NamedTuple):
@@ -117,6 +121,7 @@ class Ledger:
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self.store_compared = False  # whether the last check() compared the store with memory
+        self.read_timeout_s: float | None = READ_TIMEOUT_S  # a statement's time limit
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,10 +203,31 @@ class Ledger:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                self.engine.sweep(self.now_ms())
-                self.writer.poke()
+                await self._sweep_due(self.now_ms)
             except Exception:  # a sweep bug must not kill the loop silently
                 log.exception("ledger sweep failed")
+
+    async def _sweep_due(self, now_ms: Callable[[], int]) -> dict[str, int]:
+        """Sweep in bounded turns until nothing is due (at most `MAX_SWEEP_TURNS`).
+
+        Between turns the loop serves requests, and each turn is committed before the next
+        is taken: a boundary where every tenant's grant renews is many batches of about one
+        turn each (`SWEEP_TURN_OPS`, far below the backpressure limit), and a settlement
+        meanwhile waits for one such commit at most, never for the whole boundary."""
+        totals: dict[str, int] = {}
+        for turn in range(MAX_SWEEP_TURNS):
+            if turn and self.engine.pending_ops():
+                self.writer.poke()
+                await self.writer.flush()
+            result = self.engine.sweep(now_ms())
+            self.writer.poke()
+            for k, v in result.items():
+                totals[k] = totals.get(k, 0) + v
+            if not result["more"]:
+                break
+            await asyncio.sleep(0)
+        totals.pop("more", None)
+        return totals
 
     def _usable(self) -> None:
         if self.writer.failure is not None:
@@ -482,8 +508,8 @@ class Ledger:
     async def sweep_expired(self, now: datetime | None = None) -> dict[str, int]:
         """Expire holds, grant periods and delegated budgets due by `now` (default: clock)."""
         self._usable()
-        result = self.engine.sweep(to_ms(now) if now else self.now_ms())
-        self.writer.poke()
+        at_ms = to_ms(now) if now else self.now_ms()
+        result = await self._sweep_due(lambda: at_ms)
         await self.writer.wait_durable(self.engine.seq)
         return result
 
@@ -521,9 +547,10 @@ class Ledger:
             raise ValueError("a statement needs since < until")
         acc = self.engine.account(account_id)
         await self.flush()
-        opening = await self.store.net_before(account_id, since_ms)
-        closing = await self.store.net_before(account_id, until_ms)
-        moves = await self.store.movements(account_id, since_ms, until_ms)
+        # One snapshot on a read connection, under a time limit (`ReadTimeout`).
+        opening, closing, moves = await self.store.statement_data(
+            account_id, since_ms, until_ms, self.read_timeout_s
+        )
         return build_statement(acc.public(), since_ms, until_ms, opening, closing, moves)
 
     async def statement_csv(self, account_id: int, since: datetime, until: datetime) -> str:

@@ -126,6 +126,38 @@ TRANSFERS = Table(
         "(credit_account_id, ts_ms)",
     ),
 )
+# Each account's net movement per fixed period (a week, epoch-aligned): the balance at a period's
+# start is the sum of the periods before it, so a statement reads its own period's transfers
+# plus a row per earlier week, never the account's whole history. Maintained in the same
+# transaction as the transfers (a trigger on SQLite, a CTE of the batch statement on
+# PostgreSQL), from the transfers actually inserted, so a retried batch cannot count twice.
+PERIOD_MS = 7 * 86_400_000
+ACCOUNT_PERIODS = Table(
+    "ledger_account_periods",
+    ("account_id", "period_start_ms"),
+    (("account_id", B), ("period_start_ms", B), ("net_nano", WIDE)),
+    without_rowid=True,
+)
+# SQLite: `xadd` (registered by the store) adds exactly, past int64 too; the plain sum is
+# taken while both are int64 and cannot overflow (SQLite would turn it into a lossy REAL).
+_SQLITE_NET = (
+    "CASE WHEN typeof(net_nano) = 'integer' AND typeof(excluded.net_nano) = 'integer' "
+    "AND ((excluded.net_nano >= 0 AND net_nano <= 9223372036854775807 - excluded.net_nano) "
+    "OR (excluded.net_nano < 0 AND net_nano >= -9223372036854775808 - excluded.net_nano)) "
+    "THEN net_nano + excluded.net_nano ELSE xadd(net_nano, excluded.net_nano) END"
+)
+SQLITE_PERIODS_TRIGGER = f"""
+CREATE TRIGGER IF NOT EXISTS ledger_transfers_periods AFTER INSERT ON ledger_transfers
+BEGIN
+  INSERT INTO ledger_account_periods (account_id, period_start_ms, net_nano)
+  VALUES (NEW.credit_account_id, NEW.ts_ms - NEW.ts_ms % {PERIOD_MS}, NEW.amount_nano)
+  ON CONFLICT (account_id, period_start_ms) DO UPDATE SET net_nano = {_SQLITE_NET};
+  INSERT INTO ledger_account_periods (account_id, period_start_ms, net_nano)
+  VALUES (NEW.debit_account_id, NEW.ts_ms - NEW.ts_ms % {PERIOD_MS}, -NEW.amount_nano)
+  ON CONFLICT (account_id, period_start_ms) DO UPDATE SET net_nano = {_SQLITE_NET};
+END
+"""
+
 IDEMPOTENCY = Table(
     "ledger_idempotency",
     ("key",),
@@ -155,9 +187,13 @@ HOLDS_COMPACTED = Table(
     without_rowid=True,
 )
 
-TABLES = (ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META, HOLDS_COMPACTED)
+TABLES = (
+    ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META, HOLDS_COMPACTED,
+    ACCOUNT_PERIODS,
+)  # fmt: skip
 
 
 def ddl(dialect: str) -> list[str]:
     """CREATE statements for `sqlite` or `postgres` (upgrades of older ledgers: upgrade.py)."""
-    return [stmt for t in TABLES for stmt in t.ddl(dialect)]
+    out = [stmt for t in TABLES for stmt in t.ddl(dialect)]
+    return [*out, SQLITE_PERIODS_TRIGGER] if dialect == "sqlite" else out

@@ -23,6 +23,7 @@ from tokenworks.ledger.schema import (
     HOLDS,
     IDEMPOTENCY,
     META,
+    PERIOD_MS,
     TRANSFERS,
 )
 
@@ -31,8 +32,8 @@ from tokenworks.ledger.schema import (
 class AuditData:
     """What `check()` compares the engine against, straight from the store."""
 
-    # (account_id, stored balance, net of its transfers)
-    accounts: list[tuple[int, int, int]]
+    # (account_id, stored balance, net of its transfers, sum of its period nets)
+    accounts: list[tuple[int, int, int, int]]
     # (bucket_id, stored remaining, closed, net of its transfers)
     buckets: list[tuple[int, int, int, int]]
     # settled holds whose spend transfers do not add up to their price: (id, price, posted)
@@ -42,6 +43,9 @@ class AuditData:
     costs: tuple[int, int]
     open_holds: list[str]  # none, ever: holds are written when they close
 
+
+Movement = tuple[str, int, str | None, int, str | None]
+StatementData = tuple[int, int, list[Movement]]
 
 # Rows of other tables committed in the ledger's transaction (the usage rows of the requests
 # a batch settles): (table, columns, rows). Inserted with ON CONFLICT DO NOTHING.
@@ -94,12 +98,12 @@ class Store(Protocol):
     async def recent_closed_holds(self, limit: int) -> list[tuple[Any, ...]]:
         """The latest closed holds, so a restarted engine still answers their retries."""
 
-    async def movements(
-        self, account_id: int, since_ms: int, until_ms: int
-    ) -> list[tuple[str, int, str | None, int, str | None]]:
-        """(kind, incoming 0/1, model, amount, hold_id) for the account's transfers in range."""
-
-    async def net_before(self, account_id: int, until_ms: int) -> int: ...
+    async def statement_data(
+        self, account_id: int, since_ms: int, until_ms: int, timeout_s: float | None
+    ) -> StatementData:
+        """(opening, closing, movements) of the account over [since, until), read from one
+        snapshot on a read connection (never the writer's), stopped past `timeout_s` with
+        `db.reads.ReadTimeout`. Movements: (kind, incoming 0/1, model, amount, hold_id)."""
 
 
 BATCH_TABLES: tuple[tuple[Table, str], ...] = (
@@ -117,7 +121,11 @@ LOAD_QUERIES = {
     "accounts": f"SELECT {', '.join(ACCOUNTS.column_names)} FROM ledger_accounts ORDER BY id",
     "buckets": f"SELECT {', '.join(BUCKETS.column_names)} FROM ledger_buckets WHERE closed = 0",
     "grants": f"SELECT {', '.join(GRANTS.column_names)} FROM ledger_grants WHERE active = 1",
-    "budgets": f"SELECT {', '.join(BUDGETS.column_names)} FROM ledger_budgets",
+    # A revoked (or expired, then revoked by the sweep) key's budget is not loaded: a fleet
+    # mints millions of sub-agent keys, and a dead key never authenticates, so its budget
+    # never limits a hold again. A revoked account's is: it still refuses that account's holds.
+    "budgets": f"SELECT {', '.join(BUDGETS.column_names)} FROM ledger_budgets "
+    "WHERE revoked = 0 OR scope NOT LIKE 'key:%'",
     "meta": "SELECT k, v FROM ledger_meta",
 }
 GET_HOLD = f"SELECT {', '.join(HOLDS.column_names)} FROM ledger_holds WHERE id = :id"
@@ -132,12 +140,14 @@ GET_IDEMPOTENCY = "SELECT op, body_hash, result FROM ledger_idempotency WHERE ke
 # SQLite's own SUM raises on int64 overflow). Differences of two such sums are taken in
 # Python, where they are exact.
 AUDIT_ACCOUNTS = """
-SELECT a.id, a.balance_nano, c.s, d.s
+SELECT a.id, a.balance_nano, c.s, d.s, p.s
 FROM ledger_accounts a
 LEFT JOIN (SELECT credit_account_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers GROUP BY credit_account_id) c ON c.id = a.id
 LEFT JOIN (SELECT debit_account_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers GROUP BY debit_account_id) d ON d.id = a.id
+LEFT JOIN (SELECT account_id AS id, XSUM(net_nano) AS s
+           FROM ledger_account_periods GROUP BY account_id) p ON p.id = a.id
 """
 AUDIT_BUCKETS = """
 SELECT b.id, b.remaining_nano, b.closed, c.s, d.s
@@ -192,11 +202,36 @@ UNION ALL
 SELECT kind, 1, model, amount_nano, hold_id FROM ledger_transfers
 WHERE credit_account_id = :acc AND ts_ms >= :since AND ts_ms < :until AND kind <> 'rollover'
 """
+# An account's balance before `until`: the net of every whole period before the one `until`
+# falls in (a row per period: ledger_account_periods), plus its transfers from that period's
+# start. O(periods + one period's transfers), not O(history).
 NET_BEFORE = """
-SELECT (SELECT XSUM(amount_nano) FROM ledger_transfers
-        WHERE credit_account_id = :acc AND ts_ms < :until),
+SELECT (SELECT XSUM(net_nano) FROM ledger_account_periods
+        WHERE account_id = :acc AND period_start_ms < :period),
        (SELECT XSUM(amount_nano) FROM ledger_transfers
-        WHERE debit_account_id = :acc AND ts_ms < :until)
+        WHERE credit_account_id = :acc AND ts_ms >= :period AND ts_ms < :until),
+       (SELECT XSUM(amount_nano) FROM ledger_transfers
+        WHERE debit_account_id = :acc AND ts_ms >= :period AND ts_ms < :until)
+"""
+
+
+def net_before_params(account_id: int, until_ms: int) -> dict[str, int]:
+    return {"acc": account_id, "period": until_ms - until_ms % PERIOD_MS, "until": until_ms}
+
+
+def net_of(row: Sequence[Any]) -> int:
+    """NET_BEFORE's row as the balance."""
+    return exact(row[0]) + exact(row[1]) - exact(row[2])
+
+
+# Upgrade of a ledger written before ledger_account_periods: each account's net per period.
+PERIOD_NETS = f"""
+SELECT a, p, XSUM(n) FROM (
+  SELECT credit_account_id AS a, ts_ms - ts_ms % {PERIOD_MS} AS p, amount_nano AS n
+  FROM ledger_transfers
+  UNION ALL
+  SELECT debit_account_id, ts_ms - ts_ms % {PERIOD_MS}, -amount_nano FROM ledger_transfers
+) m GROUP BY a, p
 """
 
 
@@ -216,7 +251,7 @@ def audit_data(
 ) -> AuditData:
     """AuditData from the audit queries' rows, the nets taken exactly."""
     return AuditData(
-        accounts=[(i, exact(bal), exact(c) - exact(d)) for i, bal, c, d in accounts],
+        accounts=[(i, exact(bal), exact(c) - exact(d), exact(p)) for i, bal, c, d, p in accounts],
         buckets=[(i, exact(rem), closed, exact(c) - exact(d)) for i, rem, closed, c, d in buckets],
         mischarged=mischarged,
         bad_transfers=int(bad_transfers),

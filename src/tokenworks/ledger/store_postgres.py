@@ -23,10 +23,11 @@ from asyncpg.pool import PoolConnectionProxy
 
 from tokenworks.db import split_schema
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, server_settings
+from tokenworks.db.reads import ReadTimeout, pg_timeout_ms
 from tokenworks.db.table import Columns
 from tokenworks.ledger.domain import LedgerError
 from tokenworks.ledger.rows import Batch, Snapshot
-from tokenworks.ledger.schema import ddl
+from tokenworks.ledger.schema import PERIOD_MS, TRANSFERS, ddl
 from tokenworks.ledger.store import (
     AUDIT_QUERIES,
     BATCH_TABLES,
@@ -39,8 +40,10 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
+    StatementData,
     audit_data,
-    exact,
+    net_before_params,
+    net_of,
     numbered,
     upsert_tail,
 )
@@ -60,24 +63,45 @@ def _json_insert(table: str, columns: Columns, key: str, tail: str) -> str:
     )
 
 
+# The account-period nets of the transfers the statement inserted (RETURNING: only rows that
+# were new, so a batch retried after a lost answer cannot count twice). GROUP BY: each
+# (account, period) once, as ON CONFLICT DO UPDATE requires within one statement.
+PERIODS_FROM_TRANSFERS = f"""
+INSERT INTO ledger_account_periods (account_id, period_start_ms, net_nano)
+SELECT a, p, SUM(n) FROM (
+  SELECT credit_account_id AS a, ts_ms - ts_ms % {PERIOD_MS} AS p, amount_nano::numeric AS n
+  FROM new_transfers
+  UNION ALL
+  SELECT debit_account_id, ts_ms - ts_ms % {PERIOD_MS}, -amount_nano::numeric FROM new_transfers
+) m GROUP BY a, p
+ON CONFLICT (account_id, period_start_ms)
+DO UPDATE SET net_nano = ledger_account_periods.net_nano + EXCLUDED.net_nano"""
+
+
 def batch_statement(attached: Sequence[tuple[str, Columns]]) -> str:
     """One statement writing every ledger table and the attached tables from one JSON object:
     {table name: [row, ...], "a0": [row, ...], ...}, rows as arrays in column order.
 
     An absent or empty list inserts nothing, so the statement is the same for every batch of a
     shape. Each table appears once and a batch holds each key once (the engine's journal is
-    keyed by id), so no ON CONFLICT DO UPDATE meets the same row twice.
+    keyed by id), so no ON CONFLICT DO UPDATE meets the same row twice. The account-period
+    nets are the statement's last step, fed by the transfers' insert.
     """
-    inserts = [
-        _json_insert(t.name, t.columns, name, upsert_tail(t, "EXCLUDED"))
-        for t, name in BATCH_TABLES
-    ]
-    inserts += [
-        _json_insert(table, columns, f"a{i}", " ON CONFLICT DO NOTHING")
+    ctes = []
+    for i, (t, name) in enumerate(BATCH_TABLES):
+        sql = _json_insert(t.name, t.columns, name, upsert_tail(t, "EXCLUDED"))
+        if t is TRANSFERS:
+            ctes.append(
+                f"new_transfers AS ({sql} RETURNING ts_ms, debit_account_id, "
+                "credit_account_id, amount_nano)"
+            )
+        else:
+            ctes.append(f"w{i} AS ({sql})")
+    ctes += [
+        f"a{i} AS ({_json_insert(table, columns, f'a{i}', ' ON CONFLICT DO NOTHING')})"
         for i, (table, columns) in enumerate(attached)
     ]
-    ctes = ",\n".join(f"w{i} AS ({sql})" for i, sql in enumerate(inserts[:-1]))
-    return f"WITH {ctes}\n{inserts[-1]}"
+    return "WITH " + ",\n".join(ctes) + "\n" + PERIODS_FROM_TRANSFERS
 
 
 def batch_document(batch: Batch, attached: Sequence[Attachment]) -> str:
@@ -280,12 +304,22 @@ class PostgresStore:
             raise
         return snap
 
-    async def movements(
-        self, account_id: int, since_ms: int, until_ms: int
-    ) -> list[tuple[str, int, str | None, int, str | None]]:
-        params = {"acc": account_id, "since": since_ms, "until": until_ms}
-        return await self._all(MOVEMENTS, params)
-
-    async def net_before(self, account_id: int, until_ms: int) -> int:
-        rows = await self._all(NET_BEFORE, {"acc": account_id, "until": until_ms})
-        return exact(rows[0][0]) - exact(rows[0][1])
+    async def statement_data(
+        self, account_id: int, since_ms: int, until_ms: int, timeout_s: float | None
+    ) -> StatementData:
+        """On a pool connection (never the writer's), in one REPEATABLE READ read-only
+        transaction: its three reads see one snapshot."""
+        assert self._pool is not None, "store is not open"
+        async with self._pool.acquire() as c:
+            try:
+                async with c.transaction(isolation="repeatable_read", readonly=True):
+                    if timeout_s is not None:
+                        await c.execute(f"SET LOCAL statement_timeout = {pg_timeout_ms(timeout_s)}")
+                    opening = await _fetch(c, NET_BEFORE, net_before_params(account_id, since_ms))
+                    closing = await _fetch(c, NET_BEFORE, net_before_params(account_id, until_ms))
+                    params = {"acc": account_id, "since": since_ms, "until": until_ms}
+                    moves = await _fetch(c, MOVEMENTS, params)
+            except asyncpg.QueryCanceledError as exc:
+                assert timeout_s is not None
+                raise ReadTimeout(timeout_s) from exc
+        return net_of(opening[0]), net_of(closing[0]), moves

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, TypeVar, TypeVarTuple
 
 from tokenworks.db import sqlite as db_sqlite
 from tokenworks.db import sqlite_path
+from tokenworks.db.reads import sqlite_deadline
 from tokenworks.db.sqlite import REFUSALS
 from tokenworks.db.table import WIDE
 from tokenworks.ledger.domain import LedgerError
@@ -36,8 +38,10 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
+    StatementData,
     audit_data,
-    exact,
+    net_before_params,
+    net_of,
     upsert_tail,
 )
 from tokenworks.ledger.upgrade import upgrade_sqlite
@@ -45,6 +49,7 @@ from tokenworks.ledger.upgrade import upgrade_sqlite
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+READERS = 2  # read connections (and threads) for statements and reports
 
 
 def wide(row: tuple[Any, ...], columns: tuple[int, ...]) -> tuple[Any, ...]:
@@ -75,6 +80,13 @@ class ExactSum:
         return t if INT64_MIN <= t <= INT64_MAX else str(t)
 
 
+def exact_add(a: Any, b: Any) -> int | bytes:
+    """`xadd(a, b)`: a + b exactly, values past int64 in and out as BLOB digits (see `wide`).
+    Called only when the plain sum would overflow (ledger_account_periods' trigger)."""
+    t = sum(0 if v is None else v if type(v) is int else int(v) for v in (a, b))
+    return t if INT64_MIN <= t <= INT64_MAX else str(t).encode()
+
+
 def sql(text: str) -> str:
     return text.replace("XSUM(", "xsum(")
 
@@ -82,7 +94,26 @@ def sql(text: str) -> str:
 def connect(path: str) -> sqlite3.Connection:
     conn = db_sqlite.connect(path)
     conn.create_aggregate("xsum", 1, ExactSum)  # type: ignore[arg-type]
+    conn.create_function("xadd", 2, exact_add, deterministic=True)
     return conn
+
+
+def read_statement(
+    conn: sqlite3.Connection, account_id: int, since_ms: int, until_ms: int, timeout_s: float | None
+) -> StatementData:
+    """A statement's three reads in one read transaction: one snapshot, so its lines add up
+    however busy the writer is."""
+    with sqlite_deadline(conn, timeout_s):
+        conn.execute("BEGIN")
+        try:
+            q = sql(NET_BEFORE)
+            opening = net_of(conn.execute(q, net_before_params(account_id, since_ms)).fetchone())
+            closing = net_of(conn.execute(q, net_before_params(account_id, until_ms)).fetchone())
+            params = {"acc": account_id, "since": since_ms, "until": until_ms}
+            moves = [tuple(r) for r in conn.execute(MOVEMENTS, params).fetchall()]
+        finally:
+            conn.execute("ROLLBACK")
+    return opening, closing, moves
 
 
 def read_audit(conn: sqlite3.Connection) -> AuditData:
@@ -177,6 +208,11 @@ class SqliteStore:
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        # Statements and reports read here, each thread on its own WAL read connection: never
+        # on the writer's thread, where they would delay every group commit behind them.
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="ledger-read")
+        self._reader = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         # Where the WIDE columns are in each batch table's rows.
@@ -219,6 +255,10 @@ class SqliteStore:
     async def close(self) -> None:
         await self._run(self._close_sync)
         self._pool.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        for conn in self._reader_conns:
+            conn.close()
+        self._reader_conns.clear()
 
     def _close_sync(self) -> None:
         if self._conn is not None:
@@ -310,12 +350,24 @@ class SqliteStore:
             raise
         return snap
 
-    async def movements(
-        self, account_id: int, since_ms: int, until_ms: int
-    ) -> list[tuple[str, int, str | None, int, str | None]]:
-        params = {"acc": account_id, "since": since_ms, "until": until_ms}
-        return await self._run(self._all, MOVEMENTS, params)
+    def _read_conn(self) -> sqlite3.Connection:
+        """This reader thread's connection, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._reader, "conn", None)
+        if conn is None:
+            conn = self._reader.conn = connect(self.path)
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._reader_conns.append(conn)
+        return conn
 
-    async def net_before(self, account_id: int, until_ms: int) -> int:
-        rows = await self._run(self._all, NET_BEFORE, {"acc": account_id, "until": until_ms})
-        return exact(rows[0][0]) - exact(rows[0][1])
+    async def statement_data(
+        self, account_id: int, since_ms: int, until_ms: int, timeout_s: float | None
+    ) -> StatementData:
+        if self.path == ":memory:":  # no second connection sees it: the writer's thread reads
+            return await self._run(
+                read_statement, self.conn, account_id, since_ms, until_ms, timeout_s
+            )
+
+        def run() -> StatementData:
+            return read_statement(self._read_conn(), account_id, since_ms, until_ms, timeout_s)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)

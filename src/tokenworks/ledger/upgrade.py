@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from tokenworks.db.table import WIDE
 from tokenworks.ledger.schema import TABLES
-from tokenworks.ledger.store import numbered
+from tokenworks.ledger.store import PERIOD_NETS, numbered
 
 if TYPE_CHECKING:
     import asyncpg
@@ -61,10 +61,38 @@ def _closed(count: int) -> int:
     return count
 
 
+# A ledger written before ledger_account_periods has transfers and no period rows (this
+# version writes a period row with every transfer): its nets are computed once, on open.
+NEEDS_PERIODS = (
+    "SELECT EXISTS (SELECT 1 FROM ledger_transfers) "
+    "AND NOT EXISTS (SELECT 1 FROM ledger_account_periods)"
+)
+INSERT_PERIOD = (
+    "INSERT INTO ledger_account_periods (account_id, period_start_ms, net_nano) VALUES (?, ?, ?)"
+)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _sqlite_wide(value: int | str) -> int | bytes:
+    v = int(value)
+    return v if INT64_MIN <= v <= INT64_MAX else str(v).encode()
+
+
 def upgrade_sqlite(conn: sqlite3.Connection, now_ms: int) -> int:
-    """Run every upgrade on a SQLite ledger; returns how many stored open holds it closed."""
+    """Run every upgrade on a SQLite ledger; returns how many stored open holds it closed.
+    The connection must have `xsum` (the store's connections do)."""
     for stmt in statements("sqlite"):
         conn.execute(stmt)
+    if conn.execute(NEEDS_PERIODS).fetchone()[0]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(PERIOD_NETS.replace("XSUM(", "xsum(")).fetchall()
+            conn.executemany(INSERT_PERIOD, [(a, p, _sqlite_wide(n)) for a, p, n in rows])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.warning("computed %d account-period nets of a ledger from before them", len(rows))
     return _closed(conn.execute(CLOSE_STORED_OPEN_HOLDS, {"now": now_ms}).rowcount)
 
 
@@ -72,6 +100,11 @@ async def upgrade_postgres(conn: asyncpg.Connection, now_ms: int) -> int:
     """The same on PostgreSQL, inside the caller's transaction."""
     for stmt in statements("postgres"):
         await conn.execute(stmt)
+    if await conn.fetchval(NEEDS_PERIODS):
+        await conn.execute(
+            "INSERT INTO ledger_account_periods (account_id, period_start_ms, net_nano) "
+            + PERIOD_NETS.replace("XSUM(", "SUM(")
+        )
     text, args = numbered(CLOSE_STORED_OPEN_HOLDS, {"now": now_ms})
     status = await conn.execute(text, *args)  # "UPDATE <n>"
     return _closed(int(status.split()[-1]))

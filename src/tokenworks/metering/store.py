@@ -27,11 +27,12 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tokenworks.db import backend, sqlite_path
+from tokenworks.db.reads import READ_TIMEOUT_S, ReadPool, sqlite_deadline
 from tokenworks.db.sqlite import REFUSALS as SQLITE_REFUSALS
 from tokenworks.db.sqlite import connect_rows
 from tokenworks.db.table import Table
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH_ROWS = 2048
 MAX_QUEUE_ROWS = 100_000
 FLUSH_INTERVAL_S = 0.02
+RECORDS_PAGE_ROWS = 10_000  # rows per page of `iter_records`
+READERS = 3  # read connections per usage store: admin reads that may run side by side
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 # (column, SQL type); the order is the row order of `usage_row`.
@@ -241,10 +244,20 @@ def _order(group: str, dialect: str) -> str:
 
 
 def records_sql(
-    dialect: str, since_ms: int | None, until_ms: int | None, limit: int
+    dialect: str,
+    since_ms: int | None,
+    until_ms: int | None,
+    limit: int,
+    after: tuple[int, str] | None = None,
 ) -> tuple[str, list[Any]]:
+    """Records in (ts_ms, request_id) order, after the row `after` (keyset paging: each page
+    starts where the last ended, by the ts_ms index, whatever the page's depth)."""
     ph = PLACEHOLDER[dialect]
     where, params = _where(ph, since_ms, until_ms)
+    if after is not None:
+        where += " AND " if where else " WHERE "
+        where += f"(ts_ms > {ph} OR (ts_ms = {ph} AND request_id > {ph}))"
+        params += [after[0], after[0], after[1]]
     # request_id breaks ties so both dialects return equal-time rows in the same order.
     return f"SELECT * FROM usage{where} ORDER BY ts_ms, request_id LIMIT {ph}", [*params, limit]
 
@@ -289,8 +302,11 @@ class UsageStore:
 
     `UsageStore(url)` returns the backend for the URL (like `open_usage_store`). Subclasses
     implement `_write` (one transaction per batch), `_fetch` and `_close_connections`.
-    `submit` never blocks; `flush`, `query`, `records` and `close` are synchronous and cheap
-    enough to call from the event loop (admin, CLI).
+    `submit` never blocks; `flush`, `query`, `records` and `close` are synchronous: the
+    gateway calls them on a thread (`asyncio.to_thread`), never on its event loop, since a
+    summary over a year of rows takes seconds. Reads run on their own connection under a
+    time limit (`read_timeout_s`; past it `db.reads.ReadTimeout`), so they never block the
+    writer nor hang their caller.
     """
 
     dialect = ""
@@ -311,6 +327,7 @@ class UsageStore:
         self._isolated_rows = 0  # rows of the batch being isolated committed so far
         self._refusal_logged_s = -REFUSAL_LOG_INTERVAL_S
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self.read_timeout_s: float | None = READ_TIMEOUT_S
 
     def _start(self) -> None:
         self._thread.start()
@@ -416,7 +433,10 @@ class UsageStore:
         (the same rows would fail again), rather than the store being unavailable."""
         raise NotImplementedError
 
-    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
+    def _fetch(
+        self, sql: str, params: list[Any], timeout_s: float | None
+    ) -> Sequence[Mapping[str, Any]]:
+        """The rows of a read, stopped with `ReadTimeout` past `timeout_s` (None: no limit)."""
         raise NotImplementedError
 
     def _close_connections(self) -> None:
@@ -438,7 +458,9 @@ class UsageStore:
         `use_rollup=False` reads raw rows only (what the roll-up must equal)."""
         groups = list(group_by)
         sql, params = query_sql(self.dialect, groups, since_ms, until_ms, key_id)
-        watermark = self._fetch(rollup.WATERMARK_QUERY, []) if use_rollup else []
+        watermark = (
+            self._fetch(rollup.WATERMARK_QUERY, [], self.read_timeout_s) if use_rollup else []
+        )
         span = rollup.split_window(
             since_ms, until_ms, watermark[0]["until_ms"] if watermark else None
         )
@@ -448,13 +470,30 @@ class UsageStore:
                 self.dialect, groups, raw_expr, since_ms, until_ms, span, key_id,
                 PLACEHOLDER[self.dialect],
             )  # fmt: skip
-        return summaries(groups, self._fetch(sql, params))
+        return summaries(groups, self._fetch(sql, params, self.read_timeout_s))
 
     def records(
         self, since_ms: int | None = None, until_ms: int | None = None, limit: int = 1_000_000
     ) -> list[UsageRecord]:
         sql, params = records_sql(self.dialect, since_ms, until_ms, limit)
-        return [record_from_row(r) for r in self._fetch(sql, params)]
+        return [record_from_row(r) for r in self._fetch(sql, params, None)]
+
+    def iter_records(
+        self,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        page_rows: int = RECORDS_PAGE_ROWS,
+    ) -> Iterator[UsageRecord]:
+        """Every record in range, in (ts_ms, request_id) order, fetched `page_rows` at a
+        time (each page a short read of its own): any number of rows in one page's memory."""
+        after: tuple[int, str] | None = None
+        while True:
+            sql, params = records_sql(self.dialect, since_ms, until_ms, page_rows, after)
+            page = self._fetch(sql, params, None)
+            yield from (record_from_row(r) for r in page)
+            if len(page) < page_rows:
+                return
+            after = (page[-1]["ts_ms"], page[-1]["request_id"])
 
 
 # ---------------------------------------------------------------------- SQLite
@@ -474,6 +513,17 @@ class SqliteUsageStore(UsageStore):
             self._write_conn if self.path == ":memory:" else connect_rows(self.path, ddl)
         )
         self._read_lock = threading.Lock()
+        # More read connections (WAL readers), opened as concurrent reads need them.
+        self._readers: ReadPool[sqlite3.Connection] | None = (
+            None
+            if self.path == ":memory:"
+            else ReadPool(
+                lambda: connect_rows(self.path, ()),
+                sqlite3.Connection.close,
+                READERS,
+                first=self._read_conn,
+            )
+        )
         placeholders = ",".join("?" * len(USAGE_COLUMNS))
         self._insert_sql = (
             f"INSERT OR IGNORE INTO usage ({','.join(USAGE_COLUMNS)}) VALUES ({placeholders})"
@@ -503,14 +553,19 @@ class SqliteUsageStore(UsageStore):
     def refuses(self, exc: BaseException) -> bool:
         return isinstance(exc, SQLITE_REFUSALS)
 
-    def _fetch(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
-        with self._read_lock:
-            return self._read_conn.execute(sql, params).fetchall()
+    def _fetch(
+        self, sql: str, params: list[Any], timeout_s: float | None
+    ) -> list[Mapping[str, Any]]:
+        if self._readers is None:  # in memory: the writer's connection, behind the lock
+            with self._read_lock, sqlite_deadline(self._read_conn, timeout_s):
+                return self._read_conn.execute(sql, params).fetchall()
+        with self._readers.conn() as conn, sqlite_deadline(conn, timeout_s):
+            return conn.execute(sql, params).fetchall()
 
     def _close_connections(self) -> None:
         self._write_conn.close()
-        if self._read_conn is not self._write_conn:
-            self._read_conn.close()
+        if self._readers is not None:
+            self._readers.close()  # the first reader among them
 
 
 __all__ = [

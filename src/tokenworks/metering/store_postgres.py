@@ -2,8 +2,8 @@
 
 The writer thread owns one connection and commits each batch as one transaction of one
 statement, `INSERT ... SELECT * FROM unnest(typed arrays) ON CONFLICT DO NOTHING`: a single
-round trip for up to `MAX_BATCH_ROWS` rows. Reads (`query`, `records`) use a second,
-autocommit connection behind a lock. A lost connection is reopened and the batch retried.
+round trip for up to `MAX_BATCH_ROWS` rows. Reads (`query`, `records`) use a small pool of
+autocommit connections (`db.reads.ReadPool`). A lost connection is reopened and the batch retried.
 
 `?schema=NAME` in the URL puts the tables in that schema (created if missing), the same way
 the ledger's store does (`tokenworks.db`), so tests and tenants can share one database.
@@ -16,7 +16,6 @@ is.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,8 +23,9 @@ from typing import Any
 import psycopg
 
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
+from tokenworks.db.reads import ReadPool, ReadTimeout, pg_timeout_ms
 from tokenworks.metering import partitions, rollup
-from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
+from tokenworks.metering.store import READERS, USAGE, USAGE_SCHEMA, UsageStore
 
 WRITE_ATTEMPTS = 5
 log = logging.getLogger(__name__)
@@ -66,8 +66,13 @@ class PostgresUsageStore(UsageStore):
         super().__init__(url)
         # Both connections open here, so a bad URL or a down server fails the constructor.
         self._write_conn = connect(url, ddl())
-        self._read_conn = connect(url)
-        self._read_lock = threading.Lock()
+        self._readers: ReadPool[psycopg.Connection[dict[str, Any]]] = ReadPool(
+            lambda: connect(self.url),
+            lambda c: c.close(),
+            READERS,
+            usable=lambda c: not (c.closed or c.broken),  # a broken one is replaced
+            first=connect(url),
+        )
         self._insert_sql = _insert_sql()
         self.partitioned = partitions.is_partitioned(self._write_conn)
         self._partitions_until_ms = 0  # every month before this has its partition
@@ -121,17 +126,24 @@ class PostgresUsageStore(UsageStore):
         state = getattr(exc, "sqlstate", None)
         return isinstance(exc, psycopg.Error) and str(state)[:2] in REFUSED_SQLSTATE_CLASSES
 
-    def _fetch(self, sql: str, params: list[Any]) -> Sequence[Mapping[str, Any]]:
-        with self._read_lock:
-            if self._read_conn.closed or self._read_conn.broken:
-                self._read_conn.close()
-                self._read_conn = connect(self.url)
-            return self._read_conn.execute(sql, params).fetchall()
+    def _fetch(
+        self, sql: str, params: list[Any], timeout_s: float | None
+    ) -> Sequence[Mapping[str, Any]]:
+        with self._readers.conn() as conn:
+            if timeout_s is None:
+                return conn.execute(sql, params).fetchall()
+            try:
+                with conn.transaction():
+                    # SET LOCAL: the limit ends with this read's transaction.
+                    limit = str(pg_timeout_ms(timeout_s))
+                    conn.execute("SELECT set_config('statement_timeout', %s, true)", (limit,))
+                    return conn.execute(sql, params).fetchall()
+            except psycopg.errors.QueryCanceled as exc:
+                raise ReadTimeout(timeout_s) from exc
 
     def _close_connections(self) -> None:
         self._write_conn.close()
-        with self._read_lock:
-            self._read_conn.close()
+        self._readers.close()
 
 
 __all__ = ["PostgresUsageStore"]

@@ -1,0 +1,109 @@
+"""Admin reads never block paying traffic, and stop at their time limit with a 503."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, both_stores
+from tokenworks.metering import store as usage_store
+
+pytestmark = both_stores
+
+CHAT = [{"role": "user", "content": "hello"}]
+WAIT_S = 20.0  # bound on every wait; reached only when the behaviour under test is broken
+
+
+def test_a_slow_usage_query_does_not_stall_a_paying_request(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usage query blocks until the paying request has finished: with the query on the
+    event loop, the request could not finish first and the order below would flip."""
+    _, key = gateway.funded_key(1_000_000_000)
+    store = gateway.app.state.gateway.store  # type: ignore[attr-defined]
+    entered, release = threading.Event(), threading.Event()
+    query = store.query
+
+    def slow_query(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(WAIT_S)
+        return query(*args, **kwargs)
+
+    monkeypatch.setattr(store, "query", slow_query)
+    finished: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+
+        def admin() -> int:
+            status = gateway.admin("GET", "/admin/v1/usage", params={"group_by": "key"})
+            finished.append("usage")
+            return status.status_code
+
+        pending = pool.submit(admin)
+        assert entered.wait(WAIT_S)
+        r = httpx.post(
+            f"{gateway.v1}/chat/completions",
+            headers={"Authorization": f"Bearer {key['key']}"},
+            json={"model": "chat-fast", "messages": CHAT, "max_tokens": 5},
+            timeout=WAIT_S * 2,
+        )
+        finished.append("paying")
+        release.set()
+        assert pending.result(WAIT_S * 2) == 200
+    assert r.status_code == 200, r.text
+    assert finished == ["paying", "usage"]
+
+
+def test_a_usage_query_past_its_time_limit_is_a_503(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query that would run for minutes is stopped at the limit: a 503 in the API's shape."""
+    store = gateway.app.state.gateway.store  # type: ignore[attr-defined]
+    store.read_timeout_s = 0.2
+    slow = {
+        # A count to 10^10: minutes of work on either database, never finishing in a test.
+        "sqlite": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+        "WHERE x < 10000000000) SELECT count(*) AS requests FROM c",
+        "postgres": "SELECT count(*) AS requests FROM generate_series(1, 10000000000)",
+    }[store.dialect]
+
+    def query_sql(*args: Any, **kwargs: Any) -> tuple[str, list[Any]]:
+        return slow, []
+
+    monkeypatch.setattr(usage_store, "query_sql", query_sql)
+    r = gateway.admin("GET", "/admin/v1/usage")
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "query_timeout" and "time limit" in error["message"]
+    # The store's read connection is usable again afterwards.
+    monkeypatch.undo()
+    assert gateway.admin("GET", "/admin/v1/usage").status_code == 200
+
+
+def test_keys_are_listed_in_pages(gateway: Gateway) -> None:
+    """`limit` and `after` (the previous page's last id) with `has_more`, in creation order,
+    revoked keys included unless asked otherwise; a bad `after` or `limit` is a 400."""
+    made = [gateway.create_key(name=f"k{i}")["id"] for i in range(5)]
+    assert gateway.admin("DELETE", f"/admin/v1/keys/{made[1]}").status_code == 200
+    seen: list[str] = []
+    after: dict[str, str] = {}
+    for _ in range(10):
+        r = gateway.admin("GET", "/admin/v1/keys", params={"limit": "2", **after})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["data"]) <= 2
+        seen += [k["id"] for k in body["data"]]
+        if not body["has_more"]:
+            break
+        after = {"after": body["data"][-1]["id"]}
+    assert seen == made
+    live = gateway.admin("GET", "/admin/v1/keys", params={"include_revoked": "false"}).json()
+    assert [k["id"] for k in live["data"]] == [k for k in made if k != made[1]]
+    revoked = gateway.admin("GET", f"/admin/v1/keys/{made[1]}").json()
+    assert revoked["revoked_at"] is not None  # read from the table: memory keeps live keys
+    for params in ({"after": "key_nope"}, {"limit": "0"}, {"limit": "1001"}):
+        r = gateway.admin("GET", "/admin/v1/keys", params=params)
+        assert r.status_code == 400 and r.json()["error"]["param"] in params, r.text
