@@ -50,6 +50,21 @@ def test_key_and_account_limits_survive_a_restart(database: str) -> None:
         again.close()
 
 
+def test_only_live_keys_limits_are_loaded(database: str) -> None:
+    """A revoked key's limits stay in the table but not in memory: start-up follows the
+    live tenants, however many limited sub-agent keys have come and gone."""
+    keys = KeyStore.open(database)
+    try:
+        live, _ = keys.create("live", account_id="7", rate_limits=RateLimits(rpm=10))
+        dead, _ = keys.create("dead", account_id="7", rate_limits=RateLimits(rpm=5))
+        keys.set_account_limits("7", RateLimits(tpm=1000))
+        keys.revoke(dead.id)
+        scopes = {row["scope"] for row in keys._rows.load_limits(int(time.time() * 1000))}
+        assert scopes == {f"key:{live.id}", "account:7"}
+    finally:
+        keys.close()
+
+
 def _old_database(database: str) -> None:
     """What an earlier version left: `api_keys` with one key, no `rate_limits` table."""
     row = (

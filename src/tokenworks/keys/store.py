@@ -257,12 +257,13 @@ class _SqlKeyRows:
         return list(self._conn.execute(sql, (*params, limit)).fetchall())
 
     def load_limits(self, now_ms: int) -> list[Mapping[str, Any]]:
+        ph = self.placeholder
         sql = (
-            "SELECT r.* FROM rate_limits r WHERE r.scope LIKE 'account:%' OR EXISTS ("
+            f"SELECT r.* FROM rate_limits r WHERE r.scope LIKE {ph} OR EXISTS ("
             "SELECT 1 FROM api_keys k WHERE r.scope = 'key:' || k.id AND k.revoked_ms IS NULL "
-            f"AND (k.expires_ms IS NULL OR k.expires_ms > {self.placeholder}))"
+            f"AND (k.expires_ms IS NULL OR k.expires_ms > {ph}))"
         )
-        return list(self._conn.execute(sql, (now_ms,)).fetchall())
+        return list(self._conn.execute(sql, ("account:%", now_ms)).fetchall())
 
     def close(self) -> None:
         self._conn.close()
