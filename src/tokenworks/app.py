@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenworks.api import admin, admin_ledger, agent_keys, openai, openapi
+from tokenworks.api import admin, admin_ledger, agent_keys, messages, openai, openapi, responses
 from tokenworks.api.admin import bearer_matches
 from tokenworks.api.errors import EXCEPTION_HANDLERS, ApiError
 from tokenworks.config import Config
@@ -111,6 +111,8 @@ def build_app(config: Config) -> Starlette:
     app = Starlette(
         routes=[
             *openai.routes,
+            *messages.routes,
+            *responses.routes,
             *agent_keys.routes,
             *admin.routes,
             *admin_ledger.routes,

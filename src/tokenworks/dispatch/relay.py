@@ -21,13 +21,15 @@ import msgspec
 from starlette.responses import Response
 
 from tokenworks.config import Deployment
+from tokenworks.dispatch import dialects
 from tokenworks.dispatch.billing import (
     DEFAULT_CONTEXT_WINDOW_TOKENS,
     HOLD_MARGIN_S,
     Billing,
     ModelBounds,
 )
-from tokenworks.dispatch.errors import SettlementFailed, from_upstream
+from tokenworks.dispatch.dialect_stream import DialectStream
+from tokenworks.dispatch.errors import InvalidCall, SettlementFailed, from_upstream
 from tokenworks.dispatch.recording import Recorder
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.stream import StreamResponse
@@ -39,6 +41,7 @@ from tokenworks.metrics import Metrics
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
+from tokenworks.wire.common import Untranslatable
 from tokenworks.wire.openai import (
     SSEError,
     SSEReader,
@@ -50,11 +53,13 @@ from tokenworks.wire.openai import (
     with_cost,
 )
 
-PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+PATHS = dialects.PATHS
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
+# Upstream formats whose usage and texts sit where chat completions put them.
+_CHAT_LIKE = frozenset({"chat", "completions", "embeddings"})
 
 
 # Request ids name ledger holds, so they must never repeat, across restarts too: a random
@@ -90,6 +95,8 @@ class Call:
     request_id: str = field(default_factory=lambda: next_request_id())
     # When the request started: the moment its prices are taken at (several times per call).
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The request in each upstream format it was translated to (None until one is needed).
+    translations: dict[str, dict[str, Any]] | None = None
 
     @property
     def public_model(self) -> str:
@@ -102,7 +109,8 @@ class Call:
     @property
     def service_tier(self) -> str | None:
         tier = self.payload.get("service_tier")
-        return tier if isinstance(tier, str) else None
+        # Anthropic's service_tier ("auto", "standard_only") is a capacity choice, not a price.
+        return tier if isinstance(tier, str) and self.endpoint != "messages" else None
 
 
 class Relay:
@@ -127,6 +135,11 @@ class Relay:
         self.producers = producers
         self.metrics = metrics
         self.max_attempts = max_attempts
+        # Per producer, the format each route goes upstream in (None: it cannot serve it).
+        self.formats = {
+            name: dialects.upstream_formats(p.spec.wire_formats) for name, p in producers.items()
+        }
+        self.stored = dialects.ResponseIndex()
 
     @property
     def ledger(self) -> Ledger | None:
@@ -147,14 +160,24 @@ class Relay:
             attempts_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates)
             call.hold = await billing.hold(call, worst_nano, attempts_s)
         last: UpstreamError | None = None
+        untranslatable: Untranslatable | None = None
         try:
             for deployment in candidates:
                 producer = self.producers[deployment.producer]
-                body = self._upstream_body(call, deployment)
+                fmt = self.formats[deployment.producer][call.endpoint]
+                if fmt == call.endpoint:
+                    body = self._upstream_body(call, deployment)
+                else:  # translated: the producer does not speak the route's format
+                    try:
+                        body = self._translated_body(call, deployment, fmt)
+                    except Untranslatable as exc:
+                        untranslatable = exc
+                        continue
+                    assert fmt is not None
                 try:
                     if call.stream:
-                        return await self._open_stream(call, deployment, producer, body)
-                    return await self._complete(call, deployment, producer, body)
+                        return await self._open_stream(call, deployment, producer, body, fmt)
+                    return await self._complete(call, deployment, producer, body, fmt)
                 except UpstreamError as exc:
                     last = exc
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
@@ -166,11 +189,30 @@ class Relay:
             # Cancelled (the client left) or a bug: release the credit now, not at expiry.
             await billing.void(call)
             raise
-        assert last is not None, "a route always has at least one deployment"
+        if last is None:  # no deployment could take the request in any format it speaks
+            assert untranslatable is not None, "a route always has at least one deployment"
+            await billing.void(call)
+            raise InvalidCall(untranslatable.message, param=untranslatable.param)
         error = from_upstream(last)
         self.recorder.record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
         await billing.void(call)
         raise error
+
+    def _translated_body(self, call: Call, deployment: Deployment, fmt: str | None) -> bytes:
+        """The request in format `fmt`, translated once per format and call."""
+        if fmt is None:
+            raise dialects.no_format(call.endpoint, deployment.producer)
+        cache = call.translations
+        if cache is None:
+            cache = call.translations = {}
+        payload = cache.get(fmt)
+        if payload is None:
+            payload = cache[fmt] = dialects.translated_payload(call.endpoint, call.payload, fmt)
+        payload = dict(payload)
+        payload["model"] = deployment.model
+        if call.stream and fmt == "chat":
+            payload["stream_options"] = {"include_usage": True}
+        return _encode(payload)
 
     def _upstream_body(self, call: Call, deployment: Deployment) -> bytes:
         payload = dict(call.payload)
@@ -185,9 +227,14 @@ class Relay:
     # -- plain responses -------------------------------------------------------------------
 
     async def _complete(
-        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
+        self,
+        call: Call,
+        deployment: Deployment,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
     ) -> Any:
-        response = await producer.post(PATHS[call.endpoint], body)
+        response = await producer.post(PATHS[fmt], body)
         try:
             data = await _read_bounded(response, MAX_RESPONSE_BYTES)
         except TimeoutError as exc:
@@ -205,19 +252,21 @@ class Relay:
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
         self.router.health.ok(producer.name)
+        chat_like = fmt in _CHAT_LIKE
         raw_usage = reported_usage(parsed)
+        if not chat_like:
+            raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
+        texts = response_texts(parsed) if chat_like else dialects.answer_texts(fmt, parsed)
         usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
         if usage is not None and not (usage.input_tokens and usage.output_tokens):
-            usage, usage_error = self.recorder.check_zero_counts(
-                call, deployment, usage, response_texts(parsed)
-            )
+            usage, usage_error = self.recorder.check_zero_counts(call, deployment, usage, texts)
         # A body whose usage shows counts that were not charged (implausible ones) shows the
         # charged ones instead; otherwise it goes out as it came, plus its cost.
         shows_other_counts = isinstance(parsed.get("usage"), dict) and (
-            usage is None or raw_usage is not parsed["usage"]
+            usage is None or (chat_like and raw_usage is not parsed["usage"])
         )
         if usage is None:
-            usage = self.recorder.estimate(call, response_texts(parsed))
+            usage = self.recorder.estimate(call, texts)
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
             call, deployment, response.status, usage, quote,
@@ -225,17 +274,29 @@ class Relay:
         )  # fmt: skip
         if not charged:
             raise SettlementFailed()
-        if shows_other_counts:  # a re-encode, on this rare path only
-            parsed["usage"] = usage_object(
-                call.endpoint, usage, None if quote is None else quote.price_nano
+        price_nano = None if quote is None else quote.price_nano
+        if fmt != call.endpoint:  # translated: the answer is re-encoded anyway
+            answer = dialects.translated_answer(call.endpoint, fmt, parsed, call.payload)
+            answer["model"] = call.public_model
+            answer["usage"] = dialects.usage_in(call.endpoint, usage, price_nano)
+            body = _encode(answer)
+        elif shows_other_counts:  # a re-encode, on this rare path only
+            parsed["usage"] = (
+                usage_object(call.endpoint, usage, price_nano)
+                if chat_like
+                else dialects.usage_in(call.endpoint, usage, price_nano)
             )
             if "model" in parsed:
                 parsed["model"] = call.public_model
             body = _encode(parsed)
         else:
             body = rewrite_model(data, call.public_model)
-            if quote is not None:
-                body = with_cost(body, quote.price_nano)
+            if price_nano is not None:
+                body = with_cost(body, price_nano)
+        if fmt == "responses" and parsed.get("store") is not False:
+            self.stored.add(
+                call.key.id, parsed.get("id"), producer.name, call.public_model, deployment.model
+            )
         headers = {"x-request-id": call.request_id}
         if balance_nano is not None:
             headers["x-tokenworks-balance"] = format_nano(balance_nano)
@@ -249,9 +310,14 @@ class Relay:
     # -- streams -------------------------------------------------------------------------------
 
     async def _open_stream(
-        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
+        self,
+        call: Call,
+        deployment: Deployment,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
     ) -> Any:
-        response = await producer.post(PATHS[call.endpoint], body)
+        response = await producer.post(PATHS[fmt], body)
         events = SSEReader(response.content.readany)
         try:
             first = await events.next()
@@ -270,9 +336,15 @@ class Relay:
             response.close()
             raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
         self.router.health.ok(producer.name)
-        return StreamResponse(
-            self.billing, call, deployment, response, events, first, self.client_stall_timeout_s
-        )
+        if fmt == call.endpoint and fmt in _CHAT_LIKE:
+            return StreamResponse(
+                self.billing, call, deployment, response, events, first,
+                self.client_stall_timeout_s,
+            )  # fmt: skip
+        return DialectStream(
+            self.billing, call, deployment, response, events, first,
+            self.client_stall_timeout_s, fmt, self.stored,
+        )  # fmt: skip
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> bytes:
