@@ -425,6 +425,7 @@ class SimApp:
         }
         self._paths = {path for _, path in self._routes}
         self._stored = native.ResponseStore()
+        self._prompt_cache = native.PromptCache()
 
     @property
     def counter(self) -> Counter:
@@ -545,7 +546,7 @@ class SimApp:
 
     async def _messages(self, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.hit("messages")
-        await native.serve_messages(self._chat, body, receive, send)
+        await native.serve_messages(self._chat, self._prompt_cache, body, receive, send)
 
     async def _count_tokens(self, body: bytes, receive: Receive, send: Send) -> None:
         counter = self.counter

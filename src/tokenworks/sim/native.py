@@ -4,8 +4,9 @@ A producer that speaks Messages or Responses natively is simulated on top of the
 the request is read as chat (`wire.anthropic`, `wire.responses`), served by the same
 generator (with its faults, pacing and usage), and the answer written in the dialect asked,
 plain or streamed. Messages adds what only it reports: a request with `cache_control` marks
-writes its uncached prompt to the cache (`cache_creation_input_tokens`), and a repeated
-prefix reads it back (`cache_read_input_tokens`). Responses stores what it answers (bounded)
+writes the cached part of its prompt (simulated as three quarters of it) to the cache the
+first time its system prompt and tools are seen (`cache_creation_input_tokens`), and reads
+it back on later requests (`cache_read_input_tokens`). Responses stores what it answers (bounded)
 for `GET`/`DELETE /v1/responses/{id}` and `previous_response_id`.
 
 Tool calls: a chat request with `tools` whose last message is the user's is answered with one
@@ -177,21 +178,40 @@ class _Dialect:
         raise NotImplementedError
 
 
-def _cache_writes(usage: Any) -> None:
-    """A prompt marked with cache_control writes what it did not read (Anthropic's rule)."""
+class PromptCache:
+    """The prompt prefixes (system prompt and tools) a Messages producer has cached. Bounded."""
+
+    def __init__(self, max_entries: int = 1_000) -> None:
+        self.max_entries = max_entries
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def hit(self, key: bytes) -> bool:
+        """Whether `key` was cached before; it is cached from now on."""
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return True
+        self._seen[key] = None
+        if len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+        return False
+
+
+def _cache_counts(usage: Any, read: bool) -> None:
+    """Three quarters of the prompt written to the cache, or read from it."""
     if isinstance(usage, dict):
         prompt = usage.get("prompt_tokens") or 0
-        details = usage.setdefault("prompt_tokens_details", {}) or {}
-        cached = details.get("cached_tokens") or 0
-        details["cache_write_tokens"] = max(0, prompt - cached)
+        details = usage.get("prompt_tokens_details") or {}
+        details["cached_tokens" if read else "cache_write_tokens"] = prompt * 3 // 4
+        details.setdefault("cached_tokens", 0)
         usage["prompt_tokens_details"] = details
 
 
 class _Messages(_Dialect):
-    def __init__(self, send: Send, model: str, caching: bool) -> None:
+    def __init__(self, send: Send, model: str, caching: bool, read: bool) -> None:
         super().__init__(send)
         self.stream = anthropic.ChatToMessagesStream(model=model)
         self.caching = caching
+        self.read = read
 
     def frame(self, frame: bytes) -> bytes:
         data = data_of(frame)
@@ -201,7 +221,7 @@ class _Messages(_Dialect):
             return b"".join(map(anthropic.encode_messages_event, self.stream.finish()))
         chunk = _decode(data)
         if self.caching:
-            _cache_writes(chunk.get("usage"))
+            _cache_counts(chunk.get("usage"), self.read)
         return b"".join(map(anthropic.encode_messages_event, self.stream.feed(chunk)))
 
     def answer(self, status: int, body: bytes) -> tuple[int, bytes]:
@@ -210,7 +230,7 @@ class _Messages(_Dialect):
             status, error = anthropic.openai_error_to_anthropic(status, parsed)
             return status, _encode(error)
         if self.caching:
-            _cache_writes(parsed.get("usage"))
+            _cache_counts(parsed.get("usage"), self.read)
         message = anthropic.chat_response_to_messages(parsed)
         message["id"] = "msg_" + str(parsed.get("id", "")).removeprefix("chatcmpl-")
         return status, _encode(message)
@@ -296,7 +316,9 @@ def _bad(message: str, param: str | None) -> bytes:
     return _encode({"error": error})
 
 
-async def serve_messages(chat: Chat, body: bytes, receive: Receive, send: Send) -> None:
+async def serve_messages(
+    chat: Chat, cache: PromptCache, body: bytes, receive: Receive, send: Send
+) -> None:
     """`POST /v1/messages`."""
     try:
         req = _decode(body)
@@ -307,7 +329,8 @@ async def serve_messages(chat: Chat, body: bytes, receive: Receive, send: Send) 
         return
     model = str(req.get("model") or "")
     caching = b'"cache_control"' in body
-    await chat(_encode(chat_req), receive, _Messages(send, model, caching))
+    read = caching and cache.hit(_encode([model, req.get("system"), req.get("tools")]))
+    await chat(_encode(chat_req), receive, _Messages(send, model, caching, read))
 
 
 async def serve_count_tokens(
