@@ -101,7 +101,7 @@ class DialectStream(StreamResponse):
         if self.error is not None and self.pending_error is not None:
             return None
         if self.translator is not None:
-            out = self.translator.feed(event)
+            out = self.translator.feed(event, chunk)
             if self.done or holds:
                 self.closing += out
                 return None

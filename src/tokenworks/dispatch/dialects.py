@@ -184,13 +184,13 @@ class Translator:
         self._first = first
         self._second = second
 
-    def feed(self, frame: bytes) -> bytes:
-        """One whole upstream event (without its blank line) in, bytes for the client out."""
-        if self._first is None:
-            assert self._second is not None
-            return bytes(self._second.feed_sse(frame))
-        out = bytes(self._first.feed_sse(frame))
-        if self._second is None or not out:
+    def feed(self, frame: bytes, chunk: dict[str, Any] | None = None) -> bytes:
+        """One whole upstream event (without its blank line) in, bytes for the client out;
+        `chunk`: its data, when the caller decoded it already (then it is not decoded twice)."""
+        first = self._first or self._second
+        assert first is not None
+        out = bytes(first.feed_sse(frame) if chunk is None else first.feed_decoded(chunk))
+        if self._first is None or self._second is None or not out:
             return out
         return b"".join(self._second.feed_sse(part) for part in out.split(b"\n\n") if part.strip())
 
