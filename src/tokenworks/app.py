@@ -110,9 +110,13 @@ def build_app(config: Config) -> Starlette:
 
     app = Starlette(
         routes=[
-            *openai.routes,
-            *messages.routes,
-            *responses.routes,
+            # Starlette tries routes in order: the three model routes first, chat first of all.
+            openai.routes[0],
+            messages.routes[0],
+            responses.routes[0],
+            *openai.routes[1:],
+            *messages.routes[1:],
+            *responses.routes[1:],
             *agent_keys.routes,
             *admin.routes,
             *admin_ledger.routes,

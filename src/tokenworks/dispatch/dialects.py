@@ -82,10 +82,21 @@ def translated_payload(endpoint: str, payload: dict[str, Any], target: str) -> d
 
 def messages_usage_raw(usage: Any) -> dict[str, Any] | None:
     """A Messages usage object in the OpenAI shape the plausibility check reads (input
-    including cache reads and writes; the 1-hour writes kept apart)."""
+    including cache reads and writes; the 1-hour writes kept apart). A count that is not a
+    whole number is passed on as it is, for the check to name."""
     if not isinstance(usage, dict):
         return None
-    raw = anthropic.messages_usage_to_chat(usage)
+    fresh = usage.get("input_tokens")
+    read = usage.get("cache_read_input_tokens") or 0
+    written = usage.get("cache_creation_input_tokens") or 0
+    prompt = fresh
+    if type(fresh) is int and type(read) is int and type(written) is int:
+        prompt = fresh + read + written
+    raw: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage.get("output_tokens"),
+        "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written},
+    }
     creation = usage.get("cache_creation")
     if isinstance(creation, dict):
         raw["cache_creation"] = creation

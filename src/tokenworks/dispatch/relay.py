@@ -256,17 +256,18 @@ class Relay:
         raw_usage = reported_usage(parsed)
         if not chat_like:
             raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
-        texts = response_texts(parsed) if chat_like else dialects.answer_texts(fmt, parsed)
         usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
         if usage is not None and not (usage.input_tokens and usage.output_tokens):
-            usage, usage_error = self.recorder.check_zero_counts(call, deployment, usage, texts)
+            usage, usage_error = self.recorder.check_zero_counts(
+                call, deployment, usage, _texts(fmt, parsed)
+            )
         # A body whose usage shows counts that were not charged (implausible ones) shows the
         # charged ones instead; otherwise it goes out as it came, plus its cost.
         shows_other_counts = isinstance(parsed.get("usage"), dict) and (
             usage is None or (chat_like and raw_usage is not parsed["usage"])
         )
         if usage is None:
-            usage = self.recorder.estimate(call, texts)
+            usage = self.recorder.estimate(call, _texts(fmt, parsed))
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
             call, deployment, response.status, usage, quote,
@@ -361,6 +362,11 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
             raise aiohttp.ClientPayloadError("response exceeds the size limit")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def _texts(fmt: str, parsed: dict[str, Any]) -> list[str]:
+    """An answer's texts (only needed when its usage is missing or doubtful)."""
+    return response_texts(parsed) if fmt in _CHAT_LIKE else dialects.answer_texts(fmt, parsed)
 
 
 def _seconds(value: str | None) -> float | None:
