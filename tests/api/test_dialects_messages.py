@@ -279,3 +279,21 @@ def test_an_openai_client_reaches_an_anthropic_producer(gw: Gateway):
     [call] = called.choices[0].message.tool_calls or []
     assert call.function.name == "get_weather" and call.function.arguments == '{"city":"sim"}'
     assert called.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["m-native", "m-chat"])
+def test_an_answer_without_usage_is_charged_the_estimate_and_shows_it(
+    gw: Gateway, sims: tuple[Sim, Sim], model: str
+):
+    """The upstream reported no counts (zeros): implausible for an answer with text, so the
+    offline estimate is charged, and the answer shows what was charged."""
+    sims[0 if model == "m-native" else 1].fault("no_usage")
+    key = gw.create_key()["key"]
+    message = _client(gw, key).messages.create(
+        model=model, max_tokens=32, messages=[{"role": "user", "content": "Say hello"}]
+    )
+    assert message.content[0].text
+    record = _record(gw)
+    assert record.usage.estimated and record.usage.output_tokens > 0
+    assert message.usage.output_tokens == record.usage.output_tokens
+    assert message.usage.input_tokens == record.usage.input_tokens

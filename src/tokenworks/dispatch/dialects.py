@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import msgspec
+
 from tokenworks.config import WireFormat
 from tokenworks.metering.usage import Usage
 from tokenworks.money import format_nano
@@ -39,6 +41,27 @@ _FALLBACKS: dict[str, tuple[str, ...]] = {
     "messages": ("chat",),
     "responses": ("chat", "messages"),
 }
+
+
+class AnswerHead(msgspec.Struct):
+    """The fields a passed-through Messages or Responses answer is read for: decoding only
+    these (msgspec skips the rest without building it) keeps their pass-through as cheap as
+    chat's, whose answers are smaller. The whole answer is decoded only on the rare paths
+    (usage missing or doubtful)."""
+
+    usage: Any = None
+    id: Any = None
+    store: Any = None
+    service_tier: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "usage": self.usage, "id": self.id, "store": self.store,
+            "service_tier": self.service_tier,
+        }  # fmt: skip
+
+
+read_head = msgspec.json.Decoder(AnswerHead).decode
 
 
 def upstream_formats(formats: tuple[WireFormat, ...]) -> dict[str, str | None]:

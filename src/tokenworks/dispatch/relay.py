@@ -243,8 +243,11 @@ class Relay:
             raise UpstreamError(producer.name, "cut", f"upstream response broken: {exc}") from exc
         finally:
             response.release()
+        chat_like = fmt in _CHAT_LIKE
+        # A passed-through Messages or Responses answer: only the fields read (see AnswerHead).
+        head_only = not chat_like and fmt == call.endpoint
         try:
-            parsed = _decode(data)
+            parsed = dialects.read_head(data).as_dict() if head_only else _decode(data)
         except msgspec.DecodeError as exc:
             raise UpstreamError(
                 producer.name, "malformed", "upstream returned malformed JSON"
@@ -252,12 +255,13 @@ class Relay:
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
         self.router.health.ok(producer.name)
-        chat_like = fmt in _CHAT_LIKE
         raw_usage = reported_usage(parsed)
         if not chat_like:
             raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
         usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
         if usage is not None and not (usage.input_tokens and usage.output_tokens):
+            if head_only:
+                parsed, head_only = _decode(data), False
             usage, usage_error = self.recorder.check_zero_counts(
                 call, deployment, usage, _texts(fmt, parsed)
             )
@@ -267,6 +271,8 @@ class Relay:
             usage is None or (chat_like and raw_usage is not parsed["usage"])
         )
         if usage is None:
+            if head_only:
+                parsed, head_only = _decode(data), False
             usage = self.recorder.estimate(call, _texts(fmt, parsed))
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
