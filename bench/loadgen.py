@@ -66,9 +66,12 @@ class _BadResponse(Exception):
     pass
 
 
+_STREAM_ENDS = (b"[DONE]", b"message_stop", b'"response.completed"', b'"response.incomplete"')
+
+
 def _stream_ended(tail: bytes) -> bool:
-    """A chat stream's `[DONE]`, a Messages `message_stop`, a Responses `response.completed`."""
-    return b"[DONE]" in tail or b"message_stop" in tail or b'"response.completed"' in tail
+    """A chat stream's `[DONE]`, a Messages `message_stop`, a Responses final event."""
+    return any(end in tail for end in _STREAM_ENDS)
 
 
 async def _one(
