@@ -35,6 +35,8 @@ models:
     deployments: [{{producer: chatonly, model: sim-small, cost: {COST}}}]
   - name: m-claude
     deployments: [{{producer: claude, model: sim-small, cost: {COST}}}]
+  - name: m-reason
+    deployments: [{{producer: chatonly, model: sim-reasoner, cost: {COST}}}]
   - name: m-failover
     deployments:
       - {{producer: dead, model: sim-small, cost: {COST}}}

@@ -195,3 +195,25 @@ def test_an_openai_agents_sdk_agent_runs_a_function_tool(gw: Gateway, model: str
         ("responses", producer, 200)
     ] * 2
     assert all(r.cost_nano == cost_nano(r.usage) > 0 for r in records)
+
+
+def test_a_chat_producers_reasoning_becomes_a_reasoning_summary(gw: Gateway):
+    key = gw.create_key()["key"]
+    client = _client(gw, key)
+    response = client.responses.create(
+        model="m-reason", input="Think, then answer", reasoning={"effort": "low", "summary": "auto"}
+    )
+    [reasoning] = [item for item in response.output if item.type == "reasoning"]
+    assert reasoning.summary and reasoning.summary[0].text
+    assert response.output_text
+    record = gw.records(1)[-1]
+    details = response.usage.output_tokens_details
+    assert record.usage.reasoning_tokens == details.reasoning_tokens > 0
+    events = list(
+        client.responses.create(model="m-reason", input="Think, then answer", stream=True)
+    )
+    kinds = [event.type for event in events]
+    assert "response.reasoning_summary_text.delta" in kinds
+    assert kinds.index("response.reasoning_summary_text.done") < kinds.index(
+        "response.output_text.delta"
+    )
