@@ -35,6 +35,41 @@ if TYPE_CHECKING:
 
 _decode = msgspec.json.decode
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Passed-through events by name: text deltas (read only for an estimate), and events that
+# carry neither usage, nor the model name, nor the end.
+_TEXT_EVENTS = frozenset(
+    {
+        b"content_block_delta",
+        b"response.output_text.delta",
+        b"response.function_call_arguments.delta",
+    }
+)
+_PLAIN_EVENTS = frozenset(
+    {
+        b"ping", b"content_block_start", b"content_block_stop",
+        b"response.output_item.added", b"response.output_item.done",
+        b"response.content_part.added", b"response.content_part.done",
+        b"response.output_text.done", b"response.function_call_arguments.done",
+        b"response.reasoning_summary_part.added", b"response.reasoning_summary_part.done",
+        b"response.reasoning_summary_text.delta", b"response.reasoning_summary_text.done",
+    }
+)  # fmt: skip
+
+
+def _delta_texts(raw: list[bytes]) -> list[str]:
+    """The texts of undecoded Messages or Responses delta events."""
+    texts: list[str] = []
+    for data in raw:
+        try:
+            event = _decode(data)
+        except msgspec.DecodeError:
+            continue
+        delta = event.get("delta") if isinstance(event, dict) else None
+        if isinstance(delta, dict):
+            delta = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
+        if isinstance(delta, str):
+            texts.append(delta)
+    return texts
 
 
 class DialectStream(StreamResponse):
@@ -65,6 +100,7 @@ class DialectStream(StreamResponse):
         )
         self.collector = MessagesUsageCollector() if fmt == "messages" else None
         self.closing = b""  # the closing events, sent after the charge
+        self.raw_texts: list[bytes] = []  # passed-through text deltas, not yet decoded
 
     def _error_event(self, status: int, message: str, code: str) -> bytes:
         endpoint = self.call.endpoint
@@ -79,6 +115,10 @@ class DialectStream(StreamResponse):
         return with_cost(self.closing, quote.price_nano)
 
     def _process(self, event: bytes) -> bytes | None:
+        if self.passthrough and event.startswith(b"event:"):
+            out = self._pass(event)
+            if out is not None:
+                return out
         data = event_data(event)
         if data is None:  # a comment or a bare `event:` line
             return event + b"\n\n" if self.passthrough else None
@@ -110,6 +150,30 @@ class DialectStream(StreamResponse):
             self.closing += MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
             return None
         return MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+
+    def _pass(self, event: bytes) -> bytes | None:
+        """A passed-through event, by its `event:` name, without decoding what needs no
+        reading: text deltas are kept as bytes (decoded only if an estimate needs their
+        text), item and block events go out as they came. None: read it whole."""
+        end = event.find(b"\n")
+        name = event[6:end].strip() if end > 0 else b""
+        if name in _TEXT_EVENTS:
+            data = event_data(event)
+            if data is not None:
+                self.raw_texts.append(data)
+            return event + b"\n\n"
+        if name in _PLAIN_EVENTS:
+            return event + b"\n\n"
+        if name == b"response.in_progress":
+            return MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+        return None
+
+    async def _finish(self) -> bool:
+        usage = self.usage
+        if self.raw_texts and (usage is None or not (usage.input_tokens and usage.output_tokens)):
+            self.texts.extend(_delta_texts(self.raw_texts))  # an estimate needs them
+            self.raw_texts.clear()
+        return await super()._finish()
 
     def _read(self, fmt: str, chunk: dict[str, Any]) -> bool:
         """Read usage, text and the end from one upstream event; True when the event is held
