@@ -299,7 +299,6 @@ def test_an_answer_without_usage_is_charged_the_estimate_and_shows_it(
     assert message.content[0].text
     record = _record(gw)
     assert record.usage.estimated and record.usage.output_tokens > 0
-    if not stream:  # a stream's message_delta shows the upstream's (an estimate is not known
-        # before the end); the record and the charge are the estimate's
-        assert message.usage.output_tokens == record.usage.output_tokens
+    assert message.usage.output_tokens == record.usage.output_tokens
+    if not stream:  # a stream's input count is message_start's, sent before the estimate
         assert message.usage.input_tokens == record.usage.input_tokens

@@ -18,7 +18,13 @@ import msgspec
 
 from tokenworks.config import Deployment
 from tokenworks.dispatch.billing import Billing
-from tokenworks.dispatch.dialects import ResponseIndex, Translator, error_event, messages_usage_raw
+from tokenworks.dispatch.dialects import (
+    ResponseIndex,
+    Translator,
+    error_event,
+    messages_usage_raw,
+    with_usage,
+)
 from tokenworks.dispatch.stream import StreamResponse
 from tokenworks.wire.anthropic import MessagesUsageCollector
 from tokenworks.wire.openai import (
@@ -110,9 +116,12 @@ class DialectStream(StreamResponse):
 
     def _usage_tail(self) -> bytes:
         quote = self.quote
-        if quote is None or not self.closing:
+        if not self.closing:
             return self.closing
-        return with_cost(self.closing, quote.price_nano)
+        price_nano = None if quote is None else quote.price_nano
+        if self.usage is None and self.billed is not None:  # charged the estimate: show it
+            return with_usage(self.closing, self.call.endpoint, self.billed, price_nano)
+        return self.closing if price_nano is None else with_cost(self.closing, price_nano)
 
     def _process(self, event: bytes) -> bytes | None:
         if self.passthrough and event.startswith(b"event:"):

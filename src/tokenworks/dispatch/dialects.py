@@ -174,6 +174,26 @@ def usage_in(fmt: str, usage: Usage, price_nano: int | None) -> dict[str, Any]:
     return out
 
 
+def with_usage(closing: bytes, endpoint: str, usage: Usage, price_nano: int | None) -> bytes:
+    """A stream's closing events with the usage object replaced by what was charged (when it
+    is not the upstream's: an estimate). Rare: each closing event is decoded and re-encoded."""
+    out: list[bytes] = []
+    for event in closing.split(b"\n\n"):
+        if not event.strip():
+            continue
+        data = event_data(event)
+        if data is None or b'"usage"' not in data:
+            out.append(event + b"\n\n")
+            continue
+        body = decode(data)
+        holder = body.get("response") if isinstance(body.get("response"), dict) else body
+        if isinstance(holder, dict) and "usage" in holder:
+            holder["usage"] = usage_in(endpoint, usage, price_nano)
+        head = event[: event.index(b"data:")] if b"data:" in event else b""
+        out.append(head + b"data: " + encode(body) + b"\n\n")
+    return b"".join(out)
+
+
 def translated_answer(
     endpoint: str, upstream: str, parsed: dict[str, Any], payload: dict[str, Any]
 ) -> dict[str, Any]:
