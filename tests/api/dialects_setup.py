@@ -28,6 +28,7 @@ producers:
   - {{name: chatonly, base_url: "{b.url}/v1", timeout_s: 5, formats: [chat]}}
   - {{name: claude, kind: anthropic, base_url: "{a.url}/v1", timeout_s: 5}}
   - {{name: dead, base_url: "http://127.0.0.1:9/v1", timeout_s: 2, formats: [messages]}}
+  - {{name: native2, base_url: "{b.url}/v1", timeout_s: 5, formats: [chat, responses]}}
 models:
   - name: m-native
     deployments: [{{producer: native, model: sim-small, cost: {COST}}}]
@@ -37,6 +38,10 @@ models:
     deployments: [{{producer: claude, model: sim-small, cost: {COST}}}]
   - name: m-reason
     deployments: [{{producer: chatonly, model: sim-reasoner, cost: {COST}}}]
+  - name: m-two
+    deployments:
+      - {{producer: native, model: sim-small, cost: {COST}}}
+      - {{producer: native2, model: sim-small, cost: {COST}}}
   - name: m-failover
     deployments:
       - {{producer: dead, model: sim-small, cost: {COST}}}

@@ -217,3 +217,19 @@ def test_a_chat_producers_reasoning_becomes_a_reasoning_summary(gw: Gateway):
     assert kinds.index("response.reasoning_summary_text.done") < kinds.index(
         "response.output_text.delta"
     )
+
+
+def test_a_continuation_goes_to_the_producer_that_stored_the_response(
+    gw: Gateway, sims: tuple[Sim, Sim]
+):
+    key = gw.create_key()["key"]
+    client = _client(gw, key)
+    sims[0].fault("500")  # the first deployment fails: the second one serves and stores it
+    first = client.responses.create(model="m-two", input="Remember 'kite'.")
+    assert gw.records(1)[-1].producer == "native2"
+    gw.app.state.gateway.router.health.ok("native")  # healthy again: the router would pick it
+    follow = client.responses.create(
+        model="m-two", input="What was it?", previous_response_id=first.id
+    )
+    assert follow.previous_response_id == first.id
+    assert gw.records(2)[-1].producer == "native2"

@@ -152,6 +152,8 @@ class Relay:
     async def handle(self, call: Call) -> Any:
         """Serve a call; returns an ASGI response. Raises a `DispatchError` when it cannot."""
         candidates = self.router.candidates(call.route, self.max_attempts)
+        if call.endpoint == "responses":
+            candidates = self._sticky(call, candidates)
         billing = self.billing
         paying = billing.ledger is not None and call.key.account_id is not None
         worst_nano = billing.worst_case(call, candidates if paying else candidates[:1])
@@ -197,6 +199,16 @@ class Relay:
         self.recorder.record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
         await billing.void(call)
         raise error
+
+    def _sticky(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
+        """A Responses request continuing a stored response goes first to the producer
+        that stored it (the others do not have it)."""
+        previous = call.payload.get("previous_response_id")
+        owner = self.stored.get(call.key.id, previous) if isinstance(previous, str) else None
+        if owner is None:
+            return candidates
+        first = [d for d in candidates if d.producer == owner[0]]
+        return first + [d for d in candidates if d.producer != owner[0]]
 
     def _translated_body(self, call: Call, deployment: Deployment, fmt: str | None) -> bytes:
         """The request in format `fmt`, translated once per format and call."""
