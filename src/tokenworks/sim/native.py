@@ -2,8 +2,9 @@
 
 A producer that speaks Messages or Responses natively is simulated on top of the chat engine:
 the request is read as chat (`wire.anthropic`, `wire.responses`), served by the same
-generator (with its faults, pacing and usage), and the answer written in the dialect asked,
-plain or streamed. Messages adds what only it reports: a request with `cache_control` marks
+generator (with its faults, pacing and usage; its stats count the request under its own
+route and under chat completions), and the answer written in the dialect asked, plain or
+streamed. Messages adds what only it reports: a request with `cache_control` marks
 writes the cached part of its prompt (simulated as three quarters of it) to the cache the
 first time its system prompt and tools are seen (`cache_creation_input_tokens`), and reads
 it back on later requests (`cache_read_input_tokens`). Responses stores what it answers (bounded)
