@@ -9,7 +9,11 @@ its processes and is not counted: with `--pg`, the figure is what the ledger cos
 gateway's core.
 
     .venv/bin/python bench/instructions.py [--requests 1000] [--concurrency 16] [--pg [URL]]
-        [--stream]
+        [--stream] [--routes chat,messages,responses,messages-translated,...]
+
+`--routes` compares the dialects instead (ledger off): `chat`, `messages` and `responses`
+passed through to a producer that speaks all three, and `messages-translated` and
+`responses-translated` on a producer that speaks chat completions only.
 
 Under valgrind the gateway runs about 50 times slower, so a commit carries more requests
 than at full speed (SQLite lingers 2 ms for more): read the ratios, not the absolute figures,
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -36,6 +41,25 @@ MAX_REQUESTS = 20_000
 START_TIMEOUT_S = 300.0
 
 
+SYSTEM, USER = run.PROMPT[0]["content"], run.PROMPT[1]["content"]
+
+
+def route_request(route: str, stream: bool) -> tuple[str, bytes]:
+    """The bench conversation as `route` (chat, messages, responses) asks it: path and body."""
+    if route == "chat":
+        return "/v1/chat/completions", run.request_body(stream)
+    extra: dict[str, object] = {"stream": True} if stream else {}
+    if route == "messages":
+        body: dict[str, object] = {
+            "model": "bench", "system": SYSTEM, "max_tokens": 16,
+            "messages": [{"role": "user", "content": USER}], **extra,
+        }  # fmt: skip
+    else:
+        body = {"model": "bench", "instructions": SYSTEM, "input": USER, "max_output_tokens": 16}
+        body.update(extra)
+    return f"/v1/{route}", json.dumps(body, separators=(",", ":")).encode()
+
+
 def count(target: str, args: argparse.Namespace, work: Path, sim_port: int) -> tuple[int, float]:
     """(requests measured, instructions per request) of one gateway."""
     servers = run.Servers(work / target)
@@ -43,6 +67,12 @@ def count(target: str, args: argparse.Namespace, work: Path, sim_port: int) -> t
     port = run.free_port()
     schema = f"tw_instr_{uuid.uuid4().hex[:10]}"
     template = run.GATEWAY_CONFIG
+    route, _, translated = target.partition("-")
+    if args.routes:  # the producer speaks every format, or (translated) chat completions only
+        formats = "[chat]" if translated else "[chat, messages, responses]"
+        template = template.replace(
+            "    kind: openai\n", f"    kind: openai\n    formats: {formats}\n"
+        )
     if target == "on-pg":
         template = template.replace("sqlite:///{db}", run.pg_database(args.pg, schema))
     config = work / target / "gateway.yaml"
@@ -55,13 +85,13 @@ def count(target: str, args: argparse.Namespace, work: Path, sim_port: int) -> t
     try:
         gateway = servers.start("gateway", argv, None, env={"TOKENWORKS_ADMIN_KEY": run.ADMIN_KEY})
         run.wait_http(f"http://127.0.0.1:{port}/healthz", servers)
-        if target == "off":
+        if target == "off" or args.routes:
             admin = f"http://127.0.0.1:{port}/admin/v1/keys"
             key = str(run.post_json(admin, {"name": "bench"}, run.ADMIN_KEY)["key"])
         else:
             key = run.funded_key(port)[0]
-        body = run.request_body(args.stream)
-        request = loadgen.build_request("127.0.0.1", port, "/v1/chat/completions", body, key)
+        path, body = route_request(route if args.routes else "chat", args.stream)
+        request = loadgen.build_request("127.0.0.1", port, path, body, key)
         load = {"stream": args.stream, "concurrency": args.concurrency, "duration_s": 300.0}
         uvloop.run(loadgen.run("127.0.0.1", port, request, max_requests=200, **load))  # warm
         control = ["callgrind_control", "--instr=on", str(gateway.pid)]
@@ -99,6 +129,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--pg", nargs="?", const=run.DEFAULT_PG)
+    parser.add_argument("--routes", type=lambda v: [r for r in v.split(",") if r])
     args = parser.parse_args()
     args.requests = min(args.requests, MAX_REQUESTS)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -108,7 +139,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tokenworks-instructions-"))
     sims = run.Servers(work)
     sim_port = run.free_port()
-    targets = ["off", "on", *(["on-pg"] if args.pg else [])]
+    targets = args.routes or ["off", "on", *(["on-pg"] if args.pg else [])]
     figures: dict[str, float] = {}
     try:
         sims.start(
@@ -122,7 +153,7 @@ def main() -> int:
         for target in targets:
             n, per_request = count(target, args, work, sim_port)
             figures[target] = per_request
-            ratio = per_request / figures["off"]
+            ratio = per_request / figures[targets[0]]
             print(f"{target:<6} {per_request / 1e3:9.1f}  x{ratio:.3f}  ({n} requests)", flush=True)
     finally:
         sims.close()

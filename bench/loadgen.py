@@ -66,6 +66,14 @@ class _BadResponse(Exception):
     pass
 
 
+_STREAM_ENDS = (b"[DONE]", b"message_stop", b'"response.completed"', b'"response.incomplete"')
+
+
+def _stream_ended(tail: bytes) -> bool:
+    """A chat stream's `[DONE]`, a Messages `message_stop`, a Responses final event."""
+    return any(end in tail for end in _STREAM_ENDS)
+
+
 async def _one(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, stream: bool
 ) -> tuple[float, float | None, bool]:
@@ -85,10 +93,10 @@ async def _one(
         body = await reader.readexactly(int(lower[start + 15 : end]))
         if stream:
             ttfb = time.perf_counter() - t0
-            if b"[DONE]" not in body:
-                raise _BadResponse("stream without [DONE]")
-        elif b'"choices"' not in body:
-            raise _BadResponse(f"no choices in {body[:200]!r}")
+            if not _stream_ended(body):
+                raise _BadResponse("stream without its end event")
+        elif b'"choices"' not in body and b'"content"' not in body and b'"output"' not in body:
+            raise _BadResponse(f"no answer in {body[:200]!r}")
         return time.perf_counter() - t0, ttfb, keep_alive
     if b"transfer-encoding: chunked" not in lower:
         raise _BadResponse(f"neither length nor chunked: {head[:200]!r}")
@@ -103,8 +111,8 @@ async def _one(
         if ttfb is None:
             ttfb = time.perf_counter() - t0
         last = chunk
-    if stream and b"[DONE]" not in last:
-        raise _BadResponse(f"stream did not end with [DONE]: {last[-200:]!r}")
+    if stream and not _stream_ended(last):
+        raise _BadResponse(f"stream did not end with its end event: {last[-200:]!r}")
     if not stream and ttfb is None:
         raise _BadResponse("empty body")
     return time.perf_counter() - t0, ttfb, keep_alive

@@ -2,9 +2,9 @@
 
 One "request" is what a translating route does in-process for one call: translate the request
 body, then split and translate every upstream SSE event of the answer (or the whole response
-body). The pass-through baseline splits the same upstream bytes and reads each event's data
-(what a metering pass-through does anyway). Upstream bytes are recorded provider streams from
-tests/fixtures/wire, replayed from memory; no network.
+body). The pass-through baseline splits the same upstream bytes, reads and decodes each
+event's data and splices the model name (what the relay's pass-through does anyway). Upstream
+bytes are recorded provider streams from tests/wire/fixtures, replayed from memory.
 
     .venv/bin/python bench/wire.py [--runs 2000]
 """
@@ -17,13 +17,17 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import yaml
 
 from tokenworks.wire import anthropic, responses
+from tokenworks.wire.openai import MODEL_FIELD
 from tokenworks.wire.sse import SSESplitter, data_of
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "wire"
+_decode = msgspec.json.decode
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "wire" / "fixtures"
 
 
 def _cassette(name: str) -> list[dict]:
@@ -57,10 +61,30 @@ def _pieces(raw: bytes, piece_bytes: int = 512) -> list[bytes]:
 
 
 def _pass_through(pieces: list[bytes]) -> None:
+    """What the relay does to each event it passes through: split, read the data, decode it
+    (for usage and the texts an estimate would count), splice the model name."""
     splitter = SSESplitter()
     for piece in pieces:
         for frame in splitter.feed(piece):
-            data_of(frame)
+            data = data_of(frame)
+            if data is not None and data != b"[DONE]":
+                _decode(data)
+                MODEL_FIELD.sub(b'"model":"public"', frame, count=1)
+
+
+def _translated(pieces: list[bytes], stream: Any) -> None:
+    """What the relay does to each event it translates: split, read the data, decode it once
+    (for usage and texts), and hand the decoded event to the translator."""
+    splitter = SSESplitter()
+    for piece in pieces:
+        for frame in splitter.feed(piece):
+            data = data_of(frame)
+            if data is None:
+                continue
+            if data == b"[DONE]":
+                stream.feed_sse(frame)
+            else:
+                stream.feed_decoded(_decode(data))
 
 
 def _p50_us(fn: Callable[[], object], runs: int) -> float:
@@ -94,31 +118,22 @@ def main() -> None:
     def messages_route(pieces: list[bytes]) -> Callable[[], object]:
         def run() -> None:
             anthropic.messages_request_to_chat(messages_body)
-            splitter, stream = SSESplitter(), anthropic.ChatToMessagesStream("claude")
-            for piece in pieces:
-                for frame in splitter.feed(piece):
-                    stream.feed_sse(frame)
+            _translated(pieces, anthropic.ChatToMessagesStream("claude"))
 
         return run
 
     def responses_route(pieces: list[bytes]) -> Callable[[], object]:
         def run() -> None:
             responses.responses_request_to_chat(responses_body)
-            splitter, stream = SSESplitter(), responses.ChatToResponsesStream(responses_body)
-            for piece in pieces:
-                for frame in splitter.feed(piece):
-                    stream.feed_sse(frame)
+            _translated(pieces, responses.ChatToResponsesStream(responses_body))
 
         return run
 
     def chat_on_claude() -> None:
         anthropic.chat_request_to_messages(chat_body)
-        splitter, stream = SSESplitter(), anthropic.MessagesToChatStream()
-        for piece in claude_stream:
-            for frame in splitter.feed(piece):
-                stream.feed_sse(frame)
+        _translated(claude_stream, anthropic.MessagesToChatStream())
 
-    print(f"p50 per request, {runs} runs, microseconds (translation includes its own SSE split)")
+    print(f"p50 per request, {runs} runs, microseconds (both include the SSE split and decode)")
     print(f"{'path':<48}{'translated':>12}{'pass-through':>14}{'added':>10}")
     rows = []
     for label, pieces in streams.items():

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenworks.api import admin, admin_ledger, agent_keys, openai, openapi
+from tokenworks.api import admin, admin_ledger, agent_keys, messages, openai, openapi, responses
 from tokenworks.api.admin import bearer_matches
 from tokenworks.api.errors import EXCEPTION_HANDLERS, ApiError
 from tokenworks.config import Config
@@ -124,7 +124,13 @@ def build_app(config: Config) -> Starlette:
 
     app = Starlette(
         routes=[
-            *openai.routes,
+            # Starlette tries routes in order: the three model routes first, chat first of all.
+            openai.routes[0],
+            messages.routes[0],
+            responses.routes[0],
+            *openai.routes[1:],
+            *messages.routes[1:],
+            *responses.routes[1:],
             *agent_keys.routes,
             *admin.routes,
             *admin_ledger.routes,

@@ -33,11 +33,26 @@ TimeoutS = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
 RatePerS = Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]
 
 
+WireFormat = Literal["chat", "responses", "messages"]
+
+
+def default_formats(kind: str, base_url: str) -> tuple[WireFormat, ...]:
+    """What a producer speaks when its config does not say: Anthropic speaks Messages; an
+    OpenAI-compatible server speaks chat completions, and OpenAI itself Responses too."""
+    if kind == "anthropic":
+        return ("messages",)
+    if re.match(r"^https://api\.openai\.com(/|$)", base_url):
+        return ("chat", "responses")
+    return ("chat",)
+
+
 class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """An upstream that produces tokens."""
 
     name: str
-    kind: Literal["openai"] = "openai"
+    # The upstream's protocol: "openai" (Bearer auth) or "anthropic" (x-api-key and
+    # anthropic-version headers; speaks Messages).
+    kind: Literal["openai", "anthropic"] = "openai"
     base_url: str
     api_key_env: str | None = None
     timeout_s: TimeoutS = 600.0
@@ -48,10 +63,19 @@ class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # provider is matched by base_url, never guessed from a model name.
     currency: str | None = None
     provider: str | None = None
+    # The wire formats the producer speaks natively; a route in one of them passes through,
+    # any other is translated to one it speaks. Unset: `default_formats` (by kind and URL).
+    formats: tuple[WireFormat, ...] | None = None
+
+    @property
+    def wire_formats(self) -> tuple[WireFormat, ...]:
+        return self.formats or default_formats(self.kind, self.base_url)
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://", self.base_url):
             raise ValueError("base_url must start with http:// or https://")
+        if self.formats is not None and not self.formats:
+            raise ValueError("formats must name at least one wire format")
         if not 1 <= self.max_connections <= 100_000:
             raise ValueError("max_connections must be within 1..100000")
 

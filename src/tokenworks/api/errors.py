@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -65,6 +66,7 @@ from tokenworks.ledger import (
     StoreUnavailable,
 )
 from tokenworks.money import format_nano
+from tokenworks.wire.anthropic import openai_error_to_anthropic
 from tokenworks.wire.openai_errors import ERROR_TYPES, error_body, error_type
 
 __all__ = ["ANSWERS", "ERROR_TYPES", "EXCEPTION_HANDLERS", "ApiError", "api_error", "error_body"]
@@ -188,6 +190,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     ReadTimeout: Answer(503, "query_timeout", headers={"Retry-After": "5"}),
 }
 
+_encode = msgspec.json.encode
 INTERNAL = "internal error; the request was not charged"
 
 
@@ -202,23 +205,42 @@ def api_error(exc: BaseException) -> ApiError:
     return ApiError(500, INTERNAL, code="internal")
 
 
+def anthropic_error(error: ApiError) -> Response:
+    """An error on a Messages route in Anthropic's shape, `{"type": "error", "error": {"type",
+    "message"}}`, with the same status (Anthropic's SDK picks its exception class by status:
+    402 budget refusals are its `billing_error`, 429 limits its `RateLimitError`)."""
+    status, body = openai_error_to_anthropic(error.status, {"error": {"message": error.message}})
+    return Response(
+        _encode(body), status_code=status, media_type="application/json", headers=error.headers
+    )
+
+
+def _respond(request: Request, error: ApiError) -> Response:
+    """`error` in the shape of the route it met: Anthropic's on /v1/messages, else OpenAI's."""
+    if request.url.path.startswith("/v1/messages"):
+        return anthropic_error(error)
+    return error.response()
+
+
 async def _answer(request: Request, exc: Exception) -> Response:
-    return api_error(exc).response()
+    return _respond(request, api_error(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return ApiError(404, f"no such endpoint: {request.url.path}", code="unknown_url").response()
-    if exc.status_code == 405:
-        return ApiError(
+        error = ApiError(404, f"no such endpoint: {request.url.path}", code="unknown_url")
+    elif exc.status_code == 405:
+        error = ApiError(
             405, f"method {request.method} not allowed here", code="method_not_allowed"
-        ).response()
-    return ApiError(exc.status_code, str(exc.detail)).response()
+        )
+    else:
+        error = ApiError(exc.status_code, str(exc.detail))
+    return _respond(request, error)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    return ApiError(500, INTERNAL, code="internal").response()
+    return _respond(request, ApiError(500, INTERNAL, code="internal"))
 
 
 EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Any]] = {

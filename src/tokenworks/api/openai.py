@@ -78,6 +78,24 @@ def authenticate(request: Request) -> ApiKey:
     return key
 
 
+def authenticate_any(request: Request) -> ApiKey:
+    """Anthropic's `x-api-key: <key>`, else `Authorization: Bearer <key>` (Claude Code sends
+    either, depending on how it was configured)."""
+    secret = request.headers.get("x-api-key", "").strip()
+    if not secret:
+        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise ApiError(
+                401, "missing API key: send 'x-api-key: <key>' or 'Authorization: Bearer <key>'",
+                code="missing_api_key",
+            )  # fmt: skip
+        secret = secret.strip()
+    key = gateway_of(request).keys.authenticate(secret)
+    if key is None:
+        raise ApiError(401, "invalid, expired or revoked API key", code="invalid_api_key")
+    return key
+
+
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     """The request body as a JSON object, refusing oversize bodies before reading them all."""
     payload, _ = await read_json_sized(request, max_bytes)
@@ -154,6 +172,7 @@ def _require(payload: dict[str, Any], name: str, kinds: tuple[type, ...], what: 
 INT_PARAM_MAX = {
     "max_tokens": 2**62,
     "max_completion_tokens": 2**62,
+    "max_output_tokens": 2**62,
     "n": 128,
     "best_of": 128,
 }
@@ -188,6 +207,21 @@ def _validate(endpoint: str, payload: dict[str, Any]) -> None:
                     param=f"messages[{i}]",
                     code="invalid_type",
                 )
+    elif endpoint == "messages":
+        messages = _require(payload, "messages", (list,), "an array of messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+                raise ApiError(
+                    400, f"messages.{i}: an object with role 'user' or 'assistant'",
+                    param=f"messages.{i}", code="invalid_type",
+                )  # fmt: skip
+        _require(payload, "max_tokens", (int,), "an integer")
+    elif endpoint == "responses":
+        value = payload.get("input")
+        if value is not None and not isinstance(value, str | list):
+            raise ApiError(
+                400, "'input' must be a string or an array", param="input", code="invalid_type"
+            )
     elif endpoint == "completions":
         _require(payload, "prompt", (str, list), "a string or an array")
     else:
@@ -232,22 +266,16 @@ def _tags(request: Request, payload: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-async def _relay(request: Request, endpoint: str) -> Response:
+async def relay(request: Request, endpoint: str) -> Response:
     gateway = gateway_of(request)
-    key = authenticate(request)
+    key = authenticate_any(request) if endpoint == "messages" else authenticate(request)
     payload, size = await read_json_sized(request, gateway.config.limits.max_body_bytes)
     _validate(endpoint, payload)
     name = payload["model"]
     route = gateway.router.get(name)
     if route is None or not key.allows(name):
-        # One answer for both, so a key cannot probe which models exist beyond its scope.
-        raise ApiError(
-            404,
-            f"The model '{name}' does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
-    if "service_tier" not in payload and "service_tier" in key.metadata:
+        raise _no_model(name)
+    if "service_tier" not in payload and "service_tier" in key.metadata and endpoint != "messages":
         # The key's default tier, asked of the upstream too so it serves what we bill.
         payload["service_tier"] = key.metadata["service_tier"]
     stream = payload.get("stream") is True
@@ -270,43 +298,65 @@ async def _relay(request: Request, endpoint: str) -> Response:
     return response
 
 
+def _no_model(name: str) -> ApiError:
+    # One answer for unknown and out of scope, so a key cannot probe which models exist.
+    return ApiError(
+        404,
+        f"The model '{name}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
 async def chat_completions(request: Request) -> Response:
-    return await _relay(request, "chat")
+    return await relay(request, "chat")
 
 
 async def completions(request: Request) -> Response:
-    return await _relay(request, "completions")
+    return await relay(request, "completions")
 
 
 async def embeddings(request: Request) -> Response:
-    return await _relay(request, "embeddings")
+    return await relay(request, "embeddings")
+
+
+def _model_entry(gateway: GatewayView, name: str, tariff: str | None) -> dict[str, Any]:
+    input_per_mtok, output_per_mtok = gateway.pricer.list_price(name, tariff=tariff)
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(gateway.started_s),
+        "owned_by": "tokenworks",
+        # What this key pays now, per million tokens, in the ledger currency.
+        "pricing": {
+            "currency": gateway.pricer.currency,
+            "input_per_mtok": input_per_mtok,
+            "output_per_mtok": output_per_mtok,
+        },
+    }
 
 
 async def models(request: Request) -> Response:
     key = authenticate(request)
     gateway = gateway_of(request)
-    created = int(gateway.started_s)
     tariff = gateway.pricer.tariff_for(key.account_id)
-    data = []
-    for name in sorted(gateway.router.routes):
-        if not key.allows(name):
-            continue
-        input_per_mtok, output_per_mtok = gateway.pricer.list_price(name, tariff=tariff)
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "tokenworks",
-                # What this key pays now, per million tokens, in the ledger currency.
-                "pricing": {
-                    "currency": gateway.pricer.currency,
-                    "input_per_mtok": input_per_mtok,
-                    "output_per_mtok": output_per_mtok,
-                },
-            }
-        )
+    data = [
+        _model_entry(gateway, name, tariff)
+        for name in sorted(gateway.router.routes)
+        if key.allows(name)
+    ]
     return Response(_encode({"object": "list", "data": data}), media_type="application/json")
+
+
+async def model(request: Request) -> Response:
+    """`GET /v1/models/{id}` (the SDK's `models.retrieve`): one entry of the list."""
+    key = authenticate(request)
+    gateway = gateway_of(request)
+    name = request.path_params["model"]
+    if name not in gateway.router.routes or not key.allows(name):
+        raise _no_model(name)
+    tariff = gateway.pricer.tariff_for(key.account_id)
+    return Response(_encode(_model_entry(gateway, name, tariff)), media_type="application/json")
 
 
 routes = [
@@ -314,6 +364,8 @@ routes = [
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
+    # Model names may contain slashes (`meta-llama/Llama-3-8B`).
+    Route("/v1/models/{model:path}", model, methods=["GET"]),
 ]
 
 __all__ = ["routes"]

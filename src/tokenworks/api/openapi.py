@@ -221,6 +221,97 @@ COMPLETION_RESPONSE = _obj(
 EMBEDDING_RESPONSE = _obj(
     {"object": STRING, "data": {"type": "array"}, "model": STRING, "usage": USAGE}, ("data",)
 )
+_MESSAGE_BLOCKS: Schema = {"type": ["string", "array"], "items": {"type": "object"}}
+MESSAGES_REQUEST = _obj(
+    {
+        "model": _COMMON_REQUEST["model"],
+        "max_tokens": POSITIVE_INT,
+        "messages": {
+            "type": "array",
+            "items": _obj(
+                {"role": {"enum": ["user", "assistant"]}, "content": _MESSAGE_BLOCKS},
+                ("role", "content"),
+            ),
+        },
+        "system": _MESSAGE_BLOCKS,
+        "stream": {"type": "boolean"},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"type": "object"},
+        "metadata": _obj({"user_id": STRING}),
+    },
+    ("model", "max_tokens", "messages"),
+)
+COUNT_TOKENS_REQUEST = _obj(
+    {k: v for k, v in MESSAGES_REQUEST["properties"].items() if k != "max_tokens"},
+    ("model", "messages"),
+)
+MESSAGE_RESPONSE = _obj(
+    {
+        "id": STRING,
+        "type": {"const": "message"},
+        "role": {"const": "assistant"},
+        "model": STRING,
+        "content": {"type": "array", "items": {"type": "object"}},
+        "stop_reason": NULLABLE_STRING,
+        "usage": _obj(
+            {
+                "input_tokens": {"type": "integer"},
+                "output_tokens": {"type": "integer"},
+                "cache_creation_input_tokens": {"type": "integer"},
+                "cache_read_input_tokens": {"type": "integer"},
+                "cost": {"type": "string", "description": "what this request was charged"},
+            }
+        ),
+    },
+    ("content",),
+)
+RESPONSES_REQUEST = _obj(
+    {
+        "model": _COMMON_REQUEST["model"],
+        "input": {"type": ["string", "array"], "items": {"type": "object"}},
+        "instructions": STRING,
+        "stream": {"type": "boolean"},
+        "max_output_tokens": POSITIVE_INT,
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "text": {"type": "object"},
+        "reasoning": {"type": "object"},
+        "previous_response_id": {
+            "type": "string",
+            "description": "only on models whose producers speak Responses (and store them)",
+        },
+        "store": {"type": "boolean"},
+        "user": _COMMON_REQUEST["user"],
+        "metadata": _COMMON_REQUEST["metadata"],
+    },
+    ("model",),
+)
+RESPONSE_OBJECT = _obj(
+    {
+        "id": STRING,
+        "object": {"const": "response"},
+        "model": STRING,
+        "status": STRING,
+        "output": {"type": "array", "items": {"type": "object"}},
+        "usage": _obj(
+            {
+                "input_tokens": {"type": "integer"},
+                "output_tokens": {"type": "integer"},
+                "total_tokens": {"type": "integer"},
+                "cost": {"type": "string", "description": "what this request was charged"},
+            }
+        ),
+    },
+    ("id", "output"),
+)
+_TYPED_STREAM: Schema = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": "the dialect's typed events (`event: <type>` then `data: {...}`), "
+            "usage in the last (`message_delta` / `response.completed`)",
+        }
+    }
+}
 _STREAM: Schema = {
     "text/event-stream": {
         "schema": {
@@ -332,6 +423,64 @@ def _consumer_paths() -> Schema:
                     ("data",),
                 ),
                 security="consumerKey",
+            )
+        },
+        "/v1/models/{model}": {
+            "get": _op(
+                "One model this key may call, with its prices (404 when it may not)",
+                200,
+                _MODEL,
+                security="consumerKey",
+                params=[_path("model", STRING)],
+                errors=(404,),
+            )
+        },
+        "/v1/messages": {
+            "post": _op(
+                "Anthropic Messages (x-api-key or Bearer; Anthropic-shaped errors), passed "
+                "through to producers that speak it, translated for the others",
+                200,
+                MESSAGE_RESPONSE,
+                security="consumerKey",
+                body=MESSAGES_REQUEST,
+                ok_content={**_json(MESSAGE_RESPONSE), **_TYPED_STREAM},
+                errors=(400, 402, 404, 413, 429, 502, 503, 504),
+            )
+        },
+        "/v1/messages/count_tokens": {
+            "post": _op(
+                "Input tokens of a Messages request: the producer's count, else an offline one",
+                200,
+                _obj({"input_tokens": {"type": "integer"}}, ("input_tokens",)),
+                security="consumerKey",
+                body=COUNT_TOKENS_REQUEST,
+                errors=(400, 404, 413),
+            )
+        },
+        "/v1/responses": {
+            "post": _op(
+                "OpenAI Responses, passed through to producers that speak it, translated "
+                "to chat completions for the others",
+                200,
+                RESPONSE_OBJECT,
+                security="consumerKey",
+                body=RESPONSES_REQUEST,
+                ok_content={**_json(RESPONSE_OBJECT), **_TYPED_STREAM},
+                errors=(400, 402, 404, 413, 429, 502, 503, 504),
+            )
+        },
+        "/v1/responses/{response_id}": {
+            method: _op(
+                summary,
+                200,
+                _obj({"id": STRING}, ("id",)),
+                security="consumerKey",
+                params=[_path("response_id", STRING)],
+                errors=(404,),
+            )
+            for method, summary in (
+                ("get", "A stored response (producers that speak Responses store them)"),
+                ("delete", "Delete a stored response"),
             )
         },
         "/v1/keys": {

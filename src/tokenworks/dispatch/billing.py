@@ -82,7 +82,7 @@ def output_bound(call: Call, bounds: ModelBounds) -> int:
         return 0
     asked = 0
     # An upstream may honour either field: hold for the larger one.
-    for name in ("max_completion_tokens", "max_tokens"):
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = payload.get(name)
         if not isinstance(value, int) or isinstance(value, bool):
             continue
@@ -96,9 +96,12 @@ def output_bound(call: Call, bounds: ModelBounds) -> int:
     return (asked or bounds.max_output_tokens) * choices
 
 
+_ONE_PROMPT = frozenset({"chat", "messages", "responses"})
+
+
 def _prompt_count(endpoint: str, payload: dict[str, Any]) -> int:
     """How many prompts a request carries: an upstream answers each one (`n` times)."""
-    if endpoint == "chat":
+    if endpoint in _ONE_PROMPT:
         return 1
     value = payload.get("prompt" if endpoint == "completions" else "input")
     if not isinstance(value, list) or not value:
@@ -349,7 +352,7 @@ def _size_param(payload: dict[str, Any]) -> str:
         value = payload.get(name)
         if isinstance(value, int) and value > 1:
             return name
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if name in payload:
             return name
     return "prompt" if "prompt" in payload else "max_tokens"

@@ -21,6 +21,7 @@ import msgspec
 from starlette.responses import Response
 
 from tokenworks.config import Deployment
+from tokenworks.dispatch import dialects
 from tokenworks.dispatch.admission import Admission
 from tokenworks.dispatch.billing import (
     DEFAULT_CONTEXT_WINDOW_TOKENS,
@@ -28,7 +29,8 @@ from tokenworks.dispatch.billing import (
     Billing,
     ModelBounds,
 )
-from tokenworks.dispatch.errors import SettlementFailed, from_upstream
+from tokenworks.dispatch.dialect_stream import DialectStream
+from tokenworks.dispatch.errors import InvalidCall, SettlementFailed, from_upstream
 from tokenworks.dispatch.preferences import ProviderPrefs
 from tokenworks.dispatch.ratelimit import Permit
 from tokenworks.dispatch.recording import Recorder, release
@@ -43,6 +45,7 @@ from tokenworks.metrics import Metrics
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
+from tokenworks.wire.common import Untranslatable
 from tokenworks.wire.openai import (
     SSEError,
     SSEReader,
@@ -54,11 +57,13 @@ from tokenworks.wire.openai import (
     with_cost,
 )
 
-PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+PATHS = dialects.PATHS
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
+# Upstream formats whose usage and texts sit where chat completions put them.
+_CHAT_LIKE = frozenset({"chat", "completions", "embeddings"})
 
 
 # Request ids name ledger holds, so they must never repeat, across restarts too: a random
@@ -103,6 +108,8 @@ class Call:
     # time.perf_counter() when the current attempt was sent: its upstream's speed is timed
     # from here (`dispatch/speeds.py`).
     sent_s: float = 0.0
+    # The request in each upstream format it was translated to (None until one is needed).
+    translations: dict[str, dict[str, Any]] | None = None
 
     @property
     def public_model(self) -> str:
@@ -115,7 +122,8 @@ class Call:
     @property
     def service_tier(self) -> str | None:
         tier = self.payload.get("service_tier")
-        return tier if isinstance(tier, str) else None
+        # Anthropic's service_tier ("auto", "standard_only") is a capacity choice, not a price.
+        return tier if isinstance(tier, str) and self.endpoint != "messages" else None
 
 
 class Relay:
@@ -142,6 +150,11 @@ class Relay:
         self.producers = producers
         self.metrics = metrics
         self.max_attempts = max_attempts
+        # Per producer, the format each route goes upstream in (None: it cannot serve it).
+        self.formats = {
+            name: dialects.upstream_formats(p.spec.wire_formats) for name, p in producers.items()
+        }
+        self.stored = dialects.ResponseIndex()
 
     @property
     def ledger(self) -> Ledger | None:
@@ -154,12 +167,15 @@ class Relay:
     async def handle(self, call: Call) -> Any:
         """Serve a call; returns an ASGI response. Raises a `DispatchError` when it cannot."""
         candidates = self.router.candidates(call.route, self.max_attempts, call)
+        if call.endpoint == "responses":
+            candidates = self._sticky(call, candidates)
         billing = self.billing
         paying = billing.ledger is not None and call.key.account_id is not None
         worst_nano = billing.worst_case(call, candidates if paying else candidates[:1])
         if call.key.rate_scopes:  # a key without rate limits pays this one check
             self.limits.admit(call)
         last: UpstreamError | None = None
+        untranslatable: Untranslatable | None = None
         try:
             if paying:
                 # Attempts run one after another, each up to its producer's timeout.
@@ -167,12 +183,21 @@ class Relay:
                 call.hold = await billing.hold(call, worst_nano, attempts_s)
             for deployment in candidates:
                 producer = self.producers[deployment.producer]
-                body = self._upstream_body(call, deployment)
+                fmt = self.formats[deployment.producer][call.endpoint]
+                if fmt == call.endpoint:
+                    body = self._upstream_body(call, deployment)
+                else:  # translated: the producer does not speak the route's format
+                    try:
+                        body = self._translated_body(call, deployment, fmt)
+                    except Untranslatable as exc:
+                        untranslatable = exc
+                        continue
+                    assert fmt is not None
                 call.sent_s = time.perf_counter()
                 try:
                     if call.stream:
-                        return await self._open_stream(call, deployment, producer, body)
-                    return await self._complete(call, deployment, producer, body)
+                        return await self._open_stream(call, deployment, producer, body, fmt)
+                    return await self._complete(call, deployment, producer, body, fmt)
                 except UpstreamError as exc:
                     last = exc
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
@@ -186,11 +211,41 @@ class Relay:
             release(call, Usage())
             await billing.void(call)
             raise
-        assert last is not None, "a route always has at least one deployment"
+        if last is None:  # no deployment could take the request in any format it speaks
+            assert untranslatable is not None, "a route always has at least one deployment"
+            release(call, Usage())  # nothing was sent: give back its rate-limit reservation
+            await billing.void(call)
+            raise InvalidCall(untranslatable.message, param=untranslatable.param)
         error = from_upstream(last)
         self.recorder.record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
         await billing.void(call)
         raise error
+
+    def _sticky(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
+        """A Responses request continuing a stored response goes first to the producer
+        that stored it (the others do not have it)."""
+        previous = call.payload.get("previous_response_id")
+        owner = self.stored.get(call.key.id, previous) if isinstance(previous, str) else None
+        if owner is None:
+            return candidates
+        first = [d for d in candidates if d.producer == owner[0]]
+        return first + [d for d in candidates if d.producer != owner[0]]
+
+    def _translated_body(self, call: Call, deployment: Deployment, fmt: str | None) -> bytes:
+        """The request in format `fmt`, translated once per format and call."""
+        if fmt is None:
+            raise dialects.no_format(call.endpoint, deployment.producer)
+        cache = call.translations
+        if cache is None:
+            cache = call.translations = {}
+        payload = cache.get(fmt)
+        if payload is None:
+            payload = cache[fmt] = dialects.translated_payload(call.endpoint, call.payload, fmt)
+        payload = dict(payload)
+        payload["model"] = deployment.model
+        if call.stream and fmt == "chat":
+            payload["stream_options"] = {"include_usage": True}
+        return _encode(payload)
 
     def _upstream_body(self, call: Call, deployment: Deployment) -> bytes:
         payload = dict(call.payload)
@@ -205,9 +260,14 @@ class Relay:
     # -- plain responses -------------------------------------------------------------------
 
     async def _complete(
-        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
+        self,
+        call: Call,
+        deployment: Deployment,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
     ) -> Any:
-        response = await producer.post(PATHS[call.endpoint], body)
+        response = await producer.post(PATHS[fmt], body)
         try:
             data = await _read_bounded(response, MAX_RESPONSE_BYTES)
         except TimeoutError as exc:
@@ -216,8 +276,11 @@ class Relay:
             raise UpstreamError(producer.name, "cut", f"upstream response broken: {exc}") from exc
         finally:
             response.release()
+        chat_like = fmt in _CHAT_LIKE
+        # A passed-through Messages or Responses answer: only the fields read (see AnswerHead).
+        head_only = not chat_like and fmt == call.endpoint
         try:
-            parsed = _decode(data)
+            parsed = dialects.read_head(data).as_dict() if head_only else _decode(data)
         except msgspec.DecodeError as exc:
             raise UpstreamError(
                 producer.name, "malformed", "upstream returned malformed JSON"
@@ -226,18 +289,24 @@ class Relay:
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
         self.router.health.ok(producer.name)
         raw_usage = reported_usage(parsed)
+        if not chat_like:
+            raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
         usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
         if usage is not None and not (usage.input_tokens and usage.output_tokens):
+            if head_only:
+                parsed, head_only = _decode(data), False
             usage, usage_error = self.recorder.check_zero_counts(
-                call, deployment, usage, response_texts(parsed)
+                call, deployment, usage, _texts(fmt, parsed)
             )
         # A body whose usage shows counts that were not charged (implausible ones) shows the
         # charged ones instead; otherwise it goes out as it came, plus its cost.
         shows_other_counts = isinstance(parsed.get("usage"), dict) and (
-            usage is None or raw_usage is not parsed["usage"]
+            usage is None or (chat_like and raw_usage is not parsed["usage"])
         )
         if usage is None:
-            usage = self.recorder.estimate(call, response_texts(parsed))
+            if head_only:
+                parsed, head_only = _decode(data), False
+            usage = self.recorder.estimate(call, _texts(fmt, parsed))
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
             call, deployment, response.status, usage, quote,
@@ -245,17 +314,29 @@ class Relay:
         )  # fmt: skip
         if not charged:
             raise SettlementFailed()
-        if shows_other_counts:  # a re-encode, on this rare path only
-            parsed["usage"] = usage_object(
-                call.endpoint, usage, None if quote is None else quote.price_nano
+        price_nano = None if quote is None else quote.price_nano
+        if fmt != call.endpoint:  # translated: the answer is re-encoded anyway
+            answer = dialects.translated_answer(call.endpoint, fmt, parsed, call.payload)
+            answer["model"] = call.public_model
+            answer["usage"] = dialects.usage_in(call.endpoint, usage, price_nano)
+            body = _encode(answer)
+        elif shows_other_counts:  # a re-encode, on this rare path only
+            parsed["usage"] = (
+                usage_object(call.endpoint, usage, price_nano)
+                if chat_like
+                else dialects.usage_in(call.endpoint, usage, price_nano)
             )
             if "model" in parsed:
                 parsed["model"] = call.public_model
             body = _encode(parsed)
         else:
             body = rewrite_model(data, call.public_model)
-            if quote is not None:
-                body = with_cost(body, quote.price_nano)
+            if price_nano is not None:
+                body = with_cost(body, price_nano)
+        if fmt == "responses" and parsed.get("store") is not False:
+            self.stored.add(
+                call.key.id, parsed.get("id"), producer.name, call.public_model, deployment.model
+            )
         headers = {"x-request-id": call.request_id}
         if call.rate_headers:
             headers.update(call.rate_headers)
@@ -271,9 +352,14 @@ class Relay:
     # -- streams -------------------------------------------------------------------------------
 
     async def _open_stream(
-        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
+        self,
+        call: Call,
+        deployment: Deployment,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
     ) -> Any:
-        response = await producer.post(PATHS[call.endpoint], body)
+        response = await producer.post(PATHS[fmt], body)
         events = SSEReader(response.content.readany)
         try:
             first = await events.next()
@@ -292,9 +378,15 @@ class Relay:
             response.close()
             raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
         self.router.health.ok(producer.name)
-        return StreamResponse(
-            self.billing, call, deployment, response, events, first, self.client_stall_timeout_s
-        )
+        if fmt == call.endpoint and fmt in _CHAT_LIKE:
+            return StreamResponse(
+                self.billing, call, deployment, response, events, first,
+                self.client_stall_timeout_s,
+            )  # fmt: skip
+        return DialectStream(
+            self.billing, call, deployment, response, events, first,
+            self.client_stall_timeout_s, fmt, self.stored,
+        )  # fmt: skip
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> bytes:
@@ -311,6 +403,11 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
             raise aiohttp.ClientPayloadError("response exceeds the size limit")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def _texts(fmt: str, parsed: dict[str, Any]) -> list[str]:
+    """An answer's texts (only needed when its usage is missing or doubtful)."""
+    return response_texts(parsed) if fmt in _CHAT_LIKE else dialects.answer_texts(fmt, parsed)
 
 
 def _seconds(value: str | None) -> float | None:

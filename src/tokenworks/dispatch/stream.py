@@ -229,7 +229,11 @@ class StreamResponse:
         self.status = status
         self.error = message
         self.metrics.upstream_errors.labels(self.deployment.producer, code).inc()
-        self.pending_error = b"data: " + error_body(status, message, code) + b"\n\n"
+        self.pending_error = self._error_event(status, message, code)
+
+    def _error_event(self, status: int, message: str, code: str) -> bytes:
+        """A failure as the stream's last event, in the client's dialect."""
+        return b"data: " + error_body(status, message, code) + b"\n\n"
 
     def _process(self, event: bytes) -> bytes | None:
         """Inspect one upstream event; return the bytes to send the client, or None to hide it."""
@@ -313,8 +317,8 @@ class StreamResponse:
             durable=self.status != HTTP_CLIENT_CLOSED,
         )
         if not self.charged and self.pending_error is None:
-            self.pending_error = (
-                b"data: " + error_body(502, SETTLEMENT_FAILED_MESSAGE, SETTLEMENT_FAILED) + b"\n\n"
+            self.pending_error = self._error_event(
+                502, SETTLEMENT_FAILED_MESSAGE, SETTLEMENT_FAILED
             )
         return self.charged
 

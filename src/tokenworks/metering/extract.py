@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from tokenworks.metering import tokens
 from tokenworks.metering.usage import Usage
 
@@ -110,7 +112,7 @@ def zero_count_problem(
 
 
 def _has_prompt(endpoint: str, payload: dict[str, Any]) -> bool:
-    if endpoint == "chat":
+    if endpoint == "chat" or endpoint == "messages":
         messages = payload.get("messages")
         return isinstance(messages, list) and bool(messages)
     value = payload.get("prompt" if endpoint == "completions" else "input")
@@ -124,6 +126,11 @@ def estimate_input(endpoint: str, payload: dict[str, Any], encoding: str) -> int
     if endpoint == "chat":
         messages = payload.get("messages")
         return tokens.count_messages(messages, encoding) if isinstance(messages, list) else 0
+    if endpoint in ("messages", "responses"):
+        # Their content blocks and items nest; their JSON text counts every word of them
+        # (and a few tokens of syntax, which errs on the side of the producer's bill).
+        parts = [payload.get(name) for name in ("system", "messages", "instructions", "input")]
+        return tokens.count_text(_json_text([p for p in parts if p]), encoding)
     field = "prompt" if endpoint == "completions" else "input"
     value = payload.get(field)
     if isinstance(value, str):
@@ -139,6 +146,10 @@ def estimate_input(endpoint: str, payload: dict[str, Any], encoding: str) -> int
                 total += len(item)
         return total
     return 0
+
+
+def _json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def estimate_output(texts: list[str], encoding: str) -> int:

@@ -15,6 +15,9 @@ from tokenworks.config import Producer
 # Statuses after which the next deployment may be tried: the upstream did no work for us.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# The Messages API version a `kind: anthropic` producer is asked for (the one the translations
+# in wire/anthropic.py are written against).
+ANTHROPIC_VERSION = "2023-06-01"
 
 
 class UpstreamError(Exception):
@@ -50,7 +53,11 @@ class OpenAIProducer:
         self.base_url = spec.base_url.rstrip("/")
         api_key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         self._headers = {"Content-Type": "application/json"}
-        if api_key:
+        if spec.kind == "anthropic":
+            self._headers["anthropic-version"] = ANTHROPIC_VERSION
+            if api_key:
+                self._headers["x-api-key"] = api_key
+        elif api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._timeout = aiohttp.ClientTimeout(
             total=spec.timeout_s, sock_connect=spec.connect_timeout_s
@@ -82,10 +89,16 @@ class OpenAIProducer:
         Raises UpstreamError for connect failures, timeouts and non-2xx statuses, marked
         retryable when another deployment could still serve the request.
         """
+        return await self.request("POST", path, body)
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None
+    ) -> aiohttp.ClientResponse:
+        """`post` for any method (GET and DELETE of a stored response)."""
         assert self._session is not None, "producer not started"
         try:
-            response = await self._session.post(
-                self.base_url + path, data=body, headers=self._headers
+            response = await self._session.request(
+                method, self.base_url + path, data=body, headers=self._headers
             )
         except TimeoutError as exc:
             raise UpstreamError(self.name, "timeout", "upstream timed out") from exc

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from tokenworks.sim import wire
+from tokenworks.sim import native, wire
 from tokenworks.sim.faults import REWRITING_FAULTS, rewrite, rewrite_body, rewrite_event
 from tokenworks.sim.profile import (
     FAULT_HELP,
@@ -412,6 +412,9 @@ class SimApp:
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/embeddings"): self._embeddings,
             ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("POST", "/v1/responses"): self._responses,
             ("GET", "/sim/stats"): self._get_stats,
             ("POST", "/sim/reset"): self._reset,
             ("GET", "/sim/faults"): self._get_faults,
@@ -421,6 +424,8 @@ class SimApp:
             ("GET", "/healthz"): self._healthz,
         }
         self._paths = {path for _, path in self._routes}
+        self._stored = native.ResponseStore()
+        self._prompt_cache = native.PromptCache()
 
     @property
     def counter(self) -> Counter:
@@ -449,6 +454,8 @@ class SimApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         handler = self._routes.get((method, path))
+        if handler is None and path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
+            handler = self._stored_response
         if handler is None:
             status = 405 if path in self._paths else 404
             message = f"Invalid URL ({method} {path})" if status == 404 else "Method not allowed"
@@ -481,6 +488,9 @@ class SimApp:
                 )
                 return
             body = body_or_none
+        if handler == self._stored_response:
+            await native.serve_stored(self._stored, method, path.rsplit("/", 1)[1], send)
+            return
         try:
             await handler(body, receive, send)
         except BadRequest as exc:
@@ -508,8 +518,50 @@ class SimApp:
         prompt_text = "\n".join(_content_text(m.get("content")) for m in messages)
         counter = self.counter
         prompt_tokens = counter.messages(messages, counter.encoding_for(model))
+        function = native.tool_to_call(req)
+        if function is not None:
+            await self._tool_call(req, function, model, prompt_text, prompt_tokens, send)
+            return
         job = self._job("chat", "chatcmpl-", req, model, prompt_text, prompt_tokens, max_tokens)
         await self._run(job, receive, send)
+
+    async def _tool_call(
+        self,
+        req: dict[str, Any],
+        function: dict[str, Any],
+        model: str,
+        prompt_text: str,
+        prompt_tokens: int,
+        send: Send,
+    ) -> None:
+        """A chat request answered with a tool call (sim/native.py says when)."""
+        cached = self._cached_tokens(prompt_text, prompt_tokens, model)
+        plain, events = native.tool_call_answer(req, function, model, prompt_tokens, cached)
+        self.stats.completed += 1
+        if req.get("stream") is not True:
+            await _send_json(send, 200, plain)
+            return
+        await send(_stream_start("chatcmpl-tool"))
+        await send({"type": "http.response.body", "body": b"".join(events)})
+
+    async def _messages(self, body: bytes, receive: Receive, send: Send) -> None:
+        self.stats.hit("messages")
+        await native.serve_messages(self._chat, self._prompt_cache, body, receive, send)
+
+    async def _count_tokens(self, body: bytes, receive: Receive, send: Send) -> None:
+        counter = self.counter
+
+        def count(messages: list[Any], model: str) -> int:
+            return int(counter.messages(messages, counter.encoding_for(model)))
+
+        await native.serve_count_tokens(count, body, send)
+
+    async def _responses(self, body: bytes, receive: Receive, send: Send) -> None:
+        self.stats.hit("responses")
+        await native.serve_responses(self._chat, self._stored, body, receive, send)
+
+    async def _stored_response(self, body: bytes, receive: Receive, send: Send) -> None:
+        raise AssertionError("served in _http")  # pragma: no cover
 
     async def _completions(self, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.hit("completions")
@@ -978,7 +1030,12 @@ def _shifted(
 
 
 def _authorised(scope: Scope, expected: bytes) -> bool:
-    return any(name == b"authorization" and value == expected for name, value in scope["headers"])
+    """`Authorization: Bearer <key>`, or Anthropic's `x-api-key: <key>`."""
+    key = expected.removeprefix(b"Bearer ")
+    return any(
+        (name == b"authorization" and value == expected) or (name == b"x-api-key" and value == key)
+        for name, value in scope["headers"]
+    )
 
 
 async def _read_body(scope: Scope, receive: Receive, limit_bytes: int) -> bytes | None:

@@ -730,7 +730,10 @@ class ChatToMessagesStream:
             return b""
         if data == b"[DONE]":
             return b"".join(map(encode_messages_event, self.finish()))
-        chunk = decode(data)
+        return self.feed_decoded(decode(data))
+
+    def feed_decoded(self, chunk: dict[str, Any]) -> bytes:
+        """`feed_sse` for a chunk its caller has decoded already (the relay reads usage)."""
         if self._block_kind == "text":
             text = plain_text_delta(chunk)
             if text is not None:  # the common case, from a template
@@ -912,7 +915,10 @@ class MessagesToChatStream:
         data = data_of(frame)
         if data is None:
             return b""
-        event = decode(data)
+        return self.feed_decoded(decode(data))
+
+    def feed_decoded(self, event: dict[str, Any]) -> bytes:
+        """`feed_sse` for an event its caller has decoded already (the relay reads usage)."""
         if event.get("type") == "content_block_delta" and self._base:
             delta = event.get("delta")
             if type(delta) is dict and delta.get("type") == "text_delta":  # the common case

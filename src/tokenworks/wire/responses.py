@@ -387,23 +387,25 @@ class ChatToResponsesStream:
         if data is None:
             return b""
         if data == b"[DONE]":
-            events = self.finish()
-        else:
-            chunk = decode(data)
-            if self._item_kind == "message":
-                text = plain_text_delta(chunk)
-                if text is not None:  # the common case, from a template
-                    self._text.append(text)
-                    seq = self._seq
-                    self._seq += 1
-                    return b"%s%d%s%s%s" % (
-                        self._text_head,
-                        seq,
-                        self._text_mid,
-                        encode(text),
-                        _TEXT_TAIL,
-                    )
-            events = self.feed(chunk)
+            return self._encode(self.finish())
+        return self.feed_decoded(decode(data))
+
+    def feed_decoded(self, chunk: dict[str, Any]) -> bytes:
+        """`feed_sse` for a chunk its caller has decoded already (the relay reads usage)."""
+        if self._item_kind == "message":
+            text = plain_text_delta(chunk)
+            if text is not None:  # the common case, from a template
+                self._text.append(text)
+                seq = self._seq
+                self._seq += 1
+                return b"%s%d%s%s%s" % (
+                    self._text_head, seq, self._text_mid, encode(text), _TEXT_TAIL
+                )  # fmt: skip
+        events = self.feed(chunk)
+        return self._encode(events)
+
+    @staticmethod
+    def _encode(events: list[dict[str, Any]]) -> bytes:
         return b"".join(
             b"event: " + event["type"].encode() + b"\ndata: " + encode(event) + b"\n\n"
             for event in events
