@@ -39,9 +39,8 @@ from tokenworks.metrics import Metrics
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
+from tokenworks.wire.headers import as_dict, passthrough
 from tokenworks.wire.openai import (
-    SSEError,
-    SSEReader,
     is_error_event,
     reported_usage,
     response_texts,
@@ -49,9 +48,11 @@ from tokenworks.wire.openai import (
     usage_object,
     with_cost,
 )
+from tokenworks.wire.sse import FrameReader, SSEError
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
@@ -147,6 +148,7 @@ class Relay:
             attempts_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates)
             call.hold = await billing.hold(call, worst_nano, attempts_s)
         last: UpstreamError | None = None
+        last_model: str | None = None
         try:
             for deployment in candidates:
                 producer = self.producers[deployment.producer]
@@ -156,7 +158,7 @@ class Relay:
                         return await self._open_stream(call, deployment, producer, body)
                     return await self._complete(call, deployment, producer, body)
                 except UpstreamError as exc:
-                    last = exc
+                    last, last_model = exc, deployment.model
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
                     retry_after = _seconds(exc.retry_after)
                     self.router.health.failed(exc.producer, retry_after)
@@ -167,7 +169,7 @@ class Relay:
             await billing.void(call)
             raise
         assert last is not None, "a route always has at least one deployment"
-        error = from_upstream(last)
+        error = from_upstream(last, last_model, call.public_model)
         self.recorder.record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
         await billing.void(call)
         raise error
@@ -226,9 +228,12 @@ class Relay:
         if not charged:
             raise SettlementFailed()
         if shows_other_counts:  # a re-encode, on this rare path only
+            shown = parsed["usage"]
             parsed["usage"] = usage_object(
                 call.endpoint, usage, None if quote is None else quote.price_nano
             )
+            if "cost" in shown:  # the upstream's own figure, kept for reconciliation
+                parsed["usage"]["upstream_cost"] = shown["cost"]
             if "model" in parsed:
                 parsed["model"] = call.public_model
             body = _encode(parsed)
@@ -236,7 +241,8 @@ class Relay:
             body = rewrite_model(data, call.public_model)
             if quote is not None:
                 body = with_cost(body, quote.price_nano)
-        headers = {"x-request-id": call.request_id}
+        headers = as_dict(passthrough(response.headers.items()))
+        headers["x-request-id"] = call.request_id
         if balance_nano is not None:
             headers["x-tokenworks-balance"] = format_nano(balance_nano)
         if quote is not None:
@@ -252,7 +258,7 @@ class Relay:
         self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
     ) -> Any:
         response = await producer.post(PATHS[call.endpoint], body)
-        events = SSEReader(response.content.readany)
+        events = FrameReader(response.content.readany, MAX_SSE_EVENT_BYTES)
         try:
             first = await events.next()
         except TimeoutError as exc:

@@ -8,6 +8,8 @@ Joining everything it returns, plus `rest()`, gives back the input byte for byte
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 # An event ends at an empty line. With the three line ends the spec allows, the empty line
@@ -23,6 +25,10 @@ class SSEFields:
     data: str | None  # data lines joined with "\n"; None when the event had no data line
     id: str | None = None
     retry_ms: int | None = None
+
+
+class SSEError(Exception):
+    """A stream that cannot be split into events: one too large, or one cut off at the end."""
 
 
 class SSESplitter:
@@ -75,6 +81,44 @@ def _event_end(buffer: bytes, start: int) -> int:
     if best_end == len(buffer) and buffer[best_end - 1] == 0x0D:
         return -1  # a trailing CR may be the first half of a CRLF still in flight
     return best_end
+
+
+class FrameReader:
+    """Reads an upstream's stream as whole events, each the exact bytes it came as (its blank
+    line included), bounded in size: what a pass-through route forwards unchanged.
+
+    `read` gives the next bytes the upstream sent, b"" at its end."""
+
+    __slots__ = ("_eof", "_frames", "_read", "_splitter")
+
+    def __init__(self, read: Callable[[], Awaitable[bytes]], max_event_bytes: int) -> None:
+        self._read = read
+        self._splitter = SSESplitter(max_event_bytes)
+        self._frames: deque[bytes] = deque()
+        self._eof = False
+
+    def buffered(self) -> bytes | None:
+        """The next whole event if one is already here; never waits."""
+        return self._frames.popleft() if self._frames else None
+
+    async def next(self) -> bytes | None:
+        """The next whole event; None at a clean end. Raises SSEError for an event past the
+        bound or one the stream ended inside."""
+        frames = self._frames
+        while not frames:
+            if self._eof:
+                if self._splitter.rest().strip():
+                    raise SSEError("stream ended inside an event")
+                return None
+            chunk = await self._read()
+            if not chunk:
+                self._eof = True
+                continue
+            try:
+                frames.extend(self._splitter.feed(chunk))
+            except ValueError as exc:
+                raise SSEError("event too large") from exc
+        return frames.popleft()
 
 
 def parse_event(frame: bytes) -> SSEFields:
