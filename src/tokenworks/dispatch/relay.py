@@ -87,6 +87,7 @@ class Call:
     # Input or output beyond this is an upstream's error: the model's context window times
     # the request's prompts and choices (set by the relay before dispatch).
     usage_limit_tokens: int = DEFAULT_CONTEXT_WINDOW_TOKENS
+    clamped_nano: int = 0  # price above the hold, not charged (`Billing.within_hold`)
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: next_request_id())
     # When the request started: the moment its prices are taken at (several times per call).

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
-from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
+from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore, upgrade_sql
 
 WRITE_ATTEMPTS = 5
 
@@ -44,7 +44,7 @@ class PostgresUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         # Both connections open here, so a bad URL or a down server fails the constructor.
-        self._write_conn = connect(url, USAGE.ddl("postgres"))
+        self._write_conn = connect(url, [*USAGE.ddl("postgres"), *upgrade_sql("postgres")])
         self._read_conn = connect(url)
         self._read_lock = threading.Lock()
         self._insert_sql = _insert_sql()

@@ -1,0 +1,92 @@
+"""What in a request makes an upstream read more tokens than the request's bytes show.
+
+The gateway bounds a request's input by its size in bytes (a token is at least one byte). That
+holds for text, not for what the upstream expands on its side: an image URL becomes hundreds
+to thousands of tokens, an audio clip or a file more, a server-side tool (web search, file
+search, code interpreter) reads its results into the context, and a stored conversation
+(`previous_response_id`) is read again. For these the hold must assume the model's context
+window (`dispatch.billing.input_bound`); `unseen_input` finds them, in every dialect's shape
+(chat `messages`, Responses `input`, Anthropic Messages content blocks and tools).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Content part / input item types whose tokens the upstream makes from something the body
+# only points at or encodes (OpenAI chat, Responses, Anthropic Messages, vLLM's video).
+MEDIA_TYPES = frozenset(
+    {
+        "image_url",
+        "input_audio",
+        "file",
+        "input_image",
+        "input_file",
+        "image",
+        "document",
+        "audio",
+        "audio_url",
+        "video_url",
+        "video",
+    }
+)
+# Tools the client runs itself: their definitions are in the body, their results come back
+# in a later request's body. Any other typed tool runs at the provider (web_search,
+# file_search, code_interpreter, mcp, Anthropic's web_search_20250305, ...).
+CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+# Top-level fields that make the provider read more than the body: OpenAI's chat web search,
+# OpenRouter's plugins (its web plugin), a stored conversation the provider replays.
+EXPANDING_FIELDS = ("web_search_options", "plugins", "previous_response_id", "conversation")
+# Bounded scan: a request with more items than this is assumed to hold media (it is huge
+# anyway, and the context-window bound is the safe side).
+MAX_SCANNED_ITEMS = 4096
+
+
+def unseen_input(payload: dict[str, Any]) -> str | None:
+    """The first thing in `payload` whose tokens its bytes do not bound, named (a field, a
+    tool type, a content type); None for a request of text and client tools only."""
+    for name in EXPANDING_FIELDS:
+        if payload.get(name) is not None:
+            return name
+    tools = payload.get("tools")
+    if isinstance(tools, list):
+        for tool in tools[:MAX_SCANNED_ITEMS]:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind is not None and kind not in CLIENT_TOOL_TYPES:
+                return f"tools[].type {kind}"
+    for name in ("messages", "input"):
+        items = payload.get(name)
+        if isinstance(items, list):
+            found = _media_in(items)
+            if found is not None:
+                return found
+    return None
+
+
+def _media_in(items: list[Any]) -> str | None:
+    scanned = 0
+    for item in items:
+        scanned += 1
+        if scanned > MAX_SCANNED_ITEMS:
+            return "more items than the gateway inspects"
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind in MEDIA_TYPES:
+            return f"{kind} input"
+        content = item.get("content")
+        if not isinstance(content, list):
+            continue  # the common text message: one probe, no walk
+        for part in content:
+            scanned += 1
+            if scanned > MAX_SCANNED_ITEMS:
+                return "more items than the gateway inspects"
+            if isinstance(part, dict) and part.get("type") in MEDIA_TYPES:
+                return f"{part['type']} input"
+            # Anthropic tool results may carry images in their own content list.
+            inner = part.get("content") if isinstance(part, dict) else None
+            if isinstance(inner, list):
+                for block in inner[:MAX_SCANNED_ITEMS]:
+                    if isinstance(block, dict) and block.get("type") in MEDIA_TYPES:
+                        return f"{block['type']} input"
+    return None
