@@ -348,3 +348,69 @@ def test_openrouters_recorded_stream_keeps_its_comments_and_shows_one_cost(
     assert costs == [format_nano(record.price_nano)]
     assert (record.usage.input_tokens, record.usage.output_tokens) == (43, 36)
     assert record.usage.reasoning_tokens == 13 and not record.usage.estimated
+
+
+def _replayed_stream(make_gateway: Any, fixture: str, upstream_model: str) -> tuple[bytes, Any]:
+    """A recorded stream (tests/wire/fixtures) replayed through a gateway to a client that
+    asked for usage: the bytes it got and the request's usage record."""
+    upstream = Recorded(
+        200, [("content-type", "text/event-stream")], (FIXTURES / fixture).read_bytes()
+    )
+    models = f"""\
+    models:
+      - name: public
+        deployments:
+          - {{producer: p, model: {upstream_model}}}
+    """
+    with replaying(upstream) as url, make_gateway({"p": url}, models) as gw:
+        key = gw.create_key()
+        body = {
+            "model": "public",
+            "messages": CHAT,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        auth = {"Authorization": f"Bearer {key['key']}"}
+        with httpx.stream("POST", f"{gw.v1}/chat/completions", json=body, headers=auth) as r:
+            raw = r.read()
+        [record] = gw.records()
+    return raw, record
+
+
+def _last_usage(raw: bytes) -> dict[str, Any]:
+    chunks = [msgspec.json.decode(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    return [c["usage"] for c in chunks if c.get("usage")][-1]
+
+
+def test_groqs_recorded_stream_is_metered_from_its_usage_and_x_groq(make_gateway: Any) -> None:
+    raw, record = _replayed_stream(
+        make_gateway, "groq_x_groq_usage_stream.txt", "openai/gpt-oss-120b"
+    )
+    usage = record.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.reasoning_tokens) == (304, 49, 23)
+    assert not usage.estimated
+    shown = _last_usage(raw)  # the gateway's usage chunk: the counts charged, and the price
+    assert (shown["prompt_tokens"], shown["completion_tokens"]) == (304, 49)
+    assert shown["cost"] == format_nano(record.price_nano)
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_zais_recorded_stream_is_metered_from_its_last_chunk(make_gateway: Any) -> None:
+    raw, record = _replayed_stream(make_gateway, "zai_thinking_stream.txt", "glm-4.7")
+    usage = record.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.reasoning_tokens) == (13, 564, 561)
+    assert not usage.estimated
+    assert _last_usage(raw)["cost"] == format_nano(record.price_nano)
+
+
+def test_groqs_recorded_error_event_passes_as_sent_and_the_stream_ends_cut(
+    make_gateway: Any,
+) -> None:
+    """Groq ends a stream with `event: error` and the error (with `failed_generation`): the
+    client gets that event byte for byte, and no `[DONE]`, so it knows the answer is cut."""
+    raw, record = _replayed_stream(make_gateway, "groq_error_midstream.txt", "openai/gpt-oss-120b")
+    recorded = (FIXTURES / "groq_error_midstream.txt").read_bytes()
+    error_event = recorded[recorded.index(b"event: error\n") :]
+    assert error_event in raw and b"[DONE]" not in raw
+    assert b'"failed_generation":' in raw
+    assert record.status == 502 and record.usage.estimated
