@@ -39,7 +39,7 @@ from tokenworks.metrics import Metrics
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
-from tokenworks.wire.headers import as_dict, passthrough
+from tokenworks.wire.headers import passthrough
 from tokenworks.wire.openai import (
     is_error_event,
     reported_usage,
@@ -242,16 +242,17 @@ class Relay:
             body = rewrite_model(data, call.public_model)
             if quote is not None:
                 body = with_cost(body, quote.price_nano)
-        headers = as_dict(passthrough(response.headers.items()))
-        headers["x-request-id"] = call.request_id
+        headers = {"x-request-id": call.request_id}
         if balance_nano is not None:
             headers["x-tokenworks-balance"] = format_nano(balance_nano)
         if quote is not None:
             headers["x-tokenworks-cost"] = format_nano(quote.cost_nano)
             headers["x-tokenworks-price"] = format_nano(quote.price_nano)
-        return Response(
+        answer = Response(
             body, status_code=response.status, media_type="application/json", headers=headers
         )
+        answer.raw_headers += passthrough(response.raw_headers)  # as bytes, no re-encoding
+        return answer
 
     # -- streams -------------------------------------------------------------------------------
 

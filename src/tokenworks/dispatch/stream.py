@@ -109,7 +109,7 @@ class StreamResponse:
             (b"cache-control", b"no-cache"),
             (b"x-request-id", self.call.request_id.encode()),
         ]
-        headers += [(k.encode(), v.encode()) for k, v in passthrough(self.upstream.headers.items())]
+        headers += passthrough(self.upstream.raw_headers)
         if self.call.hold is not None:  # what is left with this request's hold in place
             balance = format_nano(self.call.hold.available_after_nano).encode()
             headers.append((b"x-tokenworks-balance", balance))

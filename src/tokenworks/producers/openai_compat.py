@@ -34,7 +34,7 @@ class UpstreamError(Exception):
         retryable: bool = True,
         body: bytes = b"",
         retry_after: str | None = None,
-        headers: list[tuple[str, str]] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(message)
         self.producer = producer
@@ -120,5 +120,5 @@ class OpenAIProducer:
             or response.status in CREDENTIAL_STATUSES,
             body=error_body,
             retry_after=response.headers.get("Retry-After"),
-            headers=passthrough(response.headers.items()),
+            headers=passthrough(response.raw_headers),
         )

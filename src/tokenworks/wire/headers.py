@@ -19,51 +19,47 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# Passed through under their own name.
-PASSED = frozenset(
-    {
-        "retry-after",
-        "retry-after-ms",
-        "x-should-retry",
-        "openai-processing-ms",
-        "openai-version",
-        "anthropic-version",
-    }
-)
-UPSTREAM_REQUEST_ID = "x-upstream-request-id"
-REQUEST_IDS = frozenset({"x-request-id", "request-id"})
-RATELIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
-RENAMED_RATELIMIT_PREFIX = "x-upstream-ratelimit-"
+UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
+# Lower-case upstream name -> the name a client sees it under. One dict probe per header.
+RENAMED: dict[bytes, bytes] = {
+    b"retry-after": b"retry-after",
+    b"retry-after-ms": b"retry-after-ms",
+    b"x-should-retry": b"x-should-retry",
+    b"openai-processing-ms": b"openai-processing-ms",
+    b"openai-version": b"openai-version",
+    b"x-request-id": UPSTREAM_REQUEST_ID,
+    b"request-id": UPSTREAM_REQUEST_ID,
+}
+RATELIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+RENAMED_RATELIMIT_PREFIX = b"x-upstream-ratelimit-"
 # A misbehaving upstream must not make us copy an unbounded number of headers.
 MAX_PASSED_HEADERS = 32
-MAX_HEADER_VALUE_CHARS = 256
+MAX_HEADER_VALUE_BYTES = 256
 
 
-def passthrough(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The (lower-case name, value) pairs of an upstream's headers a client gets: one pass
-    over them, one set probe per header, and a prefix test only for `x-`/`anthropic-` ones."""
-    out: list[tuple[str, str]] = []
-    for name, value in headers:
+def passthrough(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's raw headers (aiohttp's `raw_headers`) a client gets, as ASGI header
+    pairs under the names it gets them: one pass, one dict probe per header, a prefix test
+    only for names the dict does not know."""
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in raw:
         lower = name.lower()
-        if lower in PASSED:
-            pass
-        elif lower in REQUEST_IDS:
-            lower = UPSTREAM_REQUEST_ID
-        elif lower.startswith(RATELIMIT_PREFIXES):
-            lower = RENAMED_RATELIMIT_PREFIX + lower[lower.index("ratelimit-") + 10 :]
-        else:
-            continue
-        if len(value) > MAX_HEADER_VALUE_CHARS or "\n" in value or "\r" in value:
-            continue
-        out.append((lower, value))
+        renamed = RENAMED.get(lower)
+        if renamed is None:
+            if not lower.startswith(RATELIMIT_PREFIXES):
+                continue
+            renamed = RENAMED_RATELIMIT_PREFIX + lower[lower.index(b"ratelimit-") + 10 :]
+        if len(value) > MAX_HEADER_VALUE_BYTES:
+            continue  # (aiohttp has refused line breaks in a value already)
+        out.append((renamed, value))
         if len(out) >= MAX_PASSED_HEADERS:
             break
     return out
 
 
-def as_dict(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """The pairs as a header dict (a repeated name keeps its first value)."""
+def as_dict(pairs: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The pairs as a header dict of text (a repeated name keeps its first value)."""
     out: dict[str, str] = {}
     for name, value in pairs:
-        out.setdefault(name, value)
+        out.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return out

@@ -36,7 +36,9 @@ MEDIA_TYPES = frozenset(
 CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
 # Top-level fields that make the provider read more than the body: OpenAI's chat web search,
 # OpenRouter's plugins (its web plugin), a stored conversation the provider replays.
-EXPANDING_FIELDS = ("web_search_options", "plugins", "previous_response_id", "conversation")
+EXPANDING_FIELDS = frozenset(
+    {"web_search_options", "plugins", "previous_response_id", "conversation"}
+)
 # Bounded scan: a request with more items than this is assumed to hold media (it is huge
 # anyway, and the context-window bound is the safe side).
 MAX_SCANNED_ITEMS = 4096
@@ -45,9 +47,10 @@ MAX_SCANNED_ITEMS = 4096
 def unseen_input(payload: dict[str, Any]) -> str | None:
     """The first thing in `payload` whose tokens its bytes do not bound, named (a field, a
     tool type, a content type); None for a request of text and client tools only."""
-    for name in EXPANDING_FIELDS:
-        if payload.get(name) is not None:
-            return name
+    if not EXPANDING_FIELDS.isdisjoint(payload):  # one C-level pass over the body's keys
+        for name in sorted(EXPANDING_FIELDS & payload.keys()):
+            if payload[name] is not None:
+                return name
     tools = payload.get("tools")
     if isinstance(tools, list):
         for tool in tools[:MAX_SCANNED_ITEMS]:
