@@ -31,6 +31,8 @@ RENAMED: dict[bytes, bytes] = {
     b"request-id": UPSTREAM_REQUEST_ID,
 }
 RATELIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+# The first byte of every name above, in either case: a one-byte slice is a cached object.
+_FIRST_BYTES = frozenset({b"r", b"R", b"x", b"X", b"o", b"O", b"a", b"A"})
 RENAMED_RATELIMIT_PREFIX = b"x-upstream-ratelimit-"
 # A misbehaving upstream must not make us copy an unbounded number of headers.
 MAX_PASSED_HEADERS = 32
@@ -43,6 +45,8 @@ def passthrough(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
     only for names the dict does not know."""
     out: list[tuple[bytes, bytes]] = []
     for name, value in raw:
+        if name[:1] not in _FIRST_BYTES:  # most headers (content-*, date, server) stop here
+            continue
         lower = name.lower()
         renamed = RENAMED.get(lower)
         if renamed is None:

@@ -57,38 +57,41 @@ def unseen_input(payload: dict[str, Any]) -> str | None:
             kind = tool.get("type") if isinstance(tool, dict) else None
             if kind is not None and kind not in CLIENT_TOOL_TYPES:
                 return f"tools[].type {kind}"
-    for name in ("messages", "input"):
-        items = payload.get(name)
-        if isinstance(items, list):
-            found = _media_in(items)
-            if found is not None:
-                return found
+    items = payload.get("messages")
+    if items is None:
+        items = payload.get("input")  # Responses items; embeddings' strings are skipped
+    if type(items) is list and items and type(items[0]) is dict:
+        return _media_in(items)
     return None
 
 
 def _media_in(items: list[Any]) -> str | None:
-    scanned = 0
+    if len(items) > MAX_SCANNED_ITEMS:
+        return "more items than the gateway inspects"
+    parts_left = MAX_SCANNED_ITEMS
     for item in items:
-        scanned += 1
-        if scanned > MAX_SCANNED_ITEMS:
-            return "more items than the gateway inspects"
-        if not isinstance(item, dict):
+        if type(item) is not dict:
             continue
+        content = item.get("content")
+        if type(content) is str:
+            continue  # the common text message: one probe, one type test
         kind = item.get("type")
         if kind in MEDIA_TYPES:
             return f"{kind} input"
-        content = item.get("content")
-        if not isinstance(content, list):
-            continue  # the common text message: one probe, no walk
+        if type(content) is not list:
+            continue
+        parts_left -= len(content)
+        if parts_left < 0:
+            return "more items than the gateway inspects"
         for part in content:
-            scanned += 1
-            if scanned > MAX_SCANNED_ITEMS:
-                return "more items than the gateway inspects"
-            if isinstance(part, dict) and part.get("type") in MEDIA_TYPES:
-                return f"{part['type']} input"
+            if type(part) is not dict:
+                continue
+            kind = part.get("type")
+            if kind in MEDIA_TYPES:
+                return f"{kind} input"
             # Anthropic tool results may carry images in their own content list.
-            inner = part.get("content") if isinstance(part, dict) else None
-            if isinstance(inner, list):
+            inner = part.get("content")
+            if type(inner) is list:
                 for block in inner[:MAX_SCANNED_ITEMS]:
                     if isinstance(block, dict) and block.get("type") in MEDIA_TYPES:
                         return f"{block['type']} input"
