@@ -41,6 +41,7 @@ from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
 from tokenworks.wire.headers import passthrough
 from tokenworks.wire.openai import (
+    MAX_SSE_EVENT_BYTES,
     is_error_event,
     reported_usage,
     response_texts,
@@ -52,7 +53,6 @@ from tokenworks.wire.sse import FrameReader, SSEError
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
