@@ -71,14 +71,15 @@ class Metrics:
             "tokenworks_clamped_price_nano",
             "Price above a request's hold, not charged: the hold's worst case fell short (an "
             "input the byte bound does not see, or an upstream reporting more than was asked). "
-            "Nano-units, by public model.",
-            ["model"],
+            "Nano-units, by public model and key.",
+            ["model", "key"],
             registry=self.registry,
         )
         self.clamped_requests = Counter(
             "tokenworks_clamped_requests",
-            "Requests whose price exceeded their hold (see tokenworks_clamped_price_nano).",
-            ["model"],
+            "Requests whose price exceeded their hold (see tokenworks_clamped_price_nano), by "
+            "public model and key.",
+            ["model", "key"],
             registry=self.registry,
         )
         self.settlement_failures = Counter(

@@ -123,12 +123,15 @@ def test_a_price_above_the_hold_charges_the_hold_and_shows_in_metrics(
         assert nano(r.headers["x-tokenworks-price"]) == charged
     [record] = [x for x in gateway.records() if x.account_id == str(account)]
     assert record.price_nano == charged  # usage reports agree with the ledger
+    assert record.clamped_nano == price - charged  # the loss, on the record of the request
     metrics = httpx.get(f"{gateway.url}/metrics").text
     line = next(
         x for x in metrics.splitlines() if x.startswith("tokenworks_clamped_price_nano_total")
     )
     assert float(line.split()[-1]) == price - charged
-    assert 'tokenworks_clamped_requests_total{model="chat-fast"} 1.0' in metrics
+    # By model and key: the operator sees who the loss was on.
+    labels = f'key="{key["id"]}",model="chat-fast"'
+    assert f"tokenworks_clamped_requests_total{{{labels}}} 1.0" in metrics
     assert check(gateway) == []
 
 

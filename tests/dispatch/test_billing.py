@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tokenworks.dispatch.billing import ModelBounds, output_bound
+from tokenworks.dispatch.billing import ModelBounds, input_bound, output_bound
 from tokenworks.dispatch.relay import Call
 
 BOUNDS = ModelBounds(max_output_tokens=100, context_window_tokens=1_000)
@@ -52,3 +52,26 @@ def test_an_output_limit_past_the_models_is_the_clients_error(name: str) -> None
     with pytest.raises(Exception, match=f"'{name}' is 101, but model 'm' produces at most 100"):
         output_bound(call, BOUNDS)
     assert output_bound(call_of("chat", {name: 100, "n": 2}), BOUNDS) == 200
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "payload", "body_bytes", "input_tokens"),
+    [
+        ("chat", {"messages": [{"role": "user", "content": "hi"}]}, 300, 300),  # its bytes
+        # an image: the model's context window, whatever the bytes (a URL is short)
+        ("chat", {"messages": [{"role": "user", "content": [IMAGE]}]}, 300, 1_000),
+        # a base64 image is long, but a prompt still holds at most the context window
+        ("chat", {"messages": [{"role": "user", "content": [IMAGE]}]}, 90_000, 1_000),
+        ("chat", {"messages": [], "web_search_options": {}}, 300, 1_000),
+        ("completions", {"prompt": ["a", "b"], "plugins": [{"id": "web"}]}, 300, 2_000),
+    ],
+)
+def test_input_bound_is_the_context_window_for_what_the_bytes_do_not_show(
+    endpoint: str, payload: dict[str, Any], body_bytes: int, input_tokens: int
+) -> None:
+    call = call_of(endpoint, payload)
+    call.body_bytes = body_bytes
+    assert input_bound(call, BOUNDS) == input_tokens

@@ -6,6 +6,7 @@ postgresql://postgres@127.0.0.1:5432/test), and fail instead when CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import time
@@ -13,18 +14,22 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from tests.conftest import PG_URL, both_stores
 from tokenworks.db import split_schema
+from tokenworks.db.postgres import connect as pg_connect
 from tokenworks.keys.store import KeyStore
 from tokenworks.metering.store import (
     GROUPS,
+    USAGE_COLUMNS,
     SqliteUsageStore,
     UsageStore,
     open_usage_store,
+    usage_row,
 )
 from tokenworks.metering.store_postgres import PostgresUsageStore
 from tokenworks.metering.usage import Usage, UsageRecord
@@ -292,3 +297,41 @@ def test_reads_do_not_wait_for_each_other(store: UsageStore) -> None:
         # The first reader is taken, as by a read still running: another read goes ahead.
         other = pool.submit(store.query, ["model"])
         assert sum(s.requests for s in other.result(timeout=20)) == 5
+
+
+def _execute(url: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """One statement on the store's database, outside the store (as an older version would)."""
+    if url.startswith("sqlite://"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as c:
+            c.execute(sql, params)
+            c.commit()
+        return
+    with contextlib.closing(pg_connect(url)) as c:
+        c.execute(sql.replace("?", "%s"), params)
+
+
+@both_stores
+def test_a_usage_table_an_earlier_version_made_gains_the_new_columns(database: str) -> None:
+    """`clamped_nano` came later: opening a store on an older table adds it (0 for the rows
+    already there), and new rows keep it."""
+    open_usage_store(database).close()
+    _execute(database, "ALTER TABLE usage DROP COLUMN clamped_nano")  # the older table
+    old, new = records(2)
+    columns = [c for c in USAGE_COLUMNS if c != "clamped_nano"]
+    _execute(
+        database,
+        f"INSERT INTO usage ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        usage_row(old)[: len(columns)],
+    )
+    store = open_usage_store(database)
+    try:
+        store.submit(replace(new, clamped_nano=7_000))
+        assert store.flush()
+        got = {r.request_id: r for r in store.records()}
+        assert got[old.request_id] == old and old.clamped_nano == 0
+        assert got[new.request_id].clamped_nano == 7_000
+        [summary] = store.query()
+        assert summary.sums["clamped_nano"] == 7_000
+    finally:
+        store.close()
+    open_usage_store(database).close()  # and a second open finds nothing left to add

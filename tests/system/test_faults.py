@@ -29,6 +29,7 @@ import pytest
 
 from tests.conftest import Gateway, Sim, both_stores, gateway_config, running_gateway
 from tokenworks.money import parse_amount
+from tokenworks.sim.faults import UPSTREAM_COST, UPSTREAM_ERRORS
 from tokenworks.sim.profile import FAULT_HELP, FAULT_KINDS, FLOOD_CHOICES
 
 SEED = 20261129
@@ -243,7 +244,10 @@ def test_no_fault_loses_a_charge_or_takes_billing_down(faulty_gateway: Gateway) 
 # ------------------------------------------------------------------ the sim's billing faults
 
 
-BILLING_FAULTS = sorted(set(FAULT_HELP) - {"500", "503", "429", "timeout", "cut", "malformed"})
+# The provider error faults answer an error, not an answer to look into (tests/api covers them).
+BILLING_FAULTS = sorted(
+    set(FAULT_HELP) - {"500", "503", "429", "timeout", "cut", "malformed"} - set(UPSTREAM_ERRORS)
+)
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +266,8 @@ def _sim_answer(client: httpx.Client, stream: bool, **extra: Any) -> tuple[dict,
     if not stream:
         parsed = response.json()
         return parsed, [parsed], True
-    events = [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    text = response.text.replace("\r\n", "\n")  # the `crlf` fault's framing, read as LF
+    events = [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
     objects = [msgspec.json.decode(e) for e in events if e != "[DONE]"]
     carrier = next((o for o in objects if not o.get("choices")), {})
     return carrier, objects, events[-1] == "[DONE]"
@@ -298,6 +303,8 @@ def test_sim_serves_each_billing_fault_by_name_and_count(
                 assert max(len(o.get("choices") or ()) for o in objects) == FLOOD_CHOICES
             elif kind == "wrong_tier":
                 assert {o.get("service_tier") for o in objects} == {"priority"}
+            elif kind == "upstream_cost":
+                assert usage["cost"] == UPSTREAM_COST
             elif kind == "no_done":
                 assert done is not stream
             elif kind == "no_usage":

@@ -18,6 +18,7 @@ from tokenworks.wire.openai import (
     reported_usage,
     response_texts,
     rewrite_model,
+    upstream_cost_renamed,
     usage_chunk,
     usage_object,
     with_cost,
@@ -192,3 +193,20 @@ def test_response_texts() -> None:
     }
     assert response_texts(parsed) == ["a", "b"]
     assert response_texts({"choices": None}) == []
+
+
+def test_an_upstream_cost_is_kept_apart_and_ours_is_the_one_cost() -> None:
+    body = b'{"id":"x","usage":{"prompt_tokens":3,"cost":0.5,"is_byok":false}}'
+    out = json.loads(with_cost(body, 1_500_000_000))
+    assert out["usage"] == {
+        "prompt_tokens": 3,
+        "is_byok": False,
+        "upstream_cost": 0.5,
+        "cost": "1.5",
+    }
+    frame = b'data: {"choices":[{"delta":{}}],"usage":{"cost":0.5}}\r\n\r\n'
+    renamed = upstream_cost_renamed(frame)
+    assert renamed == b'data: {"choices":[{"delta":{}}],"usage":{"upstream_cost":0.5}}\r\n\r\n'
+    # Without an upstream cost: the splice as before, no re-encode.
+    plain = b'{"usage": {"prompt_tokens": 3}}'
+    assert with_cost(plain, 1) == b'{"usage": {"cost":"0.000000001","prompt_tokens": 3}}'

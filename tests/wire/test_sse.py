@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tokenworks.wire.sse import SSESplitter, data_of, encode_event, parse_event
+from tokenworks.wire.sse import (
+    FrameReader,
+    SSEError,
+    SSESplitter,
+    data_of,
+    encode_event,
+    parse_event,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -99,3 +107,62 @@ def test_an_event_that_never_ends_is_bounded() -> None:
 def test_encode_event_frames() -> None:
     assert encode_event(b"{}") == b"data: {}\n\n"
     assert encode_event(b"{}", "ping") == b"event: ping\ndata: {}\n\n"
+
+
+def frames_of(chunks: list[bytes], max_event_bytes: int = 1 << 20) -> list[bytes]:
+    """Every event a FrameReader reads from `chunks`, read as the relay does: what is
+    already buffered first, then waiting for more."""
+
+    async def run() -> list[bytes]:
+        parts = iter(chunks)
+
+        async def read() -> bytes:
+            return next(parts, b"")
+
+        reader = FrameReader(read, max_event_bytes)
+        out: list[bytes] = []
+        for _ in range(10_000):
+            frame = reader.buffered() or await reader.next()
+            if frame is None:
+                return out
+            out.append(frame)
+        raise AssertionError("unbounded")
+
+    return asyncio.run(run())
+
+
+STREAM_LF = b': hello\n\nid: 1\nevent: chunk\ndata: {"a":1}\n\ndata: [DONE]\n\n'
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_the_frame_reader_gives_back_each_event_as_sent(line_end: bytes, size: int) -> None:
+    stream = STREAM_LF.replace(b"\n", line_end)
+    chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+    frames = frames_of(chunks)
+    assert b"".join(frames) == stream
+    assert len(frames) == 3
+    assert [data_of(f) for f in frames] == [None, b'{"a":1}', b"[DONE]"]
+
+
+def test_the_frame_reader_refuses_a_cut_or_endless_event() -> None:
+    with pytest.raises(SSEError, match="inside an event"):
+        frames_of([b"data: {}\n\n", b"data: {"])
+    with pytest.raises(SSEError, match="too large"):
+        frames_of([b"data: " + b"x" * 64] * 4, max_event_bytes=100)
+
+
+@pytest.mark.parametrize(
+    ("frame", "data"),
+    [
+        (b'data: {"a":1}\n\n', b'{"a":1}'),
+        (b'data: {"a":1}\r\n\r\n', b'{"a":1}'),
+        (b'data: {"a":1}\r\n\n', b'{"a":1}'),  # a mixed blank line: no CR in the data
+        (b'data:{"a":1}\n\n', b'{"a":1}'),
+        (b"data: a\ndata: b\n\n", b"a\nb"),
+        (b"event: error\ndata: x\n\n", b"x"),
+        (b": comment\n\n", None),
+    ],
+)
+def test_data_of_a_frame_in_any_framing(frame: bytes, data: bytes | None) -> None:
+    assert data_of(frame) == data

@@ -20,7 +20,8 @@ raise the right exception class.
     │   ├── InvalidRequest               400 invalid_request
     │   └── StoreUnavailable             503 ledger_unavailable
     ├── dispatch.errors.DispatchError    its own status and code: the relay records them in
-    │                                    the usage row before raising (drawn in that module)
+    │                                    the usage row before raising (drawn in that module);
+    │                                    an upstream's 4xx keeps its own body (`raw`)
     ├── keys.lifecycle.KeyLifecycleError
     │   ├── IdempotencyKeyReused         409 idempotency_conflict
     │   ├── RetryOfDeadKey               409 idempotency_conflict
@@ -82,6 +83,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -89,12 +91,15 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+        self.raw = raw  # an upstream's own error body, answered as it is
 
     @property
     def type(self) -> str:
         return error_type(self.status)
 
     def body(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
         return error_body(self.status, self.message, self.code, self.param)
 
     def response(self) -> Response:
@@ -136,7 +141,8 @@ class Answer:
             message = self.message if isinstance(self.message, str) else self.message(exc)
         param = self.param if self.param is not None else getattr(exc, "param", None)
         headers = self.headers(exc) if callable(self.headers) else dict(self.headers)
-        return ApiError(status, message, code=code, param=param, headers=headers)
+        raw = own.raw if own is not None else None
+        return ApiError(status, message, code=code, param=param, headers=headers, raw=raw)
 
 
 def _refused(exc: Refused) -> str:

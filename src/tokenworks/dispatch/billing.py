@@ -29,6 +29,7 @@ from tokenworks.metering.usage import Usage
 from tokenworks.metrics import Metrics
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer, PricingError, Quote
+from tokenworks.wire.inputs import unseen_input
 
 if TYPE_CHECKING:
     from tokenworks.dispatch.relay import Call
@@ -96,6 +97,17 @@ def output_bound(call: Call, bounds: ModelBounds) -> int:
     return (asked or bounds.max_output_tokens) * choices
 
 
+def input_bound(call: Call, bounds: ModelBounds) -> int:
+    """The most input tokens this request can be billed: its size in bytes (a token is at
+    least one byte), unless it carries what the upstream expands beyond its bytes (images,
+    audio, files, server-side tools, a stored conversation: `wire.inputs`); then the model's
+    context window for each prompt, the most a prompt can hold. So a price above the hold
+    (a clamp) means an upstream misbehaved, not that the hold missed an image."""
+    if unseen_input(call.payload) is None:
+        return call.body_bytes
+    return bounds.context_window_tokens * _prompt_count(call.endpoint, call.payload)
+
+
 _ONE_PROMPT = frozenset({"chat", "messages", "responses"})
 
 
@@ -132,14 +144,18 @@ class Billing:
 
         Input is bounded by the body's size in bytes (a token is at least one byte), which
         costs nothing to compute; counting with the tokenizer would cost ~20 µs per KiB on
-        the event loop. The excess over the actual price is released at settlement.
+        the event loop. A body with media or server-side tools is bounded by the context
+        window instead (`input_bound`). The excess over the actual price is released at
+        settlement.
         """
-        output_tokens = output_bound(call, self.bounds[call.public_model])
+        bounds = self.bounds[call.public_model]
+        output_tokens = output_bound(call, bounds)
+        input_tokens = input_bound(call, bounds)
         worst_nano = 0
         try:  # an unknown service tier or tariff is the client's error, found before any work
             for d in candidates:
                 quote = self.pricer.worst_case(
-                    call.public_model, d.producer, d.model, call.body_bytes, output_tokens,
+                    call.public_model, d.producer, d.model, input_tokens, output_tokens,
                     at=call.at, service_tier=call.service_tier, tariff=call.tariff,
                 )  # fmt: skip
                 worst_nano = max(worst_nano, quote.price_nano)
@@ -206,15 +222,17 @@ class Billing:
         """A paying request is charged at most its hold, and every figure it shows (usage
         cost, price header, usage row) is what it was charged.
 
-        A price above the hold is revenue lost, and a sign that worst cases miss something
-        (images or audio the byte bound does not see) or that an upstream over-reports: the
-        metrics count each such request and the shortfall, worth an alert."""
+        A price above the hold is revenue lost, and a sign that an upstream over-reports (the
+        worst case bounds media and server-side tools by the context window): the metrics
+        count each such request and the shortfall by model and key, worth an alert, and the
+        usage record keeps the shortfall (`clamped_nano`)."""
         hold = call.hold
         if hold is None or quote.price_nano <= hold.amount_nano:
             return quote
         shortfall_nano = quote.price_nano - hold.amount_nano
-        self.metrics.clamped.labels(call.public_model).inc(shortfall_nano)
-        self.metrics.clamped_requests.labels(call.public_model).inc()
+        call.clamped_nano = shortfall_nano
+        self.metrics.clamped.labels(call.public_model, call.key.id).inc(shortfall_nano)
+        self.metrics.clamped_requests.labels(call.public_model, call.key.id).inc()
         now_s = time.monotonic()
         if now_s - self._clamp_logged_s >= CLAMP_LOG_INTERVAL_S:
             self._clamp_logged_s = now_s

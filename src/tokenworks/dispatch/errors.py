@@ -12,13 +12,20 @@ raises) and the code it is answered with; `api/errors.py` turns them into respon
     ├── HoldUnavailable        503 ledger_unavailable the ledger cannot take holds now
     ├── SettlementFailed       502 settlement_failed  served, but the charge failed: withheld
     └── UpstreamFailure                               no upstream served it (`from_upstream`)
-        ├── UpstreamRejected   4xx upstream_rejected  the upstream's own status and message
-        ├── UpstreamAtCapacity 429 upstream_capacity  (Retry-After: the upstream's)
+        ├── UpstreamRejected   4xx (the upstream's)   its status and JSON body as sent, only
+        │                                             the model renamed; a 429 when no
+        │                                             deployment is left
+        ├── UpstreamCredentials 502 upstream_credentials  the upstream refused the gateway's
+        │                                             own key (401/403): never the client's 401
+        ├── UpstreamAtCapacity 429 upstream_capacity  a 429 whose body is not JSON
         ├── UpstreamTimedOut   504 upstream_timeout
         ├── UpstreamUnreachable 503 upstream_unavailable
         └── UpstreamBroken     502 upstream_error
 
-Backpressure (`ledger.LedgerBusy`) passes through the relay untouched: it is the ledger's.
+Every upstream failure carries the upstream's headers a client may see (`wire.headers`:
+`retry-after-ms`, `x-upstream-request-id`, `x-upstream-ratelimit-*`), so an SDK's retry waits
+what the upstream asked. Backpressure (`ledger.LedgerBusy`) passes through the relay
+untouched: it is the ledger's.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import msgspec
 from tokenworks.ledger import Refused
 from tokenworks.money import format_nano
 from tokenworks.producers.openai_compat import UpstreamError
+from tokenworks.wire.headers import as_dict
+from tokenworks.wire.openai_errors import faithful_body
 
 SETTLEMENT_FAILED_MESSAGE = (
     "the answer could not be charged, so it is withheld; nothing was charged, try again"
@@ -41,6 +50,9 @@ class DispatchError(Exception):
 
     status: int = 500
     code: str = "internal"
+    # A body answered as it is instead of the OpenAI shape built from status and code (an
+    # upstream's own error, passed through).
+    raw: bytes | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -137,16 +149,39 @@ class UpstreamFailure(DispatchError):
         super().__init__(message)
         self.upstream = upstream
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return as_dict(self.upstream.headers)
+
 
 class UpstreamRejected(UpstreamFailure):
-    """The upstream refused the request itself (a 4xx it will not change its mind about):
-    the client sees the upstream's status and message."""
+    """The upstream refused the request itself (a 4xx it will not change its mind about, or a
+    429 with no deployment left to try): the client sees the upstream's status, and its body
+    as sent (`raw`: code, param, type and any field of its own, like Groq's
+    `failed_generation`) when that is a JSON object, else the upstream's message in our shape.
+    SDK users branch on `e.code` and `e.param`; a rewritten body would lose them."""
 
     code = "upstream_rejected"
 
-    def __init__(self, upstream: UpstreamError, message: str, status: int) -> None:
+    def __init__(
+        self, upstream: UpstreamError, message: str, status: int, raw: bytes | None = None
+    ) -> None:
         super().__init__(upstream, message)
         self.status = status
+        self.raw = raw
+
+
+class UpstreamCredentials(UpstreamFailure):
+    """The upstream refused the gateway's own credentials (401/403) on every deployment
+    tried. A 401 would make the client's SDK blame the client's key; this is the operator's
+    to fix, so it is a 502 naming the producer, and not worth a retry."""
+
+    status = 502
+    code = "upstream_credentials"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {**super().headers, "x-should-retry": "false"}
 
 
 class UpstreamAtCapacity(UpstreamFailure):
@@ -155,8 +190,11 @@ class UpstreamAtCapacity(UpstreamFailure):
 
     @property
     def headers(self) -> dict[str, str]:
+        headers = super().headers
         retry_after = self.upstream.retry_after
-        return {"Retry-After": retry_after} if retry_after else {}
+        if retry_after:
+            headers["retry-after"] = retry_after
+        return headers
 
 
 class UpstreamTimedOut(UpstreamFailure):
@@ -174,24 +212,46 @@ class UpstreamBroken(UpstreamFailure):
     code = "upstream_error"
 
 
-def from_upstream(exc: UpstreamError) -> UpstreamFailure:
+def from_upstream(
+    exc: UpstreamError, upstream_model: str | None = None, public_model: str | None = None
+) -> UpstreamFailure:
     """The producer layer's error, as what the client is told (as httpx's
-    `map_httpcore_exceptions` turns its transport's errors into its own)."""
-    if exc.status is not None and not exc.retryable and 400 <= exc.status < 500:
-        message = exc.message
-        try:
-            upstream = msgspec.json.decode(exc.body)
-            if isinstance(upstream, dict) and isinstance(upstream.get("error"), dict):
-                message = str(upstream["error"].get("message") or message)
-        except msgspec.DecodeError:
-            pass
-        return UpstreamRejected(exc, message, exc.status)
-    if exc.status == 429:
-        return UpstreamAtCapacity(
-            exc, "every upstream for this model is at capacity; try again later"
+    `map_httpcore_exceptions` turns its transport's errors into its own). `upstream_model`
+    (the last deployment's) is renamed `public_model` in a body passed through."""
+    status = exc.status
+    if exc.credentials_refused:
+        return UpstreamCredentials(
+            exc,
+            f"producer '{exc.producer}' refused the gateway's own credentials ({status}): "
+            "the gateway is misconfigured, not your API key; tell its operator",
         )
+    # A 4xx is the last word when it is not retried or no deployment is left to retry on.
+    if status is not None and 400 <= status < 500:
+        raw = faithful_body(exc.body, upstream_model, public_model)
+        if raw is None and status == 429:
+            return UpstreamAtCapacity(
+                exc, "every upstream for this model is at capacity; try again later"
+            )
+        return UpstreamRejected(exc, _message(exc), status, raw)
     if exc.reason == "timeout":
         return UpstreamTimedOut(exc, "the upstream timed out")
     if exc.reason == "connect":
         return UpstreamUnreachable(exc, "no upstream for this model is reachable")
     return UpstreamBroken(exc, f"the upstream failed: {exc.message}")
+
+
+def _message(exc: UpstreamError) -> str:
+    """The upstream's own error message, when its body has one."""
+    try:
+        upstream = msgspec.json.decode(exc.body)
+    except msgspec.DecodeError:
+        return exc.message
+    if isinstance(upstream, dict):
+        error = upstream.get("error")
+        inner = error if isinstance(error, dict) else upstream
+        message = inner.get("message")
+        if isinstance(message, str) and message:
+            return message
+        if isinstance(error, str) and error:
+            return error
+    return exc.message

@@ -36,7 +36,7 @@ from tokenworks.dispatch.ratelimit import Permit
 from tokenworks.dispatch.recording import Recorder, release
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.speeds import SpeedsCollector
-from tokenworks.dispatch.stream import StreamResponse
+from tokenworks.dispatch.stream import EventSource, StreamResponse
 from tokenworks.keys.store import ApiKey
 from tokenworks.ledger import HoldView, Ledger
 from tokenworks.metering.store import UsageStore
@@ -46,8 +46,9 @@ from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Pricer
 from tokenworks.producers.openai_compat import OpenAIProducer, UpstreamError
 from tokenworks.wire.common import Untranslatable
+from tokenworks.wire.headers import passthrough
 from tokenworks.wire.openai import (
-    SSEError,
+    MAX_SSE_EVENT_BYTES,
     SSEReader,
     is_error_event,
     reported_usage,
@@ -56,6 +57,7 @@ from tokenworks.wire.openai import (
     usage_object,
     with_cost,
 )
+from tokenworks.wire.sse import FrameReader, SSEError
 
 PATHS = dialects.PATHS
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -95,6 +97,7 @@ class Call:
     # Input or output beyond this is an upstream's error: the model's context window times
     # the request's prompts and choices (set by the relay before dispatch).
     usage_limit_tokens: int = DEFAULT_CONTEXT_WINDOW_TOKENS
+    clamped_nano: int = 0  # price above the hold, not charged (`Billing.within_hold`)
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: next_request_id())
     # When the request started: the moment its prices are taken at (several times per call).
@@ -176,6 +179,7 @@ class Relay:
             self.limits.admit(call)
         last: UpstreamError | None = None
         untranslatable: Untranslatable | None = None
+        last_model: str | None = None
         try:
             if paying:
                 # Attempts run one after another, each up to its producer's timeout.
@@ -199,7 +203,7 @@ class Relay:
                         return await self._open_stream(call, deployment, producer, body, fmt)
                     return await self._complete(call, deployment, producer, body, fmt)
                 except UpstreamError as exc:
-                    last = exc
+                    last, last_model = exc, deployment.model
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
                     retry_after = _seconds(exc.retry_after)
                     self.router.health.failed(exc.producer, retry_after)
@@ -216,7 +220,7 @@ class Relay:
             release(call, Usage())  # nothing was sent: give back its rate-limit reservation
             await billing.void(call)
             raise InvalidCall(untranslatable.message, param=untranslatable.param)
-        error = from_upstream(last)
+        error = from_upstream(last, last_model, call.public_model)
         self.recorder.record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
         await billing.void(call)
         raise error
@@ -321,11 +325,14 @@ class Relay:
             answer["usage"] = dialects.usage_in(call.endpoint, usage, price_nano)
             body = _encode(answer)
         elif shows_other_counts:  # a re-encode, on this rare path only
+            shown = parsed["usage"]
             parsed["usage"] = (
                 usage_object(call.endpoint, usage, price_nano)
                 if chat_like
                 else dialects.usage_in(call.endpoint, usage, price_nano)
             )
+            if "cost" in shown:  # the upstream's own figure, kept for reconciliation
+                parsed["usage"]["upstream_cost"] = shown["cost"]
             if "model" in parsed:
                 parsed["model"] = call.public_model
             body = _encode(parsed)
@@ -345,9 +352,11 @@ class Relay:
         if quote is not None:
             headers["x-tokenworks-cost"] = format_nano(quote.cost_nano)
             headers["x-tokenworks-price"] = format_nano(quote.price_nano)
-        return Response(
+        answer = Response(
             body, status_code=response.status, media_type="application/json", headers=headers
         )
+        answer.raw_headers += passthrough(response.raw_headers)  # as bytes, no re-encoding
+        return answer
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -360,7 +369,14 @@ class Relay:
         fmt: str = "chat",
     ) -> Any:
         response = await producer.post(PATHS[fmt], body)
-        events = SSEReader(response.content.readany)
+        # Chat-like pass-through forwards each event's bytes as sent (its framing kept); the
+        # dialect streams re-encode or read events by name, in LF framing.
+        passthrough_chat = fmt == call.endpoint and fmt in _CHAT_LIKE
+        events: EventSource = (
+            FrameReader(response.content.readany, MAX_SSE_EVENT_BYTES)
+            if passthrough_chat
+            else SSEReader(response.content.readany)
+        )
         try:
             first = await events.next()
         except TimeoutError as exc:
@@ -378,11 +394,12 @@ class Relay:
             response.close()
             raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
         self.router.health.ok(producer.name)
-        if fmt == call.endpoint and fmt in _CHAT_LIKE:
+        if passthrough_chat:
             return StreamResponse(
                 self.billing, call, deployment, response, events, first,
                 self.client_stall_timeout_s,
             )  # fmt: skip
+        assert isinstance(events, SSEReader)
         return DialectStream(
             self.billing, call, deployment, response, events, first,
             self.client_stall_timeout_s, fmt, self.stored,

@@ -1,6 +1,7 @@
 """The response of a streamed call: an ASGI callable that pumps upstream events to the client.
 
-It passes each event through (the model name rewritten, usage read on the way), writes what
+It passes each event through in the framing it came in (LF or CRLF line ends, comments,
+`event:` and `id:` lines; the model name rewritten, usage read on the way), writes what
 the upstream already delivered in one send, cuts a client that stops reading for the stall
 timeout, keeps the hold alive while the stream lives, and settles before the last byte: a
 client that saw the end of its answer has paid, and one whose answer could not be charged is
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import msgspec
@@ -28,18 +29,18 @@ from tokenworks.dispatch.errors import SETTLEMENT_FAILED_MESSAGE
 from tokenworks.metering.usage import Usage
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import Quote
+from tokenworks.wire.headers import passthrough
 from tokenworks.wire.openai import (
     MODEL_FIELD,
     USAGE_NULL,
-    SSEError,
-    SSEReader,
-    event_data,
     model_field,
     reported_usage,
+    upstream_cost_renamed,
     usage_chunk,
     with_cost,
 )
 from tokenworks.wire.openai_errors import error_body
+from tokenworks.wire.sse import SSEError, data_of
 
 if TYPE_CHECKING:
     from tokenworks.dispatch.relay import Call
@@ -47,6 +48,15 @@ if TYPE_CHECKING:
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 _decode = msgspec.json.decode
+
+
+class EventSource(Protocol):
+    """An upstream's events, one at a time: `wire.sse.FrameReader` (bytes as sent, framing
+    kept, for pass-through) or `wire.openai.SSEReader` (LF-framed, for streams re-encoded)."""
+
+    def buffered(self) -> bytes | None: ...
+
+    async def next(self) -> bytes | None: ...
 
 
 class StreamResponse:
@@ -58,7 +68,7 @@ class StreamResponse:
         call: Call,
         deployment: Deployment,
         upstream: aiohttp.ClientResponse,
-        events: SSEReader,
+        events: EventSource,
         first: bytes,
         client_stall_timeout_s: float,
     ) -> None:
@@ -81,6 +91,9 @@ class StreamResponse:
         self.status = 200
         self.error: str | None = None
         self.model_field = model_field(call.public_model)
+        # Events the gateway writes itself (its usage chunk, an error) follow the upstream's
+        # line ends, so a client sees one framing throughout.
+        self.crlf = first.endswith(b"\r\n")
         self.done = False  # the upstream sent [DONE]
         self.done_event = b""
         # The event carrying usage (and no choices): it shows the cost, so it goes out with
@@ -105,6 +118,7 @@ class StreamResponse:
             (b"cache-control", b"no-cache"),
             (b"x-request-id", self.call.request_id.encode()),
         ]
+        headers += passthrough(self.upstream.raw_headers)
         if self.call.rate_headers:
             headers.extend((k.encode(), v.encode()) for k, v in self.call.rate_headers.items())
         if self.call.hold is not None:  # what is left with this request's hold in place
@@ -216,14 +230,20 @@ class StreamResponse:
                 self.usage_event if quote is None else with_cost(self.usage_event, quote.price_nano)
             )
         call = self.call
-        return usage_chunk(
-            self.first,
-            call.endpoint,
-            call.public_model,
-            self.billed or Usage(),
-            None if quote is None else quote.price_nano,
-            default_id=call.request_id,
+        return self._framed(
+            usage_chunk(
+                self.first,
+                call.endpoint,
+                call.public_model,
+                self.billed or Usage(),
+                None if quote is None else quote.price_nano,
+                default_id=call.request_id,
+            )
         )
+
+    def _framed(self, event: bytes) -> bytes:
+        """One of our own LF-framed events in the upstream's line ends."""
+        return event.replace(b"\n", b"\r\n") if self.crlf else event
 
     def _fail(self, status: int, message: str, code: str) -> None:
         self.status = status
@@ -232,17 +252,19 @@ class StreamResponse:
         self.pending_error = self._error_event(status, message, code)
 
     def _error_event(self, status: int, message: str, code: str) -> bytes:
-        """A failure as the stream's last event, in the client's dialect."""
-        return b"data: " + error_body(status, message, code) + b"\n\n"
+        """A failure as the stream's last event, in the client's dialect and the upstream's
+        line ends."""
+        return self._framed(b"data: " + error_body(status, message, code) + b"\n\n")
 
     def _process(self, event: bytes) -> bytes | None:
-        """Inspect one upstream event; return the bytes to send the client, or None to hide it."""
-        data = event_data(event)
+        """Inspect one upstream event (its exact bytes, blank line included); return the bytes
+        to send the client, or None to hide it."""
+        data = data_of(event)
         if data is None:
-            return event + b"\n\n"
+            return event  # a comment, a blank line, an event without data: as it came
         if data == b"[DONE]":
             self.done = True
-            self.done_event = event + b"\n\n"  # sent after settlement, as the last byte
+            self.done_event = event  # sent after settlement, as the last byte
             return None
         try:
             chunk = _decode(data)
@@ -255,7 +277,7 @@ class StreamResponse:
         if "error" in chunk and "choices" not in chunk:
             self.status = 502
             self.error = "upstream reported an error mid-stream"
-            return event + b"\n\n"
+            return event
         reported = chunk.get("usage")
         if reported is None and "x_groq" in chunk:  # per chunk: one probe, no call
             reported = reported_usage(chunk)
@@ -282,11 +304,13 @@ class StreamResponse:
                 # believe (the client gets what it was charged instead, at the end).
                 return None
             earlier = self.usage_event  # a second usage chunk: the first goes out as it was
-            self.usage_event = MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+            self.usage_event = MODEL_FIELD.sub(self.model_field, event, count=1)
             return earlier or None
         if not self.call.client_wants_usage:
             event = USAGE_NULL.sub(b"", event)
-        return MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+        if reported is not None and b'"cost"' in event:  # never the upstream's as the price
+            event = upstream_cost_renamed(event) or event
+        return MODEL_FIELD.sub(self.model_field, event, count=1)
 
     async def _finish(self) -> bool:
         """Settle and record once, whichever way the stream ended; False if not charged."""

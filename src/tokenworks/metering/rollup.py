@@ -39,6 +39,7 @@ SUMS = (
     "reasoning_tokens",
     "cost_nano",
     "price_nano",
+    "clamped_nano",
 )
 DAILY_COLUMNS = ("day", *KEYS, "requests", *SUMS)
 

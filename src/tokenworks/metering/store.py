@@ -73,7 +73,11 @@ USAGE_SCHEMA = (
     ("price_nano", "BIGINT"),
     ("service_tier", "TEXT"),
     ("tags", "TEXT"),
+    ("clamped_nano", "BIGINT"),
 )
+# Columns added after the table first shipped: (column, SQL type, default for rows an earlier
+# version wrote). Each store adds the missing ones as it opens (`upgrade_sql`).
+ADDED_COLUMNS = (("clamped_nano", "BIGINT", "0"),)
 USAGE_COLUMNS = tuple(name for name, _ in USAGE_SCHEMA)
 
 _NULLABLE = (
@@ -157,6 +161,7 @@ def _row(record: UsageRecord) -> tuple[Any, ...]:
         record.price_nano,
         record.service_tier,
         json.dumps(record.tags, separators=(",", ":"), sort_keys=True),
+        record.clamped_nano,
     )
 
 
@@ -188,7 +193,25 @@ def record_from_row(row: sqlite3.Row | Mapping[str, Any]) -> UsageRecord:
         price_nano=r["price_nano"],
         service_tier=r["service_tier"],
         tags=json.loads(r["tags"] or "{}"),
+        clamped_nano=r["clamped_nano"],
     )
+
+
+def upgrade_sql(dialect: str, present: Iterable[str] = ()) -> list[str]:
+    """The statements that add `ADDED_COLUMNS` to a usage table an earlier version made:
+    PostgreSQL's `IF NOT EXISTS` decides itself; SQLite has none, so it is told the
+    columns `present`."""
+    if dialect == "postgres":
+        return [
+            f"ALTER TABLE usage ADD COLUMN IF NOT EXISTS {name} {ty} NOT NULL DEFAULT {default}"
+            for name, ty, default in ADDED_COLUMNS
+        ]
+    have = set(present)
+    return [
+        f"ALTER TABLE usage ADD COLUMN {name} {ty} NOT NULL DEFAULT {default}"
+        for name, ty, default in ADDED_COLUMNS
+        if name not in have
+    ]
 
 
 def group_expr(group: str, dialect: str) -> str:
@@ -509,6 +532,9 @@ class SqliteUsageStore(UsageStore):
         self.path = sqlite_path(url)
         ddl = USAGE.ddl("sqlite") + rollup.DDL
         self._write_conn = connect_rows(self.path, ddl)
+        columns = [row["name"] for row in self._write_conn.execute("PRAGMA table_info(usage)")]
+        for stmt in upgrade_sql("sqlite", columns):
+            self._write_conn.execute(stmt)
         self._read_conn = (
             self._write_conn if self.path == ":memory:" else connect_rows(self.path, ddl)
         )

@@ -25,7 +25,7 @@ import psycopg
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
 from tokenworks.db.reads import ReadPool, ReadTimeout, pg_timeout_ms
 from tokenworks.metering import partitions, rollup
-from tokenworks.metering.store import READERS, USAGE, USAGE_SCHEMA, UsageStore
+from tokenworks.metering.store import READERS, USAGE, USAGE_SCHEMA, UsageStore, upgrade_sql
 
 WRITE_ATTEMPTS = 5
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class PostgresUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         # Both connections open here, so a bad URL or a down server fails the constructor.
-        self._write_conn = connect(url, ddl())
+        self._write_conn = connect(url, [*ddl(), *upgrade_sql("postgres")])
         self._readers: ReadPool[psycopg.Connection[dict[str, Any]]] = ReadPool(
             lambda: connect(self.url),
             lambda c: c.close(),

@@ -53,3 +53,5 @@ class UsageRecord:
     price_nano: int = 0
     service_tier: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # Price above the request's hold, not charged: a loss (the hold's worst case fell short).
+    clamped_nano: int = 0

@@ -11,9 +11,13 @@ import os
 import aiohttp
 
 from tokenworks.config import Producer
+from tokenworks.wire.headers import passthrough
 
 # Statuses after which the next deployment may be tried: the upstream did no work for us.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+# The upstream refused the gateway's own credentials: another deployment may well serve, and
+# if none does, the client is told it was the gateway's fault (never its own key's).
+CREDENTIAL_STATUSES = frozenset({401, 403})
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # The Messages API version a `kind: anthropic` producer is asked for (the one the translations
 # in wire/anthropic.py are written against).
@@ -33,6 +37,7 @@ class UpstreamError(Exception):
         retryable: bool = True,
         body: bytes = b"",
         retry_after: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(message)
         self.producer = producer
@@ -42,6 +47,13 @@ class UpstreamError(Exception):
         self.retryable = retryable
         self.body = body
         self.retry_after = retry_after
+        # The upstream's headers a client may see (`wire.headers.passthrough`).
+        self.headers = headers or []
+
+    @property
+    def credentials_refused(self) -> bool:
+        """The upstream refused the gateway's own key (401/403), not the client's request."""
+        return self.status in CREDENTIAL_STATUSES
 
 
 class OpenAIProducer:
@@ -117,7 +129,9 @@ class OpenAIProducer:
             f"status_{response.status}",
             f"upstream answered {response.status}",
             status=response.status,
-            retryable=response.status in RETRYABLE_STATUSES,
+            retryable=response.status in RETRYABLE_STATUSES
+            or response.status in CREDENTIAL_STATUSES,
             body=error_body,
             retry_after=response.headers.get("Retry-After"),
+            headers=passthrough(response.raw_headers),
         )

@@ -16,14 +16,24 @@ import random
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from tokenworks.sim import native, wire
-from tokenworks.sim.faults import REWRITING_FAULTS, rewrite, rewrite_body, rewrite_event
+from tokenworks.sim.faults import (
+    PROVIDER_HEADERS,
+    REWRITING_FAULTS,
+    SSE_COMMENT,
+    UPSTREAM_ERRORS,
+    crlf_framed,
+    error_reply,
+    rewrite,
+    rewrite_body,
+    rewrite_event,
+)
 from tokenworks.sim.profile import (
     FAULT_HELP,
     FAULT_KINDS,
@@ -782,6 +792,10 @@ class SimApp:
         if fault in _ERROR_FAULTS:
             await self._send_fault_error(send, fault)
             return
+        if fault in UPSTREAM_ERRORS:
+            status, payload, headers = error_reply(fault, job.model, job.request_id)
+            await _send_json(send, status, payload, extra=headers)
+            return
         needs_watch = self.profile.paced or fault in _WATCHED_FAULTS
         watch = Watch(receive) if needs_watch else None
         try:
@@ -885,7 +899,8 @@ class SimApp:
             if not await self._send_stalled(send, payload, job.fault_delay_s, watch):
                 return
         else:
-            await _send_json(send, 200, payload, job.request_id)
+            extra = PROVIDER_HEADERS if job.fault == "provider_headers" else ()
+            await _send_json(send, 200, payload, job.request_id, extra)
         self.stats.completion_tokens_sent += job.counts.completion_tokens
         if job.fault not in _UNCOUNTED_FAULTS:
             self.stats.reported(job.reported_counts)
@@ -900,11 +915,17 @@ class SimApp:
         fault = job.fault
         if fault in REWRITING_FAULTS:
             deltas = [rewrite_event(fault, d) for d in deltas]
+        if fault == "crlf":
+            deltas = [crlf_framed(d) for d in deltas]
+            deltas[0] = SSE_COMMENT + deltas[0]
         total = job.counts.completion_tokens
         lead = len(deltas) - total  # the role chunk, which is not a token
         unsent_lead = deltas[:lead]  # goes out with the first tokens, or alone before a fault
         stop_at = total if fault not in ("cut", "malformed", "stall") else total // 2
-        await send(_stream_start(job.request_id))
+        start = _stream_start(job.request_id)
+        if fault == "provider_headers":
+            start["headers"] = [*start["headers"], *PROVIDER_HEADERS]
+        await send(start)
         stats = self.stats
 
         async def emit(start: int, count: int) -> None:
@@ -944,6 +965,8 @@ class SimApp:
             tail = [rewrite_event(fault, t) for t in tail]
         if fault != "no_done":
             tail.append(wire.DONE)
+        if fault == "crlf":
+            tail = [crlf_framed(t) for t in tail]
         await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
         if fault not in _UNCOUNTED_FAULTS:
             stats.reported(job.reported_counts)
@@ -997,7 +1020,7 @@ class SimApp:
                 "insufficient_capacity",
             )
         retry_after = (b"retry-after", str(self.profile.retry_after_s).encode())
-        await _send_json(send, status, wire.error_body(message, type_, code), extra=retry_after)
+        await _send_json(send, status, wire.error_body(message, type_, code), extra=(retry_after,))
 
     async def _send_broken_body(self, send: Send, payload: bytes, *, cut: bool) -> None:
         """`cut`: announce the full length, send half, drop the connection; else invalid JSON."""
@@ -1137,13 +1160,12 @@ async def _send_json(
     status: int,
     payload: bytes,
     request_id: str = "",
-    extra: tuple[bytes, bytes] | None = None,
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     headers = [_JSON, (b"content-length", str(len(payload)).encode())]
     if request_id:
         headers.append((b"x-request-id", request_id.encode()))
-    if extra is not None:
-        headers.append(extra)
+    headers.extend(extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 

@@ -35,6 +35,16 @@ FAULT_HELP: dict[str, str] = {
     "stall": "stop sending halfway for delay_s seconds (default stall_s), then finish",
     "no_done": "end a stream after its usage chunk without 'data: [DONE]' (streams only)",
     "wrong_tier": "report service_tier 'priority' whatever was asked (chat only)",
+    # Provider behaviour a gateway must pass on as it came (the sim's `faults.py` has them).
+    "unsupported_parameter": "answer 400 unsupported_parameter (param max_tokens), as OpenAI",
+    "model_not_found": "answer 404 model_not_found naming the model, as OpenAI",
+    "failed_generation": "answer 400 tool_use_failed with Groq's 'failed_generation' field",
+    "bad_credentials": "answer 401 invalid_api_key (the gateway's own key is wrong)",
+    "forbidden": "answer 403 unsupported_country_region_territory",
+    "rate_limited": "answer 429 rate_limit_exceeded with retry-after-ms 200 and x-ratelimit-*",
+    "provider_headers": "answer with OpenAI's headers (processing time, x-ratelimit-*, a cookie)",
+    "upstream_cost": "report OpenRouter's own 'cost' (a number) in usage",
+    "crlf": "stream in CRLF line ends, opening with a ': OPENROUTER PROCESSING' comment",
 }
 FAULT_KINDS: frozenset[str] = frozenset(FAULT_HELP)
 

@@ -23,6 +23,8 @@ import msgspec
 
 from tokenworks.metering.usage import Usage
 from tokenworks.money import format_nano
+from tokenworks.wire.sse import SSEError as SSEError  # SSEReader's, defined with the splitter
+from tokenworks.wire.sse import data_of
 
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 
@@ -35,14 +37,11 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
 
-class SSEError(Exception):
-    """A stream that cannot be split into events: one too large, or one cut off at the end."""
-
-
 class SSEReader:
     """Splits an upstream byte stream into SSE events (`...\\n\\n`), bounded in size.
 
-    CRLF line ends are read as LF, so every event comes back in LF framing."""
+    CRLF line ends are read as LF, so every event comes back in LF framing: for a consumer
+    that re-encodes. The relay passes events through as sent (`wire.sse.FrameReader`)."""
 
     def __init__(self, read: Callable[[], Awaitable[bytes]]) -> None:
         self._read = read  # the next bytes the upstream sent, b"" at its end
@@ -92,7 +91,7 @@ def event_data(event: bytes) -> bytes | None:
 def is_error_event(event: bytes) -> bool:
     """An event carrying an error object instead of choices (some upstreams answer 200 and
     put their error in the stream)."""
-    data = event_data(event)
+    data = data_of(event)
     if data is None or b'"error"' not in data:
         return False
     try:
@@ -112,14 +111,41 @@ def rewrite_model(data: bytes, public_model: str) -> bytes:
 
 
 def with_cost(data: bytes, price_nano: int) -> bytes:
-    """Add `"cost": "<decimal>"` to the first `usage` object, as OpenRouter does."""
+    """Add `"cost": "<decimal>"` (the price charged) to the first `usage` object, as OpenRouter
+    does. An upstream's own `cost` there (OpenRouter's) becomes `upstream_cost`: JSON parsers
+    keep the last of two equal keys, so a second `cost` would show the client the upstream's
+    figure, not its price. Works on a body and on an SSE event in any framing."""
     match = _USAGE_OPEN.search(data)
     if match is None:
         return data
+    if data.find(b'"cost"', match.end()) >= 0:  # a memchr-speed test; rare when true
+        replaced = upstream_cost_renamed(data, price_nano)
+        if replaced is not None:
+            return replaced
     field = b'"cost":"' + format_nano(price_nano).encode() + b'"'
     insert_at = match.start(1)
     separator = b"" if match.group(1) else b","
     return data[:insert_at] + field + separator + data[insert_at:]
+
+
+def upstream_cost_renamed(data: bytes, price_nano: int | None = None) -> bytes | None:
+    """`data` (a body, or an SSE event in any framing) with its usage's `cost` renamed
+    `upstream_cost`, and our price as `cost` when given: a re-encode of the JSON object, the
+    bytes around it kept. None when its usage has no `cost` key. A stream chunk that carries
+    choices and usage (OpenRouter's last) passes before the charge is known: it loses its
+    `cost`, and the gateway's usage chunk after it shows the price."""
+    start, end = data.find(b"{"), data.rfind(b"}") + 1
+    try:
+        obj = _decode(data[start:end])
+    except msgspec.DecodeError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if not isinstance(usage, dict) or "cost" not in usage:
+        return None
+    usage["upstream_cost"] = usage.pop("cost")
+    if price_nano is not None:
+        usage["cost"] = format_nano(price_nano)
+    return data[:start] + _encode(obj) + data[end:]
 
 
 def reported_usage(obj: dict[str, Any]) -> Any:
@@ -175,7 +201,7 @@ def usage_chunk(
 def _chunk_head(event: bytes) -> dict[str, Any]:
     """The first chunk of a stream, decoded (for the id and creation time it carries)."""
     try:
-        chunk = _decode(event_data(event) or b"null")
+        chunk = _decode(data_of(event) or b"null")
     except msgspec.DecodeError:
         return {}
     return chunk if isinstance(chunk, dict) else {}

@@ -6,6 +6,8 @@ already started) write it, so it lives here, below both.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 # status -> the `type` OpenAI uses for it; the official SDKs pick their exception class by it
@@ -39,3 +41,24 @@ def error_body(
     return msgspec.json.encode(
         {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     )
+
+
+def faithful_body(
+    body: bytes, upstream_model: str | None, public_model: str | None
+) -> bytes | None:
+    """An upstream's error body as the client gets it: a JSON object passes as sent (code,
+    param, type and fields of its own), only the upstream model's name replaced by the public
+    one wherever it stands as a whole name; None when the body is not a JSON object."""
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    if upstream_model and public_model and upstream_model != public_model:
+        old = msgspec.json.encode(upstream_model)[1:-1]
+        new = msgspec.json.encode(public_model)[1:-1]
+        # Not inside a longer name: `gpt-4o` must not rename part of `gpt-4o-mini`.
+        name = re.compile(rb"(?<![\w.\-/:])" + re.escape(old) + rb"(?![\w.\-/:])")
+        body = name.sub(lambda _: new, body)
+    return body

@@ -8,6 +8,7 @@ Joining everything it returns, plus `rest()`, gives back the input byte for byte
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 # An event ends at an empty line. With the three line ends the spec allows, the empty line
@@ -23,6 +24,10 @@ class SSEFields:
     data: str | None  # data lines joined with "\n"; None when the event had no data line
     id: str | None = None
     retry_ms: int | None = None
+
+
+class SSEError(Exception):
+    """A stream that cannot be split into events: one too large, or one cut off at the end."""
 
 
 class SSESplitter:
@@ -56,8 +61,9 @@ class SSESplitter:
         return rest
 
 
-def _event_end(buffer: bytes, start: int) -> int:
-    """Index just past the first complete event at or after `start`, or -1."""
+def _event_end(buffer: bytes, start: int, final: bool = False) -> int:
+    """Index just past the first complete event at or after `start`, or -1. `final`: the
+    stream has ended, so a trailing CR is not the first half of a CRLF still to come."""
     if buffer.find(b"\r", start) < 0:  # the common LF-only stream: one search
         at = buffer.find(b"\n\n", start)
         return -1 if at < 0 else at + 2
@@ -72,9 +78,75 @@ def _event_end(buffer: bytes, start: int) -> int:
         # is never cut between its CR and its LF.
         if best_at < 0 or at < best_at or (at == best_at and end > best_end):
             best_at, best_end = at, end
-    if best_end == len(buffer) and buffer[best_end - 1] == 0x0D:
+    if best_end == len(buffer) and buffer[best_end - 1] == 0x0D and not final:
         return -1  # a trailing CR may be the first half of a CRLF still in flight
     return best_end
+
+
+class FrameReader:
+    """Reads an upstream's stream as whole events, each the exact bytes it came as (its blank
+    line included), bounded in size: what a pass-through route forwards unchanged.
+
+    The hot path of every stream, so it keeps its own buffer rather than `SSESplitter`'s
+    lists: one `find` per event while the stream has shown no CR (the common LF stream), the
+    splitter's full rule once it has. `read` gives the next bytes the upstream sent, b"" at
+    its end."""
+
+    __slots__ = ("_buffer", "_cr", "_eof", "_max_event_bytes", "_read", "_start")
+
+    def __init__(self, read: Callable[[], Awaitable[bytes]], max_event_bytes: int) -> None:
+        self._read = read
+        self._max_event_bytes = max_event_bytes
+        self._buffer = b""
+        self._start = 0  # where the next event begins in the buffer
+        self._cr = False  # a CR was seen: CRLF or CR line ends are possible
+        self._eof = False
+
+    def buffered(self) -> bytes | None:
+        """The next whole event if one is already here; never waits."""
+        buffer, start = self._buffer, self._start
+        if self._cr:
+            end = _event_end(buffer, start)
+        else:
+            at = buffer.find(b"\n\n", start)
+            end = at + 2 if at >= 0 else -1
+        if end < 0:
+            return None
+        self._start = end
+        return buffer[start:end]
+
+    async def next(self) -> bytes | None:
+        """The next whole event; None at a clean end. Raises SSEError for an event past the
+        bound or one the stream ended inside."""
+        while True:
+            buffer, start = self._buffer, self._start
+            if self._cr:
+                end = _event_end(buffer, start)
+            else:  # `buffered`, inlined: this is once per event of every stream
+                at = buffer.find(b"\n\n", start)
+                end = at + 2 if at >= 0 else -1
+            if end >= 0:
+                self._start = end
+                return buffer[start:end]
+            rest = buffer[start:]
+            if self._eof:
+                if not rest.strip():
+                    return None
+                # A trailing CR waited for an LF that will not come now: it ends the event.
+                end = _event_end(buffer, start, final=True)
+                if end < 0:
+                    raise SSEError("stream ended inside an event")
+                self._start = end
+                return buffer[start:end]
+            if len(rest) > self._max_event_bytes:
+                raise SSEError("event too large")
+            chunk = await self._read()
+            if not chunk:
+                self._eof = True
+                continue
+            if not self._cr and b"\r" in chunk:
+                self._cr = True
+            self._buffer, self._start = rest + chunk, 0
 
 
 def parse_event(frame: bytes) -> SSEFields:
@@ -110,6 +182,11 @@ def data_of(frame: bytes) -> bytes | None:
 
     Upstream JSON events carry one data line; this path avoids decoding the frame to text.
     """
+    # The common frame, `data: {...}\n\n` in LF framing: three C calls.
+    if frame.startswith(b"data: ") and frame.endswith(b"\n\n"):
+        end = len(frame) - 2
+        if frame.find(b"\n", 6) == end and frame[end - 1] != 0x0D:
+            return frame[6:end]
     at = frame.find(b"data:")
     if at < 0:
         return None
