@@ -177,7 +177,19 @@ def load(path: str | Path) -> Config:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return loads(text, source=str(path))
+    config = loads(text, source=str(path))
+    config.database = anchored_database(config.database, path.parent)
+    return config
+
+
+def anchored_database(url: str, base: Path) -> str:
+    """A relative `sqlite:///file.db` made absolute against `base` (the config file's folder):
+    where the ledger lives must not depend on the directory `serve` was started from, or a
+    gateway started elsewhere silently opens an empty ledger."""
+    rest = url.removeprefix("sqlite:///")
+    if rest == url or rest.startswith("/") or rest in ("", ":memory:"):
+        return url
+    return "sqlite:///" + str((base / rest).resolve())
 
 
 def loads(text: str, source: str = "<config>", *, check_prices: bool = True) -> Config:

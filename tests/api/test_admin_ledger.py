@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import http.server
 import io
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -551,7 +553,7 @@ def test_cli_covers_the_lifecycle(gateway: Gateway) -> None:
     assert [a["id"] for a in listed["data"]] == [team["id"]]
 
     table = tokenworks(gateway, "accounts", "show", str(user["id"]))
-    assert table.returncode == 0 and "grant" in table.stdout and "budget day" in table.stdout
+    assert table.returncode == 0 and "grant" in table.stdout and "budget per day" in table.stdout
     since = iso(datetime.now(UTC) - timedelta(hours=1))
     csv_out = tokenworks(gateway, "statement", str(org), "--since", since, "--csv")
     assert csv_out.returncode == 0, csv_out.stderr
@@ -559,7 +561,7 @@ def test_cli_covers_the_lifecycle(gateway: Gateway) -> None:
     assert totals["top_ups"] == "12.5" and totals["transfers_out"] == "2.5"
     assert totals["closing"] == "10"
     text = tokenworks(gateway, "statement", str(org), "--since", since)
-    assert text.returncode == 0 and "closing" in text.stdout and "10" in text.stdout
+    assert text.returncode == 0 and "Closing balance" in text.stdout and "10.00" in text.stdout
 
     # Refusals exit 1 with the gateway's message; a missing admin key exits 2.
     bad = tokenworks(gateway, "topup", str(org), "1e3")
@@ -574,4 +576,38 @@ def test_cli_prints_a_retry_key_when_the_outcome_is_unknown(tmp_path: Any) -> No
     unreachable = Gateway("http://127.0.0.1:9", None, tmp_path / "none.db")
     result = tokenworks(unreachable, "topup", "1", "5")
     assert result.returncode == 1
-    assert "cannot reach" in result.stderr and "--idempotency-key" in result.stderr
+    # Nothing was sent (the account is looked up first), so there is nothing to retry.
+    assert "cannot reach" in result.stderr and "--idempotency-key" not in result.stderr
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        """Finds the account, then fails the write with a 502: its outcome is unknown."""
+
+        def do_GET(self) -> None:
+            acme = {"id": 1, "name": "acme", "kind": "organisation"}
+            self._answer(200, {"data": [acme]} if "?" in self.path else acme)
+
+        def do_POST(self) -> None:
+            self._answer(502, {"error": {"message": "bad gateway"}})
+
+        def _answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        failing = Gateway(f"http://127.0.0.1:{server.server_port}", None, tmp_path / "x.db")
+        result = tokenworks(failing, "topup", "acme", "5")
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+    assert result.returncode == 1
+    assert "502" in result.stderr
+    assert "--idempotency-key" in result.stderr

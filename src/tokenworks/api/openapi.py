@@ -410,11 +410,24 @@ def _admin_paths() -> Schema:
                 200,
                 _obj({**LIST["properties"], "group_by": {"type": "array"}}, ("data",)),
                 params=[
-                    _query("group_by", STRING, "comma-separated record fields, e.g. model,key"),
+                    _query(
+                        "group_by",
+                        STRING,
+                        "comma-separated: key, model, producer, account, upstream_model, "
+                        "status, day; rolled up: team, org (the key's account's ancestor of "
+                        "that kind), week (ISO), month",
+                    ),
                     _query("since", TIME),
                     _query("until", TIME),
                     _query("key", STRING, "a key id"),
                 ],
+            )
+        },
+        "/admin/v1/info": {
+            "get": _admin_op(
+                "The gateway's version and ledger currency",
+                200,
+                _obj({"version": STRING, "currency": STRING}, ("version", "currency")),
             )
         },
         "/admin/v1/health": {

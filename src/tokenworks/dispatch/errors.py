@@ -147,6 +147,8 @@ def from_upstream(exc: UpstreamError) -> UpstreamFailure:
                 message = str(upstream["error"].get("message") or message)
         except msgspec.DecodeError:
             pass
+        if exc.status in (401, 403) and "is unset" in exc.message:
+            message = f"{message}; {exc.message}"  # the operator's missing key, not the client's
         return UpstreamRejected(exc, message, exc.status)
     if exc.status == 429:
         return UpstreamAtCapacity(
@@ -155,5 +157,7 @@ def from_upstream(exc: UpstreamError) -> UpstreamFailure:
     if exc.reason == "timeout":
         return UpstreamTimedOut(exc, "the upstream timed out")
     if exc.reason == "connect":
-        return UpstreamUnreachable(exc, "no upstream for this model is reachable")
+        return UpstreamUnreachable(
+            exc, f"no upstream for this model is reachable; last: {exc.message}"
+        )
     return UpstreamBroken(exc, f"the upstream failed: {exc.message}")

@@ -369,7 +369,10 @@ class Engine:
     def customer(self, account_id: int) -> Account:
         acc = self.account(account_id)
         if acc.kind not in CUSTOMER_KINDS:
-            raise InvalidRequest(f"account {account_id} is an operator account")
+            raise InvalidRequest(
+                f"account {account_id} is an operator account ({acc.kind}): only customer "
+                "accounts (organisation, team, user, agent) hold credit, budgets and keys"
+            )
         return acc
 
     def path_ids(self, account_id: int) -> list[int]:
