@@ -165,6 +165,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: KeyLimits = msgspec.field(default_factory=KeyLimits)
     http: Http = msgspec.field(default_factory=Http)
     metrics: MetricsAccess = msgspec.field(default_factory=MetricsAccess)
+    # Send `X-Tokenworks-Cost` (the operator's own cost) to clients: off, since a reseller
+    # or a company charging its teams a markup does not show its margin to those it bills.
+    expose_cost_header: bool = False
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(ADMIN_KEY_ENV) or self.admin_key

@@ -413,3 +413,24 @@ def test_an_absurd_key_limit_is_a_400_and_makes_no_key(gateway: Gateway) -> None
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "limit.amount"
     assert "huge" not in [k["name"] for k in gateway.admin("GET", "/admin/v1/keys").json()["data"]]
+
+
+def test_the_balance_header_is_what_this_key_may_still_spend(gateway: Gateway) -> None:
+    """A key with a 0.01 limit on a 1.00 account sees its own 0.01 less what it spent, not
+    the organisation's balance; plain answers and streams alike."""
+    limit = {"amount": "0.01", "period": "day"}
+    _, key = gateway.funded_key(1_000_000_000, limit=limit)
+    raw = client(gateway, key["key"]).chat.completions.with_raw_response.create(
+        model="chat-fast", messages=CHAT, max_tokens=10
+    )
+    price = nano(raw.headers["x-tokenworks-price"])
+    assert nano(raw.headers["x-tokenworks-balance"]) == 10_000_000 - price
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        headers={"Authorization": f"Bearer {key['key']}"},
+        json={"model": "chat-fast", "messages": CHAT, "max_tokens": 12, "stream": True},
+    ) as r:
+        held = nano(r.headers["x-tokenworks-balance"])
+        r.read()
+    assert 0 <= held < 10_000_000 - price  # the stream's worst case is held out of the limit

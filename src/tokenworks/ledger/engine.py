@@ -1004,6 +1004,12 @@ class Engine:
                 b.held_nano += amount_nano
             if delegations:
                 self._shift_delegated(scopes, -amount_nano, now_ms)
+            # What this key may still spend with the hold in place: credit, capped by the
+            # tightest budget it is checked against (the balance header's figure).
+            after = available - amount_nano
+            for b in touched:
+                if b.scope not in parents_in_hold:
+                    after = min(after, max(0, b.room_nano))
             h = Hold(
                 id=request_id,
                 chain=tuple(path),
@@ -1012,7 +1018,7 @@ class Engine:
                 legs=legs,
                 created_ms=now_ms,
                 expires_ms=now_ms + ttl_ms,
-                available_after_nano=available - amount_nano,
+                available_after_nano=after,
             )
             # Nothing is journalled: held amounts are not stored (see `restore`), and the hold
             # is written once, when it closes.
@@ -1265,6 +1271,24 @@ class Engine:
         figure, without the rest of `balance()` (budgets, grant rolls) on the hot path."""
         with self._lock:
             return self._payer(account_id).available_nano()
+
+    def spendable(self, account_id: int, key_scopes: Iterable[str], now_ms: int) -> int:
+        """What a request paid by `account_id` under these key scopes may still spend: the
+        chain's credit, capped by the tightest budget room a hold would be checked against
+        (the balance header's figure: a key sees its own limit, not the organisation's)."""
+        with self._lock:
+            payer = self._payer(account_id)
+            left = payer.available_nano()
+            scopes = list(payer.scopes)
+            for k in key_scopes:
+                k = k if k.startswith("key:") else f"key:{k}"
+                scopes += self._key_lineage(k) if k in self.scope_parent else [k]
+            parents = {self.scope_parent[s] for s in scopes if s in self.scope_parent}
+            for s in scopes:
+                if s in self.budgets and s not in parents:
+                    for b in self._budgets_of(s, now_ms):
+                        left = min(left, b.room_nano)
+            return max(0, left)
 
     def all_budgets(self, now_ms: int) -> list[Budget]:
         """Every budget, rolled to `now_ms` (for audits; O(budgets))."""

@@ -493,6 +493,11 @@ class Ledger:
         """From memory: always current, never waits on the store."""
         return self.engine.balance(account_id, self.now_ms())
 
+    def spendable(self, payer_id: int, key_scopes: Iterable[str]) -> int:
+        """What a key paid by this account may still spend: credit (parents' included),
+        capped by the tightest budget on the chain and the key's scopes."""
+        return self.engine.spendable(payer_id, key_scopes, self.now_ms())
+
     def available_to(self, payer_id: int) -> int:
         """What a hold on this account could draw now, its parents' credit included: the
         payer's balance after a settlement, cheaper than `balance` on the hot path."""
