@@ -611,3 +611,19 @@ def test_cli_prints_a_retry_key_when_the_outcome_is_unknown(tmp_path: Any) -> No
     assert result.returncode == 1
     assert "502" in result.stderr
     assert "--idempotency-key" in result.stderr
+
+
+def test_a_transfer_refused_for_grant_credit_says_it_cannot_be_transferred(
+    gateway: Gateway,
+) -> None:
+    org = create(gateway, "acme")
+    team = create(gateway, "team", org)
+    top_up(gateway, org, "0.01")
+    body = {"amount": "4.99", "idempotency_key": "g-1"}
+    ok(gateway.admin("POST", f"/admin/v1/accounts/{org}/grants", json=body))
+    transfer = {"from": org, "to": team, "amount": "1", "idempotency_key": "t-1"}
+    r = gateway.admin("POST", "/admin/v1/transfers", json=transfer)
+    assert r.status_code == 402
+    message = r.json()["error"]["message"]
+    assert "0.01 available" in message, message
+    assert "other 4.99 is grant credit" in message and "cannot be transferred" in message

@@ -175,7 +175,7 @@ def test_a_key_limit_stops_spending_at_the_limit(gateway: Gateway) -> None:
             break
     assert served >= 1 and refused is not None and refused.status_code == 402
     assert f"key:{key['id']}" in refused.body["message"]
-    assert "day budget exhausted" in refused.body["message"]
+    assert "day budget too small" in refused.body["message"]  # room left, below the worst case
     charged = 1_000_000_000 - spent(gateway, account).available_nano
     assert 0 < charged <= limit
     assert check(gateway) == []
@@ -434,3 +434,16 @@ def test_the_balance_header_is_what_this_key_may_still_spend(gateway: Gateway) -
         held = nano(r.headers["x-tokenworks-balance"])
         r.read()
     assert 0 <= held < 10_000_000 - price  # the stream's worst case is held out of the limit
+
+
+def test_a_402_from_the_worst_case_hold_says_a_lower_max_tokens_may_fit(gateway: Gateway) -> None:
+    limit = {"amount": "0.01", "period": "day"}  # 5,000 output tokens at 2.00 per million
+    _, key = gateway.funded_key(1_000_000_000, limit=limit)
+    c = client(gateway, key["key"])
+    with pytest.raises(openai.APIStatusError) as err:
+        c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=100_000)
+    assert err.value.status_code == 402
+    message = err.value.body["message"]
+    assert "day budget too small" in message and "0.01 available" in message, message
+    assert "a lower max_tokens may be served" in message
+    c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=10)  # and it is

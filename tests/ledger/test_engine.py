@@ -240,7 +240,7 @@ def test_hold_draws_leaf_first_then_parents_and_refusal_names_the_limit() -> Non
     with pytest.raises(Refused) as e:
         eng.hold("r3", [user], 201, ttl_ms=1000, now_ms=T0)  # team: 500 - 300 held
     assert (e.value.scope, e.value.limit_kind) == (f"account:{team}", "budget:day")
-    assert "day budget exhausted" in str(e.value)
+    assert "day budget too small" in str(e.value)
     eng.set_budget("key:k1", 50, Period.TOTAL, idempotency_key=k(), now_ms=T0)
     with pytest.raises(Refused) as e:
         eng.hold("r4", [user], 60, key_scopes=["k1"], ttl_ms=1000, now_ms=T0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import msgspec
 
-from tokenworks.ledger import Refused
+from tokenworks.ledger import Refusal, Refused
 from tokenworks.money import format_nano
 from tokenworks.producers.openai_compat import UpstreamError
 
@@ -65,12 +65,18 @@ class HoldRefused(DispatchError):
 
     def __init__(self, refused: Refused) -> None:
         self.refused = refused
-        super().__init__(
-            refused.describe(
-                f"this request may cost up to {format_nano(refused.needed_nano)}",
-                format_nano(max(refused.available_nano, 0)),
-            )
+        message = refused.describe(
+            f"this request may cost up to {format_nano(refused.needed_nano)}",
+            format_nano(max(refused.available_nano, 0)),
         )
+        if refused.available_nano > 0 and refused.reason in (Refusal.CREDIT, Refusal.BUDGET):
+            # Not spent out: the hold is the worst case (every output token up to max_tokens,
+            # or the model's limit), and a smaller one may well fit in what is left.
+            message += (
+                " (the worst case, at max_tokens output tokens): a lower max_tokens may be "
+                "served from what is left"
+            )
+        super().__init__(message)
 
 
 class HoldUnavailable(DispatchError):

@@ -67,6 +67,7 @@ from tokenworks.ledger.rows import (
     grant_row,
     hold_row,
 )
+from tokenworks.money import format_nano
 
 OPERATOR_ACCOUNTS = (
     ("operator:topups", AccountKind.TOPUPS),
@@ -659,7 +660,18 @@ class Engine:
             cash = self.buckets[src.cash_bucket_id]  # type: ignore[index]  # customers have one
             free = cash.remaining_nano - cash.held_nano
             if free < amount_nano:
-                raise Refused(account_scope(src.id), Refusal.CREDIT, amount_nano, free)
+                granted = sum(
+                    max(0, b.remaining_nano - b.held_nano)
+                    for b in (self.buckets[i] for i in src.bucket_ids)
+                    if b.grant_id is not None
+                )
+                note = (
+                    f"the account's other {format_nano(granted)} is grant credit, which stays "
+                    "with the account it was granted to and cannot be transferred"
+                    if granted
+                    else ""
+                )
+                raise Refused(account_scope(src.id), Refusal.CREDIT, amount_nano, free, note=note)
             t = self._post(
                 TransferKind.TRANSFER,
                 src,
