@@ -172,3 +172,19 @@ def test_serve_says_where_it_listens_and_which_keys_are_missing(stage: dict) -> 
     assert "warning: $DEEPSEEK_API_KEY is unset" in err
     assert "model:     chat-fast -> local/canned-1, backup/canned-1" in err
     assert "Traceback" not in err
+
+
+def test_serve_access_log_logs_each_request(stage: dict) -> None:
+    env, procs = stage["env"], stage["procs"]
+    env["TOKENWORKS_ADMIN_KEY"] = "x"
+    port = stage["gw"].rsplit(":", 1)[1]
+    argv = [str(BIN / "tokenworks"), "serve", "--config", str(stage["config"]), "--port", port]
+    proc = subprocess.Popen(
+        [*argv, "--access-log"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    procs.append(proc)
+    wait_healthy(stage["gw"] + "/healthz", proc)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    procs.remove(proc)
+    assert '"GET /healthz HTTP/1.1" 200' in out, out

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     serve.add_argument(
-        "--access-log", action="store_true", help="log one line per request to stderr"
+        "--access-log", action="store_true", help="log one line per request (to stdout)"
     )
     serve.set_defaults(func=_serve)
 
