@@ -137,6 +137,8 @@ def test_version_config_check_and_help() -> None:
     )
     good = tw(None, "config", "check", str(ROOT / "examples" / "tokenworks.yaml"))
     assert good.returncode == 0 and ": ok: 4 producers, 4 models" in good.stdout
+    providers = tw(None, "config", "check", str(ROOT / "examples" / "providers.yaml"))
+    assert providers.returncode == 0 and ": ok: 3 producers, 2 models" in providers.stdout
     sim_help = tw(None, "upstream-sim", "--help").stdout  # its fault list is its own
     for profile in ("instant", "fast", "cheap", "slow", "flaky"):
         assert profile in sim_help

@@ -188,3 +188,30 @@ def test_serve_access_log_logs_each_request(stage: dict) -> None:
     out, _ = proc.communicate(timeout=30)
     procs.remove(proc)
     assert '"GET /healthz HTTP/1.1" 200' in out, out
+
+
+def test_every_command_in_the_docs_exists() -> None:
+    """Each `tokenworks ...` line in README.md and docs/*.md names a command that exists
+    (its words up to the first argument or option answer `--help`)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    seen: set[tuple[str, ...]] = set()
+    for page in pages:
+        in_code = False
+        for line in page.read_text().splitlines():
+            if line.startswith("```"):
+                in_code = not in_code
+                continue
+            if in_code:
+                words = line.split("#", 1)[0].split()
+                if words[:1] == ["tokenworks"]:
+                    path = tuple(w for w in words[1:3] if re.fullmatch(r"[a-z][a-z-]*", w))
+                    seen.add(path[:1] if path and path[0] not in _GROUPS else path)
+    assert ("keys", "create") in seen and ("statement",) in seen
+    for path in sorted(seen):
+        done = subprocess.run(
+            [str(BIN / "tokenworks"), *path, "--help"], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, f"tokenworks {' '.join(path)}: {done.stderr}"
+
+
+_GROUPS = {"keys", "accounts", "grants", "budgets", "ledger", "config"}
