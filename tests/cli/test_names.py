@@ -170,3 +170,25 @@ def test_money_columns_share_their_decimals() -> None:
     assert money_column(["1", "2.5"]) == ["1.00", "2.50"]
     assert money_column(["1234.5"]) == ["1,234.50"]
     assert money_column(["0.000000001"]) == ["0.000000"]  # six places at most
+
+
+def test_grants_list_and_revoke(gateway: Gateway) -> None:
+    ok(tw(gateway, "accounts", "create", "acme"))
+    ok(tw(gateway, "topup", "acme", "1"))
+    made = ok(tw(gateway, "grants", "add", "acme", "5", "--every", "month", "--rollover", "2"))
+    grant = re.search(r"grant (\d+): 5\.00 USD to account \d+ \(acme\) every month", made)
+    assert grant, made
+    listed = ok(tw(gateway, "grants", "list", "acme"))
+    assert grant.group(1) in listed and "month" in listed and "up to 2" in listed
+    revoked = ok(tw(gateway, "grants", "revoke", "acme", grant.group(1)))
+    assert f"revoked grant {grant.group(1)} of account" in revoked
+    assert "5.00 USD of unspent credit expired" in revoked
+    assert grant.group(1) not in ok(tw(gateway, "grants", "list", "acme")).split("───")[-1]
+    again = ok(tw(gateway, "grants", "revoke", "acme", grant.group(1)))  # idempotent
+    assert "revoked grant" in again
+    shown = json.loads(tw(gateway, "accounts", "show", "acme", "--json").stdout)
+    assert shown["balance"]["available"] == "1"  # the cash stays
+    missing = tw(gateway, "grants", "revoke", "acme", "999")
+    assert missing.returncode == 1 and "404" in missing.stderr
+    check = ok(tw(gateway, "ledger", "check"))
+    assert "sound" in check

@@ -483,6 +483,17 @@ def _admin_paths() -> Schema:
                 params=[ACCOUNT_PATH],
             )
         },
+        "/admin/v1/accounts/{account_id}/grants/{grant_id}": {
+            "delete": _admin_op(
+                "Revoke a grant: nothing more is issued, its unspent credit expires now",
+                200,
+                _obj(
+                    {"id": {"type": "integer"}, "revoked": {"const": True}, "expired": STRING},
+                    ("id", "revoked", "expired"),
+                ),
+                params=[ACCOUNT_PATH, _path("grant_id", {"type": "integer", "minimum": 1})],
+            )
+        },
         "/admin/v1/accounts/{account_id}/grants": {
             "post": _admin_write(
                 "Grant an allowance (one-off or recurring)",

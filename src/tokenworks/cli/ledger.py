@@ -90,6 +90,12 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     glist = grants_sub.add_parser("list", help="an account's active grants")
     glist.add_argument("account", help=ACCOUNT_HELP)
     common(glist)
+    grevoke = grants_sub.add_parser(
+        "revoke", help="end a grant now: no more issues, its unspent credit expires"
+    )
+    grevoke.add_argument("account", help=ACCOUNT_HELP)
+    grevoke.add_argument("grant", type=int, metavar="GRANT", help="grant id (grants list)")
+    common(grevoke)
 
     topup = sub.add_parser("topup", help="paid credit into an account")
     topup.add_argument("account", help=ACCOUNT_HELP)
@@ -177,6 +183,9 @@ class _Call:
         self.sent_key = self.key or str(uuid.uuid4())
         body = {**body, "idempotency_key": self.sent_key}
         return request("POST", path, body, url=self.url, admin_key=self.admin_key)
+
+    def delete(self, path: str) -> Any:
+        return request("DELETE", path, url=self.url, admin_key=self.admin_key)
 
     def get_text(self, path: str) -> str:
         return request_bytes("GET", path, url=self.url, admin_key=self.admin_key).decode()
@@ -298,6 +307,11 @@ def _spent_this_month(call: _Call, accounts: list[dict[str, Any]]) -> dict[int, 
 
 def _grants(args: argparse.Namespace, call: _Call) -> int:
     account = _account(call, args.account)
+    if args.grants_command == "revoke":
+        r = call.delete(f"/admin/v1/accounts/{account['id']}/grants/{args.grant}")
+        unit = currency(call.get)
+        expired = f"; {money(r['expired'])} {unit} of unspent credit expired"
+        return call.show(r, f"revoked grant {r['id']} of {_label(account)}{expired}")
     if args.grants_command == "list":
         r = call.get(f"/admin/v1/accounts/{account['id']}")
         if call.raw:

@@ -580,6 +580,42 @@ class Engine:
         with self._lock:
             return self._idempotent(idempotency_key, "grant", body, apply)
 
+    def revoke_grant(
+        self, account_id: int, grant_id: int, *, idempotency_key: str, now_ms: int
+    ) -> dict[str, Any]:
+        """End a grant now: no further issues, and what is left of its current period's
+        credit expires (held credit expires as its holds release), as at a period's end."""
+
+        def apply() -> dict[str, Any]:
+            g = self.grants.get(grant_id)
+            if g is None or g.account_id != account_id:
+                raise NotFound(f"no grant {grant_id} on account {account_id}")
+            self._advance_grants(now_ms)  # what fell due before now happens first
+            if not g.active:
+                return {"grant_id": g.id, "expired_nano": 0}
+            acc = self.accounts[g.account_id]
+            old = self.buckets.get(g.bucket_id) if g.bucket_id is not None else None
+            g.active = False
+            g.next_due_ms = None
+            expired = 0
+            if old is not None:
+                expired = max(0, old.remaining_nano - old.held_nano)
+                if expired:
+                    expired_acc = self.operator_account(AccountKind.EXPIRED)
+                    self._post(
+                        TransferKind.EXPIRE, acc, expired_acc, expired, now_ms, debit_bucket=old
+                    )
+                old.ended = True
+                self._dirty_bucket(old)
+                self._maybe_close(old)
+            self.journal.grants[g.id] = g
+            self.seq += 1
+            return {"grant_id": g.id, "expired_nano": expired}
+
+        with self._lock:
+            body = {"account": account_id, "grant": grant_id}
+            return self._idempotent(idempotency_key, "revoke_grant", body, apply)
+
     def _advance_grants(self, now_ms: int) -> None:
         """Issue, refill, roll over and expire every grant that is due at `now_ms`."""
         heap = self._grant_heap

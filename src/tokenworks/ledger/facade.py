@@ -287,6 +287,16 @@ class Ledger:
         )
         return int(r["grant_id"])
 
+    async def revoke_grant(self, account_id: int, grant_id: int, *, idempotency_key: str) -> int:
+        """End a grant now; returns what of its current credit expired (nano)."""
+        r = await self._durable(
+            lambda: self.engine.revoke_grant(
+                account_id, grant_id, idempotency_key=idempotency_key, now_ms=self.now_ms()
+            ),
+            idempotency_key,
+        )
+        return int(r["expired_nano"])
+
     async def transfer(
         self,
         from_id: int,
