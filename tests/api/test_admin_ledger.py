@@ -420,6 +420,23 @@ def test_retries_are_recognised_after_a_restart(make_gateway, sim_a: Sim) -> Non
         error(post(gw, f"/admin/v1/accounts/{org}/topups", {"amount": "5"}, key="t-1"), 409)
 
 
+def test_a_revoked_grant_stays_revoked_after_a_restart(make_gateway, sim_a: Sim) -> None:
+    producers = {"a": sim_a.url, "b": sim_a.url}
+    with make_gateway(producers, MODELS, name="revoke") as gw:
+        org = create(gw, "acme")
+        top_up(gw, org, "1")
+        body = {"amount": "3", "recurring": {"period": "day"}}
+        grant = ok(post(gw, f"/admin/v1/accounts/{org}/grants", body))["id"]
+        r = ok(gw.admin("DELETE", f"/admin/v1/accounts/{org}/grants/{grant}"), 200)
+        assert r["revoked"] is True and r["expired"] == "3"
+        assert available_nano(gw, org) == NANO
+    with make_gateway(producers, MODELS, name="revoke") as gw:
+        assert available_nano(gw, org) == NANO
+        assert account(gw, org)["grants"] == []
+        error(gw.admin("DELETE", f"/admin/v1/accounts/{org}/grants/{grant + 1}"), 404)
+        assert ok(gw.admin("GET", "/admin/v1/ledger/check"), 200)["ok"] is True
+
+
 # --------------------------------------------------------------------------- statements
 
 
