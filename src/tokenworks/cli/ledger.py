@@ -236,17 +236,20 @@ def _accounts(args: argparse.Namespace, call: _Call) -> int:
         parent = f" under {_label(_account(call, str(r['parent_id'])))}"
     lines = [
         f"{r['kind']} {_label(r)}{parent}",
-        f"available {b['available']} {unit}, held {b['held']}, balance {b['total']}"
-        f" (with what its parents lend: {b['chain_available']})",
+        f"available {money(b['available'])} {unit}, held {money(b['held'])}, "
+        f"balance {money(b['total'])}",
+        f"available with what its parents lend: {money(b['chain_available'])} {unit}",
     ]
     for bucket in r["buckets"]:
         expiry = f", expires {when(bucket['expires_at'])}" if bucket["expires_at"] else ""
         source = "cash" if bucket["source"] == "cash" else f"grant {bucket['grant_id']}"
-        lines.append(f"  {source}: {bucket['remaining']} (held {bucket['held']}){expiry}")
+        lines.append(
+            f"  {source}: {money(bucket['remaining'])} (held {money(bucket['held'])}){expiry}"
+        )
     for budget in r["budgets"]:
         lines.append(
-            f"  budget per {budget['period']} ({budget['tz']}): limit {budget['limit']}, "
-            f"spent {budget['spent']}, room {budget['room']}"
+            f"  budget per {budget['period']} ({budget['tz']}): limit {money(budget['limit'])}, "
+            f"spent {money(budget['spent'])}, room {money(budget['room'])}"
         )
     call.console.print("\n".join(lines), highlight=False)
     return 0

@@ -185,7 +185,8 @@ def _ledger_admin(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenworks",
-        description=__doc__,
+        description="A token utility: dispatch, meter, price and settle LLM tokens. "
+        "`tokenworks COMMAND --help` says what a command takes.",
         epilog="Admin commands talk to a running gateway: set TOKENWORKS_ADMIN_KEY, and "
         "TOKENWORKS_URL or --url when it is not on http://127.0.0.1:8000.",
     )
