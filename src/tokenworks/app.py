@@ -60,6 +60,7 @@ class Gateway:
             config.limits.max_attempts,
             client_stall_timeout_s=config.limits.client_stall_timeout_s,
         )
+        self.relay.expose_cost = config.expose_cost_header
 
     async def start(self) -> None:
         # Vocabularies are copied before the first request, never during one.

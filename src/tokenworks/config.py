@@ -214,6 +214,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http: Http = msgspec.field(default_factory=Http)
     metrics: MetricsAccess = msgspec.field(default_factory=MetricsAccess)
     retention: Retention = msgspec.field(default_factory=Retention)
+    # Send `X-Tokenworks-Cost` (the operator's own cost) to clients: off, since a reseller
+    # or a company charging its teams a markup does not show its margin to those it bills.
+    expose_cost_header: bool = False
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(ADMIN_KEY_ENV) or self.admin_key
@@ -226,7 +229,19 @@ def load(path: str | Path) -> Config:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return loads(text, source=str(path))
+    config = loads(text, source=str(path))
+    config.database = anchored_database(config.database, path.parent)
+    return config
+
+
+def anchored_database(url: str, base: Path) -> str:
+    """A relative `sqlite:///file.db` made absolute against `base` (the config file's folder):
+    where the ledger lives must not depend on the directory `serve` was started from, or a
+    gateway started elsewhere silently opens an empty ledger."""
+    rest = url.removeprefix("sqlite:///")
+    if rest == url or rest.startswith("/") or rest in ("", ":memory:"):
+        return url
+    return "sqlite:///" + str((base / rest).resolve())
 
 
 def loads(text: str, source: str = "<config>", *, check_prices: bool = True) -> Config:

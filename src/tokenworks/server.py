@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
+import logging
 import os
 import re
 import socket
@@ -22,7 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenworks.api.errors import error_body
-from tokenworks.config import CONFIG_ENV, ConfigError, Http, load
+from tokenworks.config import CONFIG_ENV, Config, ConfigError, Http, load
 
 START_TIMEOUT_S = 15.0
 GC_GEN0_THRESHOLD = 20_000  # objects; CPython's default of 700 collects every few requests
@@ -149,8 +151,7 @@ def uvicorn_config(app: Any, **kwargs: Any) -> uvicorn.Config:
         loop="uvloop",
         http=bounded_protocol(http),
         log_level="warning",
-        access_log=False,
-        **kwargs,
+        **{"access_log": False, **kwargs},
     )
 
 
@@ -190,7 +191,7 @@ def serve_in_thread(app: Any, port: int | None = None, host: str = "127.0.0.1") 
         sock.close()
 
 
-def serve(config_path: str | None, host: str, port: int) -> int:
+def serve(config_path: str | None, host: str, port: int, access_log: bool = False) -> int:
     path = config_path or os.environ.get(CONFIG_ENV)
     if not path:
         print(f"tokenworks: no config; pass --config FILE or set {CONFIG_ENV}", file=sys.stderr)
@@ -200,6 +201,10 @@ def serve(config_path: str | None, host: str, port: int) -> int:
     except ConfigError as exc:
         print(f"tokenworks: {exc}", file=sys.stderr)
         return 2
+    busy = database_in_use(config.database)
+    if busy is not None:
+        print(f"tokenworks: {busy}", file=sys.stderr)
+        return 1
     from tokenworks.app import build_app
 
     try:
@@ -221,13 +226,79 @@ def serve(config_path: str | None, host: str, port: int) -> int:
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
     app.state.gateway.freeze_gc_after_start = True  # and the ledger's state, once loaded
-    if not config.resolved_admin_key():
-        print("tokenworks: no admin key set; the admin API is disabled", file=sys.stderr)
-    server = uvicorn.Server(uvicorn_config(app, host=host, port=port, timeout_graceful_shutdown=10))
+    for line in startup_summary(config, path, host, port):
+        print(line, file=sys.stderr)
+    uv_config = uvicorn_config(
+        app, host=host, port=port, timeout_graceful_shutdown=10, access_log=access_log
+    )
+    if access_log:  # uvicorn's access lines are INFO; everything else of its stays quiet
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    server = uvicorn.Server(uv_config)
     server.run()
     # uvicorn returns (rather than raising) when the app's startup fails, e.g. a database
     # that went away between opening the stores and opening the ledger.
     return 0 if server.started else 1
+
+
+def database_in_use(url: str) -> str | None:
+    """Why this SQLite database cannot be served (another `serve` holds its lock), with the
+    fix; None when it is free. Checked before anything opens, so the answer is one line
+    rather than a failed startup's traceback."""
+    from tokenworks.db import backend, sqlite_path
+
+    if backend(url) != "sqlite" or sqlite_path(url) == ":memory:":
+        return None
+    lock = sqlite_path(url) + ".lock"
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return None  # no lock file yet: nobody has served it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return (
+            f"the database {sqlite_path(url)} is in use by another `tokenworks serve` "
+            f"(it holds {lock}): stop that one, or point this config's `database:` elsewhere"
+        )
+    finally:
+        os.close(fd)  # closing drops the lock, if taken
+    return None
+
+
+def startup_summary(config: Config, path: str, host: str, port: int) -> list[str]:
+    """What `serve` says before it listens: where, on which database, with which producers
+    (and whether their keys are set), serving which models."""
+    import tokenworks
+
+    shown_host = f"[{host}]" if ":" in host else host
+    lines = [
+        f"tokenworks {tokenworks.__version__}: serving http://{shown_host}:{port}/v1 "
+        f"(admin API at /admin/v1, metrics at /metrics)",
+        f"  config:    {os.path.abspath(path)}",
+        f"  database:  {redacted(config.database)}",
+    ]
+    for p in config.producers:
+        if not p.api_key_env:
+            key = "no key"
+        elif os.environ.get(p.api_key_env):
+            key = f"key from ${p.api_key_env}"
+        else:
+            key = f"${p.api_key_env} UNSET"
+        lines.append(f"  producer:  {p.name} {p.base_url} ({key})")
+    for m in config.models:
+        via = ", ".join(f"{d.producer}/{d.model}" for d in m.deployments)
+        lines.append(f"  model:     {m.name} -> {via}")
+    for p in config.producers:
+        if p.api_key_env and not os.environ.get(p.api_key_env):
+            lines.append(
+                f"warning: ${p.api_key_env} is unset: producer {p.name!r} is sent no key "
+                "(fine for a local server; a hosted provider refuses), export it and restart"
+            )
+    if not config.resolved_admin_key():
+        lines.append(
+            "warning: no admin key set; the admin API is disabled (export TOKENWORKS_ADMIN_KEY)"
+        )
+    return lines
 
 
 def redacted(url: str) -> str:

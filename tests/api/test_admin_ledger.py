@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import http.server
 import io
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -418,6 +420,23 @@ def test_retries_are_recognised_after_a_restart(make_gateway, sim_a: Sim) -> Non
         error(post(gw, f"/admin/v1/accounts/{org}/topups", {"amount": "5"}, key="t-1"), 409)
 
 
+def test_a_revoked_grant_stays_revoked_after_a_restart(make_gateway, sim_a: Sim) -> None:
+    producers = {"a": sim_a.url, "b": sim_a.url}
+    with make_gateway(producers, MODELS, name="revoke") as gw:
+        org = create(gw, "acme")
+        top_up(gw, org, "1")
+        body = {"amount": "3", "recurring": {"period": "day"}}
+        grant = ok(post(gw, f"/admin/v1/accounts/{org}/grants", body))["id"]
+        r = ok(gw.admin("DELETE", f"/admin/v1/accounts/{org}/grants/{grant}"), 200)
+        assert r["revoked"] is True and r["expired"] == "3"
+        assert available_nano(gw, org) == NANO
+    with make_gateway(producers, MODELS, name="revoke") as gw:
+        assert available_nano(gw, org) == NANO
+        assert account(gw, org)["grants"] == []
+        error(gw.admin("DELETE", f"/admin/v1/accounts/{org}/grants/{grant + 1}"), 404)
+        assert ok(gw.admin("GET", "/admin/v1/ledger/check"), 200)["ok"] is True
+
+
 # --------------------------------------------------------------------------- statements
 
 
@@ -551,7 +570,7 @@ def test_cli_covers_the_lifecycle(gateway: Gateway) -> None:
     assert [a["id"] for a in listed["data"]] == [team["id"]]
 
     table = tokenworks(gateway, "accounts", "show", str(user["id"]))
-    assert table.returncode == 0 and "grant" in table.stdout and "budget day" in table.stdout
+    assert table.returncode == 0 and "grant" in table.stdout and "budget per day" in table.stdout
     since = iso(datetime.now(UTC) - timedelta(hours=1))
     csv_out = tokenworks(gateway, "statement", str(org), "--since", since, "--csv")
     assert csv_out.returncode == 0, csv_out.stderr
@@ -559,7 +578,7 @@ def test_cli_covers_the_lifecycle(gateway: Gateway) -> None:
     assert totals["top_ups"] == "12.5" and totals["transfers_out"] == "2.5"
     assert totals["closing"] == "10"
     text = tokenworks(gateway, "statement", str(org), "--since", since)
-    assert text.returncode == 0 and "closing" in text.stdout and "10" in text.stdout
+    assert text.returncode == 0 and "Closing balance" in text.stdout and "10.00" in text.stdout
 
     # Refusals exit 1 with the gateway's message; a missing admin key exits 2.
     bad = tokenworks(gateway, "topup", str(org), "1e3")
@@ -574,4 +593,54 @@ def test_cli_prints_a_retry_key_when_the_outcome_is_unknown(tmp_path: Any) -> No
     unreachable = Gateway("http://127.0.0.1:9", None, tmp_path / "none.db")
     result = tokenworks(unreachable, "topup", "1", "5")
     assert result.returncode == 1
-    assert "cannot reach" in result.stderr and "--idempotency-key" in result.stderr
+    # Nothing was sent (the account is looked up first), so there is nothing to retry.
+    assert "cannot reach" in result.stderr and "--idempotency-key" not in result.stderr
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        """Finds the account, then fails the write with a 502: its outcome is unknown."""
+
+        def do_GET(self) -> None:
+            acme = {"id": 1, "name": "acme", "kind": "organisation"}
+            self._answer(200, {"data": [acme]} if "?" in self.path else acme)
+
+        def do_POST(self) -> None:
+            self._answer(502, {"error": {"message": "bad gateway"}})
+
+        def _answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        failing = Gateway(f"http://127.0.0.1:{server.server_port}", None, tmp_path / "x.db")
+        result = tokenworks(failing, "topup", "acme", "5")
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+    assert result.returncode == 1
+    assert "502" in result.stderr
+    assert "--idempotency-key" in result.stderr
+
+
+def test_a_transfer_refused_for_grant_credit_says_it_cannot_be_transferred(
+    gateway: Gateway,
+) -> None:
+    org = create(gateway, "acme")
+    team = create(gateway, "team", org)
+    top_up(gateway, org, "0.01")
+    body = {"amount": "4.99", "idempotency_key": "g-1"}
+    ok(gateway.admin("POST", f"/admin/v1/accounts/{org}/grants", json=body))
+    transfer = {"from": org, "to": team, "amount": "1", "idempotency_key": "t-1"}
+    r = gateway.admin("POST", "/admin/v1/transfers", json=transfer)
+    assert r.status_code == 402
+    message = r.json()["error"]["message"]
+    assert "0.01 available" in message, message
+    assert "other 4.99 is grant credit" in message and "cannot be transferred" in message

@@ -178,7 +178,7 @@ def test_a_key_limit_stops_spending_at_the_limit(gateway: Gateway) -> None:
             break
     assert served >= 1 and refused is not None and refused.status_code == 402
     assert f"key:{key['id']}" in refused.body["message"]
-    assert "day budget exhausted" in refused.body["message"]
+    assert "day budget too small" in refused.body["message"]  # room left, below the worst case
     charged = 1_000_000_000 - spent(gateway, account).available_nano
     assert 0 < charged <= limit
     assert check(gateway) == []
@@ -416,3 +416,37 @@ def test_an_absurd_key_limit_is_a_400_and_makes_no_key(gateway: Gateway) -> None
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "limit.amount"
     assert "huge" not in [k["name"] for k in gateway.admin("GET", "/admin/v1/keys").json()["data"]]
+
+
+def test_the_balance_header_is_what_this_key_may_still_spend(gateway: Gateway) -> None:
+    """A key with a 0.01 limit on a 1.00 account sees its own 0.01 less what it spent, not
+    the organisation's balance; plain answers and streams alike."""
+    limit = {"amount": "0.01", "period": "day"}
+    _, key = gateway.funded_key(1_000_000_000, limit=limit)
+    raw = client(gateway, key["key"]).chat.completions.with_raw_response.create(
+        model="chat-fast", messages=CHAT, max_tokens=10
+    )
+    price = nano(raw.headers["x-tokenworks-price"])
+    assert nano(raw.headers["x-tokenworks-balance"]) == 10_000_000 - price
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        headers={"Authorization": f"Bearer {key['key']}"},
+        json={"model": "chat-fast", "messages": CHAT, "max_tokens": 12, "stream": True},
+    ) as r:
+        held = nano(r.headers["x-tokenworks-balance"])
+        r.read()
+    assert 0 <= held < 10_000_000 - price  # the stream's worst case is held out of the limit
+
+
+def test_a_402_from_the_worst_case_hold_says_a_lower_max_tokens_may_fit(gateway: Gateway) -> None:
+    limit = {"amount": "0.01", "period": "day"}  # 5,000 output tokens at 2.00 per million
+    _, key = gateway.funded_key(1_000_000_000, limit=limit)
+    c = client(gateway, key["key"])
+    with pytest.raises(openai.APIStatusError) as err:
+        c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=100_000)
+    assert err.value.status_code == 402
+    message = err.value.body["message"]
+    assert "day budget too small" in message and "0.01 available" in message, message
+    assert "a lower max_tokens may be served" in message
+    c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=10)  # and it is

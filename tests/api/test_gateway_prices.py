@@ -53,7 +53,7 @@ def test_plain_response_carries_cost_and_price(priced) -> None:
     reply = response.parse()
     cost = reply.usage.prompt_tokens * 1_000 + 10 * 2_000
     price = cost * 3 // 2  # markup 0.5; exact here since cost is a multiple of 2
-    assert nano(response.headers["x-tokenworks-cost"]) == cost
+    assert "x-tokenworks-cost" not in response.headers  # the operator's cost is its own
     assert nano(response.headers["x-tokenworks-price"]) == price
     assert nano(reply.usage.model_extra["cost"]) == price
     [record] = priced.records()
@@ -149,3 +149,16 @@ def test_a_key_default_service_tier_prices_and_routes_its_requests(priced) -> No
     assert record.price_nano == cost * 3 // 4  # x1.5 markup x0.5 flex
     r = priced.admin("POST", "/admin/v1/keys", json={"name": "bad", "service_tier": "gold"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "service_tier"
+
+
+def test_the_cost_header_is_sent_only_when_the_config_exposes_it(make_gateway, sims) -> None:
+    a, _ = sims
+    with make_gateway({"a": a.url}, MODELS, TARIFF + "expose_cost_header: true\n") as gw:
+        key = gw.create_key()
+        raw = openai.OpenAI(base_url=gw.v1, api_key=key["key"], max_retries=0)
+        response = raw.chat.completions.with_raw_response.create(
+            model="m", messages=CHAT, max_tokens=10
+        )
+        reply = response.parse()
+        cost = reply.usage.prompt_tokens * 1_000 + 10 * 2_000
+        assert nano(response.headers["x-tokenworks-cost"]) == cost

@@ -17,6 +17,7 @@ from tokenworks.ledger.domain import (
     HoldStatus,
     IdempotencyConflict,
     InvalidRequest,
+    NotFound,
     Period,
     PolicyDenied,
     Recurrence,
@@ -240,7 +241,7 @@ def test_hold_draws_leaf_first_then_parents_and_refusal_names_the_limit() -> Non
     with pytest.raises(Refused) as e:
         eng.hold("r3", [user], 201, ttl_ms=1000, now_ms=T0)  # team: 500 - 300 held
     assert (e.value.scope, e.value.limit_kind) == (f"account:{team}", "budget:day")
-    assert "day budget exhausted" in str(e.value)
+    assert "day budget too small" in str(e.value)
     eng.set_budget("key:k1", 50, Period.TOTAL, idempotency_key=k(), now_ms=T0)
     with pytest.raises(Refused) as e:
         eng.hold("r4", [user], 60, key_scopes=["k1"], ttl_ms=1000, now_ms=T0)
@@ -530,3 +531,78 @@ def test_a_hold_names_a_real_path_to_its_payer() -> None:
     with pytest.raises(InvalidRequest):  # operator accounts never pay for requests
         eng.hold(k(), [expense], 10, ttl_ms=1000, now_ms=T0)
     assert eng.balance(org, T0).held_nano == 30 and eng.check(T0) == []
+
+
+def test_revoking_a_grant_expires_its_credit_and_stops_its_refills() -> None:
+    eng = fresh()
+    (org,) = tree(eng, depth=1)
+    eng.top_up(org, 1_000, idempotency_key=k(), now_ms=T0)
+    recurring = Recurrence(Period.DAY, "UTC")
+    gid = eng.grant(org, 500, recurring=recurring, idempotency_key=k(), now_ms=T0)["grant_id"]
+    spend(eng, [org], 200)  # the grant is spent first (its priority is below cash's)
+    eng.hold("open", [org], 100, ttl_ms=60_000, now_ms=T0)
+    r = eng.revoke_grant(org, gid, idempotency_key="rv", now_ms=T0 + 1)
+    assert r["expired_nano"] == 200  # 500 - 200 spent - 100 still held
+    assert eng.revoke_grant(org, gid, idempotency_key="rv", now_ms=T0 + 2) == r  # a retry
+    again = eng.revoke_grant(org, gid, idempotency_key="rv2", now_ms=T0 + 3)
+    assert again["expired_nano"] == 0  # already revoked: nothing more to expire
+    eng.settle("open", price_nano=60, cost_nano=0, producer="p", model="m", now_ms=T0 + 4)
+    day_ms = 86_400_000
+    assert eng.balance(org, T0 + 3 * day_ms).available_nano == 1_000  # no refill, cash intact
+    with pytest.raises(NotFound):
+        eng.revoke_grant(org + 1, gid, idempotency_key="rv3", now_ms=T0)
+    assert eng.check(T0 + 3 * day_ms) == []
+
+
+def test_thread_hammer_revoking_grants_while_spending_keeps_every_invariant() -> None:
+    eng = fresh()
+    org, _team, user = tree(eng)
+    eng.top_up(org, 50_000, idempotency_key=k(), now_ms=T0)
+    recurring = Recurrence(Period.DAY, "UTC")
+    grants = [
+        eng.grant(user, 3_000, recurring=recurring, idempotency_key=k(), now_ms=T0)["grant_id"]
+        for _ in range(6)
+    ]
+    errors: list[BaseException] = []
+
+    def spender(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for i in range(300):
+                rid = f"g{seed}-{i}"
+                try:
+                    eng.hold(rid, [user], rnd.randint(10, 400), ttl_ms=60_000, now_ms=T0)
+                except Refused:
+                    continue
+                h = eng.find_hold(rid)
+                assert h is not None
+                if rnd.random() < 0.8:
+                    price = rnd.randint(0, h.amount_nano)
+                    eng.settle(rid, price_nano=price, cost_nano=0, producer="p", model="m",
+                               now_ms=T0)  # fmt: skip
+                else:
+                    eng.void(rid, now_ms=T0)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    def revoker() -> None:
+        try:
+            for gid in grants:
+                time.sleep(0.001)
+                eng.revoke_grant(user, gid, idempotency_key=f"rv-{gid}", now_ms=T0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=spender, args=(s,)) for s in range(4)]
+    threads.append(threading.Thread(target=revoker))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert all(not eng.grants[g].active for g in grants)
+    assert all(h.status is HoldStatus.OPEN for h in eng.holds.values())
+    assert eng.check(T0) == []
+    # Nothing of a revoked grant is left to spend: only cash remains available.
+    granted_left = sum(b.remaining_nano for b in eng.buckets.values() if b.grant_id in set(grants))
+    assert granted_left == 0

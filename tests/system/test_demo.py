@@ -17,7 +17,7 @@ def test_demo_runs_for_its_duration_and_writes_a_report(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "COLUMNS": "160"},
+        env={**os.environ, "COLUMNS": "80", "LINES": "24"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tokens by agent" in result.stdout and "tokens by producer" in result.stdout
@@ -39,7 +39,44 @@ def test_demo_runs_for_its_duration_and_writes_a_report(tmp_path: Path) -> None:
     assert set(accounts) == {"acme", "platform", "research", "alice", "bob", "carol", "dave"}
     assert all(row["held"] == "0" for row in accounts.values())
     spent = sum(Decimal(row["price_nano"]) for row in report["by_model"]) / 10**9
-    team_spend = Decimal(accounts["platform"]["spent_this_period"]) + Decimal(
-        accounts["research"]["spent_this_period"]
+    team_spend = Decimal(accounts["platform"]["spent"]) + Decimal(accounts["research"]["spent"])
+    assert team_spend == spent == Decimal(accounts["acme"]["spent"])
+    # A user's spend shows though it has no budget of its own, and adds up to its team's.
+    users = sum(Decimal(accounts[u]["spent"]) for u in ("alice", "bob"))
+    assert users == Decimal(accounts["platform"]["spent"]) and users > 0
+    # The slow producer serves too (first in line for chat-cheap); cheap takes what slow
+    # refuses at capacity, which depends on the load of the moment, so it is not asserted.
+    served = {row["producer"]: row["requests"] for row in report["by_producer"]}
+    assert served.get("fast", 0) > 0 and served.get("slow", 0) > 0, served
+    assert "None" not in result.stdout
+    for line in result.stdout.splitlines():
+        assert len(line) <= 80, line
+    # The database stays to be explored, and the way to is printed.
+    assert (tmp_path / "demo-report" / "tokenworks.db").exists()
+    assert "tokenworks serve --config demo-report/tokenworks.yaml" in result.stdout
+    assert "export TOKENWORKS_ADMIN_KEY=demo-admin-key" in result.stdout
+
+
+def test_the_live_screen_fits_80_by_24_and_says_what_happened() -> None:
+    from rich.console import Console
+
+    from tokenworks.cli.demo import TOP_AGENTS, Snapshot, Tally, screen
+
+    tally = Tally(requests=1234, refused=3, failures=2, tasks=99, subagents=12)
+    tally.spent_nano, tally.runaway_stopped_after = 1_234_567_891, 1
+    accounts = ["acme", "platform", "alice", "bob", "research", "carol", "dave"]
+    snap = Snapshot(
+        accounts=[(name, "12.5", "0.000123") for name in accounts],
+        producers=[("fast", 900, 890, 0, 3), ("cheap", 200, 150, 50, 8), ("slow", 80, 40, 40, 4)],
+        agents=[(f"agent-{i}", 10 * i, f"0.{i:06d}") for i in range(TOP_AGENTS)],
+        agent_count=58,
     )
-    assert team_spend == spent
+    console = Console(width=80, height=24, record=True, color_system=None)
+    console.print(screen(tally, snap, 30.0, 60.0, "USD"))
+    text = console.export_text()
+    lines = text.rstrip("\n").splitlines()
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines), text
+    assert "spent 1.234568 USD" in text and "1,229 served" in text.replace("1,234 requests: ", "")
+    assert "58 in all" in text and "slow" in text and "429" in text
+    assert "after 1 answered turn" in text and "turns" not in text.split("runaway")[1]
+    assert "None" not in text

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import tokenworks
 from tokenworks.api.errors import ApiError
 from tokenworks.api.idempotency import idempotency_key
 from tokenworks.api.key_requests import (
@@ -28,6 +29,7 @@ from tokenworks.api.key_requests import (
 from tokenworks.api.openai import GatewayView, gateway_of, open_ledger, read_json
 from tokenworks.keys import lifecycle
 from tokenworks.ledger import LedgerError, NotFound
+from tokenworks.metering import regroup
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import PricingError
 
@@ -253,13 +255,15 @@ async def usage(request: Request) -> Response:
         # not wait for it (the store reads on its own connection, under a time limit).
         rows = await asyncio.to_thread(
             gateway.store.query,
-            groups,
+            regroup.stored_groups(groups),
             since_ms=parse_time_ms(params.get("since"), "since"),
             until_ms=parse_time_ms(params.get("until"), "until"),
             key_id=params.get("key") or None,
         )
     except ValueError as exc:
-        raise ApiError(400, str(exc), param="group_by") from exc
+        raise ApiError(400, f"{exc}, {_DERIVED_GROUPS}", param="group_by") from exc
+    if any(g in regroup.TREE_GROUPS or g in regroup.PERIOD_GROUPS for g in groups):
+        rows = regroup.rollup(groups, rows, _ancestors(gateway, groups))
     data = []
     for row in rows:
         item: dict[str, Any] = dict(row.group)
@@ -274,6 +278,30 @@ async def usage(request: Request) -> Response:
     return json_response({"object": "list", "group_by": groups, "data": data})
 
 
+_DERIVED_GROUPS = "team, org, week, month"
+
+
+def _ancestors(gateway: Any, groups: list[str]) -> regroup.AncestorOf:
+    """Each account's parent and kind, read once per query when a tree group is asked."""
+    if not any(g in regroup.TREE_GROUPS for g in groups):
+        return regroup.ancestor_finder({})
+    ledger = open_ledger(gateway)
+    return regroup.ancestor_finder({a.id: (a.parent_id, str(a.kind)) for a in ledger.accounts()})
+
+
+@_admin
+async def info(request: Request) -> Response:
+    """What a client needs to present amounts: the ledger currency; and the version."""
+    gateway = gateway_of(request)
+    return json_response(
+        {
+            "object": "gateway",
+            "version": tokenworks.__version__,
+            "currency": gateway.pricer.currency,
+        }
+    )
+
+
 @_admin
 async def health(request: Request) -> Response:
     return json_response({"producers": gateway_of(request).router.health.snapshot()})
@@ -286,4 +314,5 @@ routes = [
     Route("/admin/v1/keys/{key_id}", revoke_key, methods=["DELETE"]),
     Route("/admin/v1/usage", usage, methods=["GET"]),
     Route("/admin/v1/health", health, methods=["GET"]),
+    Route("/admin/v1/info", info, methods=["GET"]),
 ]

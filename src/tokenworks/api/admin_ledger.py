@@ -510,6 +510,29 @@ async def create_grant(request: Request, ledger: Ledger) -> Response:
 
 
 @_ledger_endpoint
+async def revoke_grant(request: Request, ledger: Ledger) -> Response:
+    """End a grant: nothing more is issued and its unspent credit expires now. Revoking is
+    idempotent by nature (a revoked grant stays revoked), so the key derives from the grant."""
+    account_id = _path_account(request)
+    raw = request.path_params["grant_id"]
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 19):
+        raise ApiError(404, f"no grant {raw!r}", code="not_found")
+    grant_id = int(raw)
+    key = f"{IDEMPOTENCY_PREFIX}revoke-grant:{account_id}:{grant_id}"
+    expired = await ledger.revoke_grant(account_id, grant_id, idempotency_key=key)
+    return json_response(
+        {
+            "object": "ledger.grant",
+            "id": grant_id,
+            "account_id": account_id,
+            "revoked": True,
+            "expired": format_nano(expired),
+            "expired_nano": expired,
+        }
+    )
+
+
+@_ledger_endpoint
 async def create_transfer(request: Request, ledger: Ledger) -> Response:
     body = await _body(request, {"from", "to", "amount", "actor"})
     key = _idempotency_key(request, body)
@@ -556,7 +579,7 @@ async def set_budget(request: Request, ledger: Ledger) -> Response:
 @_ledger_endpoint
 async def list_budgets(request: Request, ledger: Ledger) -> Response:
     account_id = _path_account(request)
-    ledger.account(account_id)
+    ledger.customer(account_id)  # an operator account has no budgets: 400, not []
     data = [_budget_view(b) for b in ledger.budgets(account_id)]
     return json_response({"object": "list", "data": data})
 
@@ -626,6 +649,7 @@ routes = [
     Route("/admin/v1/accounts/{account_id}", get_account, methods=["GET"]),
     Route("/admin/v1/accounts/{account_id}/topups", top_up, methods=["POST"]),
     Route("/admin/v1/accounts/{account_id}/grants", create_grant, methods=["POST"]),
+    Route("/admin/v1/accounts/{account_id}/grants/{grant_id}", revoke_grant, methods=["DELETE"]),
     Route("/admin/v1/accounts/{account_id}/budgets", set_budget, methods=["POST"]),
     Route("/admin/v1/accounts/{account_id}/rate_limits", set_rate_limits, methods=["POST"]),
     Route("/admin/v1/accounts/{account_id}/budgets", list_budgets, methods=["GET"]),

@@ -624,11 +624,24 @@ def _admin_paths() -> Schema:
                 200,
                 _obj({**LIST["properties"], "group_by": {"type": "array"}}, ("data",)),
                 params=[
-                    _query("group_by", STRING, "comma-separated record fields, e.g. model,key"),
+                    _query(
+                        "group_by",
+                        STRING,
+                        "comma-separated: key, model, producer, account, upstream_model, "
+                        "status, day; rolled up: team, org (the key's account's ancestor of "
+                        "that kind), week (ISO), month",
+                    ),
                     _query("since", TIME),
                     _query("until", TIME),
                     _query("key", STRING, "a key id"),
                 ],
+            )
+        },
+        "/admin/v1/info": {
+            "get": _admin_op(
+                "The gateway's version and ledger currency",
+                200,
+                _obj({"version": STRING, "currency": STRING}, ("version", "currency")),
             )
         },
         "/admin/v1/health": {
@@ -683,6 +696,17 @@ def _admin_paths() -> Schema:
                 _obj({"object": {"const": "ledger.top_up"}, "id": {"type": "integer"}, **MONEY}),
                 _obj({"amount": AMOUNT, **_WRITE}, ("amount", *_WRITE_REQUIRED), extra=False),
                 params=[ACCOUNT_PATH],
+            )
+        },
+        "/admin/v1/accounts/{account_id}/grants/{grant_id}": {
+            "delete": _admin_op(
+                "Revoke a grant: nothing more is issued, its unspent credit expires now",
+                200,
+                _obj(
+                    {"id": {"type": "integer"}, "revoked": {"const": True}, "expired": STRING},
+                    ("id", "revoked", "expired"),
+                ),
+                params=[ACCOUNT_PATH, _path("grant_id", {"type": "integer", "minimum": 1})],
             )
         },
         "/admin/v1/accounts/{account_id}/grants": {

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,17 +19,15 @@ import uuid
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from tokenworks.cli import resolve
+from tokenworks.cli.errors import AdminError
+from tokenworks.cli.tables import Col, count, money, render
 from tokenworks.config import ADMIN_KEY_ENV
 
 URL_ENV = "TOKENWORKS_URL"
 DEFAULT_URL = "http://127.0.0.1:8000"
 REQUEST_TIMEOUT_S = 30
-
-
-class AdminError(Exception):
-    pass
 
 
 def request(method: str, path: str, body: Any = None, *, url: str, admin_key: str) -> Any:
@@ -53,7 +53,15 @@ def request_bytes(method: str, path: str, body: Any = None, *, url: str, admin_k
             message = exc.reason
         raise AdminError(f"{exc.code}: {message}") from exc
     except urllib.error.URLError as exc:
-        raise AdminError(f"cannot reach the gateway at {url}: {exc.reason}") from exc
+        raise AdminError(
+            f"cannot reach the gateway at {url}: {exc.reason}; is `tokenworks serve` running"
+            f" there? (set --url or ${URL_ENV})"
+        ) from exc
+
+
+URL_HELP = f"the gateway's base URL (default: ${URL_ENV} or {DEFAULT_URL})"
+SINCE_HELP = "from this time: 7d, 24h or 30m ago, a date (2026-11-01), ISO 8601, or unix seconds"
+UNTIL_HELP = "up to this time (exclusive), same forms as --since; default: now"
 
 
 MAX_PAGES = 100_000  # a bound on the pages a listing follows (10^8 rows at 1,000 a page)
@@ -76,7 +84,7 @@ def list_all(path: str, call: dict[str, str], query: dict[str, str] | None = Non
 
 def add_subcommands(sub: Any, handler: Any) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL))
+        parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL), help=URL_HELP)
         parser.add_argument("--json", action="store_true", help="print raw JSON")
         parser.set_defaults(func=handler)
 
@@ -85,8 +93,8 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     create = keys_sub.add_parser("create", help="mint a key (the secret is shown once)")
     create.add_argument("name")
     create.add_argument("--model", action="append", dest="models", help="allow only this model")
-    create.add_argument("--account", default=None)
-    create.add_argument("--ttl-s", type=float, default=None)
+    create.add_argument("--account", default=None, help="the account that pays: name or id")
+    create.add_argument("--ttl-s", type=float, default=None, help="expire after this many seconds")
     create.add_argument("--limit", default=None, help='spending limit, e.g. "5.00"')
     create.add_argument("--period", default="month", choices=("day", "week", "month", "total"))
     add_rate_limit_options(create)
@@ -95,17 +103,26 @@ def add_subcommands(sub: Any, handler: Any) -> None:
         default=None,
         help="reuse to retry safely: the retry shows the same key and secret (default: fresh)",
     )
+    create.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the secret (for $(...) in scripts)"
+    )
     common(create)
     listing = keys_sub.add_parser("list", help="list keys")
     common(listing)
     revoke = keys_sub.add_parser("revoke", help="revoke a key and every key minted under it")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key", metavar="KEY", help="key id or name")
     common(revoke)
 
     usage = sub.add_parser("usage", help="token usage, grouped")
-    usage.add_argument("--group-by", default="model", help="key,model,producer,day,...")
-    usage.add_argument("--since", default=None)
-    usage.add_argument("--until", default=None)
+    usage.add_argument(
+        "--group-by",
+        default="model",
+        help="comma-separated: key, model, producer, account, team, org, upstream_model, "
+        "status, day, week, month (default: model)",
+    )
+    usage.add_argument("--since", default=None, help=SINCE_HELP)
+    usage.add_argument("--until", default=None, help=UNTIL_HELP)
+    usage.add_argument("--wide", action="store_true", help="every token column")
     common(usage)
 
 
@@ -144,10 +161,31 @@ def dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+def getter(url: str, admin_key: str) -> Any:
+    return lambda path: request("GET", path, url=url, admin_key=admin_key)
+
+
+def currency(get: Any) -> str:
+    """The ledger currency, for table headers."""
+    return str(get("/admin/v1/info")["currency"])
+
+
+def account_names(get: Any) -> dict[str, str]:
+    """Account id (as a string) to name, operator accounts included."""
+    rows = resolve.every(get, "/admin/v1/accounts", {"include_operator": "true"})
+    return {str(a["id"]): a["name"] for a in rows}
+
+
 def _keys(args: argparse.Namespace, admin_key: str, console: Console) -> int:
     call = {"url": args.url, "admin_key": admin_key}
+    get = getter(args.url, admin_key)
     if args.keys_command == "create":
-        body: dict[str, Any] = {"name": args.name, "models": args.models, "account": args.account}
+        account = None if args.account is None else resolve.account(get, args.account)
+        body: dict[str, Any] = {
+            "name": args.name,
+            "models": args.models,
+            "account": None if account is None else account["id"],
+        }
         if args.ttl_s is not None:
             body["ttl_s"] = args.ttl_s
         if args.limit is not None:
@@ -159,58 +197,132 @@ def _keys(args: argparse.Namespace, admin_key: str, console: Console) -> int:
         result = request("POST", "/admin/v1/keys", body, **call)
         if args.json:
             print(json.dumps(result))
-        else:
-            console.print(f"id:  {result['id']}\nkey: {result['key']}  (shown once)")
+            return 0
+        if args.quiet:
+            print(result["key"])
+            return 0
+        lines = [f"created key {resolve.key_label(result)}"]
+        if account is not None:
+            lines.append(f"paid by:  account {resolve.account_label(account)}")
+        limit = result.get("limit")
+        if limit:
+            lines.append(f"limit:    {money(limit['amount'])} per {limit['period']}")
+        lines.append(f"secret:   {result['key']}")
+        lines.append("          (shown once: store it now)")
+        console.print(
+            "\n".join(lines),
+            highlight=False,
+            soft_wrap=True,
+        )
         return 0
     if args.keys_command == "list":
         result = {"object": "list", "data": list_all("/admin/v1/keys", call)}
         if args.json:
             print(json.dumps(result))
             return 0
-        table = Table("id", "name", "hint", "models", "account", "revoked")
+        names = account_names(get) if any(k["account"] for k in result["data"]) else {}
+        rows = []
         for key in result["data"]:
-            models = ",".join(key["models"]) if key["models"] is not None else "*"
-            table.add_row(
-                key["id"],
-                key["name"],
-                key["hint"],
-                models,
-                key["account"] or "",
-                "yes" if key["revoked_at"] else "",
+            models = ",".join(key["models"]) if key["models"] is not None else "any"
+            rows.append(
+                [
+                    key["id"],
+                    key["name"],
+                    names.get(str(key["account"]), str(key["account"] or "-")),
+                    models,
+                    _status(key),
+                ]
             )
-        console.print(table)
+        cols = [Col("ID", "id"), Col("NAME"), Col("ACCOUNT"), Col("MODELS"), Col("STATUS")]
+        render(console, cols, rows)
         return 0
-    result = request("DELETE", f"/admin/v1/keys/{urllib.parse.quote(args.key_id)}", **call)
+    key = resolve.key(get, args.key)
+    result = request("DELETE", f"/admin/v1/keys/{urllib.parse.quote(key['id'])}", **call)
     if args.json:
         print(json.dumps(result))
+    elif result["revoked"]:
+        others = len(result["revoked"]) - 1
+        below = f" and {others} key{'s' if others != 1 else ''} minted under it" if others else ""
+        console.print(f"revoked key {resolve.key_label(key)}{below}", highlight=False)
     else:
-        console.print(f"revoked: {', '.join(result['revoked']) or 'nothing (already revoked)'}")
+        console.print(f"key {resolve.key_label(key)} was already revoked", highlight=False)
     return 0
+
+
+def _status(key: dict[str, Any]) -> str:
+    if key["revoked_at"]:
+        return "revoked"
+    if key["expires_at"] and key["expires_at"] <= time.time():
+        return "expired"
+    return "active"
+
+
+# Columns of `usage`: the token counts that fit 80 columns, then every one with --wide.
+_TOKENS = [("input_tokens", "INPUT"), ("output_tokens", "OUTPUT")]
+_WIDE_TOKENS = [
+    ("input_tokens", "INPUT"),
+    ("cached_input_tokens", "CACHED"),
+    ("output_tokens", "OUTPUT"),
+    ("reasoning_tokens", "REASONING"),
+    ("total_tokens", "TOTAL"),
+]
+_PERIOD_GROUPS = {"day", "week", "month"}
+_ACCOUNT_GROUPS = {"account", "team", "org", "organisation"}
 
 
 def _usage(args: argparse.Namespace, admin_key: str, console: Console) -> int:
     query = {"group_by": args.group_by}
     if args.since:
-        query["since"] = args.since
+        query["since"] = str(relative_time(args.since))
     if args.until:
-        query["until"] = args.until
+        query["until"] = str(relative_time(args.until))
     path = "/admin/v1/usage?" + urllib.parse.urlencode(query)
-    result = request("GET", path, url=args.url, admin_key=admin_key)
+    get = getter(args.url, admin_key)
+    result = get(path)
     if args.json:
         print(json.dumps(result))
         return 0
-    columns = [*result["group_by"], "requests", "input_tokens", "cached_input_tokens"]
-    columns += ["output_tokens", "reasoning_tokens", "total_tokens", "cost", "price"]
-    table = Table(*columns)
+    groups: list[str] = result["group_by"]
+    names: dict[str, str] = {}
+    if "key" in groups:
+        names.update({k["id"]: k["name"] for k in get("/admin/v1/keys")["data"]})
+    if _ACCOUNT_GROUPS & set(groups):
+        names.update(account_names(get))
+    unit = currency(get)
+    tokens = _WIDE_TOKENS if args.wide else _TOKENS
+    cols = [Col(g.upper(), "id" if g in _PERIOD_GROUPS else "text") for g in groups]
+    cols += [Col("REQUESTS", "count"), *(Col(h, "count", optional=True) for _, h in tokens)]
+    cols += [Col(f"PRICE ({unit})", "money"), Col(f"COST ({unit})", "money", optional=True)]
+    rows = []
     for row in result["data"]:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    console.print(table)
+        cells = [_group_cell(g, row.get(g), names) for g in groups]
+        cells += [count(row["requests"]), *(count(row.get(c)) for c, _ in tokens)]
+        cells += [row["price"], row["cost"]]
+        rows.append(cells)
+    render(console, cols, rows)
     return 0
 
 
-def _cell(value: Any) -> str:
+def _group_cell(group: str, value: Any, names: dict[str, str]) -> str:
+    """A key or an account by name, its id after it when the name is not unique enough to
+    type; anything else as it is."""
     if value is None:
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
+        return "(none)" if group in _ACCOUNT_GROUPS else "-"
+    if group == "key" or group in _ACCOUNT_GROUPS:
+        name = names.get(str(value))
+        return f"{name} ({value})" if name is not None and group != "key" else name or str(value)
     return str(value)
+
+
+_RELATIVE = re.compile(r"^(\d{1,6})([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def relative_time(value: str, now_s: float | None = None) -> str:
+    """`7d`, `24h`, `30m`, `2w`, `90s` ago as unix seconds; anything else as given (the API
+    parses dates, ISO 8601 and unix seconds itself)."""
+    match = _RELATIVE.match(value.strip())
+    if match is None:
+        return value
+    now_s = time.time() if now_s is None else now_s
+    return str(int(now_s - int(match.group(1)) * _UNIT_S[match.group(2)]))

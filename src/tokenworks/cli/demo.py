@@ -14,24 +14,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import signal
 import string
-import tempfile
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from tokenworks.app import build_app
 from tokenworks.cli.admin import request
+from tokenworks.cli.tables import money_column
 from tokenworks.config import loads
 from tokenworks.money import format_nano
 from tokenworks.server import serve_in_thread
@@ -51,7 +53,11 @@ MAX_SUBAGENTS_PER_TASK = 3
 MAX_TURNS_PER_TASK = 6
 MAX_CONTEXT_MESSAGES = 24
 REQUEST_TIMEOUT_S = 60
-REPORT_DIR = Path("demo-report")
+REPORT_DIR = Path("demo-report")  # the report and the database, kept after the demo
+TOP_AGENTS = 5  # agents on the live screen and in the summary (all of them in the report)
+POLL_S = 1.0  # how often the live screen asks the gateway and producers for fresh figures
+CURRENCY = "USD"  # demo.yaml's ledger currency (pricing's default)
+NANO = 1_000_000_000
 
 
 TOPICS = (
@@ -76,6 +82,18 @@ class Tally:
     runaway_spent: str = "0"
     runaway_stopped_after: int | None = None
     by_status: dict[int, int] = field(default_factory=dict)
+    spent_nano: int = 0  # what the answers said they were charged (`usage.cost`)
+
+
+@dataclass
+class Snapshot:
+    """What the live screen shows besides the fleet's own counters, polled from the gateway
+    (balances, spend per agent) and the simulated producers (what each one received)."""
+
+    accounts: list[tuple[str, str, str]] = field(default_factory=list)  # name, available, spent
+    producers: list[tuple[str, int, int, int, int]] = field(default_factory=list)
+    agents: list[tuple[str, int, str]] = field(default_factory=list)  # name, requests, spent
+    agent_count: int = 0
 
 
 class Fleet:
@@ -201,6 +219,8 @@ class Fleet:
         if isinstance(usage, dict):
             self.tally.input_tokens += int(usage.get("prompt_tokens") or 0)
             self.tally.output_tokens += int(usage.get("completion_tokens") or 0)
+            with contextlib.suppress(ValueError, TypeError, ArithmeticError):
+                self.tally.spent_nano += int(Decimal(str(usage.get("cost") or 0)) * NANO)
 
     async def task(self, key: str, agent: str, depth: int) -> None:
         """One task: a loop of turns with growing context; may spawn sub-agents."""
@@ -247,64 +267,166 @@ class Fleet:
                 return
             reply = await self.call(key, "reasoner", messages, name, max_tokens=600)
             if reply is None:
-                self.tally.runaway_stopped_after = turn
+                self.tally.runaway_stopped_after = turn  # answered turns before the 402
                 return
             messages.append({"role": "assistant", "content": reply[-2000:]})
             messages.append({"role": "user", "content": "More."})
 
 
-def _progress(fleet: Fleet, started_s: float, duration_s: float | None) -> Table:
-    t = fleet.tally
-    elapsed = time.monotonic() - started_s
-    title = f"tokenworks demo — {elapsed:5.1f}s" + (f" / {duration_s:.0f}s" if duration_s else "")
-    table = Table(title=title, show_header=True)
-    for column in ("requests", "402", "failed", "tasks", "sub-agents", "input tok", "output tok"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        f"{t.requests:,}",
-        f"{t.refused:,}",
-        f"{t.failures:,}",
-        f"{t.tasks:,}",
-        f"{t.subagents:,}",
-        f"{t.input_tokens:,}",
-        f"{t.output_tokens:,}",
+def _table(title: str) -> Table:
+    return Table(
+        title=title or None,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        title_justify="left",
     )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def runaway_line(turns: int) -> str:
+    return f"runaway agent: stopped by its {RUNAWAY_DAILY_LIMIT} daily limit (402) after " + (
+        _plural(turns, "answered turn")
+    )
+
+
+def screen(
+    tally: Tally, snap: Snapshot, elapsed_s: float, duration_s: float | None, currency: str
+) -> Group:
+    """The live view, in 80x24: the fleet, then balances beside producers, then the top
+    agents by spend."""
+    t = tally
+    if duration_s:  # the last turns drain after the end: the clock stops at it
+        elapsed_s = min(elapsed_s, duration_s)
+    title = f"tokenworks demo  {elapsed_s:5.1f}s" + (f" of {duration_s:.0f}s" if duration_s else "")
+    served = t.requests - t.refused - t.failures
+    fleet = (
+        f"{_plural(t.requests, 'request')}: {served:,} served, {t.refused:,} refused (402), "
+        f"{t.failures:,} failed\n"
+        f"{_plural(t.tasks, 'task')}, {_plural(t.subagents, 'sub-agent')}; "
+        f"tokens {t.input_tokens:,} in, {t.output_tokens:,} out; "
+        f"spent {money_column([format_nano(t.spent_nano)])[0]} {currency}"
+    )
+    accounts = Table(
+        title="balances", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left"
+    )
+    accounts.add_column("account")
+    accounts.add_column(f"avail {currency}", justify="right")
+    accounts.add_column("spent", justify="right")
+    for name, available, spent in snap.accounts:
+        accounts.add_row(name, *money_column([available]), *money_column([spent]))
+    producers = Table(
+        title="producers",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        title_justify="left",
+    )
+    for column in ("producer", "got", "served", "429", "busy"):
+        producers.add_column(column, justify="left" if column == "producer" else "right")
+    for name, got, completed, rejected, active in snap.producers:
+        producers.add_row(name, f"{got:,}", f"{completed:,}", f"{rejected:,}", f"{active:,}")
+    agents = _table("")
+    agents.add_column(f"top agents by spend ({snap.agent_count} in all)")
+    agents.add_column("requests", justify="right")
+    agents.add_column(f"spent {currency}", justify="right")
+    spent_cells = money_column(a[2] for a in snap.agents)
+    for (name, requests, _), spent in zip(snap.agents, spent_cells, strict=True):
+        agents.add_row(name, f"{requests:,}", spent)
+    grid = Table.grid(padding=(0, 4))
+    grid.add_row(accounts, producers)
+    parts: list[Any] = [Text(title, style="bold"), Text(fleet), grid, agents]
     if t.runaway_stopped_after is not None:
-        table.caption = f"runaway agent stopped at its limit after {t.runaway_stopped_after} turns"
-    return table
+        parts.append(Text(runaway_line(t.runaway_stopped_after)))
+    return Group(*parts)
 
 
 def _summary(store: Any, key_names: dict[str, str]) -> tuple[list[Table], dict[str, Any]]:
+    """Tokens and money by agent (the top few on screen, all in the report), model and
+    producer."""
     store.flush()
     tables, report = [], {}
     for group, title in (("key", "agent"), ("model", "model"), ("producer", "producer")):
         rows = store.query([group])
-        table = Table(title=f"tokens by {title}")
-        for column in (title, "requests", "input", "cached", "output", "reasoning", "price"):
-            table.add_column(column, justify="left" if column == title else "right")
         data = []
-        if group == "key":
-            rows.sort(key=lambda r: key_names.get(r.group["key"], str(r.group["key"])))
         for row in rows:
             label = row.group[group]
-            label = key_names.get(label, label) if group == "key" else label
-            s = row.sums
-            table.add_row(
-                str(label),
-                f"{row.requests:,}",
-                f"{s['input_tokens']:,}",
-                f"{s['cached_input_tokens']:,}",
-                f"{s['output_tokens']:,}",
-                f"{s['reasoning_tokens']:,}",
-                format_nano(s["price_nano"]),
-            )
-            data.append({title: label, "requests": row.requests, **s})
-        tables.append(table)
+            if group == "key":
+                label = key_names.get(label, label)
+            if label is None:  # refused before any producer was chosen
+                label = "(refused)" if group == "producer" else "(none)"
+            data.append({title: label, "requests": row.requests, **row.sums})
+        data.sort(key=lambda d: -int(d["price_nano"]))
         report[f"by_{title}"] = data
+        shown = data[:TOP_AGENTS] if group == "key" else data
+        more = len(data) - len(shown)
+        table = Table(
+            title=f"tokens by {title}" + (f" (top {len(shown)} of {len(data)})" if more else ""),
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            show_edge=False,
+            title_justify="left",
+        )
+        for column in (title, "requests", "input", "output", f"spent {CURRENCY}"):
+            table.add_column(column, justify="left" if column == title else "right")
+        prices = money_column(format_nano(d["price_nano"]) for d in shown)
+        for d, price in zip(shown, prices, strict=True):
+            table.add_row(
+                str(d[title]),
+                f"{d['requests']:,}",
+                f"{d['input_tokens']:,}",
+                f"{d['output_tokens']:,}",
+                price,
+            )
+        tables.append(table)
     return tables, report
 
 
-async def _run_fleet(gateway_url: str, duration_s: float | None, console: Console) -> Fleet:
+async def _poll(fleet: Fleet, sims: dict[str, str], snap: Snapshot) -> None:
+    """Refresh the snapshot: balances, spend by account subtree and by agent, producers."""
+    accounts = (await fleet.admin("GET", "/admin/v1/accounts"))["data"]
+    by_account = await fleet.admin("GET", "/admin/v1/usage?group_by=account")
+    spent = subtree_spend(accounts, by_account["data"])
+    snap.accounts = [
+        (a["name"], a["balance"]["available"], spent.get(a["id"], "0")) for a in accounts
+    ]
+    by_key = (await fleet.admin("GET", "/admin/v1/usage?group_by=key"))["data"]
+    names = {k["id"]: k["name"] for k in (await fleet.admin("GET", "/admin/v1/keys"))["data"]}
+    ranked = sorted(by_key, key=lambda r: -int(r["price_nano"]))
+    snap.agent_count = len(by_key)
+    snap.agents = [
+        (names.get(r["key"], "(no key)"), r["requests"], r["price"]) for r in ranked[:TOP_AGENTS]
+    ]
+    producers = []
+    for name, url in sims.items():
+        async with fleet.session.get(f"{url}/sim/stats") as r:
+            st = await r.json()
+        producers.append(
+            (name, st["requests_total"], st["completed"], st["rejected_429"], st["active"])
+        )
+    snap.producers = producers
+
+
+def subtree_spend(accounts: list[dict[str, Any]], usage: list[dict[str, Any]]) -> dict[int, str]:
+    """Each account's spend with everything below it, from usage grouped by account."""
+    parents = {a["id"]: a["parent_id"] for a in accounts}
+    totals: dict[int, int] = {}
+    for row in usage:
+        current = int(row["account"]) if str(row["account"]).isdigit() else None
+        for _ in range(len(parents) + 1):  # bounded walk up the tree
+            if current is None:
+                break
+            totals[current] = totals.get(current, 0) + int(row["price_nano"])
+            current = parents.get(current)
+    return {k: format_nano(v) for k, v in totals.items()}
+
+
+async def _run_fleet(
+    gateway_url: str, duration_s: float | None, console: Console, sims: dict[str, str]
+) -> Fleet:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -322,44 +444,75 @@ async def _run_fleet(gateway_url: str, duration_s: float | None, console: Consol
             for i in range(AGENTS_PER_EMPLOYEE)
         ]
         agents.append(asyncio.ensure_future(fleet.runaway()))
-        first = _progress(fleet, started, duration_s)
-        with Live(first, console=console, refresh_per_second=4) as live:
+        snap = Snapshot()
+
+        def view() -> Group:
+            return screen(fleet.tally, snap, time.monotonic() - started, duration_s, CURRENCY)
+
+        polled_s = 0.0
+        with Live(view(), console=console, refresh_per_second=4) as live:
             while not fleet.stop.is_set():
                 if duration_s is not None and time.monotonic() - started >= duration_s:
                     fleet.stop.set()
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(fleet.stop.wait(), 0.25)
-                live.update(_progress(fleet, started, duration_s))
+                if time.monotonic() - polled_s >= POLL_S:
+                    polled_s = time.monotonic()
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError):
+                        await _poll(fleet, sims, snap)
+                live.update(view())
             # Let turns in flight finish, bounded, so their usage is metered.
             await asyncio.wait(agents, timeout=REQUEST_TIMEOUT_S)
             for task in agents:
                 task.cancel()
             await asyncio.gather(*agents, return_exceptions=True)
-            live.update(_progress(fleet, started, duration_s))
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError):
+                await _poll(fleet, sims, snap)
+            live.update(view())
+        console.print()
         return fleet
 
 
-def _accounts(gateway_url: str, accounts: dict[str, int]) -> tuple[Table, list[dict[str, Any]]]:
-    """Each account's balance as the ledger reports it."""
-    table = Table(title="accounts")
-    for column in ("account", "available", "held", "spent this period"):
-        table.add_column(column, justify="left" if column == "account" else "right")
+def _accounts(gateway_url: str) -> tuple[Table, list[dict[str, Any]]]:
+    """Each account's balance as the ledger reports it, and what it and everything below it
+    spent (metered usage, so a user without a budget of its own shows its spend too)."""
+    accounts = request("GET", "/admin/v1/accounts", url=gateway_url, admin_key=ADMIN_KEY)["data"]
+    usage = request(
+        "GET", "/admin/v1/usage?group_by=account", url=gateway_url, admin_key=ADMIN_KEY
+    )["data"]
+    spent = subtree_spend(accounts, usage)
+    table = Table(
+        title="accounts", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left"
+    )
+    for column in ("account", "kind", f"available {CURRENCY}", "held", "spent"):
+        table.add_column(column, justify="left" if column in ("account", "kind") else "right")
     rows = []
-    for name, account_id in accounts.items():
-        data = request(
-            "GET", f"/admin/v1/accounts/{account_id}", url=gateway_url, admin_key=ADMIN_KEY
-        )
-        balance = data["balance"]
-        table.add_row(name, balance["available"], balance["held"], balance["spent_this_period"])
-        rows.append({"account": name, **balance})
+    for a in accounts:
+        b = a["balance"]
+        cells = [b["available"], b["held"], spent.get(a["id"], "0")]
+        table.add_row(a["name"], a["kind"], *(money_column([c])[0] for c in cells))
+        rows.append({"account": a["name"], "id": a["id"], **b, "spent": spent.get(a["id"], "0")})
     return table, rows
+
+
+EXPLORE = """\
+The demo's database is kept in {db}; to explore it:
+  export TOKENWORKS_ADMIN_KEY={admin}
+  tokenworks serve --config {config} &
+  tokenworks accounts list
+  tokenworks usage --group-by team,model
+  tokenworks usage --group-by key --since 1h
+  tokenworks statement alice
+(its producers are gone with the demo: the admin API answers, requests do not)"""
 
 
 def run(duration_s: float | None = None) -> int:
     console = Console()
-    workdir = Path(tempfile.mkdtemp(prefix="tokenworks-demo-"))
-    db = workdir / "tokenworks.db"
+    REPORT_DIR.mkdir(exist_ok=True)
+    db = (REPORT_DIR / "tokenworks.db").resolve()
+    for old in REPORT_DIR.glob("tokenworks.db*"):  # every run starts from an empty ledger
+        old.unlink()
     stack = contextlib.ExitStack()
     with stack:
         urls = {
@@ -367,19 +520,22 @@ def run(duration_s: float | None = None) -> int:
             for name in ("fast", "cheap", "slow")
         }
         template = string.Template((resources.files("tokenworks.cli") / "demo.yaml").read_text())
-        config = loads(template.substitute(db=db, admin=ADMIN_KEY, **urls), "demo.yaml")
+        text = template.substitute(db=db, admin=ADMIN_KEY, **urls)
+        config = loads(text, "demo.yaml")
+        (REPORT_DIR / "tokenworks.yaml").write_text(text)
         app = build_app(config)
         gateway_url = stack.enter_context(serve_in_thread(app))
         console.print(
-            f"[bold]tokenworks demo[/]: producers fast/cheap/slow, gateway {gateway_url}, "
-            f"{len(TEAMS)} teams, {AGENTS_PER_EMPLOYEE} agents per employee and one runaway; "
-            f"database {db}" + ("" if duration_s else "  (Ctrl-C to stop)")
+            f"[bold]tokenworks demo[/]: producers fast, cheap and slow; gateway {gateway_url}; "
+            f"{len(TEAMS)} teams, {AGENTS_PER_EMPLOYEE} agents per employee and one runaway"
+            + ("" if duration_s else " (Ctrl-C to stop)"),
+            highlight=False,
         )
-        fleet = asyncio.run(_run_fleet(gateway_url, duration_s, console))
+        fleet = asyncio.run(_run_fleet(gateway_url, duration_s, console, urls))
         gateway = app.state.gateway
         names = {k.id: k.name for k in gateway.keys.list()}
         tables, report = _summary(gateway.store, names)
-        accounts_table, report["accounts"] = _accounts(gateway_url, fleet.accounts)
+        accounts_table, report["accounts"] = _accounts(gateway_url)
         tables.append(accounts_table)
         for table in tables:
             console.print(table)
@@ -390,8 +546,7 @@ def run(duration_s: float | None = None) -> int:
         )
         runaway = fleet.tally.runaway_stopped_after
         if runaway is not None:
-            console.print(f"runaway agent: stopped at its daily limit after {runaway} turns")
-        REPORT_DIR.mkdir(exist_ok=True)
+            console.print(runaway_line(runaway), highlight=False)
         report["fleet"] = {
             "requests": fleet.tally.requests,
             "failed": fleet.tally.failures,
@@ -400,11 +555,14 @@ def run(duration_s: float | None = None) -> int:
             "subagents": fleet.tally.subagents,
             "statuses": fleet.tally.by_status,
             "runaway_stopped_after_turns": runaway,
+            "spent": format_nano(fleet.tally.spent_nano),
         }
         (REPORT_DIR / "summary.json").write_text(json.dumps(report, indent=2, default=str))
-        console.print(f"report: {REPORT_DIR / 'summary.json'}")
-    if os.environ.get("TOKENWORKS_DEMO_KEEP_DB") is None:
-        for path in workdir.glob("*"):
-            path.unlink()
-        workdir.rmdir()
+        console.print(f"report: {REPORT_DIR / 'summary.json'}", highlight=False)
+    config_path = REPORT_DIR / "tokenworks.yaml"
+    console.print(
+        EXPLORE.format(db=REPORT_DIR / "tokenworks.db", admin=ADMIN_KEY, config=config_path),
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0

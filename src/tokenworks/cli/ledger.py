@@ -16,29 +16,39 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from tokenworks.cli import resolve
 from tokenworks.cli.admin import (
     DEFAULT_URL,
+    SINCE_HELP,
+    UNTIL_HELP,
     URL_ENV,
-    AdminError,
+    URL_HELP,
     add_rate_limit_options,
     admin_key_from_env,
+    currency,
     list_all,
     rate_limits_of,
+    relative_time,
     request,
     request_bytes,
 )
+from tokenworks.cli.errors import AdminError
+from tokenworks.cli.tables import Col, money, render, when
+
+ACCOUNT_HELP = "account name or id"
 
 COMMANDS = ("accounts", "grants", "topup", "transfer", "budgets", "statement", "ledger")
 
 
 def add_subcommands(sub: Any, handler: Any) -> None:
     def common(parser: argparse.ArgumentParser, *, write: bool = False) -> None:
-        parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL))
+        parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL), help=URL_HELP)
         parser.add_argument("--json", action="store_true", help="print raw JSON")
         if write:
             parser.add_argument(
@@ -52,7 +62,7 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     acc_sub = accounts.add_subparsers(dest="accounts_command", required=True)
     create = acc_sub.add_parser("create", help="open an account")
     create.add_argument("name")
-    create.add_argument("--parent", type=int, default=None, help="parent account id")
+    create.add_argument("--parent", default=None, help=f"parent account: {ACCOUNT_HELP}")
     create.add_argument("--kind", default=None, help="organisation, team, user or agent")
     create.add_argument(
         "--no-draw",
@@ -68,17 +78,17 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     add_rate_limit_options(limits)
     common(limits, write=True)
     listing = acc_sub.add_parser("list", help="accounts with their balances")
-    listing.add_argument("--parent", type=int, default=None)
+    listing.add_argument("--parent", default=None, help=f"only children of: {ACCOUNT_HELP}")
     listing.add_argument("--include-operator", action="store_true")
     common(listing)
     show = acc_sub.add_parser("show", help="one account: balance, credit buckets, budgets")
-    show.add_argument("account", type=int)
+    show.add_argument("account", help=ACCOUNT_HELP)
     common(show)
 
     grants = sub.add_parser("grants", help="allowances: one-off or recurring")
     grants_sub = grants.add_subparsers(dest="grants_command", required=True)
     add = grants_sub.add_parser("add", help="grant credit to an account")
-    add.add_argument("account", type=int)
+    add.add_argument("account", help=ACCOUNT_HELP)
     add.add_argument("amount", help='decimal, e.g. "10.00"')
     add.add_argument("--expires-at", default=None, help="ISO 8601 or unix seconds")
     add.add_argument("--effective-at", default=None, help="ISO 8601 or unix seconds")
@@ -87,15 +97,24 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     add.add_argument("--rollover", default=None, help='"expire", "all" or a cap like "5.00"')
     add.add_argument("--priority", type=int, default=0, help="lower is spent first")
     common(add, write=True)
+    glist = grants_sub.add_parser("list", help="an account's active grants")
+    glist.add_argument("account", help=ACCOUNT_HELP)
+    common(glist)
+    grevoke = grants_sub.add_parser(
+        "revoke", help="end a grant now: no more issues, its unspent credit expires"
+    )
+    grevoke.add_argument("account", help=ACCOUNT_HELP)
+    grevoke.add_argument("grant", type=int, metavar="GRANT", help="grant id (grants list)")
+    common(grevoke)
 
     topup = sub.add_parser("topup", help="paid credit into an account")
-    topup.add_argument("account", type=int)
+    topup.add_argument("account", help=ACCOUNT_HELP)
     topup.add_argument("amount")
     common(topup, write=True)
 
     transfer = sub.add_parser("transfer", help="move cash between accounts of one organisation")
-    transfer.add_argument("source", type=int, metavar="FROM")
-    transfer.add_argument("destination", type=int, metavar="TO")
+    transfer.add_argument("source", metavar="FROM", help=ACCOUNT_HELP)
+    transfer.add_argument("destination", metavar="TO", help=ACCOUNT_HELP)
     transfer.add_argument("amount")
     transfer.add_argument("--actor", default="operator", help='"operator" or "account:<id>"')
     common(transfer, write=True)
@@ -103,19 +122,21 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     budgets = sub.add_parser("budgets", help="spending limits per account and period")
     budgets_sub = budgets.add_subparsers(dest="budgets_command", required=True)
     set_ = budgets_sub.add_parser("set", help="set an account's limit for a period")
-    set_.add_argument("account", type=int)
+    set_.add_argument("account", help=ACCOUNT_HELP)
     set_.add_argument("amount")
     set_.add_argument("--period", choices=("day", "week", "month", "total"), default="month")
     set_.add_argument("--tz", default="UTC")
     common(set_, write=True)
     blist = budgets_sub.add_parser("list", help="an account's budgets")
-    blist.add_argument("account", type=int)
+    blist.add_argument("account", help=ACCOUNT_HELP)
     common(blist)
 
     statement = sub.add_parser("statement", help="an account's statement for a period")
-    statement.add_argument("account", type=int)
-    statement.add_argument("--since", default=None, help="default: start of this month (UTC)")
-    statement.add_argument("--until", default=None, help="default: now")
+    statement.add_argument("account", help=ACCOUNT_HELP)
+    statement.add_argument(
+        "--since", default=None, help=f"{SINCE_HELP}; default: start of this month (UTC)"
+    )
+    statement.add_argument("--until", default=None, help=UNTIL_HELP)
     statement.add_argument("--csv", action="store_true", help="print CSV")
     common(statement)
 
@@ -173,6 +194,9 @@ class _Call:
         body = {**body, "idempotency_key": self.sent_key}
         return request("POST", path, body, url=self.url, admin_key=self.admin_key)
 
+    def delete(self, path: str) -> Any:
+        return request("DELETE", path, url=self.url, admin_key=self.admin_key)
+
     def get_text(self, path: str) -> str:
         return request_bytes("GET", path, url=self.url, admin_key=self.admin_key).decode()
 
@@ -184,9 +208,24 @@ class _Call:
         return 0
 
 
+def _account(call: _Call, ref: str) -> dict[str, Any]:
+    return resolve.account(call.get, ref)
+
+
+def _label(account: dict[str, Any]) -> str:
+    return f"account {resolve.account_label(account)}"
+
+
+def _month_start_s() -> int:
+    now = datetime.now(UTC)
+    return int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+
+
 def _accounts(args: argparse.Namespace, call: _Call) -> int:
     if args.accounts_command == "create":
-        body: dict[str, Any] = {"name": args.name, "parent": args.parent}
+        body: dict[str, Any] = {"name": args.name}
+        parent = None if args.parent is None else _account(call, args.parent)
+        body["parent"] = None if parent is None else parent["id"]
         if args.kind:
             body["kind"] = args.kind
         if args.no_draw:
@@ -195,61 +234,125 @@ def _accounts(args: argparse.Namespace, call: _Call) -> int:
         if any(v is not None for v in rate_limits.values()):
             body["rate_limits"] = rate_limits
         r = call.write("/admin/v1/accounts", body)
-        parent = f" under {r['parent_id']}" if r["parent_id"] is not None else ""
-        return call.show(r, f"account {r['id']}: {r['kind']} {r['name']!r}{parent}")
+        under = "" if parent is None else f" under {_label(parent)}"
+        return call.show(r, f"created {r['kind']} {_label(r)}{under}")
     if args.accounts_command == "rate-limits":
-        r = call.write(f"/admin/v1/accounts/{args.account}/rate_limits", rate_limits_of(args))
-        shown = ", ".join(f"{k} {v}" for k, v in rate_limits_of(args).items() if v is not None)
-        return call.show(r, f"account {r['account_id']}: {shown or 'no rate limits'}")
+        account = _account(call, args.account)
+        limits = rate_limits_of(args)
+        r = call.write(f"/admin/v1/accounts/{account['id']}/rate_limits", limits)
+        shown = ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None)
+        return call.show(r, f"{_label(account)}: {shown or 'no rate limits'}")
     if args.accounts_command == "list":
-        query: dict[str, str] = {}
-        if args.parent is not None:
-            query["parent"] = str(args.parent)
-        if args.include_operator:
-            query["include_operator"] = "true"
-        data = list_all("/admin/v1/accounts", {"url": call.url, "admin_key": call.admin_key}, query)
-        r = {"object": "list", "data": data}
-        if call.raw:
-            return call.show(r, "")
-        table = Table("id", "name", "kind", "parent", "available", "held", "spent this period")
-        for a in r["data"]:
-            b = a["balance"]
-            spent = ", ".join(f"{p}: {v}" for p, v in b["spent_by_period"].items())
-            table.add_row(
-                str(a["id"]),
-                a["name"],
-                a["kind"],
-                "" if a["parent_id"] is None else str(a["parent_id"]),
-                b["available"],
-                b["held"],
-                spent,
-            )
-        call.console.print(table)
-        return 0
-    r = call.get(f"/admin/v1/accounts/{args.account}")
+        return _account_list(args, call)
+    r = _account(call, args.account)
+    r = call.get(f"/admin/v1/accounts/{r['id']}")
     if call.raw:
         return call.show(r, "")
+    unit = currency(call.get)
     b = r["balance"]
+    parent = ""
+    if r["parent_id"] is not None:
+        parent = f" under {_label(_account(call, str(r['parent_id'])))}"
     lines = [
-        f"account {r['id']}: {r['kind']} {r['name']!r}"
-        + (f" under {r['parent_id']}" if r["parent_id"] is not None else ""),
-        f"available {b['available']}  held {b['held']}  total {b['total']}"
-        f"  (with parents: {b['chain_available']})",
+        f"{r['kind']} {_label(r)}{parent}",
+        f"available {money(b['available'])} {unit}, held {money(b['held'])}, "
+        f"balance {money(b['total'])}",
+        f"available with what its parents lend: {money(b['chain_available'])} {unit}",
     ]
     for bucket in r["buckets"]:
-        expiry = f", expires {bucket['expires_at']}" if bucket["expires_at"] else ""
+        expiry = f", expires {when(bucket['expires_at'])}" if bucket["expires_at"] else ""
         source = "cash" if bucket["source"] == "cash" else f"grant {bucket['grant_id']}"
-        lines.append(f"  {source}: {bucket['remaining']} (held {bucket['held']}){expiry}")
+        lines.append(
+            f"  {source}: {money(bucket['remaining'])} (held {money(bucket['held'])}){expiry}"
+        )
     for budget in r["budgets"]:
         lines.append(
-            f"  budget {budget['period']} ({budget['tz']}): limit {budget['limit']}, "
-            f"spent {budget['spent']}, room {budget['room']}"
+            f"  budget per {budget['period']} ({budget['tz']}): limit {money(budget['limit'])}, "
+            f"spent {money(budget['spent'])}, room {money(budget['room'])}"
         )
     call.console.print("\n".join(lines), highlight=False)
     return 0
 
 
+def _account_list(args: argparse.Namespace, call: _Call) -> int:
+    query: dict[str, str] = {}
+    if args.parent is not None:
+        query["parent"] = str(_account(call, args.parent)["id"])
+    if args.include_operator:
+        query["include_operator"] = "true"
+    data = list_all("/admin/v1/accounts", {"url": call.url, "admin_key": call.admin_key}, query)
+    if call.raw:
+        return call.show({"object": "list", "data": data}, "")
+    unit = currency(call.get)
+    spent = _spent_this_month(call, data)
+    names = {a["id"]: a["name"] for a in data}
+    rows = []
+    for a in data:
+        b = a["balance"]
+        parent = a["parent_id"]
+        rows.append(
+            [
+                str(a["id"]),
+                a["name"],
+                a["kind"],
+                "-" if parent is None else names.get(parent, str(parent)),
+                b["available"],
+                b["held"],
+                spent.get(a["id"], "0"),
+            ]
+        )
+    cols = [Col("ID", "id"), Col("NAME"), Col("KIND"), Col("PARENT")]
+    cols += [Col(f"AVAILABLE ({unit})", "money"), Col("HELD", "money")]
+    cols += [Col("SPENT THIS MONTH", "money")]
+    render(call.console, cols, rows)
+    return 0
+
+
+def _spent_this_month(call: _Call, accounts: list[dict[str, Any]]) -> dict[int, str]:
+    """What each account and everything below it was charged since the month began (UTC),
+    from metered usage: a parent's spend includes its children's."""
+    query = urllib.parse.urlencode({"group_by": "account", "since": _month_start_s()})
+    usage = call.get(f"/admin/v1/usage?{query}")["data"]
+    parents = {a["id"]: a["parent_id"] for a in accounts}
+    totals: dict[int, Decimal] = {}
+    for row in usage:
+        if row["account"] is None or not str(row["account"]).isdigit():
+            continue
+        current: int | None = int(row["account"])
+        for _ in range(resolve.LIST_LIMIT):  # bounded walk up the tree
+            if current is None:
+                break
+            totals[current] = totals.get(current, Decimal(0)) + Decimal(row["price"])
+            current = parents.get(current)
+    return {k: str(v) for k, v in totals.items()}
+
+
 def _grants(args: argparse.Namespace, call: _Call) -> int:
+    account = _account(call, args.account)
+    if args.grants_command == "revoke":
+        r = call.delete(f"/admin/v1/accounts/{account['id']}/grants/{args.grant}")
+        unit = currency(call.get)
+        expired = f"; {money(r['expired'])} {unit} of unspent credit expired"
+        return call.show(r, f"revoked grant {r['id']} of {_label(account)}{expired}")
+    if args.grants_command == "list":
+        r = call.get(f"/admin/v1/accounts/{account['id']}")
+        if call.raw:
+            return call.show(r["grants"], "")
+        unit = currency(call.get)
+        rows = [
+            [
+                str(g["id"]),
+                g["amount"],
+                g["recurring"]["period"] if g["recurring"] else "once",
+                g["rollover"] if g["rollover"] in ("expire", "all") else f"up to {g['rollover']}",
+                when(g["next_due_at"]) if g["recurring"] else when(g["expires_at"]),
+            ]
+            for g in r["grants"]
+        ]
+        cols = [Col("ID", "id"), Col(f"AMOUNT ({unit})", "money"), Col("EVERY")]
+        cols += [Col("ROLLOVER"), Col("NEXT / EXPIRES (UTC)")]
+        render(call.console, cols, rows)
+        return 0
     body: dict[str, Any] = {"amount": args.amount, "priority": args.priority}
     if args.expires_at:
         body["expires_at"] = args.expires_at
@@ -259,56 +362,72 @@ def _grants(args: argparse.Namespace, call: _Call) -> int:
         body["recurring"] = {"period": args.every, "tz": args.tz}
     if args.rollover:
         body["rollover"] = args.rollover
-    r = call.write(f"/admin/v1/accounts/{args.account}/grants", body)
+    r = call.write(f"/admin/v1/accounts/{account['id']}/grants", body)
     every = f" every {r['recurring']['period']} ({r['recurring']['tz']})" if r["recurring"] else ""
-    expiry = f", expires {r['expires_at']}" if r["expires_at"] else ""
+    expiry = f", expires {when(r['expires_at'])}" if r["expires_at"] else ""
+    unit = currency(call.get)
     return call.show(
-        r, f"grant {r['id']}: {r['amount']} to account {r['account_id']}{every}{expiry}"
+        r, f"grant {r['id']}: {money(r['amount'])} {unit} to {_label(account)}{every}{expiry}"
     )
 
 
 def _topup(args: argparse.Namespace, call: _Call) -> int:
-    r = call.write(f"/admin/v1/accounts/{args.account}/topups", {"amount": args.amount})
-    return call.show(r, f"topped up account {r['account_id']} with {r['amount']}")
+    account = _account(call, args.account)
+    r = call.write(f"/admin/v1/accounts/{account['id']}/topups", {"amount": args.amount})
+    unit = currency(call.get)
+    return call.show(r, f"topped up {_label(account)} with {money(r['amount'])} {unit}")
 
 
 def _transfer(args: argparse.Namespace, call: _Call) -> int:
+    source, destination = _account(call, args.source), _account(call, args.destination)
     body = {
-        "from": args.source,
-        "to": args.destination,
+        "from": source["id"],
+        "to": destination["id"],
         "amount": args.amount,
         "actor": args.actor,
     }
     r = call.write("/admin/v1/transfers", body)
-    return call.show(r, f"moved {r['amount']} from account {r['from']} to account {r['to']}")
+    unit = currency(call.get)
+    return call.show(
+        r, f"moved {money(r['amount'])} {unit} from {_label(source)} to {_label(destination)}"
+    )
 
 
 def _budgets(args: argparse.Namespace, call: _Call) -> int:
+    account = _account(call, args.account)
     if args.budgets_command == "set":
         body = {"amount": args.amount, "period": args.period, "tz": args.tz}
-        r = call.write(f"/admin/v1/accounts/{args.account}/budgets", body)
-        return call.show(r, f"{r['scope']}: {r['limit']} per {r['period']} ({r['tz']})")
-    r = call.get(f"/admin/v1/accounts/{args.account}/budgets")
+        r = call.write(f"/admin/v1/accounts/{account['id']}/budgets", body)
+        limit = money(r["limit"])
+        return call.show(r, f"{_label(account)}: budget {limit} per {r['period']} ({r['tz']})")
+    r = call.get(f"/admin/v1/accounts/{account['id']}/budgets")
     if call.raw:
         return call.show(r, "")
-    table = Table("period", "tz", "limit", "spent", "held", "room", "period ends")
-    for b in r["data"]:
-        table.add_row(
-            b["period"],
-            b["tz"],
-            b["limit"],
-            b["spent"],
-            b["held"],
-            b["room"],
-            b["period_end"] or "",
-        )
-    call.console.print(table)
+    unit = currency(call.get)
+    rows = [
+        [b["period"], b["tz"], b["limit"], b["spent"], b["held"], b["room"], when(b["period_end"])]
+        for b in r["data"]
+    ]
+    cols = [Col("PERIOD"), Col("TZ"), Col(f"LIMIT ({unit})", "money"), Col("SPENT", "money")]
+    cols += [Col("HELD", "money"), Col("ROOM", "money"), Col("RESETS (UTC)")]
+    render(call.console, cols, rows)
     return 0
 
 
+_STATEMENT_LINES = (
+    ("opening", "Opening balance"),
+    ("top_ups", "Top-ups"),
+    ("grants", "Grants"),
+    ("transfers_in", "Transfers in"),
+    ("transfers_out", "Transfers out"),
+    ("expired", "Expired credit"),
+)
+
+
 def _statement(args: argparse.Namespace, call: _Call) -> int:
-    query = {k: v for k, v in (("since", args.since), ("until", args.until)) if v}
-    path = f"/admin/v1/accounts/{args.account}/statement"
+    account = _account(call, args.account)
+    query = {k: relative_time(v) for k, v in (("since", args.since), ("until", args.until)) if v}
+    path = f"/admin/v1/accounts/{account['id']}/statement"
     if args.csv:
         query["format"] = "csv"
         sys.stdout.write(call.get_text(path + "?" + urllib.parse.urlencode(query)))
@@ -316,19 +435,21 @@ def _statement(args: argparse.Namespace, call: _Call) -> int:
     r = call.get(path + "?" + urllib.parse.urlencode(query))
     if call.raw:
         return call.show(r, "")
+    unit = currency(call.get)
     d = r["display"]
-    table = Table("line", "amount", title=f"account {args.account}: {r['since']} .. {r['until']}")
-    for line in ("opening", "top_ups", "grants", "transfers_in", "transfers_out"):
-        table.add_row(line, d[line])
-    table.add_row("expired", d["expired"])
+    rows = [[label, d[line]] for line, label in _STATEMENT_LINES]
     for model, m in r["spend_by_model"].items():
-        table.add_row(f"spend {model} ({m['requests']} requests)", m["spend"])
-    table.add_row("spend", d["spend"])
+        n = m["requests"]
+        rows.append([f"  Spend on {model} ({n:,} request{'s' if n != 1 else ''})", m["spend"]])
+    rows.append(["Spend", d["spend"]])
     if r["other_in_nano"] or r["other_out_nano"]:
-        table.add_row("other in", d["other_in"])
-        table.add_row("other out", d["other_out"])
-    table.add_row("closing", d["closing"])
-    call.console.print(table)
+        rows.append(["Other in", d["other_in"]])
+        rows.append(["Other out", d["other_out"]])
+    rows.append(["Closing balance", d["closing"]])
+    call.console.print(
+        f"{_label(account)}, {when(r['since'])} to {when(r['until'])} UTC", highlight=False
+    )
+    render(call.console, [Col(""), Col(f"AMOUNT ({unit})", "money")], rows)
     return 0
 
 

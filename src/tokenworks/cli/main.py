@@ -3,19 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import TYPE_CHECKING
+
+from tokenworks.cli.admin import SINCE_HELP, UNTIL_HELP
+
+if TYPE_CHECKING:
+    from tokenworks.pricing.whatif import WhatIf, WhatIfRow
 
 
 def _serve(args: argparse.Namespace) -> int:
     from tokenworks.server import serve
 
-    return serve(config_path=args.config, host=args.host, port=args.port)
+    return serve(
+        config_path=args.config, host=args.host, port=args.port, access_log=args.access_log
+    )
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    """Validate a config as `serve` would, without opening a database or a port."""
+    from tokenworks.config import ConfigError, load
+
+    try:
+        config = load(args.file)
+    except ConfigError as exc:
+        print(f"tokenworks: {exc}", file=sys.stderr)
+        return 2
+    unset = [
+        f"{p.name} (${p.api_key_env})"
+        for p in config.producers
+        if p.api_key_env and not os.environ.get(p.api_key_env)
+    ]
+    print(
+        f"{args.file}: ok: {len(config.producers)} producers, {len(config.models)} models, "
+        f"database {config.database}"
+    )
+    if unset:
+        print(f"note: key variables unset for {', '.join(unset)}", file=sys.stderr)
+    return 0
 
 
 def _upstream_sim(args: argparse.Namespace) -> int:
     from tokenworks.sim import serve
 
     return serve(host=args.host, port=args.port, profile=args.profile)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tokenworks
+
+    try:
+        return version("tokenworks")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return tokenworks.__version__
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,10 +70,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _reprice(args: argparse.Namespace) -> int:
     """What recorded usage would have cost and been billed under a changed price book."""
     import json
-    import os
 
     from tokenworks.api.admin import parse_time_ms
     from tokenworks.api.errors import ApiError
+    from tokenworks.cli.admin import relative_time
     from tokenworks.config import CONFIG_ENV, ConfigError, load
     from tokenworks.metering.store import UsageStore
     from tokenworks.money import format_nano
@@ -44,8 +87,8 @@ def _reprice(args: argparse.Namespace) -> int:
     try:
         config = load(path)
         scenario = load_scenario(args.scenario)
-        since_ms = parse_time_ms(args.since, "since")
-        until_ms = parse_time_ms(args.until, "until")
+        since_ms = parse_time_ms(relative_time(args.since) if args.since else None, "since")
+        until_ms = parse_time_ms(relative_time(args.until) if args.until else None, "until")
     except (ConfigError, ScenarioError, OSError) as exc:
         print(f"tokenworks: {exc}", file=sys.stderr)
         return 2
@@ -85,8 +128,10 @@ def _reprice(args: argparse.Namespace) -> int:
                 }
             )
         )
-    else:
+    elif args.wide:
         print(format_table(result))
+    else:
+        print_whatif(result)
     return 0
 
 
@@ -94,6 +139,41 @@ def _export(args: argparse.Namespace) -> int:
     from tokenworks.cli import export
 
     return export.run(args)
+
+
+def print_whatif(result: WhatIf) -> None:
+    """The scenario's effect in 80 columns: cost and price before and after, and the change
+    in price; `--wide` prints every column."""
+    from rich.console import Console
+
+    from tokenworks.cli.tables import Col, render
+    from tokenworks.money import format_nano
+
+    def cells(r: WhatIfRow) -> list[str]:
+        change = "-"
+        if r.base_price_nano:
+            change = f"{(r.new_price_nano - r.base_price_nano) * 100 / r.base_price_nano:+.1f}%"
+        return [
+            r.account_id,
+            r.public_model,
+            f"{r.requests:,}",
+            format_nano(r.base_cost_nano),
+            format_nano(r.new_cost_nano),
+            format_nano(r.base_price_nano),
+            format_nano(r.new_price_nano),
+            change,
+        ]
+
+    console = Console()
+    console.print(f"scenario: {result.scenario} (amounts in {result.currency})", highlight=False)
+    cols = [Col("ACCOUNT"), Col("MODEL"), Col("REQUESTS", "count")]
+    cols += [Col("COST", "money"), Col("NEW COST", "money")]
+    cols += [Col("PRICE", "money"), Col("NEW PRICE", "money"), Col("CHANGE", "count")]
+    total = cells(result.total)
+    total[0] = "TOTAL"
+    render(console, cols, [*(cells(r) for r in result.rows), total])
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} record(s); first: {result.skipped[0][1]}")
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -109,16 +189,37 @@ def _ledger_admin(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenworks", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="tokenworks",
+        description="A token utility: dispatch, meter, price and settle LLM tokens. "
+        "`tokenworks COMMAND --help` says what a command takes.",
+        epilog="Admin commands talk to a running gateway: set TOKENWORKS_ADMIN_KEY, and "
+        "TOKENWORKS_URL or --url when it is not on http://127.0.0.1:8000.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokenworks {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", default=None, help="config file (or $TOKENWORKS_CONFIG)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; "
+        "0.0.0.0 for every interface)"
+    )  # fmt: skip
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument(
+        "--access-log", action="store_true", help="log one line per request (to stdout)"
+    )
     serve.set_defaults(func=_serve)
 
-    from tokenworks.sim.profile import fault_help_text
+    config = sub.add_parser("config", help="check a config file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check", help="validate FILE as `serve` would, without serving; exit 2 if it is wrong"
+    )
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_config_check)
+
+    from tokenworks.sim.profile import PROFILES, fault_help_text
 
     sim = sub.add_parser(
         "upstream-sim",
@@ -126,9 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=fault_help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=18080)
-    sim.add_argument("--profile", default="fast")
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sim.add_argument("--port", type=int, default=18080, help="TCP port (default: 18080)")
+    sim.add_argument(
+        "--profile",
+        default="fast",
+        choices=sorted(PROFILES),
+        help="the producer's character: instant (no delays), fast, cheap (halved capacity "
+        "9-18h), slow, flaky (1 in 10 fails); default: fast",
+    )
     sim.set_defaults(func=_upstream_sim)
 
     demo = sub.add_parser("demo", help="the whole system on the embedded default")
@@ -138,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     what_if = sub.add_parser("reprice", help="re-price recorded usage under a scenario")
     what_if.add_argument("--config", default=None, help="config file (or $TOKENWORKS_CONFIG)")
     what_if.add_argument("--scenario", required=True, help="scenario file (docs/pricing.md)")
-    what_if.add_argument("--since", default=None)
-    what_if.add_argument("--until", default=None)
-    what_if.add_argument("--json", action="store_true")
+    what_if.add_argument("--since", default=None, help=SINCE_HELP)
+    what_if.add_argument("--until", default=None, help=UNTIL_HELP)
+    what_if.add_argument("--json", action="store_true", help="print raw JSON")
+    what_if.add_argument("--wide", action="store_true", help="every column, exact amounts")
     what_if.set_defaults(func=_reprice)
 
     from tokenworks.cli.export import add_subcommand as add_export

@@ -305,8 +305,8 @@ class Billing:
                     )
                 )
                 return False, None
-        # What the payer can still spend, counting the parents it draws on.
-        return True, ledger.available_to(int(hold_payer(call)))
+        # What this key can still spend: the credit it draws on, capped by its budgets.
+        return True, ledger.spendable(int(hold_payer(call)), [call.key.id])
 
     async def _unsettled(
         self,

@@ -34,7 +34,7 @@ import math
 
 import msgspec
 
-from tokenworks.ledger import Refused
+from tokenworks.ledger import Refusal, Refused
 from tokenworks.money import format_nano
 from tokenworks.producers.openai_compat import UpstreamError
 from tokenworks.wire.headers import as_dict
@@ -115,12 +115,18 @@ class HoldRefused(DispatchError):
 
     def __init__(self, refused: Refused) -> None:
         self.refused = refused
-        super().__init__(
-            refused.describe(
-                f"this request may cost up to {format_nano(refused.needed_nano)}",
-                format_nano(max(refused.available_nano, 0)),
-            )
+        message = refused.describe(
+            f"this request may cost up to {format_nano(refused.needed_nano)}",
+            format_nano(max(refused.available_nano, 0)),
         )
+        if refused.available_nano > 0 and refused.reason in (Refusal.CREDIT, Refusal.BUDGET):
+            # Not spent out: the hold is the worst case (every output token up to max_tokens,
+            # or the model's limit), and a smaller one may well fit in what is left.
+            message += (
+                " (the worst case, at max_tokens output tokens): a lower max_tokens may be "
+                "served from what is left"
+            )
+        super().__init__(message)
 
 
 class HoldUnavailable(DispatchError):
@@ -220,10 +226,12 @@ def from_upstream(
     (the last deployment's) is renamed `public_model` in a body passed through."""
     status = exc.status
     if exc.credentials_refused:
+        # Its key variable unset is the usual cause on a first run: the message names it.
+        unset = f" ({exc.message})" if "is unset" in exc.message else ""
         return UpstreamCredentials(
             exc,
-            f"producer '{exc.producer}' refused the gateway's own credentials ({status}): "
-            "the gateway is misconfigured, not your API key; tell its operator",
+            f"producer '{exc.producer}' refused the gateway's own credentials ({status})"
+            f"{unset}: the gateway is misconfigured, not your API key; tell its operator",
         )
     # A 4xx is the last word when it is not retried or no deployment is left to retry on.
     if status is not None and 400 <= status < 500:
@@ -236,7 +244,9 @@ def from_upstream(
     if exc.reason == "timeout":
         return UpstreamTimedOut(exc, "the upstream timed out")
     if exc.reason == "connect":
-        return UpstreamUnreachable(exc, "no upstream for this model is reachable")
+        return UpstreamUnreachable(
+            exc, f"no upstream for this model is reachable; last: {exc.message}"
+        )
     return UpstreamBroken(exc, f"the upstream failed: {exc.message}")
 
 

@@ -130,6 +130,10 @@ class Call:
 
 
 class Relay:
+    # `X-Tokenworks-Cost` (what the producer charges the operator) goes out only when the
+    # config says so (`expose_cost_header`): a reseller's customers must not see its margin.
+    expose_cost = False
+
     def __init__(
         self,
         router: Router,
@@ -350,7 +354,8 @@ class Relay:
         if balance_nano is not None:
             headers["x-tokenworks-balance"] = format_nano(balance_nano)
         if quote is not None:
-            headers["x-tokenworks-cost"] = format_nano(quote.cost_nano)
+            if self.expose_cost:
+                headers["x-tokenworks-cost"] = format_nano(quote.cost_nano)
             headers["x-tokenworks-price"] = format_nano(quote.price_nano)
         answer = Response(
             body, status_code=response.status, media_type="application/json", headers=headers

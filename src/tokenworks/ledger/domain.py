@@ -111,8 +111,10 @@ class Refused(LedgerError):
         available_nano: int,
         *,
         period: Period | None = None,
+        note: str = "",
     ) -> None:
         self.scope = scope
+        self.note = note  # what to do about it, when the figures alone would mislead
         self.reason = Refusal(reason)
         self.period = period
         self.needed_nano = needed_nano
@@ -134,12 +136,13 @@ class Refused(LedgerError):
         if self.reason is Refusal.CREDIT:
             return "insufficient credit"
         if self.reason is Refusal.BUDGET:
-            return f"{self.period} budget exhausted"
+            return f"{self.period} budget {'too small' if self.available_nano > 0 else 'exhausted'}"
         return str(self.reason)
 
     def describe(self, needs: str, available: str) -> str:
         """The one sentence every refusal is told in; callers choose how amounts read."""
-        return f"{self.what} on {self.scope}: {needs}, {available} available"
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.what} on {self.scope}: {needs}, {available} available{note}"
 
     @property
     def message(self) -> str:

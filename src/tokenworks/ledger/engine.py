@@ -67,6 +67,7 @@ from tokenworks.ledger.rows import (
     grant_row,
     hold_row,
 )
+from tokenworks.money import format_nano
 
 OPERATOR_ACCOUNTS = (
     ("operator:topups", AccountKind.TOPUPS),
@@ -382,7 +383,10 @@ class Engine:
     def customer(self, account_id: int) -> Account:
         acc = self.account(account_id)
         if acc.kind not in CUSTOMER_KINDS:
-            raise InvalidRequest(f"account {account_id} is an operator account")
+            raise InvalidRequest(
+                f"account {account_id} is an operator account ({acc.kind}): only customer "
+                "accounts (organisation, team, user, agent) hold credit, budgets and keys"
+            )
         return acc
 
     def path_ids(self, account_id: int) -> list[int]:
@@ -590,6 +594,42 @@ class Engine:
         with self._lock:
             return self._idempotent(idempotency_key, "grant", body, apply)
 
+    def revoke_grant(
+        self, account_id: int, grant_id: int, *, idempotency_key: str, now_ms: int
+    ) -> dict[str, Any]:
+        """End a grant now: no further issues, and what is left of its current period's
+        credit expires (held credit expires as its holds release), as at a period's end."""
+
+        def apply() -> dict[str, Any]:
+            g = self.grants.get(grant_id)
+            if g is None or g.account_id != account_id:
+                raise NotFound(f"no grant {grant_id} on account {account_id}")
+            self._advance_grant(g, now_ms)  # what fell due before now happens first
+            if not g.active:
+                return {"grant_id": g.id, "expired_nano": 0}
+            acc = self.accounts[g.account_id]
+            old = self.buckets.get(g.bucket_id) if g.bucket_id is not None else None
+            g.active = False
+            g.next_due_ms = None
+            expired = 0
+            if old is not None:
+                expired = max(0, old.remaining_nano - old.held_nano)
+                if expired:
+                    expired_acc = self.operator_account(AccountKind.EXPIRED)
+                    self._post(
+                        TransferKind.EXPIRE, acc, expired_acc, expired, now_ms, debit_bucket=old
+                    )
+                old.ended = True
+                self._dirty_bucket(old)
+                self._maybe_close(old)
+            self.journal.grants[g.id] = g
+            self.seq += 1
+            return {"grant_id": g.id, "expired_nano": expired}
+
+        with self._lock:
+            body = {"account": account_id, "grant": grant_id}
+            return self._idempotent(idempotency_key, "revoke_grant", body, apply)
+
     def _advance_grants(self, now_ms: int, max_steps: int = SWEEP_TURN_ITEMS) -> int:
         """Issue, refill, roll over and expire the grants due at `now_ms`, earliest first, at
         most about `max_steps` grant periods; returns the periods done. Due grants left over
@@ -705,7 +745,18 @@ class Engine:
             cash = self.buckets[src.cash_bucket_id]  # type: ignore[index]  # customers have one
             free = cash.remaining_nano - cash.held_nano
             if free < amount_nano:
-                raise Refused(account_scope(src.id), Refusal.CREDIT, amount_nano, free)
+                granted = sum(
+                    max(0, b.remaining_nano - b.held_nano)
+                    for b in (self.buckets[i] for i in src.bucket_ids)
+                    if b.grant_id is not None
+                )
+                note = (
+                    f"the account's other {format_nano(granted)} is grant credit, which stays "
+                    "with the account it was granted to and cannot be transferred"
+                    if granted
+                    else ""
+                )
+                raise Refused(account_scope(src.id), Refusal.CREDIT, amount_nano, free, note=note)
             t = self._post(
                 TransferKind.TRANSFER,
                 src,
@@ -1050,6 +1101,12 @@ class Engine:
                 b.held_nano += amount_nano
             if delegations:
                 self._shift_delegated(scopes, -amount_nano, now_ms)
+            # What this key may still spend with the hold in place: credit, capped by the
+            # tightest budget it is checked against (the balance header's figure).
+            after = available - amount_nano
+            for b in touched:
+                if b.scope not in parents_in_hold:
+                    after = min(after, max(0, b.room_nano))
             h = Hold(
                 id=request_id,
                 chain=tuple(path),
@@ -1058,7 +1115,7 @@ class Engine:
                 legs=legs,
                 created_ms=now_ms,
                 expires_ms=now_ms + ttl_ms,
-                available_after_nano=available - amount_nano,
+                available_after_nano=after,
             )
             # Nothing is journalled: held amounts are not stored (see `restore`), and the hold
             # is written once, when it closes.
@@ -1315,6 +1372,24 @@ class Engine:
         figure, without the rest of `balance()` (budgets, grant rolls) on the hot path."""
         with self._lock:
             return self._payer(account_id).available_nano()
+
+    def spendable(self, account_id: int, key_scopes: Iterable[str], now_ms: int) -> int:
+        """What a request paid by `account_id` under these key scopes may still spend: the
+        chain's credit, capped by the tightest budget room a hold would be checked against
+        (the balance header's figure: a key sees its own limit, not the organisation's)."""
+        with self._lock:
+            payer = self._payer(account_id)
+            left = payer.available_nano()
+            scopes = list(payer.scopes)
+            for k in key_scopes:
+                k = k if k.startswith("key:") else f"key:{k}"
+                scopes += self._key_lineage(k) if k in self.scope_parent else [k]
+            parents = {self.scope_parent[s] for s in scopes if s in self.scope_parent}
+            for s in scopes:
+                if s in self.budgets and s not in parents:
+                    for b in self._budgets_of(s, now_ms):
+                        left = min(left, b.room_nano)
+            return max(0, left)
 
     def all_budgets(self, now_ms: int) -> list[Budget]:
         """Every budget, rolled to `now_ms` (for audits; O(budgets))."""

@@ -313,6 +313,16 @@ class Ledger:
         )
         return int(r["grant_id"])
 
+    async def revoke_grant(self, account_id: int, grant_id: int, *, idempotency_key: str) -> int:
+        """End a grant now; returns what of its current credit expired (nano)."""
+        r = await self._durable(
+            lambda: self.engine.revoke_grant(
+                account_id, grant_id, idempotency_key=idempotency_key, now_ms=self.now_ms()
+            ),
+            idempotency_key,
+        )
+        return int(r["expired_nano"])
+
     async def transfer(
         self,
         from_id: int,
@@ -518,6 +528,11 @@ class Ledger:
     def balance(self, account_id: int) -> BalanceView:
         """From memory: always current, never waits on the store."""
         return self.engine.balance(account_id, self.now_ms())
+
+    def spendable(self, payer_id: int, key_scopes: Iterable[str]) -> int:
+        """What a key paid by this account may still spend: credit (parents' included),
+        capped by the tightest budget on the chain and the key's scopes."""
+        return self.engine.spendable(payer_id, key_scopes, self.now_ms())
 
     def available_to(self, payer_id: int) -> int:
         """What a hold on this account could draw now, its parents' credit included: the

@@ -71,6 +71,9 @@ class OpenAIProducer:
                 self._headers["x-api-key"] = api_key
         elif api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # Named in this producer's failures: an unset key is the usual cause of a 401, and of
+        # a real provider that cannot be reached from a machine set up for local tests.
+        self.missing_key_env = spec.api_key_env if spec.api_key_env and not api_key else None
         self._timeout = aiohttp.ClientTimeout(
             total=spec.timeout_s, sock_connect=spec.connect_timeout_s
         )
@@ -95,6 +98,11 @@ class OpenAIProducer:
             await self._session.close()
             self._session = None
 
+    def _hint(self) -> str:
+        if self.missing_key_env is None:
+            return ""
+        return f" (${self.missing_key_env} is unset: set it where the gateway runs, restart)"
+
     async def post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
         """Send a request; return a 2xx response whose body is still unread.
 
@@ -115,7 +123,9 @@ class OpenAIProducer:
         except TimeoutError as exc:
             raise UpstreamError(self.name, "timeout", "upstream timed out") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(self.name, "connect", f"upstream unreachable: {exc}") from exc
+            raise UpstreamError(
+                self.name, "connect", f"producer {self.name!r} unreachable{self._hint()}"
+            ) from exc
         if response.status < 300:
             return response
         try:
@@ -127,7 +137,7 @@ class OpenAIProducer:
         raise UpstreamError(
             self.name,
             f"status_{response.status}",
-            f"upstream answered {response.status}",
+            f"producer {self.name!r} answered {response.status}{self._hint()}",
             status=response.status,
             retryable=response.status in RETRYABLE_STATUSES
             or response.status in CREDENTIAL_STATUSES,
