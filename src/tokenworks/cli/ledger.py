@@ -74,7 +74,7 @@ def add_subcommands(sub: Any, handler: Any) -> None:
     limits = acc_sub.add_parser(
         "rate-limits", help="replace an account's rate limits (an option left out: unlimited)"
     )
-    limits.add_argument("account", type=int)
+    limits.add_argument("account", help=ACCOUNT_HELP)
     add_rate_limit_options(limits)
     common(limits, write=True)
     listing = acc_sub.add_parser("list", help="accounts with their balances")
