@@ -17,7 +17,7 @@ from tokenworks.api import admin, admin_ledger, agent_keys, openai, openapi
 from tokenworks.api.admin import bearer_matches
 from tokenworks.api.errors import EXCEPTION_HANDLERS, ApiError
 from tokenworks.config import Config
-from tokenworks.dispatch.health import Health
+from tokenworks.dispatch.dispatcher import Dispatcher
 from tokenworks.dispatch.relay import Relay
 from tokenworks.dispatch.router import Router
 from tokenworks.keys.lifecycle import MintRate
@@ -45,7 +45,9 @@ class Gateway:
         self.keys = KeyStore.open(config.database)
         self.ledger: Ledger | None = None  # opened by start(), on the serving event loop
         self.pricer = Pricer.from_config(config)
-        self.router = Router(config, Health())
+        self.dispatcher = Dispatcher(config, self.metrics, self.pricer)
+        self.metrics.watch_dispatch(lambda: self.dispatcher.snapshot(tenants_shown=None))
+        self.router = Router(config, self.dispatcher)
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
         self.relay = Relay(
             self.router,
@@ -55,6 +57,7 @@ class Gateway:
             self.pricer,
             config.limits.max_attempts,
             client_stall_timeout_s=config.limits.client_stall_timeout_s,
+            dispatcher=self.dispatcher,
         )
 
     async def start(self) -> None:

@@ -48,6 +48,12 @@ class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # provider is matched by base_url, never guessed from a model name.
     currency: str | None = None
     provider: str | None = None
+    # What the producer can take (dispatch/capacity.py): concurrent requests, requests and
+    # tokens per minute. Unset: not limited by us; the concurrency is then learned (AIMD).
+    # Work beyond them waits in the scheduler rather than being sent to be refused.
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    rpm: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] | None = None
+    tpm: Annotated[int, msgspec.Meta(ge=1, le=10_000_000_000)] | None = None
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://", self.base_url):
@@ -153,6 +159,48 @@ class MetricsAccess(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return token
 
 
+QueueWaitMs = Annotated[int, msgspec.Meta(ge=1, le=86_400_000)]
+
+
+class TierDeadlines(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How long a request of each service tier may wait for a producer, in ms from arrival,
+    when it sends no `X-Tokenworks-Deadline-Ms`. One that cannot start in time is shed with
+    429 and a Retry-After, at once when the queue ahead already says so."""
+
+    priority: QueueWaitMs = 30_000
+    standard: QueueWaitMs = 120_000
+    flex: QueueWaitMs = 900_000
+
+
+class Breaker(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The circuit breaker of each deployment (dispatch/capacity.py `CircuitBreaker`)."""
+
+    consecutive_failures: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 5
+    error_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    window: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    min_volume: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+    open_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    max_open_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
+    probes: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+
+
+class Dispatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The fair scheduler in front of the producers (dispatch/scheduler.py)."""
+
+    deadline_ms: TierDeadlines = msgspec.field(default_factory=TierDeadlines)
+    # Queued requests: per tenant (account) per producer, per producer, and in all.
+    tenant_queue_cap: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1_000
+    pool_queue_cap: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+    total_queue_cap: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 200_000
+    # Anti-starvation: while standard work waits, at most this many priority requests start
+    # before the next standard one; while flex waits, at most flex_burst + 1 others.
+    priority_burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 8
+    flex_burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 32
+    # An unconfigured producer's adaptive concurrency limit starts here.
+    initial_concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 16
+    breaker: Breaker = msgspec.field(default_factory=Breaker)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole file."""
 
@@ -165,6 +213,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: KeyLimits = msgspec.field(default_factory=KeyLimits)
     http: Http = msgspec.field(default_factory=Http)
     metrics: MetricsAccess = msgspec.field(default_factory=MetricsAccess)
+    dispatch: Dispatch = msgspec.field(default_factory=Dispatch)
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(ADMIN_KEY_ENV) or self.admin_key

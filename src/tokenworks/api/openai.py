@@ -231,6 +231,26 @@ def _tags(request: Request, payload: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+MAX_DEADLINE_MS = 86_400_000
+
+
+def _deadline_ms(request: Request) -> int | None:
+    """`X-Tokenworks-Deadline-Ms: N`: the request may wait for a producer at most N ms from
+    its arrival; one that cannot start in time is answered 429 with a Retry-After."""
+    value = request.headers.get("x-tokenworks-deadline-ms")
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_DEADLINE_MS:
+        raise ApiError(
+            400,
+            f"X-Tokenworks-Deadline-Ms must be an integer number of milliseconds within "
+            f"1..{MAX_DEADLINE_MS}",
+            code="invalid_deadline",
+        )
+    return int(value)
+
+
 async def _relay(request: Request, endpoint: str) -> Response:
     gateway = gateway_of(request)
     key = authenticate(request)
@@ -261,6 +281,8 @@ async def _relay(request: Request, endpoint: str) -> Response:
         tags=_tags(request, payload),
         tariff=gateway.pricer.tariff_for(key.account_id),
         body_bytes=size,
+        deadline_ms=_deadline_ms(request),
+        receive=request.receive,
     )
     response: Response = await gateway.relay.handle(call)
     return response

@@ -131,7 +131,7 @@ class Billing:
         costs nothing to compute; counting with the tokenizer would cost ~20 µs per KiB on
         the event loop. The excess over the actual price is released at settlement.
         """
-        output_tokens = output_bound(call, self.bounds[call.public_model])
+        output_tokens = call.max_output_tokens = output_bound(call, self.bounds[call.public_model])
         worst_nano = 0
         try:  # an unknown service tier or tariff is the client's error, found before any work
             for d in candidates:

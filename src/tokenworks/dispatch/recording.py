@@ -91,6 +91,7 @@ class Recorder:
             price_nano=quote.price_nano if quote else 0,
             service_tier=quote.service_tier if quote else call.service_tier,
             tags=call.tags,
+            queue_ms=call.queue_ms,
         )
         # With the ledger open, the row rides in the ledger's next transaction: a settled
         # request's usage is durable exactly when its charge is.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,9 @@ from tokenworks.dispatch.billing import (
     Billing,
     ModelBounds,
 )
-from tokenworks.dispatch.errors import SettlementFailed, from_upstream
+from tokenworks.dispatch.capacity import Outcome
+from tokenworks.dispatch.dispatcher import Dispatcher, Slot
+from tokenworks.dispatch.errors import ClientGone, SettlementFailed, Shed, from_upstream
 from tokenworks.dispatch.recording import Recorder
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.stream import StreamResponse
@@ -86,6 +89,13 @@ class Call:
     # Input or output beyond this is an upstream's error: the model's context window times
     # the request's prompts and choices (set by the relay before dispatch).
     usage_limit_tokens: int = DEFAULT_CONTEXT_WINDOW_TOKENS
+    # The most output it may produce over all choices (set with its worst case).
+    max_output_tokens: int = 0
+    # `X-Tokenworks-Deadline-Ms`: how long it may wait for a producer, from arrival.
+    deadline_ms: int | None = None
+    # The ASGI receive channel, to see a client that hangs up while the call is queued.
+    receive: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
+    queue_ms: float = 0.0  # how long it waited for a producer
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: next_request_id())
     # When the request started: the moment its prices are taken at (several times per call).
@@ -116,6 +126,7 @@ class Relay:
         max_attempts: int,
         *,
         client_stall_timeout_s: float = 30.0,
+        dispatcher: Dispatcher,
     ) -> None:
         self.client_stall_timeout_s = client_stall_timeout_s
         bounds = {
@@ -127,6 +138,7 @@ class Relay:
         self.producers = producers
         self.metrics = metrics
         self.max_attempts = max_attempts
+        self.dispatcher = dispatcher
 
     @property
     def ledger(self) -> Ledger | None:
@@ -143,27 +155,39 @@ class Relay:
         paying = billing.ledger is not None and call.key.account_id is not None
         worst_nano = billing.worst_case(call, candidates if paying else candidates[:1])
         if paying:
-            # Attempts run one after another, each up to its producer's timeout.
+            # Attempts run one after another, each up to its producer's timeout, after
+            # waiting for a producer at most until the call's deadline.
             attempts_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates)
+            attempts_s += self.dispatcher.wait_bound_s(call)
             call.hold = await billing.hold(call, worst_nano, attempts_s)
         last: UpstreamError | None = None
+        slot: Slot | None = None
         try:
-            for deployment in candidates:
-                producer = self.producers[deployment.producer]
-                body = self._upstream_body(call, deployment)
+            index: int | None = 0
+            for _ in range(self.max_attempts):
+                assert index is not None
+                slot = await self.dispatcher.acquire(call, candidates, index)
+                producer = self.producers[slot.deployment.producer]
+                body = self._upstream_body(call, slot.deployment)
                 try:
                     if call.stream:
-                        return await self._open_stream(call, deployment, producer, body)
-                    return await self._complete(call, deployment, producer, body)
+                        return await self._open_stream(call, slot, producer, body)
+                    return await self._complete(call, slot, producer, body)
                 except UpstreamError as exc:
                     last = exc
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
-                    retry_after = _seconds(exc.retry_after)
-                    self.router.health.failed(exc.producer, retry_after)
-                    if not exc.retryable:
+                    index = slot.failed(exc, len(candidates))
+                    if not exc.retryable or index is None:
                         break
+        except (Shed, ClientGone) as exc:
+            # Never charged, metered as refused (or as the client's hang-up).
+            self.recorder.record(call, None, exc.status, Usage(), ttft_s=None, error=exc.message)
+            await billing.void(call)
+            raise
         except BaseException:
             # Cancelled (the client left) or a bug: release the credit now, not at expiry.
+            if slot is not None:
+                slot.cancel()
             await billing.void(call)
             raise
         assert last is not None, "a route always has at least one deployment"
@@ -184,9 +208,8 @@ class Relay:
 
     # -- plain responses -------------------------------------------------------------------
 
-    async def _complete(
-        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
-    ) -> Any:
+    async def _complete(self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes) -> Any:
+        deployment = slot.deployment
         response = await producer.post(PATHS[call.endpoint], body)
         try:
             data = await _read_bounded(response, MAX_RESPONSE_BYTES)
@@ -204,7 +227,6 @@ class Relay:
             ) from exc
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
-        self.router.health.ok(producer.name)
         raw_usage = reported_usage(parsed)
         usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
         if usage is not None and not (usage.input_tokens and usage.output_tokens):
@@ -218,6 +240,7 @@ class Relay:
         )
         if usage is None:
             usage = self.recorder.estimate(call, response_texts(parsed))
+        slot.finish(Outcome.OK, usage.input_tokens, usage.output_tokens)
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
             call, deployment, response.status, usage, quote,
@@ -249,7 +272,7 @@ class Relay:
     # -- streams -------------------------------------------------------------------------------
 
     async def _open_stream(
-        self, call: Call, deployment: Deployment, producer: OpenAIProducer, body: bytes
+        self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes
     ) -> Any:
         response = await producer.post(PATHS[call.endpoint], body)
         events = SSEReader(response.content.readany)
@@ -269,9 +292,8 @@ class Relay:
             # reached the client yet, so this is a failure like any other before the first byte.
             response.close()
             raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
-        self.router.health.ok(producer.name)
         return StreamResponse(
-            self.billing, call, deployment, response, events, first, self.client_stall_timeout_s
+            self.billing, call, slot, response, events, first, self.client_stall_timeout_s
         )
 
 
@@ -289,12 +311,3 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
             raise aiohttp.ClientPayloadError("response exceeds the size limit")
         parts.append(chunk)
     return b"".join(parts)
-
-
-def _seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

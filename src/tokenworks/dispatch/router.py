@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenworks.config import Config, Deployment, Model
-from tokenworks.dispatch.health import Health
+from tokenworks.dispatch.dispatcher import Dispatcher
 from tokenworks.metering.tokens import encoding_for
 
 
@@ -19,7 +19,7 @@ class Route:
 
 
 class Router:
-    def __init__(self, config: Config, health: Health) -> None:
+    def __init__(self, config: Config, health: Dispatcher) -> None:
         self.health = health
         self.routes: dict[str, Route] = {
             m.name: Route(
@@ -34,7 +34,8 @@ class Router:
         return self.routes.get(name)
 
     def candidates(self, route: Route, max_attempts: int) -> list[Deployment]:
-        """Healthy deployments first, each group in configured order; at most max_attempts."""
-        healthy = [d for d in route.deployments if self.health.healthy(d.producer)]
-        cooling = [d for d in route.deployments if not self.health.healthy(d.producer)]
+        """Deployments whose breaker is not open first, each group in configured order; at
+        most max_attempts."""
+        healthy = [d for d in route.deployments if self.health.available(d)]
+        cooling = [d for d in route.deployments if not self.health.available(d)]
         return (healthy + cooling)[:max_attempts]

@@ -320,6 +320,18 @@ class _TierQueue:
         ticket._tenant = tenant
         ticket._agent = agent
 
+    def bind(self, ticket: Ticket) -> None:
+        """Give a ticket that starts without queueing its tenant and agent (for the charges)."""
+        request = ticket.request
+        tenant = self.tenants.get(request.tenant)
+        if tenant is None:
+            tenant = self.tenants[request.tenant] = _Tenant()
+        agent = tenant.agents.get(request.agent)
+        if agent is None:
+            agent = tenant.agents[request.agent] = _Agent()
+        ticket._tenant = tenant
+        ticket._agent = agent
+
     def peek(self) -> Ticket | None:
         tenant = self._top_tenant()
         if tenant is None:
@@ -534,6 +546,20 @@ class Scheduler:
         pool.tenant_queued[request.tenant] = pool.tenant_queued.get(request.tenant, 0) + 1
         return ticket
 
+    def start_now(self, pool_name: str, request: Request) -> Ticket | None:
+        """The fast path: nothing waits in the pool and it has capacity, so the request starts
+        at once (RUNNING, never queued); None: `admit` it instead."""
+        pool = self._pools[pool_name]
+        if pool.queued:
+            return None  # never overtake the queue
+        now = self._clock()
+        ticket = Ticket(next(self._ids), pool, request, now)
+        if not pool.capacity.admits(ticket.limit_tokens, now):
+            return None
+        pool.tiers[request.tier].bind(ticket)
+        self._run(pool, ticket, now)
+        return ticket
+
     def poll(self, pool_name: str | None = None) -> list[Ticket]:
         """Start what capacity allows and expire what is due; returns the tickets changed."""
         now = self._clock()
@@ -700,6 +726,12 @@ class Scheduler:
                 skips[other] = 0
             elif other > tier:
                 skips[other] += 1
+        self._run(pool, ticket, now)
+
+    def _run(self, pool: _Pool, ticket: Ticket, now: float) -> None:
+        """Mark a ticket started: take capacity, charge its upfront cost, count it."""
+        request = ticket.request
+        tier = request.tier
         ticket.state = TicketState.RUNNING
         ticket.started_at = now
         ticket._tpm = pool.capacity.start(ticket.limit_tokens, now)

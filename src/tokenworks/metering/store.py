@@ -69,6 +69,7 @@ USAGE_SCHEMA = (
     ("price_nano", "BIGINT"),
     ("service_tier", "TEXT"),
     ("tags", "TEXT"),
+    ("queue_ms", "DOUBLE PRECISION"),
 )
 USAGE_COLUMNS = tuple(name for name, _ in USAGE_SCHEMA)
 
@@ -81,7 +82,11 @@ _NULLABLE = (
     "ttft_ms",
     "error",
     "service_tier",
+    "queue_ms",  # added later: NULL in the rows of databases that predate it
 )
+# Columns added after the table was first released: `ALTER TABLE ... ADD COLUMN` on open,
+# for databases an earlier version created (CREATE TABLE IF NOT EXISTS leaves them as they are).
+ADDED_COLUMNS = (("queue_ms", "DOUBLE PRECISION"),)
 USAGE = Table(
     "usage",
     ("request_id",),
@@ -161,6 +166,7 @@ def _row(record: UsageRecord) -> tuple[Any, ...]:
         record.price_nano,
         record.service_tier,
         json.dumps(record.tags, separators=(",", ":"), sort_keys=True),
+        record.queue_ms,
     )
 
 
@@ -192,6 +198,7 @@ def record_from_row(row: sqlite3.Row | Mapping[str, Any]) -> UsageRecord:
         price_nano=r["price_nano"],
         service_tier=r["service_tier"],
         tags=json.loads(r["tags"] or "{}"),
+        queue_ms=r.get("queue_ms"),
     )
 
 
@@ -452,6 +459,16 @@ class UsageStore:
 # ---------------------------------------------------------------------- SQLite
 
 
+def add_missing_columns_sqlite(conn: sqlite3.Connection) -> None:
+    """Add the columns a usage table an earlier version created lacks (SQLite has no
+    `ADD COLUMN IF NOT EXISTS`; the table's columns are read first)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+    for name, sql_type in ADDED_COLUMNS:
+        if name not in present:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                conn.execute(f"ALTER TABLE usage ADD COLUMN {name} {sql_type}")
+
+
 class SqliteUsageStore(UsageStore):
     """The usage table in SQLite (WAL): a writer connection and a reader connection."""
 
@@ -462,6 +479,7 @@ class SqliteUsageStore(UsageStore):
         self.path = sqlite_path(url)
         ddl = USAGE.ddl("sqlite")
         self._write_conn = connect_rows(self.path, ddl)
+        add_missing_columns_sqlite(self._write_conn)
         self._read_conn = (
             self._write_conn if self.path == ":memory:" else connect_rows(self.path, ddl)
         )
@@ -506,6 +524,7 @@ class SqliteUsageStore(UsageStore):
 
 
 __all__ = [
+    "ADDED_COLUMNS",
     "GROUPS",
     "SUMS",
     "USAGE",

@@ -19,9 +19,14 @@ from typing import Any
 import psycopg
 
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
-from tokenworks.metering.store import USAGE, USAGE_SCHEMA, UsageStore
+from tokenworks.metering.store import ADDED_COLUMNS, USAGE, USAGE_SCHEMA, UsageStore
 
 WRITE_ATTEMPTS = 5
+# Columns a table an earlier version created lacks (a no-op once they exist).
+ADD_COLUMNS = [
+    f"ALTER TABLE usage ADD COLUMN IF NOT EXISTS {name} {sql_type}"
+    for name, sql_type in ADDED_COLUMNS
+]
 
 
 def _insert_sql() -> str:
@@ -44,7 +49,7 @@ class PostgresUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         # Both connections open here, so a bad URL or a down server fails the constructor.
-        self._write_conn = connect(url, USAGE.ddl("postgres"))
+        self._write_conn = connect(url, [*USAGE.ddl("postgres"), *ADD_COLUMNS])
         self._read_conn = connect(url)
         self._read_lock = threading.Lock()
         self._insert_sql = _insert_sql()

@@ -53,3 +53,6 @@ class UsageRecord:
     price_nano: int = 0
     service_tier: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # How long it waited for a producer (the scheduler's queue); None in rows written before
+    # the column existed.
+    queue_ms: float | None = 0.0
