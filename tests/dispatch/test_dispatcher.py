@@ -21,6 +21,13 @@ from typing import Any
 import httpx
 
 from tests.conftest import ADMIN_KEY, TEST_COST, Gateway, Sim, running_gateway
+from tokenworks.config import loads
+from tokenworks.dispatch.capacity import Outcome
+from tokenworks.dispatch.dispatcher import Dispatcher, classify
+from tokenworks.dispatch.errors import Shed
+from tokenworks.dispatch.router import Router
+from tokenworks.metrics import Metrics
+from tokenworks.producers.openai_compat import UpstreamError, retry_after_s
 from tokenworks.server import serve_in_thread
 from tokenworks.sim import build_app as build_sim
 from tokenworks.sim.profile import SimProfile
@@ -313,3 +320,84 @@ def test_a_request_larger_than_every_tpm_is_refused_as_such(database: str) -> No
         reply = chat(gw, key["key"], max_tokens=2000)  # reserves 1,024 output tokens
         assert reply.status_code == 400 and reply.json()["error"]["code"] == "exceeds_producer_tpm"
         assert sim.stats()["requests_total"] == 0
+
+
+def test_a_queued_request_whose_deadline_passes_expires_with_429(database: str) -> None:
+    with (
+        sim_with(SimProfile(name="one")) as sim,
+        running_gateway(config(database, {"a": (sim.url, "max_concurrency: 1")}), database) as gw,
+    ):
+        account, key = gw.funded_key(CREDIT_NANO)
+        blocker = threading.Thread(
+            target=chat, args=(gw, key["key"]), kwargs={"sim_fault": "slow_first_byte",
+                                                         "sim_delay_s": 3.0},
+        )  # fmt: skip
+        blocker.start()
+        wait_for(lambda: sim.stats()["requests_total"] == 1, "the slot to be taken")
+        # Nothing measured yet, so admission cannot tell it will not make it: it waits, and
+        # the timer expires it at its deadline rather than letting it start late.
+        late = chat(gw, key["key"], headers={"X-Tokenworks-Deadline-Ms": "300"})
+        assert late.status_code == 429 and late.json()["error"]["code"] == "deadline_expired"
+        assert late.headers["retry-after"] == "1"
+        blocker.join(30)
+        assert sim.stats()["requests_total"] == 1
+        sheds = dispatch_state(gw)["pools"]["a"]["tiers"]["standard"]["sheds"]
+        assert sheds == {"expired": 1}
+        assert held_nano(gw, account) == 0
+
+
+# -- without HTTP ----------------------------------------------------------------------------
+
+
+def test_upstream_failures_are_classified_for_the_limit_and_the_breaker() -> None:
+    def error(status: int | None, reason: str = "x") -> UpstreamError:
+        return UpstreamError("p", reason, "m", status=status)
+
+    assert classify(error(429)) is Outcome.RATE_LIMITED
+    assert classify(error(529)) is Outcome.OVERLOADED
+    assert classify(error(503)) is Outcome.OVERLOADED
+    assert classify(error(None, "timeout")) is Outcome.TIMEOUT
+    assert classify(error(504)) is Outcome.TIMEOUT
+    assert classify(error(400)) is Outcome.OK  # the request's fault, not the deployment's
+    assert classify(error(500)) is Outcome.ERROR
+    assert classify(error(None, "connect")) is Outcome.ERROR
+
+
+def test_upstream_retry_after_prefers_milliseconds() -> None:
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
+    assert retry_after_s({"retry-after": "3"}) == 3.0
+    assert retry_after_s({"retry-after-ms": "soon", "retry-after": "2"}) == 2.0
+    assert retry_after_s({"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"}) is None
+    assert retry_after_s({"retry-after": "nan"}) is None
+    assert retry_after_s({}) is None
+
+
+def test_a_shed_says_when_to_come_back_in_integer_seconds_within_1_to_60() -> None:
+    assert Shed("m", "queue_full", 0.2).headers == {"Retry-After": "1", "retry-after-ms": "200"}
+    assert Shed("m", "queue_full", 2.5).headers == {"Retry-After": "3", "retry-after-ms": "2500"}
+    assert Shed("m", "queue_full", 500).headers["Retry-After"] == "60"
+    assert Shed("m", "queue_full", None).headers == {"Retry-After": "1", "retry-after-ms": "1000"}
+
+
+def test_open_breakers_go_last_and_are_never_dropped() -> None:
+    cfg = loads(
+        "producers:\n"
+        + "".join(f"  - {{name: {p}, base_url: 'http://127.0.0.1:9/v1'}}\n" for p in "abc")
+        + "models:\n  - name: m\n    deployments:\n"
+        + "".join(f"      - {{producer: {p}, model: m, cost: {TEST_COST}}}\n" for p in "abc")
+        + "dispatch: {breaker: {consecutive_failures: 1, open_s: 60}}\n"
+    )
+    now = [0.0]
+    dispatcher = Dispatcher(cfg, Metrics(), clock=lambda: now[0])
+    router = Router(cfg, dispatcher)
+    route = router.routes["m"]
+    a, b, c = route.deployments
+    assert router.candidates(route, 3) == [a, b, c]
+    dispatcher.breakers["a/m"].record(False, now[0])
+    assert router.candidates(route, 3) == [b, c, a]
+    assert router.candidates(route, 2) == [b, c]
+    for p in "bc":
+        dispatcher.breakers[f"{p}/m"].record(False, now[0])
+    assert router.candidates(route, 3) == [a, b, c]  # all open: configured order
+    now[0] = 61.0  # half-open: each wants its probe, so they count as available again
+    assert all(dispatcher.available(d) for d in (a, b, c))
