@@ -276,7 +276,9 @@ class Dispatcher:
                     watcher = asyncio.ensure_future(_disconnected(call.receive))
                     waits.add(watcher)
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if not future.done():
+                # Gone, even if it started in the same instant: its disconnect message is read
+                # now, so nothing later would see it.
+                if watcher is not None and watcher.done():
                     raise ClientGone("the client closed the connection while its request waited")
         except BaseException:
             self._waiting.pop(ticket.id, None)

@@ -30,7 +30,13 @@ from tokenworks.dispatch.billing import (
 )
 from tokenworks.dispatch.capacity import Outcome
 from tokenworks.dispatch.dispatcher import Dispatcher, Slot
-from tokenworks.dispatch.errors import ClientGone, SettlementFailed, Shed, from_upstream
+from tokenworks.dispatch.errors import (
+    ClientGone,
+    SettlementFailed,
+    Shed,
+    TooLargeForProducers,
+    from_upstream,
+)
 from tokenworks.dispatch.recording import Recorder
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.stream import StreamResponse
@@ -179,7 +185,7 @@ class Relay:
                     index = slot.failed(exc, len(candidates))
                     if not exc.retryable or index is None:
                         break
-        except (Shed, ClientGone) as exc:
+        except (Shed, ClientGone, TooLargeForProducers) as exc:
             # Never charged, metered as refused (or as the client's hang-up).
             self.recorder.record(call, None, exc.status, Usage(), ttft_s=None, error=exc.message)
             await billing.void(call)
