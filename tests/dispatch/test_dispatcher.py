@@ -22,10 +22,11 @@ import httpx
 
 from tests.conftest import ADMIN_KEY, TEST_COST, Gateway, Sim, running_gateway
 from tokenworks.config import loads
-from tokenworks.dispatch.capacity import Outcome
+from tokenworks.dispatch.capacity import Outcome, PoolLimits
 from tokenworks.dispatch.dispatcher import Dispatcher, classify
 from tokenworks.dispatch.errors import Shed
 from tokenworks.dispatch.router import Router
+from tokenworks.dispatch.scheduler import Request, Scheduler, Ticket, TicketState
 from tokenworks.metrics import Metrics
 from tokenworks.producers.openai_compat import UpstreamError, retry_after_s
 from tokenworks.server import serve_in_thread
@@ -404,3 +405,33 @@ def test_open_breakers_go_last_and_are_never_dropped() -> None:
     assert router.candidates(route, 3) == [a, b, c]  # all open: configured order
     now[0] = 61.0  # half-open: each wants its probe, so they count as available again
     assert all(dispatcher.available(d) for d in (a, b, c))
+
+
+def test_start_now_is_the_fast_path_and_never_overtakes_the_queue() -> None:
+    now = [0.0]
+    sched = Scheduler(lambda: now[0])
+    sched.add_pool("p", PoolLimits(max_concurrency=2, rpm=3))
+
+    def request(tenant: str, streamed: bool = False) -> Request:
+        return Request(tenant, f"{tenant}-key", 100, 20, output_weight=2.0, streamed=streamed)
+
+    first = sched.start_now("p", request("t1"))
+    assert first is not None and first.state is TicketState.RUNNING and first.wait_s == 0
+    assert sched.served("p") == {"t1": 100 + 2.0 * 20}  # input and the output estimate
+    assert sched.start_now("p", request("t2", streamed=True)) is not None
+    assert sched.served("p")["t2"] == 100  # streamed output is charged as it comes
+    assert sched.start_now("p", request("t3")) is None  # max_concurrency
+    queued = sched.admit("p", request("t3"))
+    assert isinstance(queued, Ticket) and queued.state is TicketState.QUEUED
+    sched.finish(first, input_tokens=100, output_tokens=5)
+    assert sched.served("p")["t1"] == 100 + 2.0 * 5  # corrected to the actual
+    assert sched.start_now("p", request("t4")) is None  # t3 waits: it goes first
+    assert sched.poll("p") == [queued] and queued.state is TicketState.RUNNING
+    snapshot = sched.snapshot()["pools"]["p"]  # type: ignore[index]
+    assert snapshot["tiers"]["standard"]["started"] == 3  # fast or not, every start counts
+    assert snapshot["capacity"]["rpm_used"] == 3
+    # The rpm window is full: neither path starts another until it slides.
+    sched.finish(queued, input_tokens=100, output_tokens=5)
+    assert sched.start_now("p", request("t5")) is None
+    now[0] = 61.0
+    assert sched.start_now("p", request("t5")) is not None
