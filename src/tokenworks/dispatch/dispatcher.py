@@ -256,12 +256,11 @@ class Dispatcher:
         waiting in the first available one's queue. Raises `Shed` (429), `ClientGone` (499)
         or `TooLargeForProducers` (400)."""
         scheduler = self.scheduler
-        now = self.clock()
         request = self._request(call)
         for i in range(index, len(candidates)):
             d = candidates[i]
             key, breaker = self._lookup(d)
-            if breaker.state_ is not _CLOSED and not breaker.try_acquire(now):
+            if breaker.state_ is not _CLOSED and not breaker.try_acquire(self.clock()):
                 continue
             request.deployment = key
             ticket = scheduler.start_now(d.producer, request)
