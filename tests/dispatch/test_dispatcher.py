@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import ADMIN_KEY, TEST_COST, Gateway, Sim, running_gateway
 from tokenworks.config import loads
@@ -119,10 +120,11 @@ def test_max_concurrency_is_never_exceeded_and_everything_is_served(database: st
         assert a["tiers"]["standard"]["started"] == 24
 
 
-def test_adaptive_limit_learns_a_producer_that_refuses_beyond_k(database: str) -> None:
+@pytest.mark.parametrize("status", [429, 503])  # "insufficient capacity", "overloaded"
+def test_adaptive_limit_learns_a_producer_that_refuses_beyond_k(database: str, status: int) -> None:
     k = 4
     refusing = SimProfile(
-        name="k4", ttft_s=0.1, slots=k, queue_max=0, retry_after_ms=50,
+        name="k4", ttft_s=0.1, slots=k, queue_max=0, full_status=status, retry_after_ms=50,
         default_output_tokens_max=16,
     )  # fmt: skip
     extra = "limits: {max_attempts: 6}\n"
