@@ -18,7 +18,7 @@ from tokenworks.api import admin, admin_ledger, agent_keys, messages, openai, op
 from tokenworks.api.admin import bearer_matches
 from tokenworks.api.errors import EXCEPTION_HANDLERS, ApiError
 from tokenworks.config import Config
-from tokenworks.dispatch.health import Health
+from tokenworks.dispatch.dispatcher import Dispatcher
 from tokenworks.dispatch.relay import Relay
 from tokenworks.dispatch.router import Router
 from tokenworks.keys.lifecycle import MintRate
@@ -49,7 +49,9 @@ class Gateway:
         self.retention: RetentionJob | None = None  # roll-ups and retention, off the loop
         self.freeze_gc_after_start = False  # `tokenworks serve` sets it (server.py)
         self.pricer = Pricer.from_config(config)
-        self.router = Router(config, Health(), self.pricer)
+        self.dispatcher = Dispatcher(config, self.metrics, self.pricer)
+        self.metrics.watch_dispatch(lambda: self.dispatcher.snapshot(tenants_shown=None))
+        self.router = Router(config, self.dispatcher, self.pricer)
         self.producers = {p.name: OpenAIProducer(p) for p in config.producers}
         self.relay = Relay(
             self.router,
@@ -59,6 +61,7 @@ class Gateway:
             self.pricer,
             config.limits.max_attempts,
             client_stall_timeout_s=config.limits.client_stall_timeout_s,
+            dispatcher=self.dispatcher,
         )
         self.relay.expose_cost = config.expose_cost_header
 

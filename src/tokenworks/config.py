@@ -66,6 +66,12 @@ class Producer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The wire formats the producer speaks natively; a route in one of them passes through,
     # any other is translated to one it speaks. Unset: `default_formats` (by kind and URL).
     formats: tuple[WireFormat, ...] | None = None
+    # What the producer can take (dispatch/capacity.py): concurrent requests, requests and
+    # tokens per minute. Unset: not limited by us; the concurrency is then learned (AIMD).
+    # Work beyond them waits in the scheduler rather than being sent to be refused.
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    rpm: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] | None = None
+    tpm: Annotated[int, msgspec.Meta(ge=1, le=10_000_000_000)] | None = None
 
     @property
     def wire_formats(self) -> tuple[WireFormat, ...]:
@@ -201,6 +207,48 @@ class Retention(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_rows: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 5_000
 
 
+QueueWaitMs = Annotated[int, msgspec.Meta(ge=1, le=86_400_000)]
+
+
+class TierDeadlines(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How long a request of each service tier may wait for a producer, in ms from arrival,
+    when it sends no `X-Tokenworks-Deadline-Ms`. One that cannot start in time is shed with
+    429 and a Retry-After, at once when the queue ahead already says so."""
+
+    priority: QueueWaitMs = 30_000
+    standard: QueueWaitMs = 120_000
+    flex: QueueWaitMs = 900_000
+
+
+class Breaker(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The circuit breaker of each deployment (dispatch/capacity.py `CircuitBreaker`)."""
+
+    consecutive_failures: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 5
+    error_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    window: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    min_volume: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+    open_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    max_open_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
+    probes: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+
+
+class Dispatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The fair scheduler in front of the producers (dispatch/scheduler.py)."""
+
+    deadline_ms: TierDeadlines = msgspec.field(default_factory=TierDeadlines)
+    # Queued requests: per tenant (account) per producer, per producer, and in all.
+    tenant_queue_cap: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1_000
+    pool_queue_cap: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+    total_queue_cap: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 200_000
+    # Anti-starvation: while standard work waits, at most this many priority requests start
+    # before the next standard one; while flex waits, at most flex_burst + 1 others.
+    priority_burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 8
+    flex_burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 32
+    # An unconfigured producer's adaptive concurrency limit starts here.
+    initial_concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 16
+    breaker: Breaker = msgspec.field(default_factory=Breaker)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole file."""
 
@@ -217,6 +265,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Send `X-Tokenworks-Cost` (the operator's own cost) to clients: off, since a reseller
     # or a company charging its teams a markup does not show its margin to those it bills.
     expose_cost_header: bool = False
+    dispatch: Dispatch = msgspec.field(default_factory=Dispatch)
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(ADMIN_KEY_ENV) or self.admin_key

@@ -6,9 +6,12 @@ colliding on metric names.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -88,6 +91,16 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.queue_wait = Histogram(
+            "tokenworks_queue_wait_seconds",
+            "Time requests that had to wait spent queued for a producer, by producer and "
+            "service tier (requests that started at once are not observed here; "
+            "tokenworks_dispatch_started counts every start).",
+            ["producer", "tier"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+
         # Labelled children by label values: `labels()` costs more than the increment itself.
         self._children: dict[tuple[object, ...], Any] = {}
 
@@ -119,5 +132,103 @@ class Metrics:
         if output_tokens:
             self._child(self.tokens, model, producer, "output").inc(output_tokens)
 
+    def queue_waited(self, producer: str, tier: str, wait_s: float) -> None:
+        self._child(self.queue_wait, producer, tier).observe(wait_s)
+
+    def watch_dispatch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Export the scheduler's state (`Dispatcher.snapshot()`), read at each scrape: the
+        hot path pays nothing for these."""
+        self.registry.register(_DispatchCollector(snapshot))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+BREAKER_STATES = ("closed", "half_open", "open")
+
+
+class _DispatchCollector(Collector):
+    """The scheduler's queues, limits, breakers and fair-share counters, as metrics."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        state = self.snapshot()
+        depth = GaugeMetricFamily(
+            "tokenworks_queue_depth",
+            "Requests waiting for a producer, by producer and service tier.",
+            labels=["producer", "tier"],
+        )
+        started = CounterMetricFamily(
+            "tokenworks_dispatch_started",
+            "Requests started on a producer (at once or after waiting), by producer and tier.",
+            labels=["producer", "tier"],
+        )
+        wait_sum = CounterMetricFamily(
+            "tokenworks_queue_wait_seconds_all",
+            "Total time started requests waited, by producer and tier (the ones that started "
+            "at once add 0).",
+            labels=["producer", "tier"],
+        )
+        sheds = CounterMetricFamily(
+            "tokenworks_dispatch_sheds",
+            "Requests refused by the scheduler (429), by producer, tier and reason "
+            "(deadline, expired, queue_full, tenant_queue_full, too_large).",
+            labels=["producer", "tier", "reason"],
+        )
+        cancelled = CounterMetricFamily(
+            "tokenworks_queue_cancelled",
+            "Requests that left the queue because their client hung up.",
+            labels=["producer", "tier"],
+        )
+        inflight = GaugeMetricFamily(
+            "tokenworks_producer_inflight", "Requests in flight per producer.", labels=["producer"]
+        )
+        limit = GaugeMetricFamily(
+            "tokenworks_producer_concurrency_limit",
+            "The producer's concurrency limit now: configured max_concurrency, cut and grown "
+            "by AIMD on its answers (learned when not configured).",
+            labels=["producer"],
+        )
+        paused = GaugeMetricFamily(
+            "tokenworks_producer_paused_seconds",
+            "Seconds left of the producer's Retry-After pause.",
+            labels=["producer"],
+        )
+        served = CounterMetricFamily(
+            "tokenworks_served_weighted_tokens",
+            "Weighted tokens (input plus output weighted by its price ratio) served per "
+            "tenant (account) and producer: the fair scheduler's counters.",
+            labels=["producer", "tenant"],
+        )
+        breaker = GaugeMetricFamily(
+            "tokenworks_breaker_state",
+            "Circuit breaker state per deployment (producer/model): 1 for the current state.",
+            labels=["deployment", "state"],
+        )
+        opens = CounterMetricFamily(
+            "tokenworks_breaker_opens",
+            "Times a deployment's circuit breaker opened.",
+            labels=["deployment"],
+        )
+        for producer, pool in state["pools"].items():
+            for tier, t in pool["tiers"].items():
+                depth.add_metric([producer, tier], t["queued"])
+                started.add_metric([producer, tier], t["started"])
+                wait_sum.add_metric([producer, tier], t["wait_s_sum"])
+                cancelled.add_metric([producer, tier], t["cancelled"])
+                for reason, count in t["sheds"].items():
+                    sheds.add_metric([producer, tier, reason], count)
+            capacity = pool["capacity"]
+            inflight.add_metric([producer], capacity["inflight"])
+            limit.add_metric([producer], capacity["concurrency_limit"])
+            paused.add_metric([producer], capacity["paused_for_s"])
+            for tenant, amount in pool["served_weighted_tokens"].items():
+                served.add_metric([producer, tenant], amount)
+        for name, b in state["breakers"].items():
+            for s in BREAKER_STATES:
+                breaker.add_metric([name, s], 1.0 if b["state"] == s else 0.0)
+            opens.add_metric([name], b["opens"])
+        yield from (depth, started, wait_sum, sheds, cancelled, inflight, limit, paused)
+        yield from (served, breaker, opens)

@@ -306,11 +306,14 @@ def test_all_upstreams_failing_gives_502_and_429_keeps_retry_after(
     with pytest.raises(openai.InternalServerError) as err:
         c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=1)
     assert err.value.status_code == 502
+    # A capacity refusal of the last deployment is tried there again after its Retry-After
+    # pause (max_attempts 3: a, b, b); refused every time, the client gets the 429.
     a.fault("429")
-    b.fault("429")
+    b.fault("429", count=2)
     with pytest.raises(openai.RateLimitError) as err:
         c.chat.completions.create(model="chat-fast", messages=CHAT, max_tokens=1)
     assert err.value.response.headers.get("retry-after")
+    assert b.stats()["faults"]["429"] == 2
     assert sorted(r.status for r in gateway.records(expect=2)) == [429, 502]
 
 

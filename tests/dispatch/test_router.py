@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from tokenworks.dispatch.health import Health
 
 from tokenworks.config import Config, loads
 from tokenworks.dispatch.errors import NoProviderLeft
-from tokenworks.dispatch.health import Health
 from tokenworks.dispatch.preferences import parse_provider
 from tokenworks.dispatch.relay import Call
 from tokenworks.dispatch.router import Router

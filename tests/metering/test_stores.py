@@ -22,10 +22,12 @@ import pytest
 from tests.conftest import PG_URL, both_stores
 from tokenworks.db import split_schema
 from tokenworks.db.postgres import connect as pg_connect
+from tokenworks.db.table import Table
 from tokenworks.keys.store import KeyStore
 from tokenworks.metering.store import (
     GROUPS,
     USAGE_COLUMNS,
+    USAGE_SCHEMA,
     SqliteUsageStore,
     UsageStore,
     open_usage_store,
@@ -66,6 +68,7 @@ def record(i: int, rng: random.Random, ts_ms: int | None = None) -> UsageRecord:
         price_nano=rng.randrange(0, 2**40),
         service_tier=rng.choice([None, "flex"]),
         tags={"team": rng.choice(["x", "y"])} if rng.random() < 0.5 else {},
+        queue_ms=rng.choice([0.0, 12.5, 3000.25]),
     )
 
 
@@ -335,3 +338,37 @@ def test_a_usage_table_an_earlier_version_made_gains_the_new_columns(database: s
     finally:
         store.close()
     open_usage_store(database).close()  # and a second open finds nothing left to add
+
+
+@both_stores
+def test_a_usage_table_from_before_queue_ms_gains_the_column_on_open(database: str) -> None:
+    """A database an earlier version created keeps its rows (queue_ms NULL: unknown) and
+    takes new rows with their queue wait."""
+    old_schema = tuple(c for c in USAGE_SCHEMA if c[0] != "queue_ms")
+    old = Table("usage", ("request_id",), old_schema, upsert=False)
+    columns = ", ".join(name for name, _ in old_schema)
+    row = (
+        "req-old", T0_MS, None, None, "chat", None, None, "chat", 200,
+        1, 0, 0, 1, 0, 0, 1.0, None, 0, None, 0, 0, None, "{}", 0,
+    )  # fmt: skip
+    if database.startswith("sqlite://"):
+        with sqlite3.connect(database.removeprefix("sqlite:///")) as c:
+            for stmt in old.ddl("sqlite"):
+                c.execute(stmt)
+            c.execute(f"INSERT INTO usage ({columns}) VALUES ({','.join('?' * len(row))})", row)
+    else:
+        from tokenworks.db.postgres import connect
+
+        with connect(database, old.ddl("postgres")) as c:
+            c.execute(f"INSERT INTO usage ({columns}) VALUES ({','.join(['%s'] * len(row))})", row)
+    for _ in range(2):  # the second open finds the column there already
+        store = open_usage_store(database)
+        try:
+            fresh = replace(records(1)[0], request_id="req-new", queue_ms=41.5)
+            store.submit(fresh)
+            assert store.flush() and store.dropped == 0
+            got = {r.request_id: r for r in store.records()}
+        finally:
+            store.close()
+        assert got["req-old"].queue_ms is None
+        assert got["req-new"].queue_ms == 41.5

@@ -304,7 +304,14 @@ async def info(request: Request) -> Response:
 
 @_admin
 async def health(request: Request) -> Response:
-    return json_response({"producers": gateway_of(request).router.health.snapshot()})
+    return json_response({"producers": gateway_of(request).relay.dispatcher.health()})
+
+
+@_admin
+async def dispatch(request: Request) -> Response:
+    """The scheduler's live state: queues by producer and tier, capacity limits (configured
+    and learned), circuit breakers, measured service rates, fair-share counters served."""
+    return json_response(gateway_of(request).relay.dispatcher.snapshot())
 
 
 routes = [
@@ -315,4 +322,5 @@ routes = [
     Route("/admin/v1/usage", usage, methods=["GET"]),
     Route("/admin/v1/health", health, methods=["GET"]),
     Route("/admin/v1/info", info, methods=["GET"]),
+    Route("/admin/v1/dispatch", dispatch, methods=["GET"]),
 ]

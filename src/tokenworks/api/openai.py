@@ -266,6 +266,26 @@ def _tags(request: Request, payload: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+MAX_DEADLINE_MS = 86_400_000
+
+
+def _deadline_ms(request: Request) -> int | None:
+    """`X-Tokenworks-Deadline-Ms: N`: the request may wait for a producer at most N ms from
+    its arrival; one that cannot start in time is answered 429 with a Retry-After."""
+    value = request.headers.get("x-tokenworks-deadline-ms")
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_DEADLINE_MS:
+        raise ApiError(
+            400,
+            f"X-Tokenworks-Deadline-Ms must be an integer number of milliseconds within "
+            f"1..{MAX_DEADLINE_MS}",
+            code="invalid_deadline",
+        )
+    return int(value)
+
+
 async def relay(request: Request, endpoint: str) -> Response:
     gateway = gateway_of(request)
     key = authenticate_any(request) if endpoint == "messages" else authenticate(request)
@@ -293,6 +313,8 @@ async def relay(request: Request, endpoint: str) -> Response:
         tariff=gateway.pricer.tariff_for(key.account_id),
         body_bytes=size,
         provider=None if provider is None else parse_provider(provider),
+        deadline_ms=_deadline_ms(request),
+        receive=request.receive,
     )
     response: Response = await gateway.relay.handle(call)
     return response

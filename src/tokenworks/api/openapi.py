@@ -647,6 +647,21 @@ def _admin_paths() -> Schema:
         "/admin/v1/health": {
             "get": _admin_op("Producer circuit state", 200, _obj({"producers": {}}, ("producers",)))
         },
+        "/admin/v1/dispatch": {
+            "get": _admin_op(
+                "Scheduler state: queues by producer and tier, limits, breakers, served tokens",
+                200,
+                _obj(
+                    {
+                        "queued": {"type": "integer"},
+                        "waiting": {"type": "integer"},
+                        "pools": {"type": "object"},
+                        "breakers": {"type": "object"},
+                    },
+                    ("queued", "pools", "breakers"),
+                ),
+            )
+        },
         "/admin/v1/accounts": {
             "post": _admin_write(
                 "Create an account",

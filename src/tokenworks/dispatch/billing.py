@@ -149,7 +149,7 @@ class Billing:
         settlement.
         """
         bounds = self.bounds[call.public_model]
-        output_tokens = output_bound(call, bounds)
+        output_tokens = call.max_output_tokens = output_bound(call, bounds)
         input_tokens = input_bound(call, bounds)
         worst_nano = 0
         try:  # an unknown service tier or tariff is the client's error, found before any work

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from tokenworks.config import Deployment
 from tokenworks.dispatch.billing import Billing
 from tokenworks.dispatch.dialects import (
     ResponseIndex,
@@ -25,6 +24,7 @@ from tokenworks.dispatch.dialects import (
     messages_usage_raw,
     with_usage,
 )
+from tokenworks.dispatch.dispatcher import Slot
 from tokenworks.dispatch.stream import StreamResponse
 from tokenworks.wire.anthropic import MessagesUsageCollector
 from tokenworks.wire.openai import (
@@ -85,7 +85,7 @@ class DialectStream(StreamResponse):
         self,
         billing: Billing,
         call: Call,
-        deployment: Deployment,
+        slot: Slot,
         upstream: aiohttp.ClientResponse,
         events: SSEReader,
         first: bytes,
@@ -93,7 +93,7 @@ class DialectStream(StreamResponse):
         fmt: str,
         stored: ResponseIndex,
     ) -> None:
-        super().__init__(billing, call, deployment, upstream, events, first, client_stall_timeout_s)
+        super().__init__(billing, call, slot, upstream, events, first, client_stall_timeout_s)
         self.fmt = fmt  # the upstream's format
         self.stored = stored
         self.passthrough = fmt == call.endpoint

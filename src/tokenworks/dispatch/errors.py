@@ -11,6 +11,12 @@ raises) and the code it is answered with; `api/errors.py` turns them into respon
     ├── HoldRefused            402 insufficient_quota the ledger refused the worst case
     ├── HoldUnavailable        503 ledger_unavailable the ledger cannot take holds now
     ├── SettlementFailed       502 settlement_failed  served, but the charge failed: withheld
+    ├── Shed                   429 (its reason)       the scheduler cannot start it in time:
+    │                                                 deadline_unmeetable, deadline_expired,
+    │                                                 queue_full, tenant_queue_full
+    │                                                 (Retry-After, retry-after-ms: estimated)
+    ├── TooLargeForProducers   400 exceeds_producer_tpm more tokens than any producer's tpm
+    ├── ClientGone             499 client_closed      the client hung up while it was queued
     └── UpstreamFailure                               no upstream served it (`from_upstream`)
         ├── UpstreamRejected   4xx (the upstream's)   its status and JSON body as sent, only
         │                                             the model renamed; a 429 when no
@@ -143,6 +149,44 @@ class SettlementFailed(DispatchError):
 
     def __init__(self) -> None:
         super().__init__(SETTLEMENT_FAILED_MESSAGE)
+
+
+class Shed(DispatchError):
+    """The scheduler will not start the call: it cannot before its deadline, or a queue is
+    full. Never charged (its hold is voided) and metered as refused; Retry-After is the
+    scheduler's estimate of when a retry would be admitted, as an integer within 1..60 s
+    (SDKs ignore longer ones) with the exact figure in retry-after-ms."""
+
+    status = 429
+
+    def __init__(self, message: str, code: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        wait_s = self.retry_after_s if self.retry_after_s is not None else 1.0
+        wait_ms = max(1, math.ceil(wait_s * 1000))
+        return {
+            "Retry-After": str(min(60, max(1, math.ceil(wait_ms / 1000)))),
+            "retry-after-ms": str(wait_ms),
+        }
+
+
+class TooLargeForProducers(DispatchError):
+    """The request's tokens exceed the tokens per minute of every producer that could serve
+    it: no wait makes it fit."""
+
+    status = 400
+    code = "exceeds_producer_tpm"
+
+
+class ClientGone(DispatchError):
+    """The client hung up while its request waited: it leaves the queue, nothing charged."""
+
+    status = 499
+    code = "client_closed"
 
 
 class UpstreamFailure(DispatchError):

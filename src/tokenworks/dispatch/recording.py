@@ -121,6 +121,7 @@ class Recorder:
             service_tier=quote.service_tier if quote else call.service_tier,
             tags=call.tags,
             clamped_nano=call.clamped_nano,
+            queue_ms=call.queue_ms,
         )
         # With the ledger open, the row rides in the ledger's next transaction: a settled
         # request's usage is durable exactly when its charge is.

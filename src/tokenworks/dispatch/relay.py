@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,8 +30,17 @@ from tokenworks.dispatch.billing import (
     Billing,
     ModelBounds,
 )
+from tokenworks.dispatch.capacity import Outcome
 from tokenworks.dispatch.dialect_stream import DialectStream
-from tokenworks.dispatch.errors import InvalidCall, SettlementFailed, from_upstream
+from tokenworks.dispatch.dispatcher import Dispatcher, Slot
+from tokenworks.dispatch.errors import (
+    ClientGone,
+    InvalidCall,
+    SettlementFailed,
+    Shed,
+    TooLargeForProducers,
+    from_upstream,
+)
 from tokenworks.dispatch.preferences import ProviderPrefs
 from tokenworks.dispatch.ratelimit import Permit
 from tokenworks.dispatch.recording import Recorder, release
@@ -98,6 +108,13 @@ class Call:
     # the request's prompts and choices (set by the relay before dispatch).
     usage_limit_tokens: int = DEFAULT_CONTEXT_WINDOW_TOKENS
     clamped_nano: int = 0  # price above the hold, not charged (`Billing.within_hold`)
+    # The most output it may produce over all choices (set with its worst case).
+    max_output_tokens: int = 0
+    # `X-Tokenworks-Deadline-Ms`: how long it may wait for a producer, from arrival.
+    deadline_ms: int | None = None
+    # The ASGI receive channel, to see a client that hangs up while the call is queued.
+    receive: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
+    queue_ms: float = 0.0  # how long it waited for a producer
     started_s: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: next_request_id())
     # When the request started: the moment its prices are taken at (several times per call).
@@ -144,6 +161,7 @@ class Relay:
         max_attempts: int,
         *,
         client_stall_timeout_s: float = 30.0,
+        dispatcher: Dispatcher,
     ) -> None:
         self.client_stall_timeout_s = client_stall_timeout_s
         bounds = {
@@ -162,6 +180,7 @@ class Relay:
             name: dialects.upstream_formats(p.spec.wire_formats) for name, p in producers.items()
         }
         self.stored = dialects.ResponseIndex()
+        self.dispatcher = dispatcher
 
     @property
     def ledger(self) -> Ledger | None:
@@ -176,58 +195,87 @@ class Relay:
         candidates = self.router.candidates(call.route, self.max_attempts, call)
         if call.endpoint == "responses":
             candidates = self._sticky(call, candidates)
+        candidates = self._expressible(call, candidates)
         billing = self.billing
         paying = billing.ledger is not None and call.key.account_id is not None
         worst_nano = billing.worst_case(call, candidates if paying else candidates[:1])
         if call.key.rate_scopes:  # a key without rate limits pays this one check
             self.limits.admit(call)
         last: UpstreamError | None = None
-        untranslatable: Untranslatable | None = None
         last_model: str | None = None
+        slot: Slot | None = None
         try:
             if paying:
-                # Attempts run one after another, each up to its producer's timeout.
+                # Attempts run one after another, each up to its producer's timeout, after
+                # waiting for a producer at most until the call's deadline.
                 attempts_s = sum(self.producers[d.producer].spec.timeout_s for d in candidates)
+                attempts_s += self.dispatcher.wait_bound_s(call)
                 call.hold = await billing.hold(call, worst_nano, attempts_s)
-            for deployment in candidates:
+            index: int | None = 0
+            for _ in range(self.max_attempts):
+                assert index is not None
+                slot = await self.dispatcher.acquire(call, candidates, index)
+                deployment = slot.deployment
                 producer = self.producers[deployment.producer]
                 fmt = self.formats[deployment.producer][call.endpoint]
                 if fmt == call.endpoint:
                     body = self._upstream_body(call, deployment)
-                else:  # translated: the producer does not speak the route's format
-                    try:
-                        body = self._translated_body(call, deployment, fmt)
-                    except Untranslatable as exc:
-                        untranslatable = exc
-                        continue
+                else:  # translated (`_expressible` made sure it can be)
                     assert fmt is not None
+                    body = self._translated_body(call, deployment, fmt)
                 call.sent_s = time.perf_counter()
                 try:
                     if call.stream:
-                        return await self._open_stream(call, deployment, producer, body, fmt)
-                    return await self._complete(call, deployment, producer, body, fmt)
+                        return await self._open_stream(call, slot, producer, body, fmt)
+                    return await self._complete(call, slot, producer, body, fmt)
                 except UpstreamError as exc:
                     last, last_model = exc, deployment.model
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
-                    retry_after = _seconds(exc.retry_after)
-                    self.router.health.failed(exc.producer, retry_after)
-                    if not exc.retryable:
+                    index = slot.failed(exc, len(candidates))
+                    if not exc.retryable or index is None:
                         break
+        except (Shed, ClientGone, TooLargeForProducers) as exc:
+            # Never charged, metered as refused (or as the client's hang-up).
+            self.recorder.record(call, None, exc.status, Usage(), ttft_s=None, error=exc.message)
+            await billing.void(call)
+            raise
         except BaseException:
             # Cancelled (the client left), no hold, or a bug: release the credit now, not at
             # expiry, and the rate limits' concurrency (a recorded call has released it).
+            if slot is not None:
+                slot.cancel()
             release(call, Usage())
             await billing.void(call)
             raise
-        if last is None:  # no deployment could take the request in any format it speaks
-            assert untranslatable is not None, "a route always has at least one deployment"
-            release(call, Usage())  # nothing was sent: give back its rate-limit reservation
-            await billing.void(call)
-            raise InvalidCall(untranslatable.message, param=untranslatable.param)
+        assert last is not None, "a route always has at least one deployment"
         error = from_upstream(last, last_model, call.public_model)
         self.recorder.record(call, None, error.status, Usage(), ttft_s=None, error=last.message)
         await billing.void(call)
         raise error
+
+    def _expressible(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
+        """The candidates whose wire formats can carry this request (as is or translated),
+        before anything waits or is held for them; none is the client's 400, naming what
+        no format can express. A route passed through everywhere pays one lookup each."""
+        formats = self.formats
+        endpoint = call.endpoint
+        if all(formats[d.producer][endpoint] == endpoint for d in candidates):
+            return candidates
+        usable: list[Deployment] = []
+        untranslatable: Untranslatable | None = None
+        for d in candidates:
+            fmt = formats[d.producer][endpoint]
+            if fmt != endpoint:
+                try:  # kept on the call (`Call.translations`) for the send
+                    self._translation(call, d, fmt)
+                except Untranslatable as exc:
+                    untranslatable = exc
+                    continue
+            usable.append(d)
+        if not usable:
+            assert untranslatable is not None, "a route always has at least one deployment"
+            raise InvalidCall(untranslatable.message, param=untranslatable.param)
+        return usable
 
     def _sticky(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
         """A Responses request continuing a stored response goes first to the producer
@@ -239,8 +287,9 @@ class Relay:
         first = [d for d in candidates if d.producer == owner[0]]
         return first + [d for d in candidates if d.producer != owner[0]]
 
-    def _translated_body(self, call: Call, deployment: Deployment, fmt: str | None) -> bytes:
-        """The request in format `fmt`, translated once per format and call."""
+    def _translation(self, call: Call, deployment: Deployment, fmt: str | None) -> dict[str, Any]:
+        """The request in format `fmt`, translated once per format and call; raises
+        `Untranslatable` when `fmt` cannot express it."""
         if fmt is None:
             raise dialects.no_format(call.endpoint, deployment.producer)
         cache = call.translations
@@ -249,7 +298,10 @@ class Relay:
         payload = cache.get(fmt)
         if payload is None:
             payload = cache[fmt] = dialects.translated_payload(call.endpoint, call.payload, fmt)
-        payload = dict(payload)
+        return payload
+
+    def _translated_body(self, call: Call, deployment: Deployment, fmt: str | None) -> bytes:
+        payload = dict(self._translation(call, deployment, fmt))
         payload["model"] = deployment.model
         if call.stream and fmt == "chat":
             payload["stream_options"] = {"include_usage": True}
@@ -268,13 +320,9 @@ class Relay:
     # -- plain responses -------------------------------------------------------------------
 
     async def _complete(
-        self,
-        call: Call,
-        deployment: Deployment,
-        producer: OpenAIProducer,
-        body: bytes,
-        fmt: str = "chat",
+        self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes, fmt: str = "chat"
     ) -> Any:
+        deployment = slot.deployment
         response = await producer.post(PATHS[fmt], body)
         try:
             data = await _read_bounded(response, MAX_RESPONSE_BYTES)
@@ -295,7 +343,6 @@ class Relay:
             ) from exc
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
-        self.router.health.ok(producer.name)
         raw_usage = reported_usage(parsed)
         if not chat_like:
             raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
@@ -315,6 +362,7 @@ class Relay:
             if head_only:
                 parsed, head_only = _decode(data), False
             usage = self.recorder.estimate(call, _texts(fmt, parsed))
+        slot.finish(Outcome.OK, usage.input_tokens, usage.output_tokens)
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
             call, deployment, response.status, usage, quote,
@@ -366,12 +414,7 @@ class Relay:
     # -- streams -------------------------------------------------------------------------------
 
     async def _open_stream(
-        self,
-        call: Call,
-        deployment: Deployment,
-        producer: OpenAIProducer,
-        body: bytes,
-        fmt: str = "chat",
+        self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes, fmt: str = "chat"
     ) -> Any:
         response = await producer.post(PATHS[fmt], body)
         # Chat-like pass-through forwards each event's bytes as sent (its framing kept); the
@@ -398,15 +441,13 @@ class Relay:
             # reached the client yet, so this is a failure like any other before the first byte.
             response.close()
             raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
-        self.router.health.ok(producer.name)
         if passthrough_chat:
             return StreamResponse(
-                self.billing, call, deployment, response, events, first,
-                self.client_stall_timeout_s,
-            )  # fmt: skip
+                self.billing, call, slot, response, events, first, self.client_stall_timeout_s
+            )
         assert isinstance(events, SSEReader)
         return DialectStream(
-            self.billing, call, deployment, response, events, first,
+            self.billing, call, slot, response, events, first,
             self.client_stall_timeout_s, fmt, self.stored,
         )  # fmt: skip
 
@@ -430,12 +471,3 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
 def _texts(fmt: str, parsed: dict[str, Any]) -> list[str]:
     """An answer's texts (only needed when its usage is missing or doubtful)."""
     return response_texts(parsed) if fmt in _CHAT_LIKE else dialects.answer_texts(fmt, parsed)
-
-
-def _seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

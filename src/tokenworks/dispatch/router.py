@@ -27,8 +27,8 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from tokenworks.config import Config, Deployment, Model
+from tokenworks.dispatch.dispatcher import Dispatcher
 from tokenworks.dispatch.errors import NoProviderLeft
-from tokenworks.dispatch.health import Health
 from tokenworks.dispatch.preferences import ProviderPrefs
 from tokenworks.dispatch.speeds import Speed, Speeds
 from tokenworks.metering.tokens import encoding_for
@@ -58,7 +58,7 @@ class Router:
     def __init__(
         self,
         config: Config,
-        health: Health,
+        health: Dispatcher,
         pricer: Pricer | None = None,
         *,
         speeds: Speeds | None = None,
@@ -93,8 +93,8 @@ class Router:
             ranked: tuple[Deployment, ...] | list[Deployment] = route.deployments  # as today
         else:
             ranked = self._ranked(route, prefs, call)
-        healthy = [d for d in ranked if self.health.healthy(d.producer)]
-        cooling = [d for d in ranked if not self.health.healthy(d.producer)]
+        healthy = [d for d in ranked if self.health.available(d)]
+        cooling = [d for d in ranked if not self.health.available(d)]
         if prefs is not None and not prefs.allow_fallbacks and not prefs.order:
             return (healthy + cooling)[:1]  # only the first choice, no backups
         return (healthy + cooling)[:max_attempts]

@@ -65,12 +65,13 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 from tokenworks.dispatch.capacity import (
+    FAILURES,
+    NO_VERDICT,
     CircuitBreaker,
     Outcome,
     PoolCapacity,
     PoolLimits,
     WindowEntry,
-    counts_as_failure,
 )
 
 
@@ -101,6 +102,15 @@ class TicketState(StrEnum):
     DONE = "done"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+
+
+# Members as module constants: an enum attribute lookup costs ~15x a global's in the
+# hot path.
+_QUEUED = TicketState.QUEUED
+_RUNNING = TicketState.RUNNING
+_DONE = TicketState.DONE
+_CANCELLED = TicketState.CANCELLED
+_EXPIRED = TicketState.EXPIRED
 
 
 class ShedReason(StrEnum):
@@ -169,7 +179,7 @@ class Ticket:
         self.id = ticket_id
         self._pool = pool
         self.request = request
-        self.state = TicketState.QUEUED
+        self.state = _QUEUED
         self.enqueued_at = now
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -320,12 +330,24 @@ class _TierQueue:
         ticket._tenant = tenant
         ticket._agent = agent
 
+    def bind(self, ticket: Ticket) -> None:
+        """Give a ticket that starts without queueing its tenant and agent (for the charges)."""
+        request = ticket.request
+        tenant = self.tenants.get(request.tenant)
+        if tenant is None:
+            tenant = self.tenants[request.tenant] = _Tenant()
+        agent = tenant.agents.get(request.agent)
+        if agent is None:
+            agent = tenant.agents[request.agent] = _Agent()
+        ticket._tenant = tenant
+        ticket._agent = agent
+
     def peek(self) -> Ticket | None:
         tenant = self._top_tenant()
         if tenant is None:
             return None
         queue = self._top_agent(tenant).queue
-        while queue[0].state is not TicketState.QUEUED:
+        while queue[0].state is not _QUEUED:
             queue.popleft()  # cancelled or expired earlier
         return queue[0]
 
@@ -534,6 +556,54 @@ class Scheduler:
         pool.tenant_queued[request.tenant] = pool.tenant_queued.get(request.tenant, 0) + 1
         return ticket
 
+    def start_now(self, pool_name: str, request: Request) -> Ticket | None:
+        """The fast path: nothing waits in the pool and it has capacity, so the request starts
+        at once (RUNNING, never queued); None: `admit` it instead.
+
+        `_start`'s work, inlined for the case where nothing is queued (no tenant is
+        backlogged, so no heap is touched, and the rate meter is not saturated): the
+        gateway pays this on every request when there is no contention."""
+        pool = self._pools[pool_name]
+        if pool.queued:
+            return None  # never overtake the queue
+        capacity = pool.capacity
+        now = self._clock()
+        # inflight < int(limit), for an integer inflight
+        if capacity.inflight + 1 > capacity.adaptive.limit or now < capacity.blocked_until:
+            return None
+        windows = capacity.requests is not None or capacity.tokens is not None
+        if windows and not capacity.admits(
+            request.limit_tokens or request.input_tokens + request.output_tokens_est, now
+        ):
+            return None
+        ticket = Ticket(next(self._ids), pool, request, now)
+        queue = pool.tiers[request.tier]
+        tenant = queue.tenants.get(request.tenant)
+        if tenant is None:
+            tenant = queue.tenants[request.tenant] = _Tenant()
+        agent = tenant.agents.get(request.agent)
+        if agent is None:
+            agent = tenant.agents[request.agent] = _Agent()
+        ticket._tenant = tenant
+        ticket._agent = agent
+        ticket.state = _RUNNING
+        ticket.started_at = now
+        if windows:
+            ticket._tpm = capacity.start(ticket.limit_tokens, now)
+        else:
+            capacity.inflight += 1
+        upfront = request.input_weight * request.input_tokens
+        if not request.streamed:
+            upfront += request.output_weight * request.output_tokens_est
+        if upfront:  # as `_charge`; nobody is backlogged, so no heap needs a fresh entry
+            ticket.charged = upfront
+            tenant.counter += upfront / request.tenant_weight
+            agent.counter += upfront / request.agent_weight
+            served = pool.served
+            served[request.tenant] = served.get(request.tenant, 0.0) + upfront
+        pool.stats[request.tier].started += 1  # waited 0: the wait sums stay as they are
+        return ticket
+
     def poll(self, pool_name: str | None = None) -> list[Ticket]:
         """Start what capacity allows and expire what is due; returns the tickets changed."""
         now = self._clock()
@@ -555,7 +625,7 @@ class Scheduler:
 
     def add_output(self, ticket: Ticket, tokens: int) -> None:
         """Output tokens streamed so far for a running request (count as they arrive)."""
-        if ticket.state is TicketState.RUNNING and tokens:
+        if ticket.state is _RUNNING and tokens:
             ticket.output_tokens += tokens
             self._charge(ticket, ticket.request.output_weight * tokens)
 
@@ -569,17 +639,17 @@ class Scheduler:
         retry_after_s: float | None = None,
     ) -> None:
         """The attempt ended: charge the actual, free the slot, feed AIMD and the breaker."""
-        if ticket.state is TicketState.QUEUED:
+        if ticket.state is _QUEUED:
             self.cancel(ticket)
             return
-        if ticket.state is not TicketState.RUNNING:
+        if ticket.state is not _RUNNING:
             return
         now = self._clock()
         request = ticket.request
         actual = request.input_weight * input_tokens + request.output_weight * output_tokens
         self._charge(ticket, actual - ticket.charged)
         ticket.output_tokens = output_tokens
-        ticket.state = TicketState.DONE
+        ticket.state = _DONE
         ticket.finished_at = now
         assert ticket.started_at is not None
         ticket._pool.capacity.finish(
@@ -590,15 +660,17 @@ class Scheduler:
             now,
             retry_after_s,
         )
-        breaker = self.breaker(request.deployment or ticket._pool.name)
-        if outcome in (Outcome.CANCELLED, Outcome.RATE_LIMITED):
+        breaker = self._breakers.get(request.deployment or ticket._pool.name)
+        if breaker is None:
+            breaker = self.breaker(request.deployment or ticket._pool.name)
+        if outcome in NO_VERDICT:
             breaker.release()  # says nothing about the deployment's health
         else:
-            breaker.record(not counts_as_failure(outcome), now, retry_after_s)
+            breaker.record(outcome not in FAILURES, now, retry_after_s)
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away. Queued: leaves the queue (O(1)). Running: finished as is."""
-        if ticket.state is TicketState.RUNNING:
+        if ticket.state is _RUNNING:
             self.finish(
                 ticket,
                 input_tokens=ticket.request.input_tokens,
@@ -606,11 +678,11 @@ class Scheduler:
                 outcome=Outcome.CANCELLED,
             )
             return
-        if ticket.state is not TicketState.QUEUED:
+        if ticket.state is not _QUEUED:
             return
         pool = ticket._pool
         self._unqueue(pool, ticket)
-        ticket.state = TicketState.CANCELLED
+        ticket.state = _CANCELLED
         pool.stats[ticket.request.tier].cancelled += 1
 
     def next_wakeup(self) -> float | None:
@@ -619,7 +691,7 @@ class Scheduler:
         best: float | None = None
         for pool in self._pools.values():
             deadlines = pool.deadlines
-            while deadlines and deadlines[0][2].state is not TicketState.QUEUED:
+            while deadlines and deadlines[0][2].state is not _QUEUED:
                 heapq.heappop(deadlines)
             candidates = [deadlines[0][0]] if deadlines else []
             if pool.queued:
@@ -700,7 +772,13 @@ class Scheduler:
                 skips[other] = 0
             elif other > tier:
                 skips[other] += 1
-        ticket.state = TicketState.RUNNING
+        self._run(pool, ticket, now)
+
+    def _run(self, pool: _Pool, ticket: Ticket, now: float) -> None:
+        """Mark a ticket started: take capacity, charge its upfront cost, count it."""
+        request = ticket.request
+        tier = request.tier
+        ticket.state = _RUNNING
         ticket.started_at = now
         ticket._tpm = pool.capacity.start(ticket.limit_tokens, now)
         upfront = request.input_weight * request.input_tokens
@@ -744,14 +822,14 @@ class Scheduler:
         deadlines = pool.deadlines
         while deadlines and deadlines[0][0] <= now:
             ticket = heapq.heappop(deadlines)[2]
-            if ticket.state is TicketState.QUEUED:
+            if ticket.state is _QUEUED:
                 self._unqueue(pool, ticket)
-                ticket.state = TicketState.EXPIRED
+                ticket.state = _EXPIRED
                 self._count_shed(pool, ticket.request.tier, ShedReason.EXPIRED)
                 changed.append(ticket)
         # Cancelled tickets leave their deadline entries behind; keep the heap near live size.
         if len(deadlines) > 1024 and len(deadlines) > 2 * pool.queued:
-            pool.deadlines = [e for e in deadlines if e[2].state is TicketState.QUEUED]
+            pool.deadlines = [e for e in deadlines if e[2].state is _QUEUED]
             heapq.heapify(pool.deadlines)
 
     def _estimate_wait(

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import msgspec
 
-from tokenworks.config import Deployment
 from tokenworks.dispatch.billing import (
     HTTP_CLIENT_CLOSED,
     SETTLEMENT_FAILED,
     Billing,
     joined,
 )
+from tokenworks.dispatch.capacity import Outcome
+from tokenworks.dispatch.dispatcher import OUTPUT_REPORT_CHUNKS, Slot
 from tokenworks.dispatch.errors import SETTLEMENT_FAILED_MESSAGE
 from tokenworks.metering.usage import Usage
 from tokenworks.money import format_nano
@@ -66,7 +67,7 @@ class StreamResponse:
         self,
         billing: Billing,
         call: Call,
-        deployment: Deployment,
+        slot: Slot,
         upstream: aiohttp.ClientResponse,
         events: EventSource,
         first: bytes,
@@ -77,7 +78,9 @@ class StreamResponse:
         self.metrics = billing.metrics
         self.client_stall_timeout_s = client_stall_timeout_s
         self.call = call
-        self.deployment = deployment
+        self.slot = slot
+        self.deployment = slot.deployment
+        self.unreported_chunks = 0  # output chunks not yet reported to the scheduler
         self.upstream = upstream
         self.events = events
         self.first = first
@@ -185,6 +188,12 @@ class StreamResponse:
                     break
                 event = self.events.buffered()
             if chunks:
+                # Output counts toward the tenant's fair share as it streams, cheaply: one
+                # report per OUTPUT_REPORT_CHUNKS chunks (the end corrects to the usage).
+                self.unreported_chunks += len(chunks)
+                if self.unreported_chunks >= OUTPUT_REPORT_CHUNKS:
+                    self.slot.output(self.unreported_chunks)
+                    self.unreported_chunks = 0
                 if self.ttft_s is None:
                     self.ttft_s = time.perf_counter() - self.call.started_s
                 # Written inline, not through a helper coroutine: that coroutine per write
@@ -327,6 +336,7 @@ class StreamResponse:
         if usage is None:
             usage = self.recorder.estimate(self.call, self.texts)
         self.billed = usage
+        self.slot.finish(_outcome(self.status), usage.input_tokens, usage.output_tokens)
         self.quote = quote = self.billing.price(
             self.call, self.deployment, usage, self.reported_tier
         )
@@ -345,6 +355,15 @@ class StreamResponse:
                 502, SETTLEMENT_FAILED_MESSAGE, SETTLEMENT_FAILED
             )
         return self.charged
+
+
+def _outcome(status: int) -> Outcome:
+    """How a stream that had started ended, for the producer's limit and breaker."""
+    if status == 200:
+        return Outcome.OK
+    if status == HTTP_CLIENT_CLOSED:
+        return Outcome.CANCELLED
+    return Outcome.TIMEOUT if status == 504 else Outcome.ERROR
 
 
 async def _wait_disconnect(receive: Receive) -> None:

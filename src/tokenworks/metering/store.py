@@ -74,10 +74,10 @@ USAGE_SCHEMA = (
     ("service_tier", "TEXT"),
     ("tags", "TEXT"),
     ("clamped_nano", "BIGINT"),
+    ("queue_ms", "DOUBLE PRECISION"),
 )
 # Columns added after the table first shipped: (column, SQL type, default for rows an earlier
 # version wrote). Each store adds the missing ones as it opens (`upgrade_sql`).
-ADDED_COLUMNS = (("clamped_nano", "BIGINT", "0"),)
 USAGE_COLUMNS = tuple(name for name, _ in USAGE_SCHEMA)
 
 _NULLABLE = (
@@ -89,6 +89,15 @@ _NULLABLE = (
     "ttft_ms",
     "error",
     "service_tier",
+    "queue_ms",  # added later: NULL in the rows of databases that predate it
+)
+# Columns added after the table was first released: `ALTER TABLE ... ADD COLUMN` on open,
+# for databases an earlier version created (CREATE TABLE IF NOT EXISTS leaves them as they are).
+# Columns later versions added, with the default the rows already there get (None: NULL,
+# unknown); a table an earlier version made gains them on open (`upgrade_sql`).
+ADDED_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("clamped_nano", "BIGINT", "0"),
+    ("queue_ms", "DOUBLE PRECISION", None),
 )
 USAGE = Table(
     "usage",
@@ -162,6 +171,7 @@ def _row(record: UsageRecord) -> tuple[Any, ...]:
         record.service_tier,
         json.dumps(record.tags, separators=(",", ":"), sort_keys=True),
         record.clamped_nano,
+        record.queue_ms,
     )
 
 
@@ -194,6 +204,7 @@ def record_from_row(row: sqlite3.Row | Mapping[str, Any]) -> UsageRecord:
         service_tier=r["service_tier"],
         tags=json.loads(r["tags"] or "{}"),
         clamped_nano=r["clamped_nano"],
+        queue_ms=r.get("queue_ms"),
     )
 
 
@@ -201,17 +212,14 @@ def upgrade_sql(dialect: str, present: Iterable[str] = ()) -> list[str]:
     """The statements that add `ADDED_COLUMNS` to a usage table an earlier version made:
     PostgreSQL's `IF NOT EXISTS` decides itself; SQLite has none, so it is told the
     columns `present`."""
+
+    def column(name: str, ty: str, default: str | None) -> str:
+        return f"{name} {ty}" + ("" if default is None else f" NOT NULL DEFAULT {default}")
+
     if dialect == "postgres":
-        return [
-            f"ALTER TABLE usage ADD COLUMN IF NOT EXISTS {name} {ty} NOT NULL DEFAULT {default}"
-            for name, ty, default in ADDED_COLUMNS
-        ]
+        return [f"ALTER TABLE usage ADD COLUMN IF NOT EXISTS {column(*c)}" for c in ADDED_COLUMNS]
     have = set(present)
-    return [
-        f"ALTER TABLE usage ADD COLUMN {name} {ty} NOT NULL DEFAULT {default}"
-        for name, ty, default in ADDED_COLUMNS
-        if name not in have
-    ]
+    return [f"ALTER TABLE usage ADD COLUMN {column(*c)}" for c in ADDED_COLUMNS if c[0] not in have]
 
 
 def group_expr(group: str, dialect: str) -> str:
@@ -595,6 +603,7 @@ class SqliteUsageStore(UsageStore):
 
 
 __all__ = [
+    "ADDED_COLUMNS",
     "GROUPS",
     "SUMS",
     "USAGE",

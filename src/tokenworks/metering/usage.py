@@ -55,3 +55,6 @@ class UsageRecord:
     tags: dict[str, str] = field(default_factory=dict)
     # Price above the request's hold, not charged: a loss (the hold's worst case fell short).
     clamped_nano: int = 0
+    # How long it waited for a producer (the scheduler's queue); None in rows written before
+    # the column existed.
+    queue_ms: float | None = 0.0

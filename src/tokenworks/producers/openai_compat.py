@@ -6,7 +6,9 @@ deployment, or give up) is the relay's decision.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 
 import aiohttp
 
@@ -38,6 +40,7 @@ class UpstreamError(Exception):
         body: bytes = b"",
         retry_after: str | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.producer = producer
@@ -49,6 +52,8 @@ class UpstreamError(Exception):
         self.retry_after = retry_after
         # The upstream's headers a client may see (`wire.headers.passthrough`).
         self.headers = headers or []
+        # How long the upstream asked us to stay away: `retry-after-ms`, else `Retry-After`.
+        self.retry_after_s = retry_after_s
 
     @property
     def credentials_refused(self) -> bool:
@@ -144,4 +149,24 @@ class OpenAIProducer:
             body=error_body,
             retry_after=response.headers.get("Retry-After"),
             headers=passthrough(response.raw_headers),
+            retry_after_s=retry_after_s(response.headers),
         )
+
+
+MAX_RETRY_AFTER_S = 86_400.0
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds an upstream asked to wait: `retry-after-ms` (OpenAI, Anthropic SDKs read it
+    first), else `Retry-After` in seconds; None when absent or not a number (an HTTP date
+    is rare from these APIs and is ignored)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                seconds = float(value) * scale
+            except ValueError:
+                continue
+            if math.isfinite(seconds) and seconds >= 0:
+                return min(seconds, MAX_RETRY_AFTER_S)
+    return None

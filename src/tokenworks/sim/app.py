@@ -231,6 +231,7 @@ class Capacity:
     def __init__(self, profile: SimProfile) -> None:
         self.profile = profile
         self.active = 0
+        self.max_active = 0  # the most requests that held a slot at once since the last reset
         self.decoding = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
@@ -243,6 +244,8 @@ class Capacity:
         slots = self.profile.slots
         if slots is None or (self.active < slots and not self._waiters):
             self.active += 1
+            if self.active > self.max_active:
+                self.max_active = self.active
             return "ok"
         if len(self._waiters) >= self.profile.queue_max:
             return "full"
@@ -667,6 +670,7 @@ class SimApp:
             active=self.capacity.active,
             waiting=self.capacity.waiting,
             decoding=self.capacity.decoding,
+            max_active=self.capacity.max_active,
             profile=self.profile.name,
             prompt_count_exact=self.counter.exact,
         )
@@ -674,6 +678,7 @@ class SimApp:
 
     async def _reset(self, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.reset()
+        self.capacity.max_active = self.capacity.active
         await _send_json(send, 200, b'{"reset":true}')
 
     async def _get_faults(self, body: bytes, receive: Receive, send: Send) -> None:
@@ -811,7 +816,7 @@ class SimApp:
                     self.stats.cancelled += 1
                 else:
                     self.stats.rejected_429 += 1
-                    await self._send_overloaded(send, 429)
+                    await self._send_overloaded(send, self.profile.full_status)
                 return
             try:
                 if job.stream:
@@ -1020,7 +1025,11 @@ class SimApp:
                 "insufficient_capacity",
             )
         retry_after = (b"retry-after", str(self.profile.retry_after_s).encode())
-        await _send_json(send, status, wire.error_body(message, type_, code), extra=(retry_after,))
+        body = wire.error_body(message, type_, code)
+        extra = [retry_after]
+        if self.profile.retry_after_ms is not None:
+            extra.append((b"retry-after-ms", str(self.profile.retry_after_ms).encode()))
+        await _send_json(send, status, body, extra=extra)
 
     async def _send_broken_body(self, send: Send, payload: bytes, *, cut: bool) -> None:
         """`cut`: announce the full length, send half, drop the connection; else invalid JSON."""

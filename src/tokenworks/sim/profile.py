@@ -76,6 +76,11 @@ class SimProfile:
     queue_max: int = 0
     queue_wait_max_s: float = 5.0
     retry_after_s: int = 1
+    # The status a request beyond slots + queue is refused with: 429 ("insufficient
+    # capacity") or 503 ("overloaded"), both with Retry-After.
+    full_status: int = 429
+    # Also send `retry-after-ms` (as OpenAI and Anthropic do), which clients read first.
+    retry_after_ms: int | None = None
     # Time to first token: fixed latency plus prefill at a prompt-length-dependent cost.
     ttft_s: float = 0.0
     prefill_tokens_per_s: float | None = None
@@ -117,6 +122,8 @@ class SimProfile:
             raise ValueError("default_output_tokens_min must be >= 1 and <= the max")
         if self.slots is not None and self.slots < 1:
             raise ValueError("slots must be >= 1 or None (unlimited)")
+        if self.full_status not in (429, 503):
+            raise ValueError("full_status must be 429 or 503")
         if not 0.0 <= self.fault_rate <= 1.0:
             raise ValueError("fault_rate must be in [0, 1]")
 
