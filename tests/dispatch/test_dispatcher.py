@@ -366,6 +366,10 @@ def test_upstream_failures_are_classified_for_the_limit_and_the_breaker() -> Non
     assert classify(error(None, "timeout")) is Outcome.TIMEOUT
     assert classify(error(504)) is Outcome.TIMEOUT
     assert classify(error(400)) is Outcome.OK  # the request's fault, not the deployment's
+    # The gateway's own credentials refused: a fault of the deployment, so its breaker opens
+    # and traffic stops paying a round trip to it before failing over.
+    assert classify(error(401)) is Outcome.ERROR
+    assert classify(error(403)) is Outcome.ERROR
     assert classify(error(500)) is Outcome.ERROR
     assert classify(error(None, "connect")) is Outcome.ERROR
 

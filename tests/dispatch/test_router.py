@@ -8,9 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from tokenworks.dispatch.health import Health
 
-from tokenworks.config import Config, loads
+from tokenworks.config import Config, Deployment, loads
 from tokenworks.dispatch.errors import NoProviderLeft
 from tokenworks.dispatch.preferences import parse_provider
 from tokenworks.dispatch.relay import Call
@@ -56,6 +55,16 @@ class Clock:
         return self.now_s
 
 
+class Down:
+    """Breakers by producer name: those in `producers` are open."""
+
+    def __init__(self) -> None:
+        self.producers: set[str] = set()
+
+    def available(self, deployment: Deployment) -> bool:
+        return deployment.producer not in self.producers
+
+
 def config(routing: str = "ordered", weights: tuple[float, float, float] = (1, 1, 1)) -> Config:
     return loads(CONFIG % (routing, *weights))
 
@@ -65,7 +74,7 @@ def router(cfg: Config, *, seed: int = 1, clock: Clock | None = None) -> Router:
         ((d.producer, d.model) for m in cfg.models for d in m.deployments),
         clock=clock or Clock(),
     )
-    return Router(cfg, Health(), Pricer.from_config(cfg), speeds=speeds, rng=random.Random(seed))
+    return Router(cfg, Down(), Pricer.from_config(cfg), speeds=speeds, rng=random.Random(seed))
 
 
 KEY = ApiKey(
@@ -231,9 +240,9 @@ def test_only_ignore_and_order() -> None:
 
 def test_unavailable_deployments_still_go_last_after_the_provider_order() -> None:
     r = router(config("cheapest"))
-    r.health.failed("c", retry_after_s=30)
+    r.health.producers.add("c")
     assert producers(r, call(r, provider={"order": ["c"]})) == ["b", "a", "c"]
-    r.health.failed("b", retry_after_s=30)
+    r.health.producers.add("b")
     assert producers(r, call(r)) == ["a", "b", "c"]
     assert producers(r, call(r, provider={"allow_fallbacks": False})) == ["a"]
 
@@ -274,7 +283,7 @@ def test_max_price_error_says_what_the_lowest_prices_are() -> None:
 def test_ordered_without_provider_is_today_s_path() -> None:
     """The default path must not rank or price: a router without pricer or speeds serves."""
     cfg = config()
-    r = Router(cfg, Health())
+    r = Router(cfg, Down())
     r.pricer = None
     del r.speeds  # touching it would raise
     route = r.routes["m"]

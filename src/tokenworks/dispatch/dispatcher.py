@@ -80,6 +80,8 @@ def classify(exc: UpstreamError) -> Outcome:
         return Outcome.OVERLOADED
     if exc.reason == "timeout" or status in (408, 504):
         return Outcome.TIMEOUT
+    if exc.credentials_refused:
+        return Outcome.ERROR  # the gateway's own key: every request there fails alike
     if status is not None and 400 <= status < 500:
         return Outcome.OK  # the deployment answered; the request was the problem
     return Outcome.ERROR

@@ -24,10 +24,9 @@ import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tokenworks.config import Config, Deployment, Model
-from tokenworks.dispatch.dispatcher import Dispatcher
 from tokenworks.dispatch.errors import NoProviderLeft
 from tokenworks.dispatch.preferences import ProviderPrefs
 from tokenworks.dispatch.speeds import Speed, Speeds
@@ -45,6 +44,12 @@ SORT_STRATEGY = {"price": "cheapest", "throughput": "throughput", "latency": "la
 _LAST = (math.inf, math.inf)
 
 
+class Availability(Protocol):
+    """Whether a deployment may be tried first (the dispatcher's breakers say so)."""
+
+    def available(self, deployment: Deployment) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A public model with its deployments in configured order."""
@@ -58,7 +63,7 @@ class Router:
     def __init__(
         self,
         config: Config,
-        health: Dispatcher,
+        health: Availability,
         pricer: Pricer | None = None,
         *,
         speeds: Speeds | None = None,
