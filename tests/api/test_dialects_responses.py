@@ -227,7 +227,10 @@ def test_a_continuation_goes_to_the_producer_that_stored_the_response(
     sims[0].fault("500")  # the first deployment fails: the second one serves and stores it
     first = client.responses.create(model="m-two", input="Remember 'kite'.")
     assert gw.records(1)[-1].producer == "native2"
-    gw.app.state.gateway.router.health.ok("native")  # healthy again: the router would pick it
+    # One failure leaves "native"'s breaker closed: the router would pick it first again.
+    assert gw.app.state.gateway.dispatcher.available(
+        gw.app.state.gateway.router.routes["m-two"].deployments[0]
+    )
     follow = client.responses.create(
         model="m-two", input="What was it?", previous_response_id=first.id
     )
