@@ -206,10 +206,13 @@ def test_errors_are_anthropic_shaped_and_typed(gw: Gateway, sims: tuple[Sim, Sim
             tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
         )
     assert bad.value.body["error"]["type"] == "invalid_request_error"
-    sims[1].fault("429")
+    # A capacity refusal is tried again after its pause while attempts remain (the
+    # dispatcher); refused every time, the client gets Anthropic's rate_limit_error.
+    sims[1].fault("429", count=3)
     with pytest.raises(anthropic.RateLimitError) as limited:
         _client(gw, key).messages.create(model="m-chat", max_tokens=8, messages=hello)
     assert limited.value.body["error"]["type"] == "rate_limit_error"
+    sims[1].clear_faults()
     # Bearer auth works too (Claude Code's ANTHROPIC_AUTH_TOKEN).
     bearer = anthropic.Anthropic(auth_token=key, base_url=gw.url, max_retries=0)
     assert bearer.messages.create(model="m-chat", max_tokens=8, messages=hello).content

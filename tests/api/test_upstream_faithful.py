@@ -137,7 +137,9 @@ def test_the_sdks_retry_waits_what_the_upstream_asked_in_retry_after_ms(
             return wait
 
     key = gateway.create_key()
-    a.fault("rate_limited", count=1)
+    # The gateway retries a capacity refusal itself after the pause, as long as attempts
+    # remain (max_attempts 3 here); refused every time, the client sees the 429 as sent.
+    a.fault("rate_limited", count=3)
     c = Spy(base_url=gateway.v1, api_key=key["key"], max_retries=2)
     reply = c.chat.completions.create(model="chat-a-only", messages=CHAT, max_tokens=5)
     assert reply.choices[0].message.content
