@@ -51,7 +51,7 @@ URGENT_PROVIDER = {"max_price": {"prompt": "0.40", "completion": "1.50"}}
 SHED_CODES = frozenset({"deadline_unmeetable", "deadline_expired", "queue_full",
                         "tenant_queue_full"})  # fmt: skip
 TIERS = ("priority", "standard", "flex")
-TENANTS_SHOWN = 6
+TENANTS_SHOWN = 8  # acme's four users and the three peak-hour tenants fit
 
 
 def cheap_at_peak() -> SimProfile:
@@ -268,7 +268,10 @@ def summary(
     failovers = sum(
         1
         for r in records
-        if r.public_model == PEAK_MODEL and r.producer == SPILL_PRODUCER and r.status < 400
+        if r.public_model == PEAK_MODEL
+        and r.producer == SPILL_PRODUCER
+        and r.status < 400
+        and r.tags.get("role") != "vip"  # it asks for premium first: not a failover
     )
     shed = sheds(state)
     shares = fair_shares(state, names)
@@ -293,14 +296,14 @@ def summary(
         f"failovers: {failovers:,} {PEAK_MODEL} requests served by {SPILL_PRODUCER} while "
         f"{PEAK_PRODUCER} was full",
         f"{PEAK_PRODUCER}'s concurrency limit learned: {capacity['concurrency_limit']} "
-        f"({capacity['adaptive_cuts']} cuts; it has 8 slots)",
+        f"({capacity['adaptive_cuts']} cuts; it has {cheap_at_peak().slots} slots)",
         "shed: " + (", ".join(f"{n:,} {reason}" for reason, n in sorted(shed.items())) or "none"),
     ]
     share = Table(
-        title="fair shares (served weighted tokens)", box=box.SIMPLE_HEAD, pad_edge=False,
+        title="fair shares", box=box.SIMPLE_HEAD, pad_edge=False,
         show_edge=False, title_justify="left",
     )  # fmt: skip
-    for column in ("tenant", "tokens", "share"):
+    for column in ("tenant", "served weighted tokens", "share"):
         share.add_column(column, justify="left" if column == "tenant" else "right")
     total = sum(v for _, v in shares) or 1.0
     for tenant, tokens in shares[:TENANTS_SHOWN]:
