@@ -27,8 +27,9 @@ def test_fair_shares_add_up_each_tenant_over_every_pool_by_name() -> None:
 
 
 def record(tier: str | None, queue_ms: float | None, price_nano: int, status: int = 200) -> object:
+    usage = SimpleNamespace(input_tokens=4, output_tokens=6)
     return SimpleNamespace(
-        service_tier=tier, queue_ms=queue_ms, price_nano=price_nano, status=status
+        service_tier=tier, queue_ms=queue_ms, price_nano=price_nano, status=status, usage=usage
     )
 
 
@@ -43,7 +44,9 @@ def test_by_tier_counts_served_requests_only_and_reads_no_tier_as_standard() -> 
     ]
     tiers = {t["tier"]: t for t in by_tier(rows)}
     assert tiers["priority"]["served"] == 2 and tiers["priority"]["paid_nano"] == 100
-    assert tiers["priority"]["paid_per_request_nano"] == 50
+    assert (
+        tiers["priority"]["tokens"] == 20 and tiers["priority"]["paid_per_mtok_nano"] == 5 * 10**6
+    )
     assert tiers["priority"]["wait_ms_max"] == 3.0
     assert tiers["standard"]["served"] == 2 and tiers["standard"]["wait_ms_max"] == 500.0
     assert tiers["standard"]["wait_ms_p50"] == 500.0

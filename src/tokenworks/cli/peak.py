@@ -235,12 +235,14 @@ def by_tier(records: Iterable[Any]) -> list[dict[str, Any]]:
     requests that were served."""
     waits: dict[str, list[float]] = {tier: [] for tier in TIERS}
     paid: dict[str, int] = dict.fromkeys(TIERS, 0)
+    tokens: dict[str, int] = dict.fromkeys(TIERS, 0)
     for r in records:
         if r.status >= 400:
             continue
         tier = r.service_tier if r.service_tier in waits else "standard"
         waits[tier].append(float(r.queue_ms or 0.0))
         paid[tier] += int(r.price_nano)
+        tokens[tier] += int(r.usage.input_tokens) + int(r.usage.output_tokens)
     return [
         {
             "tier": tier,
@@ -249,7 +251,10 @@ def by_tier(records: Iterable[Any]) -> list[dict[str, Any]]:
             "wait_ms_p95": round(_percentile(waits[tier], 0.95), 1),
             "wait_ms_max": round(max(waits[tier], default=0.0), 1),
             "paid_nano": paid[tier],
-            "paid_per_request_nano": paid[tier] // len(waits[tier]) if waits[tier] else 0,
+            "tokens": tokens[tier],
+            # Per million tokens, input and output together: the tier's multiplier shows
+            # here, whatever the size of its requests.
+            "paid_per_mtok_nano": paid[tier] * 10**6 // tokens[tier] if tokens[tier] else 0,
         }
         for tier in TIERS
     ]
@@ -313,10 +318,10 @@ def summary(
         show_edge=False, title_justify="left",
     )  # fmt: skip
     for column in ("tier", "served", "p50 ms", "p95 ms", "max ms", f"paid {currency}",
-                   "per request"):  # fmt: skip
+                   "per Mtok"):  # fmt: skip
         tier_table.add_column(column, justify="left" if column == "tier" else "right")
     paid = money_column(format_nano(t["paid_nano"]) for t in tiers)
-    each = money_column(format_nano(t["paid_per_request_nano"]) for t in tiers)
+    each = money_column(format_nano(t["paid_per_mtok_nano"]) for t in tiers)
     for t, total_paid, per in zip(tiers, paid, each, strict=True):
         tier_table.add_row(
             t["tier"], f"{t['served']:,}", f"{t['wait_ms_p50']:,.0f}", f"{t['wait_ms_p95']:,.0f}",
