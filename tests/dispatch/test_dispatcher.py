@@ -442,3 +442,26 @@ def test_start_now_is_the_fast_path_and_never_overtakes_the_queue() -> None:
     assert sched.start_now("p", request("t5")) is None
     now[0] = 61.0
     assert sched.start_now("p", request("t5")) is not None
+
+
+def test_admin_dispatch_shows_the_learned_speeds(database: str) -> None:
+    with (
+        sim_with(SimProfile(name="s", ttft_s=0.05)) as sim,
+        running_gateway(config(database, {"a": (sim.url, ""), "b": (sim.url, "")}), database) as gw,
+    ):
+        key = gw.create_key()
+        unknown = {"samples": 0, "ttft_s": None, "output_tokens_per_s": None, "age_s": None}
+        assert dispatch_state(gw)["speeds"] == [
+            {"producer": p, "model": "sim-small", **unknown} for p in ("a", "b")
+        ]
+        # Sorting by throughput turns learning on; this stream is the first sample.
+        reply = chat(gw, key["key"], stream=True, provider={"sort": "throughput"})
+        assert reply.status_code == 200, reply.text
+
+        def learned() -> list[dict[str, Any]]:
+            return [s for s in dispatch_state(gw)["speeds"] if s["samples"]]
+
+        wait_for(lambda: len(learned()) == 1, "the stream to be measured")
+        (speed,) = learned()
+        assert speed["samples"] == 1 and speed["age_s"] >= 0
+        assert speed["ttft_s"] >= 0.05 and speed["output_tokens_per_s"] > 0

@@ -310,8 +310,12 @@ async def health(request: Request) -> Response:
 @_admin
 async def dispatch(request: Request) -> Response:
     """The scheduler's live state: queues by producer and tier, capacity limits (configured
-    and learned), circuit breakers, measured service rates, fair-share counters served."""
-    return json_response(gateway_of(request).relay.dispatcher.snapshot())
+    and learned), circuit breakers, measured service rates, fair-share counters served, and
+    the routing's learned speeds per deployment (what `fastest` and `sort` rank by)."""
+    gateway = gateway_of(request)
+    state = gateway.relay.dispatcher.snapshot()
+    state["speeds"] = gateway.router.speeds.snapshot()
+    return json_response(state)
 
 
 routes = [

@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenworks.app import build_app
+from tokenworks.cli import peak as peak_hour
 from tokenworks.cli.admin import request
 from tokenworks.cli.tables import money_column
 from tokenworks.config import loads
@@ -94,6 +95,8 @@ class Snapshot:
     producers: list[tuple[str, int, int, int, int]] = field(default_factory=list)
     agents: list[tuple[str, int, str]] = field(default_factory=list)  # name, requests, spent
     agent_count: int = 0
+    peak: list[str] = field(default_factory=list)  # the peak hour, from /admin/v1/dispatch
+    peak_tenants: str = ""  # what the peak hour's tenants asked and got
 
 
 class Fleet:
@@ -154,7 +157,7 @@ class Fleet:
                 return None  # the parent has no room left to delegate
             return str((await r.json())["key"])
 
-    async def admin(self, method: str, path: str, body: Any = None) -> Any:
+    async def admin(self, method: str, path: str, body: Any | None = None) -> Any:
         async with self.session.request(
             method,
             f"{self.url}{path}",
@@ -296,8 +299,8 @@ def runaway_line(turns: int) -> str:
 def screen(
     tally: Tally, snap: Snapshot, elapsed_s: float, duration_s: float | None, currency: str
 ) -> Group:
-    """The live view, in 80x24: the fleet, then balances beside producers, then the top
-    agents by spend."""
+    """The live view, in 80x24: the fleet, then balances beside producers and the peak hour,
+    then the top agents by spend."""
     t = tally
     if duration_s:  # the last turns drain after the end: the clock stops at it
         elapsed_s = min(elapsed_s, duration_s)
@@ -309,7 +312,7 @@ def screen(
         f"{_plural(t.tasks, 'task')}, {_plural(t.subagents, 'sub-agent')}; "
         f"tokens {t.input_tokens:,} in, {t.output_tokens:,} out; "
         f"spent {money_column([format_nano(t.spent_nano)])[0]} {currency}"
-    )
+    ) + (f"\n{snap.peak_tenants}" if snap.peak_tenants else "")
     accounts = Table(
         title="balances", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left"
     )
@@ -337,7 +340,7 @@ def screen(
     for (name, requests, _), spent in zip(snap.agents, spent_cells, strict=True):
         agents.add_row(name, f"{requests:,}", spent)
     grid = Table.grid(padding=(0, 4))
-    grid.add_row(accounts, producers)
+    grid.add_row(accounts, Group(producers, Text("\n".join(snap.peak), no_wrap=True)))
     parts: list[Any] = [Text(title, style="bold"), Text(fleet), grid, agents]
     if t.runaway_stopped_after is not None:
         parts.append(Text(runaway_line(t.runaway_stopped_after)))
@@ -386,13 +389,18 @@ def _summary(store: Any, key_names: dict[str, str]) -> tuple[list[Table], dict[s
 
 
 async def _poll(fleet: Fleet, sims: dict[str, str], snap: Snapshot) -> None:
-    """Refresh the snapshot: balances, spend by account subtree and by agent, producers."""
+    """Refresh the snapshot: balances, spend by account subtree and by agent, producers, and
+    the peak hour's dispatch state."""
     accounts = (await fleet.admin("GET", "/admin/v1/accounts"))["data"]
     by_account = await fleet.admin("GET", "/admin/v1/usage?group_by=account")
     spent = subtree_spend(accounts, by_account["data"])
-    snap.accounts = [
-        (a["name"], a["balance"]["available"], spent.get(a["id"], "0")) for a in accounts
+    snap.accounts = [  # acme's tree: the peak hour's tenants show in its own lines
+        (a["name"], a["balance"]["available"], spent.get(a["id"], "0"))
+        for a in accounts
+        if a["name"] in fleet.accounts
     ]
+    state = await fleet.admin("GET", "/admin/v1/dispatch")
+    snap.peak = peak_hour.live_lines(state, {str(a["id"]): a["name"] for a in accounts})
     by_key = (await fleet.admin("GET", "/admin/v1/usage?group_by=key"))["data"]
     names = {k["id"]: k["name"] for k in (await fleet.admin("GET", "/admin/v1/keys"))["data"]}
     ranked = sorted(by_key, key=lambda r: -int(r["price_nano"]))
@@ -426,12 +434,14 @@ def subtree_spend(accounts: list[dict[str, Any]], usage: list[dict[str, Any]]) -
 
 async def _run_fleet(
     gateway_url: str, duration_s: float | None, console: Console, sims: dict[str, str]
-) -> Fleet:
+) -> tuple[Fleet, peak_hour.PeakHour, Snapshot]:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         fleet = Fleet(gateway_url, session)
         await fleet.setup_organisation()
+        peak = peak_hour.PeakHour(gateway_url, session, fleet.admin, fleet.stop)
+        await peak.setup()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGINT, fleet.stop.set)
@@ -444,9 +454,11 @@ async def _run_fleet(
             for i in range(AGENTS_PER_EMPLOYEE)
         ]
         agents.append(asyncio.ensure_future(fleet.runaway()))
+        agents += peak.tasks()
         snap = Snapshot()
 
         def view() -> Group:
+            snap.peak_tenants = peak.line()
             return screen(fleet.tally, snap, time.monotonic() - started, duration_s, CURRENCY)
 
         polled_s = 0.0
@@ -471,7 +483,7 @@ async def _run_fleet(
                 await _poll(fleet, sims, snap)
             live.update(view())
         console.print()
-        return fleet
+        return fleet, peak, snap
 
 
 def _accounts(gateway_url: str) -> tuple[Table, list[dict[str, Any]]]:
@@ -516,8 +528,13 @@ def run(duration_s: float | None = None) -> int:
     stack = contextlib.ExitStack()
     with stack:
         urls = {
-            name: stack.enter_context(serve_in_thread(build_sim(name)))
-            for name in ("fast", "cheap", "slow")
+            name: stack.enter_context(serve_in_thread(build_sim(profile)))
+            for name, profile in (
+                ("fast", "fast"),
+                ("cheap", peak_hour.cheap_at_peak()),
+                ("slow", "slow"),
+                ("premium", "fast"),
+            )
         }
         template = string.Template((resources.files("tokenworks.cli") / "demo.yaml").read_text())
         text = template.substitute(db=db, admin=ADMIN_KEY, **urls)
@@ -526,19 +543,27 @@ def run(duration_s: float | None = None) -> int:
         app = build_app(config)
         gateway_url = stack.enter_context(serve_in_thread(app))
         console.print(
-            f"[bold]tokenworks demo[/]: producers fast, cheap and slow; gateway {gateway_url}; "
-            f"{len(TEAMS)} teams, {AGENTS_PER_EMPLOYEE} agents per employee and one runaway"
+            "[bold]tokenworks demo[/]: producers fast, cheap, slow and premium; "
+            f"gateway {gateway_url}; "
+            f"{len(TEAMS)} teams, {AGENTS_PER_EMPLOYEE} agents per employee and one runaway; "
+            f"peak hour on cheap: a swarm, a vip, a batch"
             + ("" if duration_s else " (Ctrl-C to stop)"),
             highlight=False,
         )
-        fleet = asyncio.run(_run_fleet(gateway_url, duration_s, console, urls))
+        fleet, peak, snap = asyncio.run(_run_fleet(gateway_url, duration_s, console, urls))
         gateway = app.state.gateway
         names = {k.id: k.name for k in gateway.keys.list()}
         tables, report = _summary(gateway.store, names)
         accounts_table, report["accounts"] = _accounts(gateway_url)
         tables.append(accounts_table)
-        for table in tables:
-            console.print(table)
+        refused = sum(p[3] for p in snap.producers if p[0] == peak_hour.PEAK_PRODUCER)
+        tenants = {str(a["id"]): a["account"] for a in report["accounts"]}
+        peak_parts, report["peak"] = peak_hour.summary(
+            peak, gateway.relay.dispatcher.snapshot(tenants_shown=None),
+            gateway.store.records(), tenants, refused, CURRENCY,
+        )  # fmt: skip
+        for table in [*tables, *peak_parts]:
+            console.print(table, highlight=False)
         check = request("GET", "/admin/v1/ledger/check", url=gateway_url, admin_key=ADMIN_KEY)
         report["ledger_check"] = check
         console.print(
