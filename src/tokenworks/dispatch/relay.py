@@ -46,7 +46,7 @@ from tokenworks.dispatch.ratelimit import Permit
 from tokenworks.dispatch.recording import Recorder, release
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.speeds import SpeedsCollector
-from tokenworks.dispatch.stream import EventSource, StreamResponse
+from tokenworks.dispatch.stream import UNREADABLE, EventSource, StreamResponse
 from tokenworks.keys.store import ApiKey
 from tokenworks.ledger import HoldView, Ledger
 from tokenworks.metering.store import UsageStore
@@ -362,6 +362,16 @@ class Relay:
             if head_only:
                 parsed, head_only = _decode(data), False
             usage = self.recorder.estimate(call, _texts(fmt, parsed))
+        translated: dict[str, Any] | None = None
+        if fmt != call.endpoint:
+            # Before the charge: an answer that cannot be translated is the upstream's broken
+            # answer (failed over, never charged), not an answer charged and then withheld.
+            try:
+                translated = dialects.translated_answer(call.endpoint, fmt, parsed, call.payload)
+            except UNREADABLE as exc:
+                raise UpstreamError(
+                    producer.name, "malformed", f"upstream answer not in its format: {exc!r}"
+                ) from exc
         slot.finish(Outcome.OK, usage.input_tokens, usage.output_tokens)
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
@@ -371,8 +381,8 @@ class Relay:
         if not charged:
             raise SettlementFailed()
         price_nano = None if quote is None else quote.price_nano
-        if fmt != call.endpoint:  # translated: the answer is re-encoded anyway
-            answer = dialects.translated_answer(call.endpoint, fmt, parsed, call.payload)
+        if translated is not None:  # translated: the answer is re-encoded anyway
+            answer = translated
             answer["model"] = call.public_model
             answer["usage"] = dialects.usage_in(call.endpoint, usage, price_nano)
             body = _encode(answer)
