@@ -89,8 +89,14 @@ JUNK_STREAM = (
     b"data: [DONE]\n\n"
 )
 
+# OpenAI's Responses stream failing at once: an `error` event first (no `error` object in it).
+RESPONSES_ERROR_STREAM = (
+    b'event: error\ndata: {"type":"error","code":"server_error","message":"The server had an '
+    b'error processing your request.","param":null,"sequence_number":0}\n\n'
+)
 
-def config(database: str, native: str, chatonly: str, junk: str) -> str:
+
+def config(database: str, native: str, chatonly: str, junk: str, erring: str) -> str:
     cost = TEST_COST
     return f"""\
 database: {database}
@@ -100,6 +106,7 @@ producers:
   - {{name: native, base_url: "{native}/v1", timeout_s: 10, formats: [chat, messages, responses]}}
   - {{name: chatonly, base_url: "{chatonly}/v1", timeout_s: 10, formats: [chat], max_concurrency: 1}}
   - {{name: junk, base_url: "{junk}/v1", timeout_s: 10, formats: [chat]}}
+  - {{name: erring, base_url: "{erring}/v1", timeout_s: 10, formats: [responses]}}
 models:
   - name: m-native
     deployments: [{{producer: native, model: sim-small, cost: {cost}}}]
@@ -107,6 +114,10 @@ models:
     deployments: [{{producer: chatonly, model: sim-small, cost: {cost}}}]
   - name: m-junk
     deployments: [{{producer: junk, model: sim-small, cost: {cost}}}]
+  - name: m-failover
+    deployments:
+      - {{producer: erring, model: sim-small, cost: {cost}}}
+      - {{producer: native, model: sim-small, cost: {cost}}}
 """
 
 
@@ -116,7 +127,10 @@ def gw(database: str) -> Iterator[tuple[Gateway, Sim, Sim]]:
         sim_with(SimProfile(name="native")) as native,
         sim_with(SimProfile(name="chatonly", retry_after_s=1)) as chatonly,
         serve_in_thread(_junk_upstream(JUNK_ANSWER, JUNK_STREAM)) as junk,
-        running_gateway(config(database, native.url, chatonly.url, junk), database) as gateway,
+        serve_in_thread(_junk_upstream(JUNK_ANSWER, RESPONSES_ERROR_STREAM)) as erring,
+        running_gateway(
+            config(database, native.url, chatonly.url, junk, erring), database
+        ) as gateway,
     ):
         yield gateway, native, chatonly
 
@@ -368,3 +382,21 @@ def test_an_answer_that_cannot_be_translated_is_the_upstreams_error_never_charge
     # The stream is charged what it produced (estimated), as any stream cut mid-way.
     assert records[2].usage.estimated and spent_nano(gateway, account) == records[2].price_nano
     assert_nothing_leaked(gateway, account, 3)
+
+
+def test_a_responses_stream_that_opens_with_an_error_fails_over_before_the_first_byte(gw):
+    """Nothing reached the client yet: the next deployment serves it, and the failed attempt
+    is neither shown nor charged (it used to go out as a 200 stream, charged its estimate)."""
+    gateway, _, _ = gw
+    account, key = gateway.funded_key(CREDIT_NANO)
+    reply = post(gateway, key["key"], "responses", response("m-failover", stream=True))
+    assert reply.status_code == 200
+    assert "event: error" not in reply.text
+    assert reply.text.rstrip().splitlines()[-2] in (
+        "event: response.completed",
+        "event: response.incomplete",  # its max_output_tokens reached: an end all the same
+    )
+    (record,) = gateway.records(expect=1)
+    assert (record.status, record.producer) == (200, "native")
+    assert spent_nano(gateway, account) == record.price_nano
+    assert_nothing_leaked(gateway, account, 1)
