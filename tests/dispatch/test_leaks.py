@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY, TEST_COST, Gateway, Sim, running_gateway
 from tokenworks.dispatch.ratelimit import CLOCK
+from tokenworks.ledger import LedgerBusy
 from tokenworks.server import serve_in_thread
 from tokenworks.sim import build_app as build_sim
 from tokenworks.sim.profile import SimProfile
@@ -400,3 +401,26 @@ def test_a_responses_stream_that_opens_with_an_error_fails_over_before_the_first
     assert (record.status, record.producer) == (200, "native")
     assert spent_nano(gateway, account) == record.price_nano
     assert_nothing_leaked(gateway, account, 1)
+
+
+def test_a_hold_the_ledger_cannot_take_now_is_metered_and_gives_its_permit_back(gw) -> None:
+    """A 503 from the ledger (busy: its writer behind) used to leave no usage row at all."""
+    gateway, _, _ = gw
+    account, key = gateway.funded_key(CREDIT_NANO, rate_limits={"max_concurrency": 1})
+    ledger = gateway.app.state.gateway.ledger  # type: ignore[attr-defined]
+
+    async def busy(*args: Any, **kwargs: Any) -> Any:
+        raise LedgerBusy("the ledger's writer is behind; try again shortly")
+
+    on_loop(gateway, lambda: setattr(ledger, "hold", busy))  # the writer behind, at will
+    try:
+        reply = post(gateway, key["key"], "chat/completions", chat("m-native"))
+    finally:
+        on_loop(gateway, lambda: delattr(ledger, "hold"))
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "ledger_busy"
+    (record,) = gateway.records(expect=1)
+    assert (record.status, record.price_nano, record.key_id) == (503, 0, key["id"])
+    assert "ledger" in (record.error or "")
+    # The key's one concurrent request is free again.
+    assert post(gateway, key["key"], "chat/completions", chat("m-native")).status_code == 200
+    assert_nothing_leaked(gateway, account, 2)

@@ -9,6 +9,7 @@ success, upstream failure, upstream crash mid-stream (`stream`), or a client tha
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import time
@@ -27,6 +28,7 @@ from tokenworks.dispatch.admission import Admission
 from tokenworks.dispatch.billing import (
     DEFAULT_CONTEXT_WINDOW_TOKENS,
     HOLD_MARGIN_S,
+    HTTP_CLIENT_CLOSED,
     Billing,
     ModelBounds,
 )
@@ -35,6 +37,7 @@ from tokenworks.dispatch.dialect_stream import DialectStream
 from tokenworks.dispatch.dispatcher import Dispatcher, Slot
 from tokenworks.dispatch.errors import (
     ClientGone,
+    DispatchError,
     InvalidCall,
     SettlementFailed,
     Shed,
@@ -48,7 +51,7 @@ from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.speeds import SpeedsCollector
 from tokenworks.dispatch.stream import UNREADABLE, EventSource, StreamResponse
 from tokenworks.keys.store import ApiKey
-from tokenworks.ledger import HoldView, Ledger
+from tokenworks.ledger import HoldView, Ledger, LedgerError
 from tokenworks.metering.store import UsageStore
 from tokenworks.metering.usage import Usage
 from tokenworks.metrics import Metrics
@@ -125,6 +128,8 @@ class Call:
     rate_headers: dict[str, str] | None = None
     # The request's OpenRouter `provider` object, taken out of the payload (never sent on).
     provider: ProviderPrefs | None = None
+    # Its usage row was written (`Recorder.record`): every call ends in exactly one.
+    recorded: bool = False
     # time.perf_counter() when the current attempt was sent: its upstream's speed is timed
     # from here (`dispatch/speeds.py`).
     sent_s: float = 0.0
@@ -239,12 +244,15 @@ class Relay:
             self.recorder.record(call, None, exc.status, Usage(), ttft_s=None, error=exc.message)
             await billing.void(call)
             raise
-        except BaseException:
+        except BaseException as exc:
             # Cancelled (the client left), no hold, or a bug: release the credit now, not at
             # expiry, and the rate limits' concurrency (a recorded call has released it).
             if slot is not None:
                 slot.cancel()
             release(call, Usage())
+            if not call.recorded:  # a ledger that could not hold, a hang-up, a bug: metered
+                status, text = _refusal_of(exc)
+                self.recorder.record(call, None, status, Usage(), ttft_s=None, error=text)
             await billing.void(call)
             raise
         assert last is not None, "a route always has at least one deployment"
@@ -476,6 +484,17 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
             raise aiohttp.ClientPayloadError("response exceeds the size limit")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def _refusal_of(exc: BaseException) -> tuple[int, str]:
+    """The status and error a call's usage row shows when `exc` ended it unrecorded."""
+    if isinstance(exc, DispatchError):
+        return exc.status, exc.message
+    if isinstance(exc, LedgerError):  # busy or down: answered 503 (`api/errors.py`)
+        return 503, f"the ledger could not hold this request: {exc}"
+    if isinstance(exc, asyncio.CancelledError):
+        return HTTP_CLIENT_CLOSED, "cancelled before its answer"
+    return 500, f"internal error: {type(exc).__name__}"
 
 
 def _texts(fmt: str, parsed: dict[str, Any]) -> list[str]:
