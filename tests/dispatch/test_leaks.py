@@ -424,3 +424,16 @@ def test_a_hold_the_ledger_cannot_take_now_is_metered_and_gives_its_permit_back(
     # The key's one concurrent request is free again.
     assert post(gateway, key["key"], "chat/completions", chat("m-native")).status_code == 200
     assert_nothing_leaked(gateway, account, 2)
+
+
+def test_leak_sweep_every_exit_path_on_one_gateway_then_every_invariant(gw) -> None:
+    """The same paths one after another on one gateway and one key: what one path leaks
+    would also starve the next (a key with no concurrency left answers 429)."""
+    gateway, native, chatonly = gw
+    account, key = gateway.funded_key(CREDIT_NANO, rate_limits={"max_concurrency": KEY_CONCURRENCY})
+    requests = 0
+    for drive, count in PATHS.values():
+        drive(gateway, native, chatonly, key["key"])
+        requests += count
+    assert_nothing_leaked(gateway, account, requests)
+    assert spent_nano(gateway, account) == charged_nano(gateway)  # charged what was recorded
