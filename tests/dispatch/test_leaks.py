@@ -90,6 +90,8 @@ JUNK_STREAM = (
     b"data: [DONE]\n\n"
 )
 
+# A Messages answer without usage whose content is a number (its texts cannot be read).
+JUNK_MESSAGE = b'{"id":"msg_x","type":"message","role":"assistant","model":"sim-small","content":5}'
 # OpenAI's Responses stream failing at once: an `error` event first (no `error` object in it).
 RESPONSES_ERROR_STREAM = (
     b'event: error\ndata: {"type":"error","code":"server_error","message":"The server had an '
@@ -107,7 +109,7 @@ producers:
   - {{name: native, base_url: "{native}/v1", timeout_s: 10, formats: [chat, messages, responses]}}
   - {{name: chatonly, base_url: "{chatonly}/v1", timeout_s: 10, formats: [chat], max_concurrency: 1}}
   - {{name: junk, base_url: "{junk}/v1", timeout_s: 10, formats: [chat]}}
-  - {{name: erring, base_url: "{erring}/v1", timeout_s: 10, formats: [responses]}}
+  - {{name: erring, base_url: "{erring}/v1", timeout_s: 10, formats: [messages, responses]}}
 models:
   - name: m-native
     deployments: [{{producer: native, model: sim-small, cost: {cost}}}]
@@ -128,7 +130,7 @@ def gw(database: str) -> Iterator[tuple[Gateway, Sim, Sim]]:
         sim_with(SimProfile(name="native")) as native,
         sim_with(SimProfile(name="chatonly", retry_after_s=1)) as chatonly,
         serve_in_thread(_junk_upstream(JUNK_ANSWER, JUNK_STREAM)) as junk,
-        serve_in_thread(_junk_upstream(JUNK_ANSWER, RESPONSES_ERROR_STREAM)) as erring,
+        serve_in_thread(_junk_upstream(JUNK_MESSAGE, RESPONSES_ERROR_STREAM)) as erring,
         running_gateway(
             config(database, native.url, chatonly.url, junk, erring), database
         ) as gateway,
@@ -437,3 +439,16 @@ def test_leak_sweep_every_exit_path_on_one_gateway_then_every_invariant(gw) -> N
         requests += count
     assert_nothing_leaked(gateway, account, requests)
     assert spent_nano(gateway, account) == charged_nano(gateway)  # charged what was recorded
+
+
+def test_a_passed_through_answer_of_the_wrong_shape_fails_over(gw) -> None:
+    """A Messages answer whose texts cannot be read (needed for its estimate: it has no
+    usage) is the upstream's broken answer: the next deployment serves (it was a 500)."""
+    gateway, _, _ = gw
+    account, key = gateway.funded_key(CREDIT_NANO)
+    reply = post(gateway, key["key"], "messages", message("m-failover"))
+    assert reply.status_code == 200, reply.text
+    (record,) = gateway.records(expect=1)
+    assert (record.status, record.producer) == (200, "native")
+    assert spent_nano(gateway, account) == record.price_nano
+    assert_nothing_leaked(gateway, account, 1)

@@ -351,35 +351,36 @@ class Relay:
             ) from exc
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
-        raw_usage = reported_usage(parsed)
-        if not chat_like:
-            raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
-        usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
-        if usage is not None and not (usage.input_tokens and usage.output_tokens):
-            if head_only:
-                parsed, head_only = _decode(data), False
-            usage, usage_error = self.recorder.check_zero_counts(
-                call, deployment, usage, _texts(fmt, parsed)
+        # Read before the charge: an answer of the wrong shape (one its texts or translation
+        # cannot be read from) is the upstream's broken answer, failed over and never charged,
+        # not an answer charged and then withheld.
+        try:
+            raw_usage = reported_usage(parsed)
+            if not chat_like:
+                raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
+            usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
+            if usage is not None and not (usage.input_tokens and usage.output_tokens):
+                if head_only:
+                    parsed, head_only = _decode(data), False
+                usage, usage_error = self.recorder.check_zero_counts(
+                    call, deployment, usage, _texts(fmt, parsed)
+                )
+            # A body whose usage shows counts that were not charged (implausible ones) shows the
+            # charged ones instead; otherwise it goes out as it came, plus its cost.
+            shows_other_counts = isinstance(parsed.get("usage"), dict) and (
+                usage is None or (chat_like and raw_usage is not parsed["usage"])
             )
-        # A body whose usage shows counts that were not charged (implausible ones) shows the
-        # charged ones instead; otherwise it goes out as it came, plus its cost.
-        shows_other_counts = isinstance(parsed.get("usage"), dict) and (
-            usage is None or (chat_like and raw_usage is not parsed["usage"])
-        )
-        if usage is None:
-            if head_only:
-                parsed, head_only = _decode(data), False
-            usage = self.recorder.estimate(call, _texts(fmt, parsed))
-        translated: dict[str, Any] | None = None
-        if fmt != call.endpoint:
-            # Before the charge: an answer that cannot be translated is the upstream's broken
-            # answer (failed over, never charged), not an answer charged and then withheld.
-            try:
+            if usage is None:
+                if head_only:
+                    parsed, head_only = _decode(data), False
+                usage = self.recorder.estimate(call, _texts(fmt, parsed))
+            translated: dict[str, Any] | None = None
+            if fmt != call.endpoint:
                 translated = dialects.translated_answer(call.endpoint, fmt, parsed, call.payload)
-            except UNREADABLE as exc:
-                raise UpstreamError(
-                    producer.name, "malformed", f"upstream answer not in its format: {exc!r}"
-                ) from exc
+        except UNREADABLE as exc:
+            raise UpstreamError(
+                producer.name, "malformed", f"upstream answer not in its format: {exc!r}"
+            ) from exc
         slot.finish(Outcome.OK, usage.input_tokens, usage.output_tokens)
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
