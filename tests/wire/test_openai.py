@@ -116,6 +116,10 @@ def test_an_error_event_is_one_with_an_error_and_no_choices() -> None:
     assert not is_error_event(b'data: {"choices":[{"text":"error"}]}')
     assert not is_error_event(b'data: {"error": broken')
     assert not is_error_event(b": error")
+    # Responses' and Messages' own error events (Responses has no `error` object in it).
+    assert is_error_event(b'event: error\ndata: {"type":"error","code":"server_error"}\n\n')
+    assert is_error_event(b'event: error\ndata: {"type":"error","error":{"type":"x"}}\n\n')
+    assert not is_error_event(b'data: {"type":"response.created","response":{"error":null}}\n\n')
 
 
 def test_rewrite_model_replaces_the_first_model_field_only() -> None:

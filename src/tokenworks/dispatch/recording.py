@@ -82,6 +82,7 @@ class Recorder:
         error: str | None = None,
         quote: Quote | None = None,
     ) -> UsageRecord:
+        call.recorded = True
         if call.permit is not None:  # every call ends in one record: its limits settle here
             release(call, usage)
         now_s = time.perf_counter()

@@ -9,6 +9,7 @@ success, upstream failure, upstream crash mid-stream (`stream`), or a client tha
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import time
@@ -27,6 +28,7 @@ from tokenworks.dispatch.admission import Admission
 from tokenworks.dispatch.billing import (
     DEFAULT_CONTEXT_WINDOW_TOKENS,
     HOLD_MARGIN_S,
+    HTTP_CLIENT_CLOSED,
     Billing,
     ModelBounds,
 )
@@ -35,6 +37,7 @@ from tokenworks.dispatch.dialect_stream import DialectStream
 from tokenworks.dispatch.dispatcher import Dispatcher, Slot
 from tokenworks.dispatch.errors import (
     ClientGone,
+    DispatchError,
     InvalidCall,
     SettlementFailed,
     Shed,
@@ -46,9 +49,9 @@ from tokenworks.dispatch.ratelimit import Permit
 from tokenworks.dispatch.recording import Recorder, release
 from tokenworks.dispatch.router import Route, Router
 from tokenworks.dispatch.speeds import SpeedsCollector
-from tokenworks.dispatch.stream import EventSource, StreamResponse
+from tokenworks.dispatch.stream import UNREADABLE, EventSource, StreamResponse
 from tokenworks.keys.store import ApiKey
-from tokenworks.ledger import HoldView, Ledger
+from tokenworks.ledger import HoldView, Ledger, LedgerError
 from tokenworks.metering.store import UsageStore
 from tokenworks.metering.usage import Usage
 from tokenworks.metrics import Metrics
@@ -125,6 +128,8 @@ class Call:
     rate_headers: dict[str, str] | None = None
     # The request's OpenRouter `provider` object, taken out of the payload (never sent on).
     provider: ProviderPrefs | None = None
+    # Its usage row was written (`Recorder.record`): every call ends in exactly one.
+    recorded: bool = False
     # time.perf_counter() when the current attempt was sent: its upstream's speed is timed
     # from here (`dispatch/speeds.py`).
     sent_s: float = 0.0
@@ -239,12 +244,15 @@ class Relay:
             self.recorder.record(call, None, exc.status, Usage(), ttft_s=None, error=exc.message)
             await billing.void(call)
             raise
-        except BaseException:
+        except BaseException as exc:
             # Cancelled (the client left), no hold, or a bug: release the credit now, not at
             # expiry, and the rate limits' concurrency (a recorded call has released it).
             if slot is not None:
                 slot.cancel()
             release(call, Usage())
+            if not call.recorded:  # a ledger that could not hold, a hang-up, a bug: metered
+                status, text = _refusal_of(exc)
+                self.recorder.record(call, None, status, Usage(), ttft_s=None, error=text)
             await billing.void(call)
             raise
         assert last is not None, "a route always has at least one deployment"
@@ -343,25 +351,36 @@ class Relay:
             ) from exc
         if not isinstance(parsed, dict):
             raise UpstreamError(producer.name, "malformed", "upstream returned a non-object")
-        raw_usage = reported_usage(parsed)
-        if not chat_like:
-            raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
-        usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
-        if usage is not None and not (usage.input_tokens and usage.output_tokens):
-            if head_only:
-                parsed, head_only = _decode(data), False
-            usage, usage_error = self.recorder.check_zero_counts(
-                call, deployment, usage, _texts(fmt, parsed)
+        # Read before the charge: an answer of the wrong shape (one its texts or translation
+        # cannot be read from) is the upstream's broken answer, failed over and never charged,
+        # not an answer charged and then withheld.
+        try:
+            raw_usage = reported_usage(parsed)
+            if not chat_like:
+                raw_usage = dialects.answer_usage(fmt, parsed, raw_usage)
+            usage, usage_error = self.recorder.read_usage(call, deployment, raw_usage)
+            if usage is not None and not (usage.input_tokens and usage.output_tokens):
+                if head_only:
+                    parsed, head_only = _decode(data), False
+                usage, usage_error = self.recorder.check_zero_counts(
+                    call, deployment, usage, _texts(fmt, parsed)
+                )
+            # A body whose usage shows counts that were not charged (implausible ones) shows the
+            # charged ones instead; otherwise it goes out as it came, plus its cost.
+            shows_other_counts = isinstance(parsed.get("usage"), dict) and (
+                usage is None or (chat_like and raw_usage is not parsed["usage"])
             )
-        # A body whose usage shows counts that were not charged (implausible ones) shows the
-        # charged ones instead; otherwise it goes out as it came, plus its cost.
-        shows_other_counts = isinstance(parsed.get("usage"), dict) and (
-            usage is None or (chat_like and raw_usage is not parsed["usage"])
-        )
-        if usage is None:
-            if head_only:
-                parsed, head_only = _decode(data), False
-            usage = self.recorder.estimate(call, _texts(fmt, parsed))
+            if usage is None:
+                if head_only:
+                    parsed, head_only = _decode(data), False
+                usage = self.recorder.estimate(call, _texts(fmt, parsed))
+            translated: dict[str, Any] | None = None
+            if fmt != call.endpoint:
+                translated = dialects.translated_answer(call.endpoint, fmt, parsed, call.payload)
+        except UNREADABLE as exc:
+            raise UpstreamError(
+                producer.name, "malformed", f"upstream answer not in its format: {exc!r}"
+            ) from exc
         slot.finish(Outcome.OK, usage.input_tokens, usage.output_tokens)
         quote = self.billing.price(call, deployment, usage, parsed.get("service_tier"))
         charged, balance_nano = await self.billing.conclude(
@@ -371,8 +390,8 @@ class Relay:
         if not charged:
             raise SettlementFailed()
         price_nano = None if quote is None else quote.price_nano
-        if fmt != call.endpoint:  # translated: the answer is re-encoded anyway
-            answer = dialects.translated_answer(call.endpoint, fmt, parsed, call.payload)
+        if translated is not None:  # translated: the answer is re-encoded anyway
+            answer = translated
             answer["model"] = call.public_model
             answer["usage"] = dialects.usage_in(call.endpoint, usage, price_nano)
             body = _encode(answer)
@@ -466,6 +485,17 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit_bytes: int) -> b
             raise aiohttp.ClientPayloadError("response exceeds the size limit")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def _refusal_of(exc: BaseException) -> tuple[int, str]:
+    """The status and error a call's usage row shows when `exc` ended it unrecorded."""
+    if isinstance(exc, DispatchError):
+        return exc.status, exc.message
+    if isinstance(exc, LedgerError):  # busy or down: answered 503 (`api/errors.py`)
+        return 503, f"the ledger could not hold this request: {exc}"
+    if isinstance(exc, asyncio.CancelledError):
+        return HTTP_CLIENT_CLOSED, "cancelled before its answer"
+    return 500, f"internal error: {type(exc).__name__}"
 
 
 def _texts(fmt: str, parsed: dict[str, Any]) -> list[str]:

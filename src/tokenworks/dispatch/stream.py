@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 _decode = msgspec.json.decode
+# What reading an upstream event of the wrong shape raises: that upstream's malformed event,
+# which ends the stream with an error event, never an exception out of the response.
+UNREADABLE = (AttributeError, TypeError, KeyError, IndexError, ValueError)
 
 
 class EventSource(Protocol):
@@ -181,7 +184,11 @@ class StreamResponse:
             # send per event would cost more than all our per-event work together.
             chunks: list[bytes] = []
             while event is not None:
-                out = self._process(event)
+                try:
+                    out = self._process(event)
+                except UNREADABLE:  # JSON of the wrong shape (a translator cannot read it)
+                    self._fail(502, "upstream sent a malformed stream chunk", "upstream_malformed")
+                    out = None
                 if out is not None:
                     chunks.append(out)
                 if self.error is not None or self.done:

@@ -90,7 +90,8 @@ def event_data(event: bytes) -> bytes | None:
 
 def is_error_event(event: bytes) -> bool:
     """An event carrying an error object instead of choices (some upstreams answer 200 and
-    put their error in the stream)."""
+    put their error in the stream), or a Responses or Messages `error` event (`"type":
+    "error"`; Responses puts its code and message at the top, with no `error` object)."""
     data = data_of(event)
     if data is None or b'"error"' not in data:
         return False
@@ -98,7 +99,9 @@ def is_error_event(event: bytes) -> bool:
         chunk = _decode(data)
     except msgspec.DecodeError:
         return False  # a malformed first chunk is the stream's problem, handled by the pump
-    return isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk
+    if not isinstance(chunk, dict):
+        return False
+    return ("error" in chunk and "choices" not in chunk) or chunk.get("type") == "error"
 
 
 def model_field(public_model: str) -> bytes:
