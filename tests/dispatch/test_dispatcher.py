@@ -123,11 +123,17 @@ def test_max_concurrency_is_never_exceeded_and_everything_is_served(database: st
 @pytest.mark.parametrize("status", [429, 503])  # "insufficient capacity", "overloaded"
 def test_adaptive_limit_learns_a_producer_that_refuses_beyond_k(database: str, status: int) -> None:
     k = 4
+    # The sim's pause (250 ms) outlasts its answers (100 ms): a refused request comes back
+    # once slots have freed, not to be refused again at once by the same busy sim. The
+    # breaker is off here (its own test is below): this test is about the limit alone.
     refusing = SimProfile(
-        name="k4", ttft_s=0.1, slots=k, queue_max=0, full_status=status, retry_after_ms=50,
+        name="k4", ttft_s=0.1, slots=k, queue_max=0, full_status=status, retry_after_ms=250,
         default_output_tokens_max=16,
     )  # fmt: skip
-    extra = "limits: {max_attempts: 6}\n"
+    extra = (
+        "limits: {max_attempts: 10}\n"
+        "dispatch: {breaker: {consecutive_failures: 10000, error_rate: 1, min_volume: 10000}}\n"
+    )
     with (
         sim_with(refusing) as sim,
         running_gateway(config(database, {"a": (sim.url, "")}, extra=extra), database) as gw,
