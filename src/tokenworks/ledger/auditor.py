@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, NamedTuple
 
-from tokenworks.ledger.domain import CUSTOMER_KINDS
+from tokenworks.ledger.domain import CUSTOMER_KINDS, NEGATIVE_KINDS, AccountKind
 
 if TYPE_CHECKING:
     from tokenworks.ledger.engine import Engine
@@ -18,14 +18,24 @@ if TYPE_CHECKING:
 
 
 class Facts(NamedTuple):
-    """A copy of the figures the in-memory invariants read, as plain tuples.
+    """A copy of the figures the in-memory invariants read, a list per field.
 
-    Copying is one pass of attribute reads, under the engine's lock on the event loop;
-    checking the copy (sums, per-bucket and per-scope tallies, sentences) then runs on a
-    thread while traffic goes on, so a check of 100,000 tenants does not stall requests."""
+    Copying is taken under the engine's lock on the event loop, at a commit boundary, so it
+    must be cheap: a list of one attribute per account or bucket is a tight loop that
+    allocates one object (a tuple per account would allocate 100,000 and wake the
+    collector). Checking the copy (sums, tallies, sentences) then runs on a thread while
+    traffic goes on. Lists of one dict are in its order: nothing changes it between them."""
 
-    accounts: list[tuple[int, int, int, bool, bool]]  # id, balance, held, negative ok, customer
-    buckets: list[tuple[int, int, int, int, bool, int | None]]  # id, acc, rem, held, ended, exp
+    account_ids: list[int]
+    balances: list[int]
+    account_held: list[int]
+    kinds: list[AccountKind]
+    bucket_ids: list[int]
+    bucket_accounts: list[int]
+    remaining: list[int]
+    bucket_held: list[int]
+    ended: list[bool]
+    expires_ms: list[int | None]
     holds: list[tuple[str, int, tuple[tuple[int, int], ...], tuple[str, ...], int]]
     budgets: list[tuple[str, str, int, int, int]]  # scope, period, held, delegated, want
     grants_due: bool
@@ -35,16 +45,19 @@ class Facts(NamedTuple):
 
 def facts(engine: Engine, now_ms: int) -> Facts:
     """Copy what `fact_violations` reads; call under the engine's lock with accrued costs
-    posted."""
+    posted. Open holds (bounded by requests in flight) and budgets are copied as rows."""
+    accs, buckets = engine.accounts.values(), engine.buckets.values()
     return Facts(
-        [
-            (a.id, a.balance_nano, a.held_nano, a.allow_negative, a.kind in CUSTOMER_KINDS)
-            for a in engine.accounts.values()
-        ],
-        [
-            (b.id, b.account_id, b.remaining_nano, b.held_nano, b.ended, b.expires_ms)
-            for b in engine.buckets.values()
-        ],
+        list(engine.accounts),
+        [a.balance_nano for a in accs],
+        [a.held_nano for a in accs],
+        [a.kind for a in accs],
+        list(engine.buckets),
+        [b.account_id for b in buckets],
+        [b.remaining_nano for b in buckets],
+        [b.held_nano for b in buckets],
+        [b.ended for b in buckets],
+        [b.expires_ms for b in buckets],
         [
             (
                 h.id,
@@ -75,11 +88,13 @@ def facts(engine: Engine, now_ms: int) -> Facts:
 def fact_violations(f: Facts) -> list[str]:
     """Every in-memory invariant, on a copy (`facts`): safe on any thread."""
     v: list[str] = []
-    total = sum(a[1] for a in f.accounts)
+    total = sum(f.balances)
     if total != 0:
         v.append(f"sum of balances is {total}, not 0")
     per_acc: dict[int, list[int]] = {}
-    for bid, acc_id, remaining, held, ended, expires_ms in f.buckets:
+    buckets = zip(f.bucket_ids, f.bucket_accounts, f.remaining, f.bucket_held, f.ended,
+                  f.expires_ms, strict=True)  # fmt: skip
+    for bid, acc_id, remaining, held, ended, expires_ms in buckets:
         if not 0 <= held <= remaining:
             v.append(f"bucket {bid}: held {held} outside [0, {remaining}]")
         if ended and remaining != held:
@@ -90,12 +105,13 @@ def fact_violations(f: Facts) -> list[str]:
         s = per_acc.setdefault(acc_id, [0, 0])
         s[0] += remaining
         s[1] += held
-    for acc_id, balance, held, allow_negative, customer in f.accounts:
-        if not allow_negative and balance < 0:
+    accounts = zip(f.account_ids, f.balances, f.account_held, f.kinds, strict=True)
+    for acc_id, balance, held, kind in accounts:
+        if kind not in NEGATIVE_KINDS and balance < 0:
             v.append(f"account {acc_id}: negative balance {balance}")
         if not 0 <= held <= max(balance, 0):
             v.append(f"account {acc_id}: held {held} > balance {balance}")
-        if customer:
+        if kind in CUSTOMER_KINDS:
             rem, bheld = per_acc.get(acc_id, [0, 0])
             if (rem, bheld) != (balance, held):
                 v.append(f"account {acc_id}: buckets {rem}/{bheld} != balance/held")
@@ -110,7 +126,7 @@ def fact_violations(f: Facts) -> list[str]:
             scope_held[sc] = scope_held.get(sc, 0) + amount
         if expires_ms <= f.last_sweep_ms:
             v.append(f"hold {hid}: open past its expiry after a sweep")
-    for bid, _, _, held, _, _ in f.buckets:
+    for bid, held in zip(f.bucket_ids, f.bucket_held, strict=True):
         if leg_sum.get(bid, 0) != held:
             v.append(f"bucket {bid}: held {held} != open legs {leg_sum.get(bid, 0)}")
     for scope, period, held, delegated, want in f.budgets:
@@ -126,8 +142,6 @@ class Cut(NamedTuple):
 
     facts: Facts  # what the in-memory invariants read, at the cut (checked off the loop)
     budgets: list[tuple[str, str, int, int]]  # (scope, period, spent, period start ms)
-    accounts: dict[int, int]  # balance by account id
-    buckets: dict[int, int]  # remaining credit by open bucket id
     now_ms: int
 
 
@@ -138,14 +152,7 @@ def capture(engine: Engine, now_ms: int) -> Cut:
         (b.scope, str(b.period), b.spent_nano, b.period_start_ms)
         for b in engine.all_budgets(now_ms)  # rolled to now_ms, as `facts` needs
     ]
-    f = engine.facts(now_ms)
-    return Cut(
-        f,
-        budgets,
-        {a[0]: a[1] for a in f.accounts},
-        {b[0]: b[2] for b in f.buckets},
-        now_ms,
-    )
+    return Cut(engine.facts(now_ms), budgets, now_ms)
 
 
 def budgets_since_ms(cut: Cut) -> int:
@@ -164,6 +171,8 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
     no hold stored open, and each budget's spend equal to the holds settled in its period
     (`settled`: (scopes JSON, price, closed ms) since `budgets_since_ms`)."""
     violations: list[str] = []
+    engine_balances = dict(zip(cut.facts.account_ids, cut.facts.balances, strict=True))
+    engine_buckets = dict(zip(cut.facts.bucket_ids, cut.facts.remaining, strict=True))
     total = 0
     for acc_id, stored, net, periods in audit.accounts:
         total += stored
@@ -171,9 +180,9 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
             violations.append(f"store account {acc_id}: balance {stored} != transfers {net}")
         if periods != net:  # what statements' opening balances are summed from
             violations.append(f"store account {acc_id}: period nets {periods} != transfers {net}")
-        if cut.accounts.get(acc_id) != stored:
+        if engine_balances.get(acc_id) != stored:
             violations.append(
-                f"store account {acc_id}: {stored} != engine {cut.accounts.get(acc_id)}"
+                f"store account {acc_id}: {stored} != engine {engine_balances.get(acc_id)}"
             )
     if total != 0:
         violations.append(f"store: sum of balances is {total}, not 0")
@@ -182,7 +191,7 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
             violations.append(f"store bucket {bucket_id}: {remaining} != transfers {net}")
         if closed and remaining:
             violations.append(f"store bucket {bucket_id}: closed with {remaining} left")
-        if not closed and cut.buckets.get(bucket_id) != remaining:
+        if not closed and engine_buckets.get(bucket_id) != remaining:
             violations.append(f"store bucket {bucket_id}: {remaining} != engine")
     for hold_id, price, posted in audit.mischarged:
         violations.append(f"hold {hold_id}: price {price} but spend postings {posted}")
