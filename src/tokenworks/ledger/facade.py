@@ -586,10 +586,13 @@ class Ledger:
         self.store_compared = False
         if self._closed:
             raise LedgerError("ledger is closed")
+        limit = asyncio.timeout(self.read_timeout_s)
         try:
-            async with asyncio.timeout(self.read_timeout_s):
+            async with limit:
                 return await self._check()
         except TimeoutError as exc:
+            if not limit.expired():  # a timeout of the store's own, not the check's limit
+                raise
             raise ReadTimeout(self.read_timeout_s or 0.0) from exc
 
     async def _check(self) -> list[str]:
