@@ -1,4 +1,5 @@
-"""Scale with age (issue 13): what a year of history and many tenants cost, on SQLite.
+"""Scale with age (issue 13): what a year of history and many tenants cost, on SQLite or
+PostgreSQL (`--pg`: a fresh schema per part, dropped after; the key part is SQLite only).
 
 Generates large ledgers with the project's own engine and stores (the engine directly for
 the admin writes, which is what `Ledger` does minus the await per write), then reports:
@@ -10,11 +11,13 @@ the admin writes, which is what `Ledger` does minus the await per write), then r
 3. a 7-day statement of an account against its age (weeks of history), with the
    whole-history sum that statements used to take beside it;
 4. a month boundary where every tenant's monthly grant renews at once: batches, the longest
-   sweep turn on the event loop, holds served meanwhile, and the time to drain.
+   sweep turn on the event loop, holds served meanwhile, and the time to drain;
+5. a ledger check of many tenants: its copy on the event loop, its comparison on a thread,
+   the longest loop stall meanwhile, and what checking on the loop (as before) took.
 
     .venv/bin/python bench/scale.py [--dead-keys 200000] [--usage-rows 300000]
         [--weeks 4,16,52] [--users 100000] [--gc-freeze]
-        [--only keys,paying,statement,boundary]
+        [--only keys,paying,statement,boundary,check] [--pg [URL]]
 
 Every figure is one process on whatever cores it gets: compare figures of one run (ratios),
 not across machines. Bounded in count and time: each part's sizes are its arguments.
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenworks.keys.store import KEY_COLUMNS, KeyStore, _from_row, open_key_rows
-from tokenworks.ledger import Ledger, Period, Recurrence
+from tokenworks.ledger import Ledger, Period, Recurrence, auditor
 from tokenworks.ledger.engine import SWEEP_TURN_ITEMS
 from tokenworks.ledger.periods import from_ms
 from tokenworks.ledger.rows import Batch
@@ -45,6 +48,35 @@ from tokenworks.metering.store import open_usage_store
 from tokenworks.metering.usage import Usage, UsageRecord
 
 DAY_MS = 86_400_000
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+class Db:
+    """Where each part's stores live: a file in `tmp`, or a fresh PostgreSQL schema (all of
+    them dropped by `drop`)."""
+
+    def __init__(self, tmp: Path, pg_url: str | None) -> None:
+        self.tmp, self.pg_url = tmp, pg_url
+        self.schemas: list[str] = []
+        self.tag = f"scale_{random.getrandbits(32):08x}"
+
+    def url(self, name: str) -> str:
+        if self.pg_url is None:
+            return f"sqlite:///{self.tmp}/{name}.db"
+        self.schemas.append(f"{self.tag}_{name}")
+        return f"{self.pg_url}?schema={self.schemas[-1]}"
+
+    async def drop(self) -> None:
+        if not self.schemas:
+            return
+        import asyncpg
+
+        c = await asyncpg.connect(self.pg_url, timeout=10)
+        try:
+            for schema in self.schemas:
+                await c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await c.close()
 
 
 def _ms(s: float) -> float:
@@ -119,9 +151,9 @@ def _usage(i: int, ts_ms: int) -> UsageRecord:
     )  # fmt: skip
 
 
-async def bench_paying(tmp: Path, usage_rows: int, requests: int) -> dict[str, Any]:
-    url = f"sqlite:///{tmp}/paying.db"
-    usage = open_usage_store(url.replace("paying", "usage"))
+async def bench_paying(db: Db, usage_rows: int, requests: int) -> dict[str, Any]:
+    url = db.url("paying")
+    usage = open_usage_store(db.url("usage"))
     start_ms = int(time.time() * 1000) - 365 * DAY_MS
     for i in range(usage_rows):  # a year of rows, spread evenly
         usage.submit(_usage(i, start_ms + i * (365 * DAY_MS // max(1, usage_rows))))
@@ -194,17 +226,17 @@ async def bench_paying(tmp: Path, usage_rows: int, requests: int) -> dict[str, A
 
 
 OLD_NET_BEFORE = """
-SELECT (SELECT xsum(amount_nano) FROM ledger_transfers
+SELECT (SELECT XSUM(amount_nano) FROM ledger_transfers
         WHERE credit_account_id = :acc AND ts_ms < :until),
-       (SELECT xsum(amount_nano) FROM ledger_transfers
+       (SELECT XSUM(amount_nano) FROM ledger_transfers
         WHERE debit_account_id = :acc AND ts_ms < :until)
 """
 
 
-async def bench_statement(tmp: Path, weeks: int, per_week: int) -> dict[str, Any]:
+async def bench_statement(db: Db, weeks: int, per_week: int) -> dict[str, Any]:
     start = datetime(2025, 1, 6, tzinfo=UTC)
     clock_s = [start.timestamp()]
-    L = await Ledger.open(f"sqlite:///{tmp}/st{weeks}.db", clock=lambda: clock_s[0],
+    L = await Ledger.open(db.url(f"st{weeks}"), clock=lambda: clock_s[0],
                           sweep_interval_s=None)  # fmt: skip
     try:
         e = L.engine
@@ -230,7 +262,10 @@ async def bench_statement(tmp: Path, weeks: int, per_week: int) -> dict[str, Any
         params = {"acc": org, "until": int(since.timestamp() * 1000)}
         t0 = time.perf_counter()
         for _ in range(5):
-            await store._run(store._all, OLD_NET_BEFORE, params)
+            if store.dialect == "sqlite":
+                await store._run(store._all, OLD_NET_BEFORE, params)
+            else:
+                await store._all(OLD_NET_BEFORE, params)
         old = (time.perf_counter() - t0) / 5
         return {
             "weeks": weeks,
@@ -245,9 +280,9 @@ async def bench_statement(tmp: Path, weeks: int, per_week: int) -> dict[str, Any
 # ---------------------------------------------------------------------- 4. boundary
 
 
-async def bench_boundary(tmp: Path, users: int, freeze: bool) -> dict[str, Any]:
+async def bench_boundary(db: Db, users: int, freeze: bool) -> dict[str, Any]:
     clock_s = [datetime(2026, 3, 31, 23, tzinfo=UTC).timestamp()]
-    L = await Ledger.open(f"sqlite:///{tmp}/boundary.db", clock=lambda: clock_s[0],
+    L = await Ledger.open(db.url("boundary"), clock=lambda: clock_s[0],
                           sweep_interval_s=None)  # fmt: skip
     try:
         e = L.engine
@@ -334,6 +369,92 @@ async def bench_boundary(tmp: Path, users: int, freeze: bool) -> dict[str, Any]:
         await L.close()
 
 
+# ---------------------------------------------------------------------- 5. check
+
+
+async def bench_check(db: Db, users: int) -> dict[str, Any]:
+    L = await Ledger.open(db.url("check"), sweep_interval_s=None)
+    try:
+        e = L.engine
+        now_ms = L.now_ms()
+        for i in range(users):  # a tenant with a monthly grant each, as at the boundary
+            acc = e.create_account(f"u{i}", None, "organisation", draws_on_parent=False,
+                                   idempotency_key=f"a{i}", now_ms=now_ms)  # fmt: skip
+            e.grant(acc["id"], 1_000, recurring=Recurrence(Period.MONTH), rollover_cap_nano=0,
+                    priority=0, expires_ms=None, effective_ms=None, idempotency_key=f"g{i}",
+                    now_ms=now_ms)  # fmt: skip
+            if i % 10_000 == 0:
+                await L.flush()
+        payer = e.create_account("payer", None, "organisation", draws_on_parent=False,
+                                 idempotency_key="p", now_ms=now_ms)["id"]  # fmt: skip
+        e.top_up(payer, 10**12, idempotency_key="pt", now_ms=now_ms)
+        await L.flush()
+        gc.collect()
+        gc.freeze()  # as `tokenworks serve` does after start-up
+        spans: dict[str, float] = {}
+
+        def timed(name: str, fn: Any) -> Any:
+            def run(*args: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args)
+                finally:
+                    spans[name] = time.perf_counter() - t0
+
+            return run
+
+        capture, compare = auditor.capture, auditor.cut_violations
+        auditor.capture = timed("copy_on_loop", capture)  # type: ignore[assignment]
+        auditor.cut_violations = timed("compare_on_thread", compare)  # type: ignore[assignment]
+        gaps: list[float] = []
+        held: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async def paying() -> None:
+            for i in range(100_000):
+                if done.is_set():
+                    return
+                t0 = time.perf_counter()
+                await L.hold([payer], 10, request_id=f"c{i}")
+                await L.settle(f"c{i}", price_nano=5, cost_nano=1, producer="p", model="m",
+                               durable=True)  # fmt: skip
+                held.append(time.perf_counter() - t0)
+
+        tasks = [asyncio.create_task(ticker()), asyncio.create_task(paying())]
+        t0 = time.perf_counter()
+        try:
+            violations = await L.check()
+        finally:
+            took = time.perf_counter() - t0
+            done.set()
+            await asyncio.gather(*tasks)
+            auditor.capture, auditor.cut_violations = capture, compare  # type: ignore[assignment]
+        t1 = time.perf_counter()
+        e.check(L.now_ms())  # what the check held the loop for before: copy and check together
+        on_loop = time.perf_counter() - t1
+        return {
+            "users": users,
+            "violations": len(violations),
+            "check_s": round(took, 2),
+            "copy_on_loop_ms": _ms(spans["copy_on_loop"]),
+            "compare_on_thread_ms": _ms(spans["compare_on_thread"]),
+            "max_loop_gap_ms": _ms(max(gaps, default=0.0)),
+            "paying_served_meanwhile": len(held),
+            "paying_p99_ms": _ms(_p(held, 0.99)) if held else None,
+            "whole_check_on_loop_ms_before": _ms(on_loop),
+        }
+    finally:
+        await L.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dead-keys", type=int, default=200_000)
@@ -344,29 +465,41 @@ def main() -> int:
     ap.add_argument("--per-week", type=int, default=300)
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up")
-    ap.add_argument("--only", default="keys,paying,statement,boundary")
+    ap.add_argument("--only", default="keys,paying,statement,boundary,check")
+    ap.add_argument("--pg", nargs="?", const=PG_URL, default=None,
+                    help=f"on PostgreSQL (default {PG_URL}), a fresh schema per part")  # fmt: skip
     args = ap.parse_args()
     parts = set(args.only.split(","))
     out: dict[str, Any] = {}
     random.seed(1)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if "keys" in parts:
-            out["keys"] = bench_keys(tmp, args.dead_keys, args.live_keys)
-            print(json.dumps(out["keys"]), file=sys.stderr)
-        if "paying" in parts:
-            out["paying"] = asyncio.run(bench_paying(tmp, args.usage_rows, args.requests))
-            print(json.dumps(out["paying"]), file=sys.stderr)
-        if "statement" in parts:
-            out["statement"] = [
-                asyncio.run(bench_statement(tmp, int(w), args.per_week))
-                for w in args.weeks.split(",")
-            ]
-            print(json.dumps(out["statement"]), file=sys.stderr)
-        if "boundary" in parts:
-            out["boundary"] = asyncio.run(bench_boundary(tmp, args.users, args.gc_freeze))
+        db = Db(tmp, args.pg)
+        try:
+            run_parts(out, parts, args, tmp, db)
+        finally:
+            asyncio.run(db.drop())
     print(json.dumps(out, indent=2))
     return 0
+
+
+def run_parts(out: dict[str, Any], parts: set[str], args: Any, tmp: Path, db: Db) -> None:
+    if "keys" in parts and db.pg_url is None:
+        out["keys"] = bench_keys(tmp, args.dead_keys, args.live_keys)
+        print(json.dumps(out["keys"]), file=sys.stderr)
+    if "paying" in parts:
+        out["paying"] = asyncio.run(bench_paying(db, args.usage_rows, args.requests))
+        print(json.dumps(out["paying"]), file=sys.stderr)
+    if "statement" in parts:
+        out["statement"] = [
+            asyncio.run(bench_statement(db, int(w), args.per_week)) for w in args.weeks.split(",")
+        ]
+        print(json.dumps(out["statement"]), file=sys.stderr)
+    if "boundary" in parts:
+        out["boundary"] = asyncio.run(bench_boundary(db, args.users, args.gc_freeze))
+        print(json.dumps(out["boundary"]), file=sys.stderr)
+    if "check" in parts:
+        out["check"] = asyncio.run(bench_check(db, args.users))
 
 
 if __name__ == "__main__":

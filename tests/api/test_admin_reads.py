@@ -107,3 +107,31 @@ def test_keys_are_listed_in_pages(gateway: Gateway) -> None:
     for params in ({"after": "key_nope"}, {"limit": "0"}, {"limit": "1001"}):
         r = gateway.admin("GET", "/admin/v1/keys", params=params)
         assert r.status_code == 400 and r.json()["error"]["param"] in params, r.text
+
+
+def test_a_ledger_check_past_its_time_limit_is_a_503(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's comparison, held on its thread past the ledger's read limit, is answered
+    as a 503 `query_timeout` like the other admin reads; released, the next check passes."""
+    from tokenworks.ledger import auditor
+
+    ledger = gateway.app.state.gateway.ledger  # type: ignore[attr-defined]
+    release = threading.Event()
+    real = auditor.cut_violations
+
+    def held(*args: Any) -> list[str]:
+        release.wait(WAIT_S)
+        return real(*args)
+
+    monkeypatch.setattr(auditor, "cut_violations", held)
+    ledger.read_timeout_s = 0.2
+    try:
+        r = gateway.admin("GET", "/admin/v1/ledger/check")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "query_timeout"
+    finally:
+        release.set()
+    ledger.read_timeout_s = WAIT_S
+    r = gateway.admin("GET", "/admin/v1/ledger/check")
+    assert r.status_code == 200 and r.json()["ok"], r.text

@@ -10,92 +10,159 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, NamedTuple
 
-from tokenworks.ledger.domain import CUSTOMER_KINDS
+from tokenworks.ledger.domain import CUSTOMER_KINDS, NEGATIVE_KINDS, AccountKind
 
 if TYPE_CHECKING:
     from tokenworks.ledger.engine import Engine
     from tokenworks.ledger.store import AuditData
 
 
-def engine_violations(engine: Engine, now_ms: int) -> list[str]:
-    """Every in-memory invariant; call under the engine's lock with accrued costs posted."""
+class Facts(NamedTuple):
+    """A copy of the figures the in-memory invariants read, a list per field.
+
+    Copying is taken under the engine's lock on the event loop, at a commit boundary, so it
+    must be cheap: a list of one attribute per account or bucket is a tight loop that
+    allocates one object (a tuple per account would allocate 100,000 and wake the
+    collector). Checking the copy (sums, tallies, sentences) then runs on a thread while
+    traffic goes on. Lists of one dict are in its order: nothing changes it between them."""
+
+    account_ids: list[int]
+    balances: list[int]
+    account_held: list[int]
+    kinds: list[AccountKind]
+    bucket_ids: list[int]
+    bucket_accounts: list[int]
+    remaining: list[int]
+    bucket_held: list[int]
+    ended: list[bool]
+    expires_ms: list[int | None]
+    holds: list[tuple[str, int, tuple[tuple[int, int], ...], tuple[str, ...], int]]
+    budgets: list[tuple[str, str, int, int, int]]  # scope, period, held, delegated, want
+    grants_due: bool
+    last_sweep_ms: int
+    now_ms: int
+
+
+def facts(engine: Engine, now_ms: int) -> Facts:
+    """Copy what `fact_violations` reads; call under the engine's lock with accrued costs
+    posted. Open holds (bounded by requests in flight) and budgets are copied as rows."""
+    accs, buckets = engine.accounts.values(), engine.buckets.values()
+    return Facts(
+        list(engine.accounts),
+        [a.balance_nano for a in accs],
+        [a.held_nano for a in accs],
+        [a.kind for a in accs],
+        list(engine.buckets),
+        [b.account_id for b in buckets],
+        [b.remaining_nano for b in buckets],
+        [b.held_nano for b in buckets],
+        [b.ended for b in buckets],
+        [b.expires_ms for b in buckets],
+        [
+            (
+                h.id,
+                h.amount_nano,
+                tuple((g.bucket_id, g.amount_nano) for g in h.legs),
+                tuple(h.scopes),
+                h.expires_ms,
+            )
+            for h in engine.holds.values()
+        ],
+        [
+            (
+                scope,
+                str(bg.period),
+                bg.held_nano,
+                bg.delegated_nano,
+                0 if bg.revoked else engine.children_unused(scope),
+            )
+            for scope, per in engine.budgets.items()
+            for bg in per.values()
+        ],
+        engine.grants_due(now_ms),
+        engine.last_sweep_ms,
+        now_ms,
+    )
+
+
+def fact_violations(f: Facts) -> list[str]:
+    """Every in-memory invariant, on a copy (`facts`): safe on any thread."""
     v: list[str] = []
-    total = sum(a.balance_nano for a in engine.accounts.values())
+    total = sum(f.balances)
     if total != 0:
         v.append(f"sum of balances is {total}, not 0")
     per_acc: dict[int, list[int]] = {}
-    for b in engine.buckets.values():
-        if not 0 <= b.held_nano <= b.remaining_nano:
-            v.append(f"bucket {b.id}: held {b.held_nano} outside [0, {b.remaining_nano}]")
-        if b.ended and b.remaining_nano != b.held_nano:
-            v.append(f"bucket {b.id}: ended with unheld credit")
-        expired = b.expires_ms is not None and b.expires_ms <= now_ms and not b.ended
-        if expired and not engine.grants_due(now_ms):  # due grants end it on the next op
-            v.append(f"bucket {b.id}: past expiry but not ended")
-        s = per_acc.setdefault(b.account_id, [0, 0])
-        s[0] += b.remaining_nano
-        s[1] += b.held_nano
-    for a in engine.accounts.values():
-        if not a.allow_negative and a.balance_nano < 0:
-            v.append(f"account {a.id}: negative balance {a.balance_nano}")
-        if not 0 <= a.held_nano <= max(a.balance_nano, 0):
-            v.append(f"account {a.id}: held {a.held_nano} > balance {a.balance_nano}")
-        if a.kind in CUSTOMER_KINDS:
-            rem, held = per_acc.get(a.id, [0, 0])
-            if (rem, held) != (a.balance_nano, a.held_nano):
-                v.append(f"account {a.id}: buckets {rem}/{held} != balance/held")
+    buckets = zip(f.bucket_ids, f.bucket_accounts, f.remaining, f.bucket_held, f.ended,
+                  f.expires_ms, strict=True)  # fmt: skip
+    for bid, acc_id, remaining, held, ended, expires_ms in buckets:
+        if not 0 <= held <= remaining:
+            v.append(f"bucket {bid}: held {held} outside [0, {remaining}]")
+        if ended and remaining != held:
+            v.append(f"bucket {bid}: ended with unheld credit")
+        expired = expires_ms is not None and expires_ms <= f.now_ms and not ended
+        if expired and not f.grants_due:  # due grants end it on the next op
+            v.append(f"bucket {bid}: past expiry but not ended")
+        s = per_acc.setdefault(acc_id, [0, 0])
+        s[0] += remaining
+        s[1] += held
+    accounts = zip(f.account_ids, f.balances, f.account_held, f.kinds, strict=True)
+    for acc_id, balance, held, kind in accounts:
+        if kind not in NEGATIVE_KINDS and balance < 0:
+            v.append(f"account {acc_id}: negative balance {balance}")
+        if not 0 <= held <= max(balance, 0):
+            v.append(f"account {acc_id}: held {held} > balance {balance}")
+        if kind in CUSTOMER_KINDS:
+            rem, bheld = per_acc.get(acc_id, [0, 0])
+            if (rem, bheld) != (balance, held):
+                v.append(f"account {acc_id}: buckets {rem}/{bheld} != balance/held")
     leg_sum: dict[int, int] = {}
     scope_held: dict[str, int] = {}
-    for h in engine.holds.values():
-        if sum(g.amount_nano for g in h.legs) != h.amount_nano:
-            v.append(f"hold {h.id}: legs do not add up to {h.amount_nano}")
-        for g in h.legs:
-            leg_sum[g.bucket_id] = leg_sum.get(g.bucket_id, 0) + g.amount_nano
-        for sc in h.scopes:
-            scope_held[sc] = scope_held.get(sc, 0) + h.amount_nano
-        if h.expires_ms <= engine.last_sweep_ms:
-            v.append(f"hold {h.id}: open past its expiry after a sweep")
-    for b in engine.buckets.values():
-        if leg_sum.get(b.id, 0) != b.held_nano:
-            v.append(f"bucket {b.id}: held {b.held_nano} != open legs {leg_sum.get(b.id, 0)}")
-    for scope, per in engine.budgets.items():
-        for bg in per.values():
-            if bg.held_nano != scope_held.get(scope, 0):
-                v.append(f"budget {scope}/{bg.period}: held {bg.held_nano} != open holds")
-            want = 0 if bg.revoked else engine.children_unused(scope)
-            if bg.delegated_nano != want:
-                v.append(f"budget {scope}/{bg.period}: delegated {bg.delegated_nano} != {want}")
+    for hid, amount, legs, scopes, expires_ms in f.holds:
+        if sum(a for _, a in legs) != amount:
+            v.append(f"hold {hid}: legs do not add up to {amount}")
+        for bucket_id, leg_nano in legs:
+            leg_sum[bucket_id] = leg_sum.get(bucket_id, 0) + leg_nano
+        for sc in scopes:
+            scope_held[sc] = scope_held.get(sc, 0) + amount
+        if expires_ms <= f.last_sweep_ms:
+            v.append(f"hold {hid}: open past its expiry after a sweep")
+    for bid, held in zip(f.bucket_ids, f.bucket_held, strict=True):
+        if leg_sum.get(bid, 0) != held:
+            v.append(f"bucket {bid}: held {held} != open legs {leg_sum.get(bid, 0)}")
+    for scope, period, held, delegated, want in f.budgets:
+        if held != scope_held.get(scope, 0):
+            v.append(f"budget {scope}/{period}: held {held} != open holds")
+        if delegated != want:
+            v.append(f"budget {scope}/{period}: delegated {delegated} != {want}")
     return v
 
 
 class Cut(NamedTuple):
     """The engine's figures at a commit, which the store is compared with."""
 
-    violations: list[str]  # in memory, at the cut
+    facts: Facts  # what the in-memory invariants read, at the cut (checked off the loop)
     budgets: list[tuple[str, str, int, int]]  # (scope, period, spent, period start ms)
-    accounts: dict[int, int]  # balance by account id
-    buckets: dict[int, int]  # remaining credit by open bucket id
     now_ms: int
 
 
 def capture(engine: Engine, now_ms: int) -> Cut:
-    """The cut, taken while the writer holds the batch that ends at it."""
+    """The cut, taken while the writer holds the batch that ends at it: copies only (no
+    check runs here, on the event loop); `cut_violations` checks them on a thread."""
     budgets = [
         (b.scope, str(b.period), b.spent_nano, b.period_start_ms)
-        for b in engine.all_budgets(now_ms)
+        for b in engine.all_budgets(now_ms)  # rolled to now_ms, as `facts` needs
     ]
-    return Cut(
-        engine.check(now_ms),
-        budgets,
-        {a.id: a.balance_nano for a in engine.accounts.values()},
-        {b.id: b.remaining_nano for b in engine.buckets.values()},
-        now_ms,
-    )
+    return Cut(engine.facts(now_ms), budgets, now_ms)
 
 
 def budgets_since_ms(cut: Cut) -> int:
     """The earliest period start the settled holds must be read from."""
     return min((b[3] for b in cut.budgets), default=cut.now_ms)
+
+
+def cut_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, int]]) -> list[str]:
+    """The engine's invariants at the cut, then the store against it: safe on any thread."""
+    return [*fact_violations(cut.facts), *store_violations(cut, audit, settled)]
 
 
 def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, int]]) -> list[str]:
@@ -104,6 +171,8 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
     no hold stored open, and each budget's spend equal to the holds settled in its period
     (`settled`: (scopes JSON, price, closed ms) since `budgets_since_ms`)."""
     violations: list[str] = []
+    engine_balances = dict(zip(cut.facts.account_ids, cut.facts.balances, strict=True))
+    engine_buckets = dict(zip(cut.facts.bucket_ids, cut.facts.remaining, strict=True))
     total = 0
     for acc_id, stored, net, periods in audit.accounts:
         total += stored
@@ -111,9 +180,9 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
             violations.append(f"store account {acc_id}: balance {stored} != transfers {net}")
         if periods != net:  # what statements' opening balances are summed from
             violations.append(f"store account {acc_id}: period nets {periods} != transfers {net}")
-        if cut.accounts.get(acc_id) != stored:
+        if engine_balances.get(acc_id) != stored:
             violations.append(
-                f"store account {acc_id}: {stored} != engine {cut.accounts.get(acc_id)}"
+                f"store account {acc_id}: {stored} != engine {engine_balances.get(acc_id)}"
             )
     if total != 0:
         violations.append(f"store: sum of balances is {total}, not 0")
@@ -122,7 +191,7 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
             violations.append(f"store bucket {bucket_id}: {remaining} != transfers {net}")
         if closed and remaining:
             violations.append(f"store bucket {bucket_id}: closed with {remaining} left")
-        if not closed and cut.buckets.get(bucket_id) != remaining:
+        if not closed and engine_buckets.get(bucket_id) != remaining:
             violations.append(f"store bucket {bucket_id}: {remaining} != engine")
     for hold_id, price, posted in audit.mischarged:
         violations.append(f"hold {hold_id}: price {price} but spend postings {posted}")

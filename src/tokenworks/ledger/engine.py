@@ -1403,7 +1403,11 @@ class Engine:
     # ------------------------------------------------------------------ invariants
 
     def check(self, now_ms: int) -> list[str]:
-        """Every in-memory invariant (`auditor.engine_violations`); empty means sound."""
+        """Every in-memory invariant (`auditor.fact_violations`); empty means sound."""
+        return auditor.fact_violations(self.facts(now_ms))
+
+    def facts(self, now_ms: int) -> auditor.Facts:
+        """A copy of what the invariants read (`auditor.facts`), consistent: under the lock."""
         with self._lock:
             self._post_accrued_costs()
-            return auditor.engine_violations(self, now_ms)
+            return auditor.facts(self, now_ms)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from tokenworks.db.reads import READ_TIMEOUT_S
+from tokenworks.db.reads import READ_TIMEOUT_S, ReadTimeout
 from tokenworks.db.table import Columns
 from tokenworks.ledger import auditor
 from tokenworks.ledger.domain import (
@@ -121,7 +121,7 @@ class Ledger:
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self.store_compared = False  # whether the last check() compared the store with memory
-        self.read_timeout_s: float | None = READ_TIMEOUT_S  # a statement's time limit
+        self.read_timeout_s: float | None = READ_TIMEOUT_S  # a statement's or check's limit
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -574,30 +574,47 @@ class Ledger:
     async def check(self) -> list[str]:
         """Every invariant, in memory and in the store; an empty list means sound.
 
-        The engine and the store are compared at one commit boundary: the writer captures
-        the engine's figures as it takes a batch and, once that batch is committed, opens a
-        read snapshot of the store, which later commits do not change. So traffic never has
-        to pause. When the store cannot be read (it failed), that is itself a violation:
-        a check that did not compare the store does not pass.
+        The engine and the store are compared at one commit boundary: the writer copies the
+        engine's figures as it takes a batch (`auditor.capture`, the only part on the event
+        loop) and, once that batch is committed, opens a read snapshot of the store, which
+        later commits do not change. The copy is checked and compared with the snapshot on a
+        thread, so traffic never has to pause. When the store cannot be read (it failed),
+        that is itself a violation: a check that did not compare the store does not pass.
+        Past `read_timeout_s` it raises `ReadTimeout` (a comparison already on its thread
+        finishes there, unread).
         """
-
-        def capture() -> auditor.Cut:
-            return auditor.capture(self.engine, self.now_ms())
-
         self.store_compared = False
         if self._closed:
             raise LedgerError("ledger is closed")
+        limit = asyncio.timeout(self.read_timeout_s)
+        try:
+            async with limit:
+                return await self._check()
+        except TimeoutError as exc:
+            if not limit.expired():  # a timeout of the store's own, not the check's limit
+                raise
+            raise ReadTimeout(self.read_timeout_s or 0.0) from exc
+
+    async def _check(self) -> list[str]:
+        def capture() -> auditor.Cut:
+            return auditor.capture(self.engine, self.now_ms())
+
         try:
             cut, snap = await self.writer.cut(capture)
-        except StoreUnavailable as exc:
-            return [*self.engine.check(self.now_ms()), f"store not compared: {exc}"]
         except Exception as exc:
-            log.exception("ledger check could not open a store snapshot")
-            return [*self.engine.check(self.now_ms()), f"store not compared: {exc!r}"]
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("ledger check could not open a store snapshot")
+            why = str(exc) if isinstance(exc, StoreUnavailable) else repr(exc)
+            facts = self.engine.facts(self.now_ms())
+            return [
+                *await asyncio.to_thread(auditor.fact_violations, facts),
+                f"store not compared: {why}",
+            ]
         try:
             audit = await snap.audit()
             settled = await snap.settled_scopes(auditor.budgets_since_ms(cut), MAX_TIME_MS)
         finally:
             await snap.close()
+        violations = await asyncio.to_thread(auditor.cut_violations, cut, audit, settled)
         self.store_compared = True
-        return [*cut.violations, *auditor.store_violations(cut, audit, settled)]
+        return violations
