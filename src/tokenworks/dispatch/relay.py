@@ -417,12 +417,12 @@ class Relay:
         self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes, fmt: str = "chat"
     ) -> Any:
         response = await producer.post(PATHS[fmt], body)
-        # Chat-like pass-through forwards each event's bytes as sent (its framing kept); the
-        # dialect streams re-encode or read events by name, in LF framing.
-        passthrough_chat = fmt == call.endpoint and fmt in _CHAT_LIKE
+        # A pass-through stream forwards each event's bytes as sent (its framing kept); a
+        # translated one is re-encoded, so it reads events in LF framing.
+        passthrough = fmt == call.endpoint
         events: EventSource = (
             FrameReader(response.content.readany, MAX_SSE_EVENT_BYTES)
-            if passthrough_chat
+            if passthrough
             else SSEReader(response.content.readany)
         )
         try:
@@ -441,11 +441,10 @@ class Relay:
             # reached the client yet, so this is a failure like any other before the first byte.
             response.close()
             raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
-        if passthrough_chat:
+        if passthrough and fmt in _CHAT_LIKE:
             return StreamResponse(
                 self.billing, call, slot, response, events, first, self.client_stall_timeout_s
             )
-        assert isinstance(events, SSEReader)
         return DialectStream(
             self.billing, call, slot, response, events, first,
             self.client_stall_timeout_s, fmt, self.stored,
