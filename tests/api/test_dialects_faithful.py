@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
+import msgspec
+import openai
 import pytest
 
 from tests.api.replay import FIXTURES, Recorded, cassette, replaying
@@ -107,3 +110,142 @@ def test_a_passed_through_responses_stream_keeps_its_framing_byte_for_byte(
         [record] = gw.records()
         assert not record.usage.estimated
         assert raw == _expected(sent, record.price_nano, b"response.completed")
+
+
+# -- errors and headers on /v1/messages ------------------------------------------------------
+
+ANTHROPIC_HEADERS = [
+    ("request-id", "req_011CaUpstream"),
+    ("anthropic-ratelimit-requests-limit", "50"),
+    ("anthropic-ratelimit-requests-remaining", "0"),
+    ("anthropic-organization-id", "org-gateway-owner"),
+]
+RATE_LIMITED = {
+    "type": "error",
+    "error": {
+        "type": "rate_limit_error",
+        "message": "Number of requests has exceeded your rate limit",
+    },
+    "request_id": "req_011CaUpstream",
+}
+
+
+def _anthropic_client(gw: Gateway, key: str, **kwargs: object) -> anthropic.Anthropic:
+    kwargs.setdefault("max_retries", 0)
+    return anthropic.Anthropic(api_key=key, base_url=gw.url, **kwargs)  # type: ignore[arg-type]
+
+
+def _assert_anthropic_headers(headers: httpx.Headers) -> None:
+    assert headers["x-upstream-request-id"] == "req_011CaUpstream"
+    assert headers["x-upstream-ratelimit-requests-limit"] == "50"
+    assert headers["x-upstream-ratelimit-requests-remaining"] == "0"
+    assert "anthropic-organization-id" not in headers  # the gateway's account stays behind
+    assert not [name for name in headers if name.startswith("anthropic-ratelimit-")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_an_anthropic_4xx_reaches_the_anthropic_sdk_as_sent(database: str, stream: bool) -> None:
+    recorded = cassette("anthropic_error_400.yaml")
+    recorded.headers += ANTHROPIC_HEADERS
+    with replaying(recorded) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        client = _anthropic_client(gw, gw.create_key()["key"])
+        with pytest.raises(anthropic.BadRequestError) as err:
+            client.messages.create(model="m", max_tokens=64, messages=HELLO, stream=stream)
+        e = err.value
+        assert e.status_code == 400
+        # As Anthropic sent it: its type, its message and its own request_id.
+        assert e.body == msgspec.json.decode(recorded.body)
+        assert e.body["request_id"] == "req_011Ca7jT9AHpgXgdv8igm4z9"
+        _assert_anthropic_headers(e.response.headers)
+        [record] = gw.records()
+        assert record.status == 400
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("status", [401, 403])
+def test_an_anthropic_producer_refusing_the_gateways_key_is_a_502_in_anthropics_shape(
+    database: str, status: int, stream: bool
+) -> None:
+    body = {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "invalid x-api-key"},
+    }
+    recorded = Recorded(status, [("content-type", "application/json")], msgspec.json.encode(body))
+    with replaying(recorded) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        # The SDK would retry a 5xx twice; `x-should-retry: false` tells it not to.
+        client = _anthropic_client(gw, gw.create_key()["key"], max_retries=2)
+        with pytest.raises(anthropic.InternalServerError) as err:
+            client.messages.create(model="m", max_tokens=64, messages=HELLO, stream=stream)
+        e = err.value
+        assert e.status_code == 502  # never a 401: the client's own key is fine
+        assert e.body["type"] == "error" and e.body["error"]["type"] == "api_error"
+        message = e.body["error"]["message"]
+        assert "producer 'up'" in message and "not your API key" in message
+        assert e.response.headers["x-should-retry"] == "false"
+        assert len(recorded.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_an_anthropic_429_passes_as_sent_and_the_sdk_waits_its_retry_after_ms(
+    database: str, stream: bool
+) -> None:
+    headers = [("content-type", "application/json"), ("retry-after", "1")]
+    headers += [("retry-after-ms", "200"), *ANTHROPIC_HEADERS]
+    recorded = Recorded(429, headers, msgspec.json.encode(RATE_LIMITED))
+    waits: list[float] = []
+
+    class Spy(anthropic.Anthropic):
+        def _calculate_retry_timeout(self, *args: Any, **kwargs: Any) -> float:
+            wait = super()._calculate_retry_timeout(*args, **kwargs)
+            waits.append(wait)
+            return wait
+
+    with replaying(recorded) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        client = Spy(api_key=gw.create_key()["key"], base_url=gw.url, max_retries=1)
+        with pytest.raises(anthropic.RateLimitError) as err:
+            client.messages.create(model="m", max_tokens=64, messages=HELLO, stream=stream)
+        e = err.value
+        assert e.status_code == 429 and e.body == RATE_LIMITED
+        assert e.response.headers["retry-after-ms"] == "200"
+        assert e.response.headers["retry-after"] == "1"
+        _assert_anthropic_headers(e.response.headers)
+        # 0.2 s from retry-after-ms, not the 1 s of retry-after nor the SDK's own backoff.
+        assert waits == [0.2]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_anthropic_headers_pass_on_answers_and_streams(database: str, stream: bool) -> None:
+    if stream:
+        # (the recorded file lacks the blank line that ends its last event)
+        body = (FIXTURES / "anthropic_tool_use_stream.txt").read_bytes().rstrip(b"\n") + b"\n\n"
+        content_type = "text/event-stream"
+    else:
+        body = cassette("anthropic_tool_use.yaml").body
+        content_type = "application/json"
+    recorded = Recorded(200, [("content-type", content_type), *ANTHROPIC_HEADERS], body)
+    with replaying(recorded) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        client = _anthropic_client(gw, gw.create_key()["key"])
+        raw = client.messages.with_raw_response.create(
+            model="m", max_tokens=64, messages=HELLO, stream=stream
+        )
+        _assert_anthropic_headers(raw.headers)
+        assert raw.headers["x-request-id"].startswith("req_")  # the gateway's own id
+        if stream:
+            assert [e.type for e in raw.parse()][-1] == "message_stop"
+        else:
+            assert raw.parse().stop_reason == "tool_use"
+
+
+def test_an_anthropic_error_on_an_openai_route_is_in_openais_shape(database: str) -> None:
+    """The same 400 reaching an `openai` SDK client (chat completions translated to
+    Messages): OpenAI's shape, Anthropic's message and type kept."""
+    recorded = cassette("anthropic_error_400.yaml")
+    with replaying(recorded) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        client = openai.OpenAI(base_url=gw.v1, api_key=gw.create_key()["key"], max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="m", messages=HELLO)
+        e = err.value
+        assert e.status_code == 400 and e.type == "invalid_request_error"
+        assert "This model does not support effort level 'xhigh'" in e.message
+        assert e.body["message"].startswith("This model does not support")
+        assert {"message", "type", "param", "code"} <= set(e.body)  # OpenAI's error fields
