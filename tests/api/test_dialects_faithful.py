@@ -249,3 +249,93 @@ def test_an_anthropic_error_on_an_openai_route_is_in_openais_shape(database: str
         assert "This model does not support effort level 'xhigh'" in e.message
         assert e.body["message"].startswith("This model does not support")
         assert {"message", "type", "param", "code"} <= set(e.body)  # OpenAI's error fields
+
+
+# -- the client's anthropic-beta and anthropic-version --------------------------------------
+
+BETAS = "prompt-caching-2024-07-31,token-efficient-tools-2025-02-19"
+
+
+def _sent_headers(recorded: Recorded) -> dict[str, str]:
+    [headers] = recorded.request_headers
+    return headers
+
+
+@pytest.mark.parametrize("route", ["plain", "stream", "count_tokens"])
+def test_anthropic_beta_and_version_go_on_to_an_anthropic_producer(
+    database: str, route: str
+) -> None:
+    if route == "stream":
+        body = (FIXTURES / "anthropic_tool_use_stream.txt").read_bytes().rstrip(b"\n") + b"\n\n"
+        recorded = Recorded(200, [("content-type", "text/event-stream")], body)
+    elif route == "plain":
+        recorded = cassette("anthropic_tool_use.yaml")
+    else:
+        recorded = Recorded(200, [("content-type", "application/json")], b'{"input_tokens":12}')
+    with replaying(recorded) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        key = gw.create_key()["key"]
+        client = _anthropic_client(
+            gw,
+            key,
+            default_headers={
+                "anthropic-beta": BETAS,
+                "anthropic-version": "2023-01-01",
+                "anthropic-dangerous-direct-browser-access": "true",
+            },
+        )
+        if route == "count_tokens":
+            assert client.messages.count_tokens(model="m", messages=HELLO).input_tokens == 12
+        else:
+            reply = client.messages.create(
+                model="m", max_tokens=64, messages=HELLO, stream=route == "stream"
+            )
+            if route == "stream":
+                assert [event.type for event in reply][-1] == "message_stop"  # type: ignore[union-attr]
+        sent = _sent_headers(recorded)
+        assert sent["anthropic-beta"] == BETAS
+        assert sent["anthropic-version"] == "2023-01-01"
+        # Only those two: not the client's key, nor any other header of its own.
+        assert key not in sent.values()
+        assert "anthropic-dangerous-direct-browser-access" not in sent
+        assert not [name for name in sent if name.startswith("x-stainless")]
+
+
+def test_without_the_clients_headers_an_anthropic_producer_gets_the_gateways_version(
+    database: str,
+) -> None:
+    recorded = cassette("anthropic_tool_use.yaml")
+    with replaying(recorded) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        key = gw.create_key()["key"]
+        body = {"model": "m", "max_tokens": 64, "messages": HELLO}
+        r = httpx.post(f"{gw.url}/v1/messages", json=body, headers={"x-api-key": key})
+        assert r.status_code == 200
+        sent = _sent_headers(recorded)
+        assert sent["anthropic-version"] == "2023-06-01" and "anthropic-beta" not in sent
+
+
+def test_anthropic_beta_does_not_go_to_a_producer_the_request_is_translated_for(
+    database: str,
+) -> None:
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "upstream-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Sunny."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    }
+    recorded = Recorded(200, [("content-type", "application/json")], msgspec.json.encode(answer))
+    with replaying(recorded) as url, gateway_on(database, url, "formats: [chat]") as gw:
+        client = _anthropic_client(
+            gw, gw.create_key()["key"], default_headers={"anthropic-beta": BETAS}
+        )
+        reply = client.messages.create(model="m", max_tokens=64, messages=HELLO)
+        assert reply.content[0].text == "Sunny."  # type: ignore[union-attr]
+        sent = _sent_headers(recorded)
+        assert "anthropic-beta" not in sent and "anthropic-version" not in sent

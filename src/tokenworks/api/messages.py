@@ -24,6 +24,7 @@ from tokenworks.metering import tokens
 from tokenworks.producers.openai_compat import UpstreamError
 from tokenworks.wire import anthropic
 from tokenworks.wire.common import Untranslatable, dumps_str
+from tokenworks.wire.headers import anthropic_forwarded
 
 _encode = msgspec.json.encode
 MAX_COUNT_RESPONSE_BYTES = 64 * 1024
@@ -57,7 +58,10 @@ async def count_tokens(request: Request) -> Response:
         body = _encode(dict(payload, model=deployment.model))
         producer = relay_.producers[deployment.producer]
         try:
-            response = await producer.post("/messages/count_tokens", body)
+            forwarded = (
+                anthropic_forwarded(request.headers) if producer.spec.kind == "anthropic" else None
+            )
+            response = await producer.post("/messages/count_tokens", body, forwarded)
             try:
                 data = await response.content.read(MAX_COUNT_RESPONSE_BYTES)
             finally:

@@ -130,6 +130,9 @@ class Call:
     sent_s: float = 0.0
     # The request in each upstream format it was translated to (None until one is needed).
     translations: dict[str, dict[str, Any]] | None = None
+    # The client's `anthropic-beta`/`anthropic-version`, sent on to a `kind: anthropic`
+    # producer when the request passes through (`wire.headers.anthropic_forwarded`).
+    anthropic_headers: dict[str, str] | None = None
 
     @property
     def public_model(self) -> str:
@@ -223,11 +226,16 @@ class Relay:
                 else:  # translated (`_expressible` made sure it can be)
                     assert fmt is not None
                     body = self._translated_body(call, deployment, fmt)
+                headers = call.anthropic_headers
+                if headers is not None and not (
+                    fmt == "messages" == call.endpoint and producer.spec.kind == "anthropic"
+                ):
+                    headers = None  # translated, or not Anthropic's own API
                 call.sent_s = time.perf_counter()
                 try:
                     if call.stream:
-                        return await self._open_stream(call, slot, producer, body, fmt)
-                    return await self._complete(call, slot, producer, body, fmt)
+                        return await self._open_stream(call, slot, producer, body, fmt, headers)
+                    return await self._complete(call, slot, producer, body, fmt, headers)
                 except UpstreamError as exc:
                     last, last_model = exc, deployment.model
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
@@ -320,10 +328,16 @@ class Relay:
     # -- plain responses -------------------------------------------------------------------
 
     async def _complete(
-        self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes, fmt: str = "chat"
+        self,
+        call: Call,
+        slot: Slot,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
+        headers: dict[str, str] | None = None,
     ) -> Any:
         deployment = slot.deployment
-        response = await producer.post(PATHS[fmt], body)
+        response = await producer.post(PATHS[fmt], body, headers)
         try:
             data = await _read_bounded(response, MAX_RESPONSE_BYTES)
         except TimeoutError as exc:
@@ -414,9 +428,15 @@ class Relay:
     # -- streams -------------------------------------------------------------------------------
 
     async def _open_stream(
-        self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes, fmt: str = "chat"
+        self,
+        call: Call,
+        slot: Slot,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
+        headers: dict[str, str] | None = None,
     ) -> Any:
-        response = await producer.post(PATHS[fmt], body)
+        response = await producer.post(PATHS[fmt], body, headers)
         # A pass-through stream forwards each event's bytes as sent (its framing kept); a
         # translated one is re-encoded, so it reads events in LF framing.
         passthrough = fmt == call.endpoint
