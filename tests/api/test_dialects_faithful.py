@@ -339,3 +339,72 @@ def test_anthropic_beta_does_not_go_to_a_producer_the_request_is_translated_for(
         assert reply.content[0].text == "Sunny."  # type: ignore[union-attr]
         sent = _sent_headers(recorded)
         assert "anthropic-beta" not in sent and "anthropic-version" not in sent
+
+
+# -- one cost ---------------------------------------------------------------------------------
+
+UPSTREAM_COST = 0.0123  # an upstream's own figure (OpenRouter's credits), a JSON number
+
+
+def _messages_answer(stream: bool) -> bytes:
+    """A recorded Messages answer whose usage carries the upstream's own `cost`."""
+    if stream:
+        body = (FIXTURES / "anthropic_tool_use_stream.txt").read_bytes().rstrip(b"\n") + b"\n\n"
+        body = body.replace(b'"service_tier":"standard"}', b'"service_tier":"standard","cost":0}')
+        return body.replace(
+            b'"usage":{"output_tokens":65}', b'"usage":{"output_tokens":65,"cost":0.0123}'
+        )
+    answer = msgspec.json.decode(cassette("anthropic_tool_use.yaml").body)
+    answer["usage"]["cost"] = UPSTREAM_COST
+    return msgspec.json.encode(answer)
+
+
+def _responses_answer(stream: bool) -> bytes:
+    if stream:
+        body = cassette("responses_stream.yaml").body
+        at = body.index(b'"type":"response.completed"')
+        usage = body.index(b'"usage":{', at) + len(b'"usage":{')
+        return body[:usage] + b'"cost":0.0123,' + body[usage:]
+    answer = msgspec.json.decode(cassette("responses_tool_call.yaml").body)
+    answer["usage"]["cost"] = UPSTREAM_COST
+    return msgspec.json.encode(answer)
+
+
+def _one_cost(event: bytes, price_nano: int) -> None:
+    """`event` (a body or an SSE event) has one `cost`, the price; the upstream's apart."""
+    data = event[event.index(b"{") : event.rindex(b"}") + 1]
+    assert data.count(b'"cost"') == 1, data
+    obj = msgspec.json.decode(data)
+    usage = obj["usage"] if "usage" in obj else obj["response"]["usage"]
+    assert usage["cost"] == format_nano(price_nano)
+    assert usage["upstream_cost"] == UPSTREAM_COST
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("route", ["messages", "responses"])
+def test_the_gateways_price_is_the_one_cost_on_a_passed_through_dialect(
+    database: str, route: str, stream: bool
+) -> None:
+    if route == "messages":
+        body, producer = _messages_answer(stream), "kind: anthropic"
+        request: dict[str, Any] = {"model": "m", "max_tokens": 64, "messages": HELLO}
+        closing = b'"type":"message_delta"'
+    else:
+        body, producer = _responses_answer(stream), "formats: [responses]"
+        request = {"model": "m", "input": "What is the capital of France?"}
+        closing = b'"type":"response.completed"'
+    content_type = "text/event-stream" if stream else "application/json"
+    recorded = Recorded(200, [("content-type", content_type)], body)
+    with replaying(recorded) as url, gateway_on(database, url, producer) as gw:
+        key = gw.create_key()["key"]
+        auth = {"x-api-key": key, "Authorization": f"Bearer {key}"}
+        r = httpx.post(f"{gw.v1}/{route}", json=dict(request, stream=stream), headers=auth)
+        assert r.status_code == 200, r.text
+        [record] = gw.records()
+        assert not record.usage.estimated
+        if not stream:
+            _one_cost(r.content, record.price_nano)
+            return
+        [event] = [e for e in r.content.split(b"\n\n") if closing in e]
+        _one_cost(event, record.price_nano)
+        assert r.content.count(b'"cost"') == 1  # no other event shows the upstream's as cost

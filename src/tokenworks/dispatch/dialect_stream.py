@@ -32,6 +32,7 @@ from tokenworks.wire.openai import (
     MODEL_FIELD,
     event_data,
     reported_usage,
+    upstream_cost_renamed,
     with_cost,
 )
 from tokenworks.wire.openai_errors import error_body
@@ -169,6 +170,8 @@ class DialectStream(StreamResponse):
                 self.closing += out
                 return None
             return out or None
+        if b'"cost"' in event:  # never the upstream's as the price: its own kept apart
+            event = upstream_cost_renamed(event) or event
         if holds or self.done:
             self.closing += MODEL_FIELD.sub(self.model_field, event, count=1)
             return None
