@@ -3,7 +3,8 @@ byte (CRLF, comments, `event:` lines; only the model name and the cost changed),
 headers, the client's `anthropic-beta`/`anthropic-version`, and one `cost`.
 
 Over real HTTP on 127.0.0.1: recorded real provider streams (tests/wire/fixtures) replayed by
-a tiny server (tests/api/replay.py) behind a gateway whose producer speaks the route's format.
+a tiny server (tests/api/replay.py) behind a gateway whose producer speaks the route's format,
+and upstream-sim's Messages and Responses with its `crlf` and `rate_limited` faults.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import msgspec
 import openai
 import pytest
 
+from tests.api.dialects_setup import dialect_gateway
 from tests.api.replay import FIXTURES, Recorded, cassette, replaying
-from tests.conftest import ADMIN_KEY, Gateway, database_named, running_gateway
+from tests.conftest import ADMIN_KEY, Gateway, Sim, database_named, running_gateway
 from tokenworks.money import format_nano
 
 COST = '{input_per_mtok: "1.00", output_per_mtok: "2.00"}'
@@ -408,3 +410,65 @@ def test_the_gateways_price_is_the_one_cost_on_a_passed_through_dialect(
         [event] = [e for e in r.content.split(b"\n\n") if closing in e]
         _one_cost(event, record.price_nano)
         assert r.content.count(b'"cost"') == 1  # no other event shows the upstream's as cost
+
+
+# -- the same against upstream-sim (its Messages and Responses, its `crlf` and error faults) --
+
+
+@pytest.fixture
+def dgw(sims: tuple[Sim, Sim], database: str) -> Iterator[Gateway]:
+    with dialect_gateway(database, *sims) as gateway:
+        yield gateway
+
+
+@pytest.mark.parametrize(
+    ("route", "model", "closing"),
+    [
+        ("messages", "m-claude", b"event: message_delta\r\n"),
+        # (completed, or incomplete when it reaches max_output_tokens)
+        ("responses", "m-native", b"event: response."),
+    ],
+)
+def test_a_crlf_stream_from_the_sim_reaches_the_client_in_its_framing(
+    dgw: Gateway, sims: tuple[Sim, Sim], route: str, model: str, closing: bytes
+) -> None:
+    sims[0].fault("crlf")
+    key = dgw.create_key()["key"]
+    body: dict[str, Any] = {"model": model, "stream": True}
+    if route == "messages":
+        body.update(max_tokens=5, messages=HELLO)
+    else:
+        body.update(max_output_tokens=16, input="Say hello")
+    auth = {"x-api-key": key, "Authorization": f"Bearer {key}"}
+    with httpx.stream("POST", f"{dgw.v1}/{route}", json=body, headers=auth) as r:
+        raw = r.read()
+    assert raw.startswith(b": OPENROUTER PROCESSING\r\n\r\n")
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # every line end is CRLF
+    assert raw.endswith(b"\r\n\r\n")
+    [record] = dgw.records()
+    cost = b'"cost":"' + format_nano(record.price_nano).encode() + b'"'
+    [last] = [e for e in raw.split(b"\r\n\r\n") if cost in e]
+    assert last.startswith(closing)
+    assert f'"model":"{model}"'.encode() in raw
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_rate_limited_anthropic_producer_on_the_sim_reaches_the_sdk_with_its_headers(
+    dgw: Gateway, sims: tuple[Sim, Sim], stream: bool
+) -> None:
+    sims[0].fault("rate_limited", count=3)  # the gateway's own 3 attempts, each refused
+    client = _anthropic_client(dgw, dgw.create_key()["key"])
+    try:
+        with pytest.raises(anthropic.RateLimitError) as err:
+            client.messages.create(model="m-claude", max_tokens=5, messages=HELLO, stream=stream)
+    finally:
+        sims[0].clear_faults()
+    e = err.value
+    assert e.status_code == 429
+    assert e.body["type"] == "error" and e.body["error"]["type"] == "rate_limit_error"
+    assert "Rate limit reached for m-claude" in e.body["error"]["message"]
+    headers = e.response.headers
+    assert headers["retry-after-ms"] == "200" and headers["retry-after"] == "1"
+    assert headers["x-upstream-request-id"]
+    assert headers["x-upstream-ratelimit-limit-requests"] == "500"
+    assert not [name for name in headers if name.startswith(("anthropic-", "x-ratelimit-"))]
