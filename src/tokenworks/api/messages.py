@@ -2,7 +2,9 @@
 
 Authentication is Anthropic's `x-api-key` (or a Bearer token); `anthropic-version` is
 accepted whatever it says (the gateway answers in the version its translations are written
-against, 2023-06-01, which every SDK version reads). Errors on these routes are Anthropic's
+against, 2023-06-01, which every SDK version reads). Passed through to a `kind: anthropic`
+producer, the request carries the client's `anthropic-version` and `anthropic-beta` with it
+(`wire.headers.anthropic_forwarded`). Errors on these routes are Anthropic's
 shape (`api/errors.py` `anthropic_error`). The request is passed through to a producer that
 speaks Messages and translated to chat completions for the others (`dispatch/dialects.py`).
 """

@@ -13,6 +13,9 @@ through on answers and on errors. Three kinds are renamed rather than passed:
 
 Everything else (cookies, `openai-organization`, `openai-project`, server and CDN headers)
 stays behind: it describes the gateway's own account or connection.
+
+The other way, only `anthropic-beta` and `anthropic-version` of a client's headers go on, to an
+Anthropic producer a Messages request passes through to (`anthropic_forwarded`).
 """
 
 from __future__ import annotations
