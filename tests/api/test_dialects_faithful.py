@@ -472,3 +472,53 @@ def test_a_rate_limited_anthropic_producer_on_the_sim_reaches_the_sdk_with_its_h
     assert headers["x-upstream-request-id"]
     assert headers["x-upstream-ratelimit-limit-requests"] == "500"
     assert not [name for name in headers if name.startswith(("anthropic-", "x-ratelimit-"))]
+
+
+# -- what the gateway writes into a passed-through stream follows its line ends ---------------
+
+
+def _crlf_anthropic_stream() -> list[bytes]:
+    recorded = (FIXTURES / "anthropic_tool_use_stream.txt").read_bytes()
+    return _frames(recorded, b"claude-sonnet-4-20250514")
+
+
+def _stream_messages(gw: Gateway) -> bytes:
+    key = gw.create_key()["key"]
+    body = {"model": "m", "max_tokens": 64, "messages": HELLO, "stream": True}
+    with httpx.stream("POST", f"{gw.url}/v1/messages", json=body, headers={"x-api-key": key}) as r:
+        return r.read()
+
+
+def test_a_crlf_stream_cut_short_ends_with_an_error_event_in_crlf(database: str) -> None:
+    frames = _crlf_anthropic_stream()[:4]  # no message_delta, no message_stop
+    sent = _framed(frames, b"\r\n")
+    upstream = Recorded(200, [("content-type", "text/event-stream")], sent)
+    with replaying(upstream) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        raw = _stream_messages(gw)
+    assert raw.startswith(sent.replace(b'"model":"upstream-model"', b'"model":"m"'))
+    assert b"\r\n\r\nevent: error\r\ndata: " in raw  # the gateway's own event, in CRLF
+    assert raw.endswith(b"\r\n\r\n") and b"\n" not in raw.replace(b"\r\n", b"")
+    assert b'"type":"api_error"' in raw
+
+
+def test_a_crlf_stream_without_counts_shows_the_estimate_charged_in_crlf(database: str) -> None:
+    frames = [
+        f.replace(b'"output_tokens":65', b'"output_tokens":0').replace(
+            b'"usage":{"input_tokens":377,"cache_creation_input_tokens":0,'
+            b'"cache_read_input_tokens":0,"output_tokens":1,"service_tier":"standard"}',
+            b'"usage":null',
+        )
+        for f in _crlf_anthropic_stream()
+    ]
+    assert not [f for f in frames if b'"input_tokens"' in f]  # and no output counted
+    upstream = Recorded(200, [("content-type", "text/event-stream")], _framed(frames, b"\r\n"))
+    with replaying(upstream) as url, gateway_on(database, url, "kind: anthropic") as gw:
+        raw = _stream_messages(gw)
+        [record] = gw.records()
+    assert record.usage.estimated
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # every line end is CRLF
+    [delta] = [e for e in raw.split(b"\r\n\r\n") if e.startswith(b"event: message_delta")]
+    usage = msgspec.json.decode(delta.split(b"data: ", 1)[1])["usage"]
+    assert usage["output_tokens"] == record.usage.output_tokens
+    assert usage["cost"] == format_nano(record.price_nano)
+    assert raw.endswith(b'event: message_stop\r\ndata: {"type":"message_stop"}\r\n\r\n')
