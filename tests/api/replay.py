@@ -28,6 +28,8 @@ class Recorded:
     headers: list[tuple[str, str]]
     body: bytes
     requests: list[bytes] = field(default_factory=list)  # the bodies the upstream was sent
+    # The headers of each request, names in lower case.
+    request_headers: list[dict[str, str]] = field(default_factory=list)
 
 
 def cassette(name: str, index: int = 0) -> Recorded:
@@ -66,6 +68,9 @@ class _App:
             if not message.get("more_body"):
                 break
         self.recorded.requests.append(body)
+        self.recorded.request_headers.append(
+            {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        )
         headers = [(k.encode(), v.encode()) for k, v in self.recorded.headers]
         await send({"type": "http.response.start", "status": self.recorded.status,
                     "headers": headers})  # fmt: skip

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tokenworks.wire.headers import MAX_PASSED_HEADERS, as_dict, passthrough
+from tokenworks.wire.headers import (
+    MAX_FORWARDED_VALUE_BYTES,
+    MAX_PASSED_HEADERS,
+    anthropic_forwarded,
+    as_dict,
+    passthrough,
+)
 
 
 def test_headers_pass_renamed_or_not_at_all() -> None:
@@ -36,3 +42,19 @@ def test_headers_pass_renamed_or_not_at_all() -> None:
 def test_an_upstream_cannot_make_us_copy_unbounded_headers() -> None:
     raw = [(b"x-ratelimit-n%d" % i, b"1") for i in range(1000)]
     assert len(passthrough(raw)) == MAX_PASSED_HEADERS
+
+
+def test_only_anthropic_beta_and_version_go_on_and_a_runaway_value_does_not() -> None:
+    client = {
+        "anthropic-beta": "a,b",
+        "anthropic-version": "2023-06-01",
+        "x-api-key": "sk-client",
+        "anthropic-dangerous-direct-browser-access": "true",
+    }
+    assert anthropic_forwarded(client) == {
+        "anthropic-beta": "a,b",
+        "anthropic-version": "2023-06-01",
+    }
+    assert anthropic_forwarded({"x-api-key": "sk-client"}) is None
+    too_long = "b" * (MAX_FORWARDED_VALUE_BYTES + 1)
+    assert anthropic_forwarded({"anthropic-beta": too_long}) is None

@@ -67,7 +67,7 @@ from tokenworks.ledger import (
     StoreUnavailable,
 )
 from tokenworks.money import format_nano
-from tokenworks.wire.anthropic import openai_error_to_anthropic
+from tokenworks.wire.anthropic import anthropic_error_to_openai, openai_error_to_anthropic
 from tokenworks.wire.openai_errors import ERROR_TYPES, error_body, error_type
 
 __all__ = ["ANSWERS", "ERROR_TYPES", "EXCEPTION_HANDLERS", "ApiError", "api_error", "error_body"]
@@ -214,17 +214,45 @@ def api_error(exc: BaseException) -> ApiError:
 def anthropic_error(error: ApiError) -> Response:
     """An error on a Messages route in Anthropic's shape, `{"type": "error", "error": {"type",
     "message"}}`, with the same status (Anthropic's SDK picks its exception class by status:
-    402 budget refusals are its `billing_error`, 429 limits its `RateLimitError`)."""
-    status, body = openai_error_to_anthropic(error.status, {"error": {"message": error.message}})
+    402 budget refusals are its `billing_error`, 429 limits its `RateLimitError`). An upstream
+    Messages producer's own error body passes as sent (its `request_id` and fields of its own)."""
+    raw = error.raw
+    if raw is None or _anthropic_shaped(raw) is None:
+        _, body = openai_error_to_anthropic(error.status, {"error": {"message": error.message}})
+        raw = _encode(body)
     return Response(
-        _encode(body), status_code=status, media_type="application/json", headers=error.headers
+        raw, status_code=error.status, media_type="application/json", headers=error.headers
     )
 
 
+def _anthropic_shaped(raw: bytes) -> dict[str, Any] | None:
+    """`raw` decoded when it is an Anthropic error body (`{"type": "error", "error": {...}}`):
+    from a Messages producer. Error bodies are small and rare: decoding one costs nothing."""
+    if b'"type"' not in raw:
+        return None
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if (
+        isinstance(body, dict)
+        and body.get("type") == "error"
+        and isinstance(body.get("error"), dict)
+    ):
+        return body
+    return None
+
+
 def _respond(request: Request, error: ApiError) -> Response:
-    """`error` in the shape of the route it met: Anthropic's on /v1/messages, else OpenAI's."""
+    """`error` in the shape of the route it met: Anthropic's on /v1/messages, else OpenAI's
+    (an Anthropic producer's error body, met on an OpenAI route, translated to OpenAI's)."""
     if request.url.path.startswith("/v1/messages"):
         return anthropic_error(error)
+    if error.raw is not None:
+        anthropic = _anthropic_shaped(error.raw)
+        if anthropic is not None:
+            _, body = anthropic_error_to_openai(error.status, anthropic)
+            error.raw = _encode(body)
     return error.response()
 
 

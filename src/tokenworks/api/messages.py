@@ -2,7 +2,9 @@
 
 Authentication is Anthropic's `x-api-key` (or a Bearer token); `anthropic-version` is
 accepted whatever it says (the gateway answers in the version its translations are written
-against, 2023-06-01, which every SDK version reads). Errors on these routes are Anthropic's
+against, 2023-06-01, which every SDK version reads). Passed through to a `kind: anthropic`
+producer, the request carries the client's `anthropic-version` and `anthropic-beta` with it
+(`wire.headers.anthropic_forwarded`). Errors on these routes are Anthropic's
 shape (`api/errors.py` `anthropic_error`). The request is passed through to a producer that
 speaks Messages and translated to chat completions for the others (`dispatch/dialects.py`).
 """
@@ -24,6 +26,7 @@ from tokenworks.metering import tokens
 from tokenworks.producers.openai_compat import UpstreamError
 from tokenworks.wire import anthropic
 from tokenworks.wire.common import Untranslatable, dumps_str
+from tokenworks.wire.headers import anthropic_forwarded
 
 _encode = msgspec.json.encode
 MAX_COUNT_RESPONSE_BYTES = 64 * 1024
@@ -57,7 +60,10 @@ async def count_tokens(request: Request) -> Response:
         body = _encode(dict(payload, model=deployment.model))
         producer = relay_.producers[deployment.producer]
         try:
-            response = await producer.post("/messages/count_tokens", body)
+            forwarded = (
+                anthropic_forwarded(request.headers) if producer.spec.kind == "anthropic" else None
+            )
+            response = await producer.post("/messages/count_tokens", body, forwarded)
             try:
                 data = await response.content.read(MAX_COUNT_RESPONSE_BYTES)
             finally:

@@ -21,6 +21,7 @@ from tokenworks.keys.store import ApiKey, KeyStore
 from tokenworks.ledger import Ledger
 from tokenworks.metering.store import UsageStore
 from tokenworks.pricing.quote import Pricer
+from tokenworks.wire.headers import anthropic_forwarded
 
 MAX_TAGS = 32
 MAX_TAG_BYTES = 256
@@ -316,6 +317,8 @@ async def relay(request: Request, endpoint: str) -> Response:
         deadline_ms=_deadline_ms(request),
         receive=request.receive,
     )
+    if endpoint == "messages":
+        call.anthropic_headers = anthropic_forwarded(request.headers)
     response: Response = await gateway.relay.handle(call)
     return response
 

@@ -3,10 +3,11 @@
 The pump, the stall cut, the hold's extension and settle-before-the-last-byte are
 `StreamResponse`'s; this class only knows the formats: where an upstream in `upstream` format
 puts usage, text and its end (chat: `[DONE]`; Messages: `message_stop`; Responses: the
-`response.completed` event), and what the client gets: the events as sent (model name
-spliced) when the producer speaks the route's format, else the translator's. The closing
-events (Messages: `message_delta` and `message_stop`; Responses: the final event; chat: the
-usage chunk and `[DONE]`) go out after the charge, carrying its `cost`.
+`response.completed` event), and what the client gets: the events as sent, in the upstream's
+framing (`wire.sse.FrameReader`: CRLF, comments, `event:` lines; only the model name spliced
+and the cost added) when the producer speaks the route's format, else the translator's (LF).
+The closing events (Messages: `message_delta` and `message_stop`; Responses: the final
+event; chat: the usage chunk and `[DONE]`) go out after the charge, carrying its `cost`.
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ from tokenworks.dispatch.dialects import (
     with_usage,
 )
 from tokenworks.dispatch.dispatcher import Slot
-from tokenworks.dispatch.stream import StreamResponse
+from tokenworks.dispatch.stream import EventSource, StreamResponse
 from tokenworks.wire.anthropic import MessagesUsageCollector
 from tokenworks.wire.openai import (
     MODEL_FIELD,
-    SSEReader,
     event_data,
     reported_usage,
+    upstream_cost_renamed,
     with_cost,
 )
 from tokenworks.wire.openai_errors import error_body
+from tokenworks.wire.sse import data_of
 
 if TYPE_CHECKING:
     from tokenworks.dispatch.relay import Call
@@ -87,7 +89,7 @@ class DialectStream(StreamResponse):
         call: Call,
         slot: Slot,
         upstream: aiohttp.ClientResponse,
-        events: SSEReader,
+        events: EventSource,
         first: bytes,
         client_stall_timeout_s: float,
         fmt: str,
@@ -105,14 +107,17 @@ class DialectStream(StreamResponse):
             )
         )
         self.collector = MessagesUsageCollector() if fmt == "messages" else None
-        self.closing = b""  # the closing events, sent after the charge
+        # The closing events, sent after the charge. Passed through, they are the upstream's
+        # bytes (framing included) and whatever follows them, in order.
+        self.closing = b""
         self.raw_texts: list[bytes] = []  # passed-through text deltas, not yet decoded
 
     def _error_event(self, status: int, message: str, code: str) -> bytes:
         endpoint = self.call.endpoint
         if endpoint == "chat":
             return b"data: " + error_body(status, message, code) + b"\n\n"
-        return error_event(endpoint, message, code)
+        event = error_event(endpoint, message, code)
+        return self._framed(event) if self.passthrough else event
 
     def _usage_tail(self) -> bytes:
         quote = self.quote
@@ -120,17 +125,27 @@ class DialectStream(StreamResponse):
             return self.closing
         price_nano = None if quote is None else quote.price_nano
         if self.usage is None and self.billed is not None:  # charged the estimate: show it
+            if self.crlf:  # rare: re-framed to read, then back to the upstream's line ends
+                closing = self.closing.replace(b"\r\n", b"\n")
+                shown = with_usage(closing, self.call.endpoint, self.billed, price_nano)
+                return shown.replace(b"\n", b"\r\n")
             return with_usage(self.closing, self.call.endpoint, self.billed, price_nano)
         return self.closing if price_nano is None else with_cost(self.closing, price_nano)
 
     def _process(self, event: bytes) -> bytes | None:
-        if self.passthrough and event.startswith(b"event:"):
-            out = self._pass(event)
-            if out is not None:
-                return out
-        data = event_data(event)
-        if data is None:  # a comment or a bare `event:` line
-            return event + b"\n\n" if self.passthrough else None
+        passthrough = self.passthrough
+        if passthrough:
+            if event.startswith(b"event:"):
+                out = self._pass(event)
+                if out is not None:
+                    return self._in_order(out)
+            data = data_of(event)
+            if data is None:  # a comment or a bare `event:` line: as it came
+                return self._in_order(event)
+        else:
+            data = event_data(event)
+            if data is None:
+                return None
         fmt = self.fmt
         if data == b"[DONE]":
             if fmt == "chat":
@@ -155,10 +170,20 @@ class DialectStream(StreamResponse):
                 self.closing += out
                 return None
             return out or None
+        if b'"cost"' in event:  # never the upstream's as the price: its own kept apart
+            event = upstream_cost_renamed(event) or event
         if holds or self.done:
-            self.closing += MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+            self.closing += MODEL_FIELD.sub(self.model_field, event, count=1)
             return None
-        return MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+        return self._in_order(MODEL_FIELD.sub(self.model_field, event, count=1))
+
+    def _in_order(self, event: bytes) -> bytes | None:
+        """A passed-through event, kept behind the closing events once they are held (a
+        `ping` after `message_delta` goes out after it, as sent)."""
+        if self.closing:
+            self.closing += event
+            return None
+        return event
 
     def _pass(self, event: bytes) -> bytes | None:
         """A passed-through event, by its `event:` name, without decoding what needs no
@@ -167,14 +192,14 @@ class DialectStream(StreamResponse):
         end = event.find(b"\n")
         name = event[6:end].strip() if end > 0 else b""
         if name in _TEXT_EVENTS:
-            data = event_data(event)
+            data = data_of(event)
             if data is not None:
                 self.raw_texts.append(data)
-            return event + b"\n\n"
+            return event
         if name in _PLAIN_EVENTS:
-            return event + b"\n\n"
+            return event
         if name == b"response.in_progress":
-            return MODEL_FIELD.sub(self.model_field, event, count=1) + b"\n\n"
+            return MODEL_FIELD.sub(self.model_field, event, count=1)
         return None
 
     async def _finish(self) -> bool:

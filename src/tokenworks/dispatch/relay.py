@@ -135,6 +135,9 @@ class Call:
     sent_s: float = 0.0
     # The request in each upstream format it was translated to (None until one is needed).
     translations: dict[str, dict[str, Any]] | None = None
+    # The client's `anthropic-beta`/`anthropic-version`, sent on to a `kind: anthropic`
+    # producer when the request passes through (`wire.headers.anthropic_forwarded`).
+    anthropic_headers: dict[str, str] | None = None
 
     @property
     def public_model(self) -> str:
@@ -228,11 +231,16 @@ class Relay:
                 else:  # translated (`_expressible` made sure it can be)
                     assert fmt is not None
                     body = self._translated_body(call, deployment, fmt)
+                headers = call.anthropic_headers
+                if headers is not None and not (
+                    fmt == "messages" == call.endpoint and producer.spec.kind == "anthropic"
+                ):
+                    headers = None  # translated, or not Anthropic's own API
                 call.sent_s = time.perf_counter()
                 try:
                     if call.stream:
-                        return await self._open_stream(call, slot, producer, body, fmt)
-                    return await self._complete(call, slot, producer, body, fmt)
+                        return await self._open_stream(call, slot, producer, body, fmt, headers)
+                    return await self._complete(call, slot, producer, body, fmt, headers)
                 except UpstreamError as exc:
                     last, last_model = exc, deployment.model
                     self.metrics.upstream_errors.labels(exc.producer, exc.reason).inc()
@@ -328,10 +336,16 @@ class Relay:
     # -- plain responses -------------------------------------------------------------------
 
     async def _complete(
-        self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes, fmt: str = "chat"
+        self,
+        call: Call,
+        slot: Slot,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
+        headers: dict[str, str] | None = None,
     ) -> Any:
         deployment = slot.deployment
-        response = await producer.post(PATHS[fmt], body)
+        response = await producer.post(PATHS[fmt], body, headers)
         try:
             data = await _read_bounded(response, MAX_RESPONSE_BYTES)
         except TimeoutError as exc:
@@ -433,15 +447,21 @@ class Relay:
     # -- streams -------------------------------------------------------------------------------
 
     async def _open_stream(
-        self, call: Call, slot: Slot, producer: OpenAIProducer, body: bytes, fmt: str = "chat"
+        self,
+        call: Call,
+        slot: Slot,
+        producer: OpenAIProducer,
+        body: bytes,
+        fmt: str = "chat",
+        headers: dict[str, str] | None = None,
     ) -> Any:
-        response = await producer.post(PATHS[fmt], body)
-        # Chat-like pass-through forwards each event's bytes as sent (its framing kept); the
-        # dialect streams re-encode or read events by name, in LF framing.
-        passthrough_chat = fmt == call.endpoint and fmt in _CHAT_LIKE
+        response = await producer.post(PATHS[fmt], body, headers)
+        # A pass-through stream forwards each event's bytes as sent (its framing kept); a
+        # translated one is re-encoded, so it reads events in LF framing.
+        passthrough = fmt == call.endpoint
         events: EventSource = (
             FrameReader(response.content.readany, MAX_SSE_EVENT_BYTES)
-            if passthrough_chat
+            if passthrough
             else SSEReader(response.content.readany)
         )
         try:
@@ -460,11 +480,10 @@ class Relay:
             # reached the client yet, so this is a failure like any other before the first byte.
             response.close()
             raise UpstreamError(producer.name, "stream_error", "upstream streamed an error")
-        if passthrough_chat:
+        if passthrough and fmt in _CHAT_LIKE:
             return StreamResponse(
                 self.billing, call, slot, response, events, first, self.client_stall_timeout_s
             )
-        assert isinstance(events, SSEReader)
         return DialectStream(
             self.billing, call, slot, response, events, first,
             self.client_stall_timeout_s, fmt, self.stored,

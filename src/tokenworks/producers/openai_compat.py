@@ -108,22 +108,30 @@ class OpenAIProducer:
             return ""
         return f" (${self.missing_key_env} is unset: set it where the gateway runs, restart)"
 
-    async def post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """Send a request; return a 2xx response whose body is still unread.
+    async def post(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """Send a request; return a 2xx response whose body is still unread. `headers`: the
+        client's own that go on (`wire.headers.anthropic_forwarded`), over ours.
 
         Raises UpstreamError for connect failures, timeouts and non-2xx statuses, marked
         retryable when another deployment could still serve the request.
         """
-        return await self.request("POST", path, body)
+        return await self.request("POST", path, body, headers)
 
     async def request(
-        self, method: str, path: str, body: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """`post` for any method (GET and DELETE of a stored response)."""
         assert self._session is not None, "producer not started"
+        sent = self._headers if headers is None else {**self._headers, **headers}
         try:
             response = await self._session.request(
-                method, self.base_url + path, data=body, headers=self._headers
+                method, self.base_url + path, data=body, headers=sent
             )
         except TimeoutError as exc:
             raise UpstreamError(self.name, "timeout", "upstream timed out") from exc

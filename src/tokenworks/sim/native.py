@@ -129,7 +129,9 @@ def tool_call_answer(
 
 
 class _Dialect:
-    """Turns the chat engine's ASGI messages into another dialect's, plain or streamed."""
+    """Turns the chat engine's ASGI messages into another dialect's, plain or streamed: the
+    engine's provider headers kept (`provider_header` names them in the dialect), and its
+    `crlf` fault's framing too (CRLF line ends, comments as sent)."""
 
     def __init__(self, send: Send) -> None:
         self.send = send
@@ -137,40 +139,59 @@ class _Dialect:
         self.streaming = False
         self.started = False
         self.body: list[bytes] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.splitter = SSESplitter()
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            headers = dict(message.get("headers") or [])
+            raw = message.get("headers") or []
+            headers = dict(raw)
+            self.headers = [
+                (self.provider_header(k), v)
+                for k, v in raw
+                if k not in (b"content-type", b"content-length", b"cache-control")
+            ]
             self.streaming = self.status == 200 and headers.get(b"content-type", b"").startswith(
                 b"text/event-stream"
             )
             if self.streaming:
-                extra = [(k, v) for k, v in message.get("headers") or [] if k == b"x-request-id"]
                 await self.send(
-                    {"type": "http.response.start", "status": 200, "headers": _SSE + extra}
+                    {"type": "http.response.start", "status": 200, "headers": _SSE + self.headers}
                 )
                 self.started = True
             return
         body = message.get("body", b"")
         more = message.get("more_body", False)
         if self.streaming:
-            out = b"".join(self.frame(frame) for frame in self.splitter.feed(body))
+            out = b"".join(map(self._framed, self.splitter.feed(body)))
             await self.send({"type": "http.response.body", "body": out, "more_body": more})
             return
         self.body.append(body)
         if more:
             return
         status, payload = self.answer(self.status, b"".join(self.body))
+        length = (b"content-length", str(len(payload)).encode())
         await self.send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [_JSON, (b"content-length", str(len(payload)).encode())],
+                "headers": [_JSON, length, *self.headers],
             }
         )
         await self.send({"type": "http.response.body", "body": payload})
+
+    def _framed(self, frame: bytes) -> bytes:
+        """A chat frame as this dialect's events, in the chat stream's framing: a comment
+        passes as it came, and a CRLF stream (the `crlf` fault) stays CRLF."""
+        if frame.startswith(b":"):
+            return frame
+        out = self.frame(frame)
+        return out.replace(b"\n", b"\r\n") if frame.endswith(b"\r\n") else out
+
+    def provider_header(self, name: bytes) -> bytes:
+        """What the provider this dialect imitates calls the chat engine's header `name`."""
+        return name
 
     def frame(self, frame: bytes) -> bytes:
         raise NotImplementedError
@@ -213,6 +234,14 @@ class _Messages(_Dialect):
         self.stream = anthropic.ChatToMessagesStream(model=model)
         self.caching = caching
         self.read = read
+
+    def provider_header(self, name: bytes) -> bytes:
+        # Anthropic's names: `request-id`, `anthropic-ratelimit-*`.
+        if name == b"x-request-id":
+            return b"request-id"
+        if name.startswith(b"x-ratelimit-"):
+            return b"anthropic-ratelimit-" + name[len(b"x-ratelimit-") :]
+        return name
 
     def frame(self, frame: bytes) -> bytes:
         data = data_of(frame)

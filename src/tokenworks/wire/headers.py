@@ -13,11 +13,14 @@ through on answers and on errors. Three kinds are renamed rather than passed:
 
 Everything else (cookies, `openai-organization`, `openai-project`, server and CDN headers)
 stays behind: it describes the gateway's own account or connection.
+
+The other way, only `anthropic-beta` and `anthropic-version` of a client's headers go on, to an
+Anthropic producer a Messages request passes through to (`anthropic_forwarded`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
 # Lower-case upstream name -> the name a client sees it under. One dict probe per header.
@@ -58,6 +61,25 @@ def passthrough(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
         out.append((renamed, value))
         if len(out) >= MAX_PASSED_HEADERS:
             break
+    return out
+
+
+# The client's request headers a `kind: anthropic` producer gets on a passed-through Messages
+# request (an allow-list): the betas it asks for (`anthropic-beta`, comma-separated) and the
+# API version its SDK speaks. Nothing else of the client's reaches an upstream.
+FORWARDED_TO_ANTHROPIC = ("anthropic-beta", "anthropic-version")
+MAX_FORWARDED_VALUE_BYTES = 1024  # a long list of betas fits; a runaway value does not
+
+
+def anthropic_forwarded(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The allowed client headers to send on to an Anthropic producer; None when none."""
+    out: dict[str, str] | None = None
+    for name in FORWARDED_TO_ANTHROPIC:
+        value = headers.get(name)
+        if value and len(value) <= MAX_FORWARDED_VALUE_BYTES:
+            if out is None:
+                out = {}
+            out[name] = value
     return out
 
 

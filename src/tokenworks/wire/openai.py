@@ -136,13 +136,18 @@ def upstream_cost_renamed(data: bytes, price_nano: int | None = None) -> bytes |
     `upstream_cost`, and our price as `cost` when given: a re-encode of the JSON object, the
     bytes around it kept. None when its usage has no `cost` key. A stream chunk that carries
     choices and usage (OpenRouter's last) passes before the charge is known: it loses its
-    `cost`, and the gateway's usage chunk after it shows the price."""
+    `cost`, and the gateway's usage chunk after it shows the price. The usage may also sit
+    one level down, as in Responses events (`response.usage`) and Messages' `message_start`
+    (`message.usage`)."""
     start, end = data.find(b"{"), data.rfind(b"}") + 1
     try:
         obj = _decode(data[start:end])
     except msgspec.DecodeError:
         return None
     usage = obj.get("usage") if isinstance(obj, dict) else None
+    if usage is None and isinstance(obj, dict):
+        holder = obj.get("response") or obj.get("message")
+        usage = holder.get("usage") if isinstance(holder, dict) else None
     if not isinstance(usage, dict) or "cost" not in usage:
         return None
     usage["upstream_cost"] = usage.pop("cost")
