@@ -82,6 +82,15 @@ class InvalidCall(DispatchError):
 MAX_RETRY_AFTER_S = 60.0
 
 
+def retry_headers(wait_s: float) -> dict[str, str]:
+    """When to retry a refusal of ours: `Retry-After` in whole seconds within 1..60, rounded
+    up so a retry then fits (SDKs ignore longer ones), and the exact wait in
+    `retry-after-ms`, which OpenAI's and Anthropic's SDKs read first."""
+    wait_ms = max(1, math.ceil(wait_s * 1000))
+    retry_after_s = min(int(MAX_RETRY_AFTER_S), max(1, math.ceil(wait_ms / 1000)))
+    return {"Retry-After": str(retry_after_s), "retry-after-ms": str(wait_ms)}
+
+
 class RateLimited(DispatchError):
     """A consumer rate limit (rpm, tpm or concurrency of the key, a key above it, or its
     account) refused the call before any hold: OpenAI's 429, with when to retry."""
@@ -96,14 +105,7 @@ class RateLimited(DispatchError):
 
     @property
     def headers(self) -> dict[str, str]:
-        # Retry-After is whole seconds (1-60, rounded up: a retry then must fit);
-        # retry-after-ms, as OpenAI's SDKs read first, is the finer figure.
-        wait_ms = min(max(math.ceil(self.retry_after_s * 1000), 1), int(MAX_RETRY_AFTER_S * 1000))
-        return {
-            **self.ratelimit_headers,
-            "Retry-After": str(max(1, math.ceil(wait_ms / 1000))),
-            "retry-after-ms": str(wait_ms),
-        }
+        return {**self.ratelimit_headers, **retry_headers(self.retry_after_s)}
 
 
 class NoProviderLeft(InvalidCall):
@@ -166,12 +168,7 @@ class Shed(DispatchError):
 
     @property
     def headers(self) -> dict[str, str]:
-        wait_s = self.retry_after_s if self.retry_after_s is not None else 1.0
-        wait_ms = max(1, math.ceil(wait_s * 1000))
-        return {
-            "Retry-After": str(min(60, max(1, math.ceil(wait_ms / 1000)))),
-            "retry-after-ms": str(wait_ms),
-        }
+        return retry_headers(self.retry_after_s if self.retry_after_s is not None else 1.0)
 
 
 class TooLargeForProducers(DispatchError):
