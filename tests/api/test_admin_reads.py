@@ -109,6 +109,26 @@ def test_keys_are_listed_in_pages(gateway: Gateway) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] in params, r.text
 
 
+def test_listings_filter_by_name_in_any_case(gateway: Gateway) -> None:
+    """`name` on the key and account listings: what the CLI resolves a typed name with."""
+    made = [gateway.create_key(name=n)["id"] for n in ("ada-agent", "Ada-Agent", "bob")]
+    r = gateway.admin("GET", "/admin/v1/keys", params={"name": "ADA-AGENT"})
+    assert r.status_code == 200, r.text
+    assert [k["id"] for k in r.json()["data"]] == made[:2]
+    for name in ("Acme", "acme corp", "ACME"):
+        body = {"name": name, "idempotency_key": f"a-{name}"}
+        assert gateway.admin("POST", "/admin/v1/accounts", json=body).status_code == 201
+    r = gateway.admin("GET", "/admin/v1/accounts", params={"name": "acme", "limit": "1"})
+    page = r.json()
+    assert [a["name"] for a in page["data"]] == ["Acme"] and page["has_more"] is True
+    after = {"name": "acme", "after": page["data"][0]["id"]}
+    rest = gateway.admin("GET", "/admin/v1/accounts", params=after).json()
+    assert [a["name"] for a in rest["data"]] == ["ACME"] and rest["has_more"] is False
+    for path in ("/admin/v1/keys", "/admin/v1/accounts"):
+        r = gateway.admin("GET", path, params={"name": "x" * 257})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
+
+
 def test_a_ledger_check_past_its_time_limit_is_a_503(
     gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:

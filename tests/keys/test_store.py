@@ -89,3 +89,30 @@ def test_start_up_loads_the_live_keys_only(database: str) -> None:
         assert gone is not None and gone.revoked_ms is not None
     finally:
         keys.close()
+
+
+def test_a_name_finds_its_keys_in_any_case_dead_ones_included(database: str) -> None:
+    """The `name` filter the CLI resolves a typed name with: one indexed read on both
+    databases, every key of that name (any case, revoked too), in creation order, paged."""
+    rows = open_key_rows(database)
+    try:
+        for i, name in enumerate(["Ada-Agent", "bob", "ada-agent", "ADA-AGENT", "ada-agents"]):
+            row = list(_row(f"key_{i}", None, 1_000 + i, revoked_ms=5_000 if i == 2 else None))
+            row[1] = name
+            rows.insert(tuple(row))
+    finally:
+        rows.close()
+    keys = KeyStore.open(database)
+    try:
+        assert [k.id for k in keys.page(10, name="ada-agent")] == ["key_0", "key_2", "key_3"]
+        assert [k.id for k in keys.page(10, name="ada-agent", include_revoked=False)] == [
+            "key_0",
+            "key_3",
+        ]
+        first = keys.page(1, name="ADA-agent")
+        assert [k.id for k in first] == ["key_0"]
+        rest = keys.page(10, (first[0].created_ms, first[0].id), name="ADA-agent")
+        assert [k.id for k in rest] == ["key_2", "key_3"]
+        assert keys.page(10, name="ada") == [] and keys.page(10, name="ada-agent%") == []
+    finally:
+        keys.close()

@@ -22,6 +22,7 @@ from tokenworks.api.key_requests import (
     parse_limit,
     parse_metadata,
     parse_models,
+    parse_name_filter,
     parse_rate_limits,
     parse_ttl,
     refuse_unknown_fields,
@@ -204,9 +205,11 @@ DEFAULT_KEYS_PAGE = 100
 async def list_keys(request: Request) -> Response:
     """A page of keys in creation order, dead ones included unless `include_revoked=false`:
     `limit` (1..1,000, default 100) after the key `after` (the last id of the previous page),
-    and `has_more`. Read from the table, O(page): memory holds live keys only."""
+    and `has_more`; `name`: only keys of that name, in any case. Read from the table,
+    O(page): memory holds live keys only."""
     params = request.query_params
     include = params.get("include_revoked", "true").lower() != "false"
+    name = parse_name_filter(params)
     try:
         limit = int(params.get("limit", DEFAULT_KEYS_PAGE))
     except ValueError:
@@ -221,7 +224,7 @@ async def list_keys(request: Request) -> Response:
         if last is None:
             raise ApiError(400, f"'after' names no key: {after_id[:64]!r}", param="after")
         after = (last.created_ms, last.id)
-    page = await asyncio.to_thread(keys.page, limit + 1, after, include)
+    page = await asyncio.to_thread(keys.page, limit + 1, after, include, name)
     data = [k.public() for k in page[:limit]]
     return json_response({"object": "list", "data": data, "has_more": len(page) > limit})
 

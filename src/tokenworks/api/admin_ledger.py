@@ -27,6 +27,7 @@ from tokenworks.api.admin import (
 from tokenworks.api.errors import ApiError
 from tokenworks.api.idempotency import idempotency_key
 from tokenworks.api.key_requests import (
+    parse_name_filter,
     parse_rate_limits,
     rate_limits_from,
     refuse_unknown_fields,
@@ -364,11 +365,15 @@ async def set_rate_limits(request: Request, ledger: Ledger) -> Response:
 
 @_ledger_endpoint
 async def list_accounts(request: Request, ledger: Ledger) -> Response:
+    """A page of accounts in id order, filtered by `parent`, `kind` and `name` (in any case:
+    how the CLI finds the account a person named in one read)."""
     params = request.query_params
     parent = params.get("parent")
     parent_id = None if parent is None else _account_id(parent, "parent")
     kind = params.get("kind")
     include_operator = params.get("include_operator", "false").lower() == "true"
+    name = parse_name_filter(params)
+    folded = None if name is None else name.casefold()
     after = _account_id(params["after"], "after") if params.get("after") else 0
     try:
         limit = int(params.get("limit", DEFAULT_LIST_LIMIT))
@@ -387,6 +392,7 @@ async def list_accounts(request: Request, ledger: Ledger) -> Response:
             and (include_operator or a.kind in CUSTOMER_KINDS)
             and (parent_id is None or a.parent_id == parent_id)
             and (kind is None or str(a.kind) == kind)
+            and (folded is None or a.name.casefold() == folded)
         ):
             ids.append(i)
             if len(ids) > limit:

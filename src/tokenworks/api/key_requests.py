@@ -10,7 +10,7 @@ must not make a key without its budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from tokenworks.api.errors import ApiError
@@ -58,6 +58,12 @@ def parse_key_name(body: dict[str, Any]) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ApiError(400, "'name' must be a non-empty string", param="name")
     return _text(name.strip(), "name", MAX_KEY_NAME_CHARS)
+
+
+def parse_name_filter(params: Mapping[str, str]) -> str | None:
+    """A listing's `name` filter (a name typed on a command line, matched in any case)."""
+    name = params.get("name")
+    return None if name is None else _text(name, "name", MAX_KEY_NAME_CHARS)
 
 
 def parse_models(body: dict[str, Any], known: Collection[str]) -> list[str] | None:

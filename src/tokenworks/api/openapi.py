@@ -27,6 +27,7 @@ from tokenworks.ledger.domain import CUSTOMER_KINDS, AccountKind, Period
 Schema = dict[str, Any]
 
 STRING: Schema = {"type": "string"}
+NAME_FILTER: Schema = {"type": "string", "maxLength": 256}
 NULLABLE_STRING: Schema = {"type": ["string", "null"]}
 POSITIVE_INT: Schema = {"type": "integer", "minimum": 1}
 # Amounts are decimal strings of nano-units ("12.50"): JSON numbers are refused for money.
@@ -602,6 +603,7 @@ def _admin_paths() -> Schema:
                 ),
                 params=[
                     _query("include_revoked", {"enum": ["true", "false"]}),
+                    _query("name", NAME_FILTER, "only keys of this name, in any case"),
                     _query(
                         "after", {"type": "string", "maxLength": 64}, "the previous page's last id"
                     ),
@@ -692,6 +694,7 @@ def _admin_paths() -> Schema:
                     _query("parent", {"type": "string", "pattern": r"^[0-9]{1,18}$"}),
                     _query("kind", {"enum": _ALL_KINDS}),
                     _query("include_operator", {"enum": ["true", "false"]}),
+                    _query("name", NAME_FILTER, "only accounts of this name, in any case"),
                     _query("after", {"type": "string", "pattern": r"^[0-9]{1,18}$"}),
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
                 ],

@@ -60,6 +60,16 @@ def every(get: Get, path: str, query: dict[str, str]) -> list[dict[str, Any]]:
     raise AdminError(f"{path}: more than {MAX_PAGES} pages")
 
 
+def named(get: Get, path: str, query: dict[str, str], ref: str) -> list[dict[str, Any]]:
+    """The rows a listing's `name` filter finds for `ref`: one read, not a walk of every
+    page. The filter folds case with the database's `lower()`, which on SQLite knows only
+    ASCII letters: a non-ASCII name it finds nothing for is looked for in every row."""
+    rows = every(get, path, {**query, "name": ref})
+    if rows or ref.isascii():
+        return rows
+    return every(get, path, query)
+
+
 def account_label(row: dict[str, Any]) -> str:
     """`3 (acme)`: the id to type and the name to recognise."""
     return f"{row['id']} ({row['name']})"
@@ -74,14 +84,21 @@ def account(get: Get, ref: str) -> dict[str, Any]:
         except AdminError as exc:
             if not str(exc).startswith("404"):
                 raise
-    rows = every(get, "/admin/v1/accounts", {"include_operator": "true"})
+    rows = named(get, "/admin/v1/accounts", {"include_operator": "true"}, ref)
     found: dict[str, Any] = _pick(ref, "account", rows, lambda r: f"{account_label(r)} {r['kind']}")
     return found
 
 
 def key(get: Get, ref: str) -> dict[str, Any]:
     """The key `ref` names; among keys of one name, the one still live when only one is."""
-    rows = every(get, "/admin/v1/keys", {})
+    if ref.startswith("key_") and "/" not in ref:  # an id: one cheap read
+        try:
+            row: dict[str, Any] = get(f"/admin/v1/keys/{urllib.parse.quote(ref)}")
+            return row
+        except AdminError as exc:
+            if not str(exc).startswith("404"):
+                raise
+    rows = named(get, "/admin/v1/keys", {}, ref)
     live = [r for r in rows if not r.get("revoked_at")]
     try:
         found: dict[str, Any] = _pick(ref, "key", live, key_label)
