@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 TABLE = "ledger_transfers"
 BATCH_ROWS = 5_000
 LOCK_TIMEOUT_MS = 1_000  # what the ledger's writer may queue behind a month's DETACH
+VERIFY_CHUNK_WEEKS = 4  # weeks proved per query: a month's period rows at most in memory
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 _COLUMNS = (
@@ -216,34 +217,55 @@ class TransferExpiry:
             return want
         return current
 
-    def verify(self, until_ms: int) -> int:
-        """Prove the weeks before `until_ms` not proved yet; returns the end of the proved
-        weeks (the first week that disagrees stops it there, logged)."""
+    def verify(self, until_ms: int, max_chunks: int = 26) -> int:
+        """Prove the weeks before `until_ms` not proved yet, `VERIFY_CHUNK_WEEKS` weeks per
+        query and at most `max_chunks` queries a call (the first run over years of history
+        takes a few); returns the end of the proved weeks: the first week that disagrees
+        stops it there, logged, on this call and every later one until it agrees."""
         done = self._meta(VERIFIED_KEY) or 0
-        if done >= until_ms:
-            return done
+        proved = done
+        for _ in range(max_chunks):
+            if proved >= until_ms:
+                break
+            first = self._value(
+                "SELECT MIN(period_start_ms) FROM ledger_account_periods"
+                f" WHERE period_start_ms >= {self.ph} AND period_start_ms < {self.ph}",
+                (proved, until_ms),
+            )
+            if first is None:  # no period row left before until_ms
+                proved = until_ms
+                break
+            end = min(until_ms, int(first) + VERIFY_CHUNK_WEEKS * PERIOD_MS)
+            bad = self._first_disagreement(int(first), end)
+            if bad is not None:
+                proved = bad
+                break
+            proved = end
+        if proved > done:
+            with self._tx():
+                self._set_meta(VERIFIED_KEY, proved)
+        return proved
+
+    def _first_disagreement(self, since_ms: int, until_ms: int) -> int | None:
+        """The first week in [since, until) whose period rows disagree with its transfers."""
         bad: tuple[Any, ...] | None = None
         disagree = 0
-        cur = self._conn.execute(self._sql(VERIFY_WEEKS.format(ph=self.ph)), (done, until_ms))
+        cur = self._conn.execute(self._sql(VERIFY_WEEKS.format(ph=self.ph)), (since_ms, until_ms))
         for row in cur:
             week, _acc, net, dropped, credits, debits = row
             if exact(net) != exact(dropped) + exact(credits) - exact(debits):
                 disagree += 1
                 if bad is None or week < bad[0]:
                     bad = tuple(row)
-        proved = until_ms
-        if bad is not None:
-            week, acc, net, dropped, credits, debits = bad
-            log.error(
-                "retention: not deleting ledger transfers from the week of %d ms on: account"
-                " %s's period net %s != dropped %s + transfers %s (%d period rows disagree)",
-                week, acc, exact(net), exact(dropped), exact(credits) - exact(debits), disagree,
-            )  # fmt: skip
-            proved = int(week)
-        if proved > done:
-            with self._tx():
-                self._set_meta(VERIFIED_KEY, proved)
-        return max(proved, done)
+        if bad is None:
+            return None
+        week, acc, net, dropped, credits, debits = bad
+        log.error(
+            "retention: not deleting ledger transfers from the week of %d ms on: account"
+            " %s's period net %s != dropped %s + transfers %s (%d period rows disagree)",
+            week, acc, exact(net), exact(dropped), exact(credits) - exact(debits), disagree,
+        )  # fmt: skip
+        return int(week)
 
     # ------------------------------------------------------------------ deleting
 
