@@ -78,11 +78,16 @@ def test_deleting_old_transfers_under_load_keeps_check_clean(url: str) -> None:
         until = datetime.fromtimestamp(L.now_ms() / 1000, UTC)
         statement = await L.statement(agents[1], since, until)
 
-        # The job on its own thread while holds settle, void and expire next to it.
-        report, settled = await asyncio.gather(
-            asyncio.to_thread(run_once, POLICY, url, L.now_ms()),
-            _traffic(L, agents, "new", 300, seed=99),
-        )
+        # The job on its own thread while holds settle, void and expire next to it, round
+        # after round until it is done, and checks run meanwhile: each sees every deleted
+        # transfer either as its row or as its sums.
+        job = asyncio.ensure_future(asyncio.to_thread(run_once, POLICY, url, L.now_ms()))
+        settled = rounds = 0
+        while rounds < 500 and (rounds < 3 or not job.done()):
+            settled += await _traffic(L, agents, f"new{rounds}-", 60, seed=100 + rounds)
+            assert await L.check() == [], f"check during deletion, round {rounds}"
+            rounds += 1
+        report = await job
         await L.flush()
         assert settled > 0
         assert report.holds_compacted > 0

@@ -196,8 +196,16 @@ class TransferExpiry:
         """This month's and the next month's partitions of a partitioned PostgreSQL table
         (made at the ledger's open too); a row of a month without one waits in the
         default partition, never refused, and moves when its month is made."""
-        if self.has_ledger() and self.partitioned():
-            partitions.ensure(self._conn, partitions.next_month_ms(now_ms), now_ms, TABLE)
+        import psycopg
+
+        if not (self.has_ledger() and self.partitioned()):
+            return
+        try:
+            partitions.ensure(
+                self._conn, partitions.next_month_ms(now_ms), now_ms, TABLE, LOCK_TIMEOUT_MS
+            )
+        except psycopg.errors.LockNotAvailable:
+            log.info("retention: %s is in use; its next partition is made on a later run", TABLE)
 
     # ------------------------------------------------------------------ the horizon
 

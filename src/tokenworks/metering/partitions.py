@@ -84,11 +84,22 @@ def months(conn: psycopg.Connection[Any], table: str = "usage") -> list[str]:
 
 
 def ensure(
-    conn: psycopg.Connection[Any], through_ms: int, from_ms: int, table: str = "usage"
+    conn: psycopg.Connection[Any],
+    through_ms: int,
+    from_ms: int,
+    table: str = "usage",
+    lock_timeout_ms: int | None = None,
 ) -> int:
     """Create the monthly partitions from the month of `from_ms` through the month of
     `through_ms` that do not exist yet; returns the end of the last one. Each is made in
-    its own transaction, taking any rows of its month the default partition holds."""
+    its own transaction, taking any rows of its month the default partition holds.
+
+    `lock_timeout_ms`: for a table another connection inserts into (the ledger's writer).
+    The parent is then locked against inserts first: an insert routed to the default
+    partition before the ATTACH and written after it would break the default partition's
+    new constraint (a check violation, which the writer takes for a refused row). Past the
+    timeout the month is not made (psycopg's LockNotAvailable): rows wait in the default
+    partition meanwhile."""
     default = f"{table}_default"
     month = month_start_ms(from_ms)
     while month <= through_ms:
@@ -97,6 +108,9 @@ def ensure(
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK_ID,))
             if _first(conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()) is None:
+                if lock_timeout_ms is not None:
+                    conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                    conn.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
                 # No row may enter the default partition while its rows of this month move.
                 conn.execute(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE")
                 conn.execute(
