@@ -2,15 +2,16 @@
 
 Requests go through the project's own ledger (hold, settle, the usage row attached to the
 settlement's commit, as the gateway does) on a clock spread over `--days` days that end
-at a fixed instant, then the retention job runs (`usage_rows_days`, `holds_days`) until it
-has nothing left to do; then `--more-days` more days of traffic and retention again, whose
-growth is the steady state's disk per request (deleted rows' space is reused, not returned).
+at a fixed instant, then the retention job runs (`usage_rows_days`, `holds_days`, and
+`transfers_days` if given) until it has nothing left to do; then `--more-days` more days
+of traffic and retention again, whose growth is the steady state's disk per request
+(deleted rows' space is reused, not returned).
 Reports bytes per table and per request (SQLite: pages in use and the file; PostgreSQL:
 pg_total_relation_size after VACUUM). Bounded in count: (`--days` + `--more-days`) x
 `--per-day` requests.
 
     .venv/bin/python bench/disk.py [--days 90] [--more-days 30] [--per-day 2000] [--usage-days 7]
-        [--holds-days 35] [--pg postgresql://postgres@127.0.0.1:5432/test]
+        [--holds-days 35] [--transfers-days 35] [--pg postgresql://postgres@127.0.0.1:5432/test]
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ TABLES = (
     "ledger_holds",
     "ledger_holds_compacted",
     "ledger_transfers",
+    # What transfer retention keeps of the transfers it deletes (empty without it).
+    "ledger_account_periods",
+    "ledger_bucket_bases",
+    "ledger_transfers_dropped",
 )
 
 
@@ -92,6 +97,11 @@ async def generate(url: str, days: int, per_day: int, end_ms: int, seed: int = 1
     return n
 
 
+async def open_ledger(url: str) -> None:
+    ledger = await Ledger.open(url, sweep_interval_s=None)
+    await ledger.close()
+
+
 def sqlite_sizes(path: str) -> tuple[dict[str, int], int]:
     """(bytes in use per table, indexes included; the file's bytes)."""
     conn = sqlite3.connect(path)
@@ -120,21 +130,29 @@ def pg_sizes(url: str) -> dict[str, int]:
         ).fetchall()
     sizes: dict[str, int] = {}
     for name, size in rows:
-        table = "usage" if name.startswith("usage_p") or name == "usage_default" else name
+        table = name
+        for parent in ("usage", "ledger_transfers"):
+            if name.startswith(f"{parent}_p") or name == f"{parent}_default":
+                table = parent
         sizes[table] = sizes.get(table, 0) + int(size)
     return sizes
 
 
-def retain(url: str, usage_days: int, holds_days: int, now_ms: int) -> tuple[int, int, int]:
-    policy = Retention(usage_rows_days=usage_days, holds_days=holds_days, batch_rows=5_000)
-    totals = [0, 0, 0]
+def retain(args: argparse.Namespace, url: str, now_ms: int) -> tuple[int, int, int, int]:
+    policy = Retention(
+        usage_rows_days=args.usage_days,
+        holds_days=args.holds_days,
+        transfers_days=args.transfers_days,
+        batch_rows=5_000,
+    )
+    totals = [0, 0, 0, 0]
     for _ in range(20):  # each run is bounded; a backlog takes a few
         r = run_once(policy, url, now_ms)
-        totals = [totals[0] + r.days_rolled, totals[1] + r.usage_rows_deleted,
-                  totals[2] + r.holds_compacted]  # fmt: skip
-        if r.days_rolled == r.usage_rows_deleted == r.holds_compacted == 0:
+        done = (r.days_rolled, r.usage_rows_deleted, r.holds_compacted, r.transfers_deleted)
+        totals = [a + b for a, b in zip(totals, done, strict=True)]
+        if not any(done):
             break
-    return totals[0], totals[1], totals[2]
+    return totals[0], totals[1], totals[2], totals[3]
 
 
 def show(label: str, sizes: dict[str, int], requests: int) -> None:
@@ -143,7 +161,7 @@ def show(label: str, sizes: dict[str, int], requests: int) -> None:
     parts = ", ".join(f"{t} {sizes.get(t, 0) / 1e6:.2f} MB" for t in TABLES)
     print(
         f"  {label}: {everything / 1e6:.2f} MB in all, {everything / requests:.0f} B/request"
-        f" ({total / requests:.0f} B/request in the five history tables: {parts})"
+        f" ({total / requests:.0f} B/request in the history tables: {parts})"
     )
 
 
@@ -158,10 +176,11 @@ def run_sqlite(args: argparse.Namespace) -> None:
         before, file_before = sqlite_sizes(path)
         show("before", before, n)
         t0 = time.perf_counter()
-        rolled, deleted, compacted = retain(url, args.usage_days, args.holds_days, END_MS)
+        rolled, deleted, compacted, transfers = retain(args, url, END_MS)
         print(
             f"  retention: {rolled} days rolled up, {deleted} usage rows deleted,"
-            f" {compacted} holds compacted in {time.perf_counter() - t0:.1f} s"
+            f" {compacted} holds compacted, {transfers} transfers deleted"
+            f" in {time.perf_counter() - t0:.1f} s"
         )
         after, file_after = sqlite_sizes(path)
         show("after (pages in use)", after, n)
@@ -172,7 +191,7 @@ def run_sqlite(args: argparse.Namespace) -> None:
         # Steady state: more days of traffic, retention again; the file grows by what stays.
         end2 = END_MS + args.more_days * DAY_MS
         n2 = asyncio.run(generate(url, args.more_days, args.per_day, end2, seed=2))
-        retain(url, args.usage_days, args.holds_days, end2)
+        retain(args, url, end2)
         steady, file_steady = sqlite_sizes(path)
         show(f"after {args.more_days} more days and retention (pages in use)", steady, n + n2)
         grew = sum(steady.values()) - sum(after.values())
@@ -196,6 +215,13 @@ def run_pg(args: argparse.Namespace) -> None:
         store = open_usage_store(url)
         # The months of the data get their partitions, as the writer would have made them.
         partitions.ensure(store._write_conn, end2, END_MS - args.days * DAY_MS)  # type: ignore[attr-defined]
+        asyncio.run(open_ledger(url))  # its tables, then its transfers' months alike
+        partitions.ensure(
+            store._write_conn,  # type: ignore[attr-defined]
+            end2,
+            END_MS - args.days * DAY_MS,
+            "ledger_transfers",
+        )
         store.close()
         t0 = time.perf_counter()
         n = asyncio.run(generate(url, args.days, args.per_day, END_MS))
@@ -203,15 +229,16 @@ def run_pg(args: argparse.Namespace) -> None:
         before = pg_sizes(url)
         show("before", before, n)
         t0 = time.perf_counter()
-        rolled, deleted, compacted = retain(url, args.usage_days, args.holds_days, END_MS)
+        rolled, deleted, compacted, transfers = retain(args, url, END_MS)
         print(
             f"  retention: {rolled} days rolled up, {deleted} partitions dropped or rows"
-            f" deleted, {compacted} holds compacted in {time.perf_counter() - t0:.1f} s"
+            f" deleted, {compacted} holds compacted, {transfers} transfers deleted"
+            f" in {time.perf_counter() - t0:.1f} s"
         )
         after = pg_sizes(url)
         show("after (VACUUM: deleted rows' space is reused, not returned)", after, n)
         n2 = asyncio.run(generate(url, args.more_days, args.per_day, end2, seed=2))
-        retain(url, args.usage_days, args.holds_days, end2)
+        retain(args, url, end2)
         steady = pg_sizes(url)
         show(f"after {args.more_days} more days and retention", steady, n + n2)
         grew = sum(steady.values()) - sum(after.values())
@@ -232,12 +259,14 @@ def main() -> None:
     parser.add_argument("--more-days", type=int, default=30, help="then, for the steady state")
     parser.add_argument("--usage-days", type=int, default=7)
     parser.add_argument("--holds-days", type=int, default=35)
+    parser.add_argument("--transfers-days", type=int, default=None)
     parser.add_argument("--pg", default=None, help="a PostgreSQL URL: measure it too")
     parser.add_argument("--no-sqlite", action="store_true")
     args = parser.parse_args()
     print(
         f"disk per request: {args.days} days x {args.per_day} requests, retention"
         f" usage_rows_days={args.usage_days} holds_days={args.holds_days}"
+        f" transfers_days={args.transfers_days}"
     )
     if not args.no_sqlite:
         run_sqlite(args)

@@ -40,6 +40,18 @@ NOW_MS = 1_790_000_000_000  # 2026-09-21
             r"^r\.yaml:2: retention\.interval_s: must be a finite number",
         ),
         ("retention:\n  keep: 3\n", r"^r\.yaml:2: retention\.keep: unknown field"),
+        (
+            "retention:\n  transfers_days: 7\n  holds_days: 35\n",
+            r"^r\.yaml:2: retention\.transfers_days: Expected `int` >= 35",
+        ),
+        (
+            "retention:\n  holds_days: 90\n  transfers_days: 60\n",
+            r"^r\.yaml:3: retention\.transfers_days: must be >= retention\.holds_days \(now 90\)",
+        ),
+        (
+            "retention:\n  interval_s: 60\n  transfers_days: 400\n",
+            r"^r\.yaml:3: retention\.transfers_days: must be >= retention\.holds_days \(now unset\)",
+        ),
     ],
 )
 def test_a_bad_policy_names_file_line_and_field(text: str, error: str) -> None:
@@ -49,7 +61,9 @@ def test_a_bad_policy_names_file_line_and_field(text: str, error: str) -> None:
 
 def test_the_default_keeps_everything() -> None:
     policy = loads("", check_prices=False).retention
-    assert (policy.usage_rows_days, policy.holds_days) == (None, None)
+    assert (policy.usage_rows_days, policy.holds_days, policy.transfers_days) == (None,) * 3
+    ok = "retention:\n  holds_days: 90\n  transfers_days: 90\n"
+    assert loads(ok, check_prices=False).retention.transfers_days == 90
     assert loads("retention:\n  usage_rows_days: 30\n", check_prices=False).retention == Retention(
         usage_rows_days=30
     )

@@ -201,6 +201,10 @@ class Retention(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Closed holds older than this are compacted into per-day sums. At least 35 days: a
     # monthly budget's check reads the holds of its current period.
     holds_days: Annotated[int, msgspec.Meta(ge=35, le=36_500)] | None = None
+    # Ledger transfers of weeks older than this are deleted, their sums kept (statements
+    # start at the horizon at the earliest). At least holds_days, which must be set: a hold
+    # row still kept keeps its spend transfers and its own check.
+    transfers_days: Annotated[int, msgspec.Meta(ge=35, le=36_500)] | None = None
     # How often the job runs (roll-ups, deletions, compaction), and the rows one of its
     # transactions may delete: the writers wait at most that one batch.
     interval_s: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 300.0
@@ -326,6 +330,7 @@ def loads(text: str, source: str = "<config>", *, check_prices: bool = True) -> 
         field = path.removeprefix("$").lstrip(".") or "(top level)"
         raise ConfigError(f"{where}: {field}: {message}") from exc
     _check_references(config, node, source)
+    _check_retention(config, node, source)
     if check_prices:
         _check_prices(config, node, source)
     return config
@@ -392,6 +397,21 @@ def _line_of(node: yaml.Node | None, path: str) -> int | None:
             break
         best = nxt
     return best.start_mark.line + 1
+
+
+def _check_retention(config: Config, node: yaml.Node | None, source: str) -> None:
+    """Fields of `retention:` that bound each other."""
+    policy = config.retention
+    if policy.transfers_days is None:
+        return
+    if policy.holds_days is None or policy.transfers_days < policy.holds_days:
+        line = _line_of(node, "$.retention.transfers_days")
+        where = f"{source}:{line}" if line else source
+        holds = "unset" if policy.holds_days is None else str(policy.holds_days)
+        raise ConfigError(
+            f"{where}: retention.transfers_days: must be >= retention.holds_days (now {holds}):"
+            " a hold row still kept needs its transfers"
+        )
 
 
 def _check_references(config: Config, node: yaml.Node | None, source: str) -> None:

@@ -1,5 +1,6 @@
 """The retention job: roll up closed days, delete raw usage past its retention, compact old
-holds. One daemon thread per gateway, every `retention.interval_s`, in bounded steps.
+holds, delete old ledger transfers (keeping their sums). One daemon thread per gateway,
+every `retention.interval_s`, in bounded steps.
 
 Off the hot path by construction: it runs on its own thread and its own connections, and
 each of its transactions moves at most `retention.batch_rows` rows, so the ledger's and the
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from tokenworks.config import Retention
 from tokenworks.db import backend, sqlite_path
 from tokenworks.ledger.compaction import HoldCompactor
+from tokenworks.ledger.expiry import TransferExpiry
 from tokenworks.metering.retention import UsageRetention
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class Report:
     days_rolled: int = 0
     usage_rows_deleted: int = 0
     holds_compacted: int = 0
+    transfers_deleted: int = 0
 
 
 def run_once(policy: Retention, url: str, now_ms: int) -> Report:
@@ -52,6 +55,19 @@ def run_once(policy: Retention, url: str, now_ms: int) -> Report:
             )
         finally:
             holds.close()
+    # After the holds: the horizon never passes the oldest hold row still kept.
+    transfers = TransferExpiry(url)
+    try:
+        transfers.ensure_partitions(now_ms)
+        if policy.transfers_days is not None:
+            report.transfers_deleted = transfers.expire(
+                now_ms - policy.transfers_days * DAY_MS,
+                now_ms,
+                policy.batch_rows,
+                MAX_BATCHES_PER_RUN,
+            )
+    finally:
+        transfers.close()
     return report
 
 

@@ -440,6 +440,34 @@ def test_a_revoked_grant_stays_revoked_after_a_restart(make_gateway, sim_a: Sim)
 # --------------------------------------------------------------------------- statements
 
 
+def test_a_statement_before_the_retention_horizon_is_a_400(gateway: Gateway) -> None:
+    """Transfers before the horizon were deleted by retention: a statement that would need
+    them is refused, naming the horizon and the export; from the horizon on it answers."""
+    org = create(gateway, "acme")
+    top_up(gateway, org, "5")
+    week_ms = 7 * 86_400_000
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    horizon_ms = (now_ms - 50 * 86_400_000) // week_ms * week_ms
+    db = sqlite3.connect(gateway.db_path, timeout=10)
+    try:
+        with db:  # what the retention job writes as it moves the horizon
+            db.execute(
+                "INSERT INTO ledger_meta (k, v) VALUES ('transfers_horizon_ms', ?)", (horizon_ms,)
+            )
+    finally:
+        db.close()
+    path = f"/admin/v1/accounts/{org}/statement"
+    horizon = datetime.fromtimestamp(horizon_ms / 1000, UTC)
+    early = {"since": iso(horizon - timedelta(days=1))}
+    for fmt in ("json", "csv"):
+        err = error(gateway.admin("GET", path, params={**early, "format": fmt}), 400)
+        assert err["code"] == "before_retention_horizon" and err["param"] == "since", err
+        assert horizon.isoformat().replace("+00:00", "Z") in err["message"], err
+        assert "tokenworks export" in err["message"], err
+    s = ok(gateway.admin("GET", path, params={"since": iso(horizon)}), 200)
+    assert s["closing_nano"] == 5 * NANO
+
+
 def test_statement_json_and_csv_agree_with_the_movements(gateway: Gateway) -> None:
     now = datetime.now(UTC)
     org = create(gateway, "acme")

@@ -18,6 +18,7 @@ raise the right exception class.
     │   ├── HoldClosed                   409 hold_closed
     │   ├── PolicyDenied                 403 policy_denied
     │   ├── InvalidRequest               400 invalid_request
+    │   │   └── BeforeHorizon            400 before_retention_horizon (param since)
     │   └── StoreUnavailable             503 ledger_unavailable
     ├── dispatch.errors.DispatchError    its own status and code: the relay records them in
     │                                    the usage row before raising (drawn in that module);
@@ -56,6 +57,7 @@ from tokenworks.db.reads import ReadTimeout
 from tokenworks.dispatch.errors import DispatchError
 from tokenworks.keys import lifecycle as keys
 from tokenworks.ledger import (
+    BeforeHorizon,
     HoldClosed,
     IdempotencyConflict,
     InvalidRequest,
@@ -173,6 +175,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     HoldClosed: Answer(409, "hold_closed"),
     PolicyDenied: Answer(403, "policy_denied"),
     InvalidRequest: Answer(400, "invalid_request"),
+    BeforeHorizon: Answer(400, "before_retention_horizon"),
     StoreUnavailable: Answer(503, "ledger_unavailable"),
     # The relay: it decided the status (and recorded it) already.
     DispatchError: Answer(OWN, OWN, headers=lambda exc: exc.headers),

@@ -6,6 +6,7 @@
 from tokenworks.ledger.domain import (
     AccountKind,
     BalanceView,
+    BeforeHorizon,
     HoldClosed,
     IdempotencyConflict,
     InvalidRequest,
@@ -27,6 +28,7 @@ __all__ = [
     "AccountKind",
     "AccountView",
     "BalanceView",
+    "BeforeHorizon",
     "Engine",
     "HoldClosed",
     "HoldView",

@@ -169,7 +169,8 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
     """The store at the cut's commit against the engine at it: balances and buckets equal
     to their transfers and to memory, every settled hold charged its price, costs posted,
     no hold stored open, and each budget's spend equal to the holds settled in its period
-    (`settled`: (scopes JSON, price, closed ms) since `budgets_since_ms`)."""
+    (`settled`: (scopes JSON, price, closed ms) since `budgets_since_ms`). Transfers that
+    retention deleted count through the sums it kept (`expiry.py`, `AuditData`)."""
     violations: list[str] = []
     engine_balances = dict(zip(cut.facts.account_ids, cut.facts.balances, strict=True))
     engine_buckets = dict(zip(cut.facts.bucket_ids, cut.facts.remaining, strict=True))
@@ -186,6 +187,20 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
             )
     if total != 0:
         violations.append(f"store: sum of balances is {total}, not 0")
+    # Week by week (`ledger_account_periods`): each account's period net = its dropped part
+    # + its stored transfers of the week; every week's nets sum to 0, the weeks whose
+    # transfers retention deleted included; nothing at or after the horizon was deleted.
+    for acc_id, week_ms, net, counted in audit.weeks:
+        violations.append(
+            f"store account {acc_id}: week of {week_ms} ms period net {net} != transfers {counted}"
+        )
+    for week_ms, week_total in audit.unbalanced_weeks:
+        violations.append(f"store: period nets of the week of {week_ms} ms sum to {week_total}")
+    if audit.dropped_after_horizon:
+        violations.append(
+            f"store: {audit.dropped_after_horizon} sums of deleted transfers at or after the "
+            f"horizon {audit.horizon_ms}"
+        )
     for bucket_id, remaining, closed, net in audit.buckets:
         if remaining != net:
             violations.append(f"store bucket {bucket_id}: {remaining} != transfers {net}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -177,6 +178,22 @@ class PolicyDenied(LedgerError):
 
 class InvalidRequest(LedgerError):
     pass
+
+
+class BeforeHorizon(InvalidRequest):
+    """A statement from before the transfers' retention horizon: its opening balance is
+    still exact, but its movements were deleted (the monthly export holds them)."""
+
+    param = "since"
+
+    def __init__(self, horizon_ms: int) -> None:
+        self.horizon_ms = horizon_ms
+        when = datetime.fromtimestamp(horizon_ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+        super().__init__(
+            f"'since' is before the ledger's retention horizon {when}: transfers before it "
+            "were deleted (retention.transfers_days); statements start at it or later, and "
+            "the export (`tokenworks export --month`) holds the earlier ones"
+        )
 
 
 class StoreUnavailable(LedgerError):

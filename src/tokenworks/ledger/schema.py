@@ -132,10 +132,14 @@ TRANSFERS = Table(
 # transaction as the transfers (a trigger on SQLite, a CTE of the batch statement on
 # PostgreSQL), from the transfers actually inserted, so a retried batch cannot count twice.
 PERIOD_MS = 7 * 86_400_000
+# `dropped_nano`: the part of the net whose transfers retention has deleted (`expiry.py`),
+# added in the transaction that deletes them; so for every week, kept or not,
+# net_nano = dropped_nano + the net of the week's transfers still stored.
 ACCOUNT_PERIODS = Table(
     "ledger_account_periods",
     ("account_id", "period_start_ms"),
-    (("account_id", B), ("period_start_ms", B), ("net_nano", WIDE)),
+    (("account_id", B), ("period_start_ms", B), ("net_nano", WIDE), ("dropped_nano", WIDE)),
+    constraints=(("dropped_nano", "NOT NULL DEFAULT 0"),),
     without_rowid=True,
 )
 # SQLite: `xadd` (registered by the store) adds exactly, past int64 too; the plain sum is
@@ -187,13 +191,51 @@ HOLDS_COMPACTED = Table(
     without_rowid=True,
 )
 
+# What retention (`expiry.py`) keeps of the transfers it deletes, written in the transaction
+# that deletes them: each bucket's net of its deleted transfers, and per week and kind the
+# amount and count deleted (what the spend and cost checks add to the rows left).
+BUCKET_BASES = Table("ledger_bucket_bases", ("bucket_id",), (("bucket_id", B), ("net_nano", WIDE)))
+TRANSFERS_DROPPED = Table(
+    "ledger_transfers_dropped",
+    ("period_start_ms", "kind"),
+    (("period_start_ms", B), ("kind", T), ("amount_nano", WIDE), ("transfers", B)),
+    without_rowid=True,
+)
+# ledger_meta keys the retention job writes (the engine never writes them): every transfer
+# from the horizon on is kept (a week boundary; statements start there at the earliest),
+# and every week before the verified mark was proved against its period rows before any of
+# its transfers went.
+HORIZON_KEY = "transfers_horizon_ms"
+VERIFIED_KEY = "transfers_verified_ms"
+
 TABLES = (
     ACCOUNTS, BUCKETS, GRANTS, BUDGETS, HOLDS, TRANSFERS, IDEMPOTENCY, META, HOLDS_COMPACTED,
-    ACCOUNT_PERIODS,
+    ACCOUNT_PERIODS, BUCKET_BASES, TRANSFERS_DROPPED,
 )  # fmt: skip
+
+# PostgreSQL: a new database's transfers are partitioned by month of ts_ms (like usage:
+# `metering/partitions.py`), so retention drops a month as one partition. The key must hold
+# the partition column: (id, ts_ms); a retried batch carries its transfers' times, so its
+# repeats still conflict. An existing, unpartitioned table is kept as it is.
+TRANSFERS_DEFAULT = "ledger_transfers_default"
+
+
+def _transfers_partitioned_ddl() -> list[str]:
+    cols = ", ".join(f"{c} {ty.upper()}" for c, ty in TRANSFERS.columns)
+    return [
+        f"CREATE TABLE IF NOT EXISTS ledger_transfers ({cols}, PRIMARY KEY (id, ts_ms))"
+        " PARTITION BY RANGE (ts_ms)",
+        "DO $$ BEGIN IF (SELECT relkind FROM pg_class WHERE oid = "
+        "to_regclass('ledger_transfers')) = 'p' THEN CREATE TABLE IF NOT EXISTS "
+        f"{TRANSFERS_DEFAULT} PARTITION OF ledger_transfers DEFAULT; END IF; END $$",
+        *TRANSFERS.indexes,
+    ]
 
 
 def ddl(dialect: str) -> list[str]:
     """CREATE statements for `sqlite` or `postgres` (upgrades of older ledgers: upgrade.py)."""
-    out = [stmt for t in TABLES for stmt in t.ddl(dialect)]
-    return [*out, SQLITE_PERIODS_TRIGGER] if dialect == "sqlite" else out
+    if dialect == "sqlite":
+        out = [stmt for t in TABLES for stmt in t.ddl(dialect)]
+        return [*out, SQLITE_PERIODS_TRIGGER]
+    out = [stmt for t in TABLES if t is not TRANSFERS for stmt in t.ddl(dialect)]
+    return [*out, *_transfers_partitioned_ddl()]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tokenworks.db import backend
@@ -21,6 +21,7 @@ from tokenworks.ledger.schema import (
     BUDGETS,
     GRANTS,
     HOLDS,
+    HORIZON_KEY,
     IDEMPOTENCY,
     META,
     PERIOD_MS,
@@ -30,18 +31,29 @@ from tokenworks.ledger.schema import (
 
 @dataclass(slots=True)
 class AuditData:
-    """What `check()` compares the engine against, straight from the store."""
+    """What `check()` compares the engine against, straight from the store.
 
-    # (account_id, stored balance, net of its transfers, sum of its period nets)
+    Transfers retention deleted (`expiry.py`) count through what it kept in their place:
+    each period row's `dropped_nano`, each bucket's base, the per-week, per-kind sums."""
+
+    # (account_id, stored balance, net of its transfers with the dropped ones, sum of its
+    # period nets)
     accounts: list[tuple[int, int, int, int]]
-    # (bucket_id, stored remaining, closed, net of its transfers)
+    # (bucket_id, stored remaining, closed, net of its transfers with its base)
     buckets: list[tuple[int, int, int, int]]
     # settled holds whose spend transfers do not add up to their price: (id, price, posted)
     mischarged: list[tuple[str, int, int]]
     bad_transfers: int  # non-positive amounts or self-transfers other than rollovers
-    # (sum of COST transfers, sum of settled holds' cost_nano): equal once costs are posted
+    # (sum of COST transfers, dropped ones included; sum of settled holds' cost_nano)
     costs: tuple[int, int]
     open_holds: list[str]  # none, ever: holds are written when they close
+    # (account_id, week start, period net, dropped + stored transfers' net): weeks whose
+    # period row disagrees with its transfers
+    weeks: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # (week start, sum of every account's period net): weeks not summing to 0
+    unbalanced_weeks: list[tuple[int, int]] = field(default_factory=list)
+    horizon_ms: int = 0  # every transfer from here on is kept (0: none deleted)
+    dropped_after_horizon: int = 0  # sums of deleted transfers at or after it: none, ever
 
 
 Movement = tuple[str, int, str | None, int, str | None]
@@ -139,18 +151,39 @@ GET_IDEMPOTENCY = "SELECT op, body_hash, result FROM ledger_idempotency WHERE ke
 # (exact NUMERIC over BIGINT), SQLite's `xsum` (an exact aggregate the store registers:
 # SQLite's own SUM raises on int64 overflow). Differences of two such sums are taken in
 # Python, where they are exact.
+#
+# An account's balance is checked against its period nets, and each period row against its
+# week's transfers (AUDIT_WEEKS): together, the balance against every transfer it ever had,
+# those retention deleted counted through `dropped_nano`.
 AUDIT_ACCOUNTS = """
-SELECT a.id, a.balance_nano, c.s, d.s, p.s
+SELECT a.id, a.balance_nano, p.s
 FROM ledger_accounts a
-LEFT JOIN (SELECT credit_account_id AS id, XSUM(amount_nano) AS s
-           FROM ledger_transfers GROUP BY credit_account_id) c ON c.id = a.id
-LEFT JOIN (SELECT debit_account_id AS id, XSUM(amount_nano) AS s
-           FROM ledger_transfers GROUP BY debit_account_id) d ON d.id = a.id
 LEFT JOIN (SELECT account_id AS id, XSUM(net_nano) AS s
            FROM ledger_account_periods GROUP BY account_id) p ON p.id = a.id
 """
+# Per (account, week): net_nano = dropped_nano + credits - debits of the week's stored
+# transfers, written without a minus (SQLite keeps a WIDE value past int64 as BLOB digits,
+# which it cannot negate): net + debits = dropped + credits. Only the weeks that disagree.
+AUDIT_WEEKS = f"""
+SELECT a, w, XSUM(p), XSUM(q), XSUM(n) FROM (
+  SELECT account_id AS a, period_start_ms AS w, net_nano AS p, dropped_nano AS q,
+         net_nano AS n
+  FROM ledger_account_periods
+  UNION ALL
+  SELECT debit_account_id, ts_ms - ts_ms % {PERIOD_MS}, amount_nano, NULL, NULL
+  FROM ledger_transfers
+  UNION ALL
+  SELECT credit_account_id, ts_ms - ts_ms % {PERIOD_MS}, NULL, amount_nano, NULL
+  FROM ledger_transfers
+) m GROUP BY a, w HAVING COALESCE(XSUM(p), 0) <> COALESCE(XSUM(q), 0)
+"""
+# Double entry week by week: it holds for the weeks whose transfers are gone too.
+AUDIT_UNBALANCED_WEEKS = """
+SELECT period_start_ms, XSUM(net_nano) FROM ledger_account_periods
+GROUP BY period_start_ms HAVING XSUM(net_nano) <> 0
+"""
 AUDIT_BUCKETS = """
-SELECT b.id, b.remaining_nano, b.closed, c.s, d.s
+SELECT b.id, b.remaining_nano, b.closed, c.s, d.s, x.net_nano
 FROM ledger_buckets b
 LEFT JOIN (SELECT credit_bucket_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers WHERE credit_bucket_id IS NOT NULL
@@ -158,10 +191,12 @@ LEFT JOIN (SELECT credit_bucket_id AS id, XSUM(amount_nano) AS s
 LEFT JOIN (SELECT debit_bucket_id AS id, XSUM(amount_nano) AS s
            FROM ledger_transfers WHERE debit_bucket_id IS NOT NULL
            GROUP BY debit_bucket_id) d ON d.id = b.id
+LEFT JOIN ledger_bucket_bases x ON x.bucket_id = b.id
 """
 # A hold's spend is at most its amount (<= 2**62): SUM cannot overflow. Holds compacted
-# away (`compaction.py`) are checked in aggregate: the spend transfers whose hold row is gone
-# add up to the compacted settled holds' prices.
+# away (`compaction.py`) are checked in aggregate (AUDIT_ORPHAN_SPEND): the spend transfers
+# whose hold row is gone, stored or deleted by retention, add up to the compacted settled
+# holds' prices. (Retention never deletes the transfers of a hold that still has its row.)
 AUDIT_MISCHARGED = """
 SELECT h.id, h.price_nano, COALESCE(t.s, 0)
 FROM ledger_holds h
@@ -169,12 +204,12 @@ LEFT JOIN (SELECT hold_id, CAST(SUM(amount_nano) AS BIGINT) AS s FROM ledger_tra
            WHERE kind = 'spend' GROUP BY hold_id) t ON t.hold_id = h.id
 WHERE (h.status = 'settled' AND h.price_nano <> COALESCE(t.s, 0))
    OR (h.status <> 'settled' AND COALESCE(t.s, 0) <> 0)
-UNION ALL
-SELECT '(compacted holds)', p.s, o.s
-FROM (SELECT XSUM(price_nano) AS s FROM ledger_holds_compacted WHERE status = 'settled') p,
-     (SELECT XSUM(amount_nano) AS s FROM ledger_transfers t WHERE kind = 'spend'
-      AND NOT EXISTS (SELECT 1 FROM ledger_holds h WHERE h.id = t.hold_id)) o
-WHERE COALESCE(p.s, 0) <> COALESCE(o.s, 0)
+"""
+AUDIT_ORPHAN_SPEND = """
+SELECT (SELECT XSUM(price_nano) FROM ledger_holds_compacted WHERE status = 'settled'),
+       (SELECT XSUM(amount_nano) FROM ledger_transfers t WHERE kind = 'spend'
+        AND NOT EXISTS (SELECT 1 FROM ledger_holds h WHERE h.id = t.hold_id)),
+       (SELECT XSUM(amount_nano) FROM ledger_transfers_dropped WHERE kind = 'spend')
 """
 AUDIT_BAD_TRANSFERS = """
 SELECT COUNT(*) FROM ledger_transfers
@@ -185,9 +220,19 @@ SELECT (SELECT XSUM(amount_nano) FROM ledger_transfers WHERE kind = 'cost'),
        (SELECT XSUM(cost_nano) FROM (
           SELECT cost_nano FROM ledger_holds WHERE status = 'settled'
           UNION ALL
-          SELECT cost_nano FROM ledger_holds_compacted WHERE status = 'settled') s)
+          SELECT cost_nano FROM ledger_holds_compacted WHERE status = 'settled') s),
+       (SELECT XSUM(amount_nano) FROM ledger_transfers_dropped WHERE kind = 'cost')
 """
 AUDIT_OPEN_HOLDS = "SELECT id FROM ledger_holds WHERE status = 'open'"
+GET_HORIZON = f"SELECT v FROM ledger_meta WHERE k = '{HORIZON_KEY}'"
+# Nothing at or after the horizon was deleted: no dropped sum there.
+AUDIT_HORIZON = f"""
+SELECT h.v,
+  (SELECT COUNT(*) FROM ledger_transfers_dropped WHERE period_start_ms >= h.v)
+  + (SELECT COUNT(*) FROM ledger_account_periods WHERE period_start_ms >= h.v
+     AND dropped_nano <> 0)
+FROM (SELECT COALESCE(MAX(v), 0) AS v FROM ledger_meta WHERE k = '{HORIZON_KEY}') h
+"""
 SETTLED_SCOPES = """
 SELECT scopes, price_nano, closed_ms FROM ledger_holds
 WHERE status = 'settled' AND closed_ms >= :since AND closed_ms < :until
@@ -241,32 +286,52 @@ def exact(value: Any) -> int:
     return 0 if value is None else value if type(value) is int else int(value)
 
 
-def audit_data(
-    accounts: list[tuple[Any, ...]],
-    buckets: list[tuple[Any, ...]],
-    mischarged: list[tuple[Any, ...]],
-    bad_transfers: int,
-    costs: tuple[Any, ...],
-    open_holds: list[str],
-) -> AuditData:
-    """AuditData from the audit queries' rows, the nets taken exactly."""
+def audit_data(rows: dict[str, list[tuple[Any, ...]]]) -> AuditData:
+    """AuditData from the rows of AUDIT_QUERIES (by name), the nets taken exactly."""
+    # (account, week, period net, what its transfers add up to, dropped ones included):
+    # p - q is the period net less that.
+    weeks = [(a, w, exact(n), exact(n) - exact(p) + exact(q)) for a, w, p, q, n in rows["weeks"]]
+    off: dict[int, int] = {}
+    for a, _, net, counted in weeks:
+        off[a] = off.get(a, 0) + net - counted
+    accounts = []
+    for i, bal, p in rows["accounts"]:
+        periods = exact(p)
+        accounts.append((i, exact(bal), periods - off.get(i, 0), periods))
+    compacted, orphaned, dropped_spend = (exact(v) for v in rows["orphan_spend"][0])
+    mischarged = list(rows["mischarged"])
+    if compacted != orphaned + dropped_spend:
+        mischarged.append(("(compacted holds)", compacted, orphaned + dropped_spend))
+    posted, settled, dropped_cost = rows["costs"][0]
+    horizon, after = rows["horizon"][0]
     return AuditData(
-        accounts=[(i, exact(bal), exact(c) - exact(d), exact(p)) for i, bal, c, d, p in accounts],
-        buckets=[(i, exact(rem), closed, exact(c) - exact(d)) for i, rem, closed, c, d in buckets],
+        accounts=accounts,
+        buckets=[
+            (i, exact(rem), closed, exact(c) - exact(d) + exact(base))
+            for i, rem, closed, c, d, base in rows["buckets"]
+        ],
         mischarged=mischarged,
-        bad_transfers=int(bad_transfers),
-        costs=(exact(costs[0]), exact(costs[1])),
-        open_holds=open_holds,
+        bad_transfers=int(rows["bad_transfers"][0][0]),
+        costs=(exact(posted) + exact(dropped_cost), exact(settled)),
+        open_holds=[r[0] for r in rows["open_holds"]],
+        weeks=weeks,
+        unbalanced_weeks=[(w, exact(t)) for w, t in rows["unbalanced_weeks"]],
+        horizon_ms=exact(horizon),
+        dropped_after_horizon=int(after),
     )
 
 
 AUDIT_QUERIES = {
     "accounts": AUDIT_ACCOUNTS,
+    "weeks": AUDIT_WEEKS,
+    "unbalanced_weeks": AUDIT_UNBALANCED_WEEKS,
     "buckets": AUDIT_BUCKETS,
     "mischarged": AUDIT_MISCHARGED,
+    "orphan_spend": AUDIT_ORPHAN_SPEND,
     "bad_transfers": AUDIT_BAD_TRANSFERS,
     "costs": AUDIT_COSTS,
     "open_holds": AUDIT_OPEN_HOLDS,
+    "horizon": AUDIT_HORIZON,
 }
 
 

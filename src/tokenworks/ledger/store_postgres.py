@@ -13,6 +13,7 @@ session advisory lock on the writer connection makes this process the ledger's o
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -25,13 +26,15 @@ from tokenworks.db import split_schema
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, server_settings
 from tokenworks.db.reads import ReadTimeout, pg_timeout_ms
 from tokenworks.db.table import Columns
-from tokenworks.ledger.domain import LedgerError
+from tokenworks.ledger.domain import BeforeHorizon, LedgerError
+from tokenworks.ledger.expiry import ensure_partitions
 from tokenworks.ledger.rows import Batch, Snapshot
 from tokenworks.ledger.schema import PERIOD_MS, TRANSFERS, ddl
 from tokenworks.ledger.store import (
     AUDIT_QUERIES,
     BATCH_TABLES,
     GET_HOLD,
+    GET_HORIZON,
     GET_IDEMPOTENCY,
     LOAD_QUERIES,
     MOVEMENTS,
@@ -91,6 +94,10 @@ def batch_statement(attached: Sequence[tuple[str, Columns]]) -> str:
     for i, (t, name) in enumerate(BATCH_TABLES):
         sql = _json_insert(t.name, t.columns, name, upsert_tail(t, "EXCLUDED"))
         if t is TRANSFERS:
+            # No conflict target: the key is (id, ts_ms) on a partitioned table and (id) on
+            # an older one; a retried transfer repeats both, so it is ignored either way,
+            # and only new rows reach RETURNING (the period nets).
+            sql = _json_insert(t.name, t.columns, name, " ON CONFLICT DO NOTHING")
             ctes.append(
                 f"new_transfers AS ({sql} RETURNING ts_ms, debit_account_id, "
                 "credit_account_id, amount_nano)"
@@ -140,15 +147,7 @@ async def _fetch(
 
 
 async def _read_audit(conn: asyncpg.Connection) -> AuditData:
-    rows = {k: await _fetch(conn, q, {}) for k, q in AUDIT_QUERIES.items()}
-    return audit_data(
-        rows["accounts"],
-        rows["buckets"],
-        rows["mischarged"],
-        rows["bad_transfers"][0][0],
-        rows["costs"][0],
-        [r[0] for r in rows["open_holds"]],
-    )
+    return audit_data({k: await _fetch(conn, q, {}) for k, q in AUDIT_QUERIES.items()})
 
 
 class PostgresSnapshot:
@@ -164,6 +163,10 @@ class PostgresSnapshot:
         self._conn = await self._pool.acquire()
         self._tx = self._conn.transaction(isolation="repeatable_read", readonly=True)
         await self._tx.start()
+        # Before the snapshot: retention drops a month partition (DETACH, DROP) only while
+        # no audit holds this, so the snapshot never sees the sums of a month whose rows it
+        # also sees, nor a month gone without its sums.
+        await self._conn.execute("LOCK TABLE ledger_transfers IN ACCESS SHARE MODE")
         await self._conn.fetchval("SELECT 1")  # the snapshot is taken here
 
     async def audit(self) -> AuditData:
@@ -192,6 +195,7 @@ class PostgresStore:
 
     def __init__(self, url: str) -> None:
         self.url, self.schema = split_schema(url)
+        self._full_url = url
         self._writer: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
         # The batch statement for each shape of attachments (in practice one or two).
@@ -225,6 +229,9 @@ class PostgresStore:
                 for stmt in ddl("postgres"):
                     await w.execute(stmt)
                 await upgrade_postgres(w, now_ms)
+            # A partitioned transfers table gets this and next month's partitions (the
+            # retention job makes them ahead on every run after).
+            await asyncio.to_thread(ensure_partitions, self._full_url, now_ms)
             self._pool = await asyncpg.create_pool(
                 self.url,
                 init=_numeric_as_int,
@@ -315,6 +322,9 @@ class PostgresStore:
                 async with c.transaction(isolation="repeatable_read", readonly=True):
                     if timeout_s is not None:
                         await c.execute(f"SET LOCAL statement_timeout = {pg_timeout_ms(timeout_s)}")
+                    horizon = await c.fetchval(GET_HORIZON)
+                    if horizon is not None and since_ms < horizon:
+                        raise BeforeHorizon(horizon)
                     opening = await _fetch(c, NET_BEFORE, net_before_params(account_id, since_ms))
                     closing = await _fetch(c, NET_BEFORE, net_before_params(account_id, until_ms))
                     params = {"acc": account_id, "since": since_ms, "until": until_ms}

@@ -23,13 +23,14 @@ from tokenworks.db import sqlite_path
 from tokenworks.db.reads import sqlite_deadline
 from tokenworks.db.sqlite import REFUSALS
 from tokenworks.db.table import WIDE
-from tokenworks.ledger.domain import LedgerError
+from tokenworks.ledger.domain import BeforeHorizon, LedgerError
 from tokenworks.ledger.rows import Batch, Snapshot
 from tokenworks.ledger.schema import ddl
 from tokenworks.ledger.store import (
     AUDIT_QUERIES,
     BATCH_TABLES,
     GET_HOLD,
+    GET_HORIZON,
     GET_IDEMPOTENCY,
     LOAD_QUERIES,
     MOVEMENTS,
@@ -106,6 +107,9 @@ def read_statement(
     with sqlite_deadline(conn, timeout_s):
         conn.execute("BEGIN")
         try:
+            horizon = conn.execute(GET_HORIZON).fetchone()
+            if horizon is not None and since_ms < horizon[0]:
+                raise BeforeHorizon(horizon[0])
             q = sql(NET_BEFORE)
             opening = net_of(conn.execute(q, net_before_params(account_id, since_ms)).fetchone())
             closing = net_of(conn.execute(q, net_before_params(account_id, until_ms)).fetchone())
@@ -118,14 +122,7 @@ def read_statement(
 
 def read_audit(conn: sqlite3.Connection) -> AuditData:
     rows = {k: [tuple(r) for r in conn.execute(sql(q))] for k, q in AUDIT_QUERIES.items()}
-    return audit_data(
-        rows["accounts"],
-        rows["buckets"],
-        rows["mischarged"],
-        rows["bad_transfers"][0][0],
-        rows["costs"][0],
-        [r[0] for r in rows["open_holds"]],
-    )
+    return audit_data(rows)
 
 
 def exact_row(row: tuple[Any, ...]) -> tuple[Any, ...]:

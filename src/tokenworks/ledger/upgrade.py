@@ -41,10 +41,21 @@ CLOSE_STORED_OPEN_HOLDS = (
 )
 
 
+# A ledger written before transfer retention has period rows without `dropped_nano`.
+ADD_DROPPED_PG = (
+    "ALTER TABLE ledger_account_periods ADD COLUMN IF NOT EXISTS dropped_nano NUMERIC(39,0) "
+    "NOT NULL DEFAULT 0"
+)
+ADD_DROPPED_SQLITE = (
+    "ALTER TABLE ledger_account_periods ADD COLUMN dropped_nano INTEGER NOT NULL DEFAULT 0"
+)
+
+
 def statements(dialect: str) -> list[str]:
     """The schema upgrades for `sqlite` or `postgres`."""
     out = list(INDEXES)
     if dialect == "postgres":
+        out.append(ADD_DROPPED_PG)
         out.extend(
             f"DO $$ BEGIN IF (SELECT data_type FROM information_schema.columns "
             f"WHERE table_schema = current_schema() AND table_name = '{table}' "
@@ -83,6 +94,9 @@ def upgrade_sqlite(conn: sqlite3.Connection, now_ms: int) -> int:
     The connection must have `xsum` (the store's connections do)."""
     for stmt in statements("sqlite"):
         conn.execute(stmt)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(ledger_account_periods)")}
+    if "dropped_nano" not in columns:
+        conn.execute(ADD_DROPPED_SQLITE)
     if conn.execute(NEEDS_PERIODS).fetchone()[0]:
         conn.execute("BEGIN IMMEDIATE")
         try:

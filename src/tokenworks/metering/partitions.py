@@ -12,6 +12,9 @@ A partitioned table's unique key must hold the partition column, so the key is
 
 An existing unpartitioned `usage` keeps working as it is (retention deletes its rows in
 batches); docs/retention.md says how to move it to partitions.
+
+The helpers take the table's name: the ledger's `ledger_transfers` is partitioned the same
+way (`ledger_transfers_pYYYYMM`, `ledger_transfers_default`; `ledger/expiry.py`).
 """
 
 from __future__ import annotations
@@ -51,58 +54,79 @@ def next_month_ms(ms: int) -> int:
     return int(dt.datetime(year, month, 1, tzinfo=dt.UTC).timestamp()) * 1000
 
 
-def name_of(month_ms: int) -> str:
+def name_of(month_ms: int, table: str = "usage") -> str:
     d = dt.datetime.fromtimestamp(month_ms // 1000, dt.UTC)
-    return f"usage_p{d.year:04d}{d.month:02d}"
+    return f"{table}_p{d.year:04d}{d.month:02d}"
 
 
 def start_of(name: str) -> int:
-    """The first instant of a partition named `usage_pYYYYMM`."""
-    year, month = int(name[7:11]), int(name[11:13])
+    """The first instant of a partition named `<table>_pYYYYMM`."""
+    year, month = int(name[-6:-2]), int(name[-2:])
     return int(dt.datetime(year, month, 1, tzinfo=dt.UTC).timestamp()) * 1000
 
 
-def is_partitioned(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass('usage')").fetchone()
+def is_partitioned(conn: psycopg.Connection[Any], table: str = "usage") -> bool:
+    row = conn.execute(
+        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (table,)
+    ).fetchone()
     return row is not None and _first(row) == "p"
 
 
-def months(conn: psycopg.Connection[Any]) -> list[str]:
+def months(conn: psycopg.Connection[Any], table: str = "usage") -> list[str]:
     """The monthly partitions, oldest first."""
     rows = conn.execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = to_regclass('usage')"
+        " WHERE i.inhparent = to_regclass(%s)",
+        (table,),
     ).fetchall()
-    return sorted(n for n in map(_first, rows) if n.startswith("usage_p"))
+    prefix = f"{table}_p"
+    return sorted(n for n in map(_first, rows) if n.startswith(prefix) and n[-6:].isdigit())
 
 
-def ensure(conn: psycopg.Connection[Any], through_ms: int, from_ms: int) -> int:
+def ensure(
+    conn: psycopg.Connection[Any],
+    through_ms: int,
+    from_ms: int,
+    table: str = "usage",
+    lock_timeout_ms: int | None = None,
+) -> int:
     """Create the monthly partitions from the month of `from_ms` through the month of
     `through_ms` that do not exist yet; returns the end of the last one. Each is made in
-    its own transaction, taking any rows of its month the default partition holds."""
+    its own transaction, taking any rows of its month the default partition holds.
+
+    `lock_timeout_ms`: for a table another connection inserts into (the ledger's writer).
+    The parent is then locked against inserts first: an insert routed to the default
+    partition before the ATTACH and written after it would break the default partition's
+    new constraint (a check violation, which the writer takes for a refused row). Past the
+    timeout the month is not made (psycopg's LockNotAvailable): rows wait in the default
+    partition meanwhile."""
+    default = f"{table}_default"
     month = month_start_ms(from_ms)
     while month <= through_ms:
         end = next_month_ms(month)
-        name = name_of(month)
+        name = name_of(month, table)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK_ID,))
             if _first(conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()) is None:
+                if lock_timeout_ms is not None:
+                    conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                    conn.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
                 # No row may enter the default partition while its rows of this month move.
-                conn.execute(f"LOCK TABLE {DEFAULT} IN SHARE ROW EXCLUSIVE MODE")
+                conn.execute(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE")
                 conn.execute(
-                    f"CREATE TABLE {name} (LIKE usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                    f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
                 )
                 moved = conn.execute(
-                    f"WITH m AS (DELETE FROM {DEFAULT} WHERE ts_ms >= %s AND ts_ms < %s"
+                    f"WITH m AS (DELETE FROM {default} WHERE ts_ms >= %s AND ts_ms < %s"
                     f" RETURNING *) INSERT INTO {name} SELECT * FROM m",
                     (month, end),
                 ).rowcount
                 conn.execute(
-                    f"ALTER TABLE usage ATTACH PARTITION {name} FOR VALUES FROM ({month})"
+                    f"ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES FROM ({month})"
                     f" TO ({end})"
                 )
                 if moved:
-                    log.warning("usage: moved %d rows from %s into %s", moved, DEFAULT, name)
+                    log.warning("%s: moved %d rows from %s into %s", table, moved, default, name)
         month = end
     return month
 
