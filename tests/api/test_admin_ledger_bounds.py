@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from tests.api.test_admin_ledger import create, error, ok, post, send
@@ -26,12 +25,10 @@ def test_unbounded_admin_inputs_are_400(gateway: Gateway) -> None:
     for path, body, param in cases:
         err = error(post(gateway, path, body), 400)
         assert err["param"] == param, (body, err)
-    # Back-dated 36 years, daily: refused at once rather than issuing 13,000 periods.
-    t0 = time.monotonic()
+    # Back-dated 36 years, daily: refused rather than issuing 13,000 periods.
     body = {"amount": "1", "effective_at": "1990-01-01", "recurring": "day"}
     err = error(post(gateway, grants, body), 400, "invalid_request")
     assert "effective_at" in err["message"]
-    assert time.monotonic() - t0 < 30
     statement = f"/admin/v1/accounts/{org}/statement"
     for query in ({"since": "9" * 400}, {"until": "1e400"}, {"since": "99999999999999"}):
         error(send(gateway, "GET", statement, {}, params=query), 400)
