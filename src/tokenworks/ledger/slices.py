@@ -47,6 +47,12 @@ _ACCOUNT, _REMAINING, _ENDED, _EXPIRES = (
 )  # fmt: skip
 
 
+_COLUMNS = (
+    "account_ids", "balances", "account_held", "kinds", "bucket_ids", "bucket_accounts",
+    "remaining", "bucket_held", "ended", "expires_ms",
+)  # fmt: skip
+
+
 class Marks:
     """Ids of the accounts and buckets changed (created, removed) since a copy began."""
 
@@ -131,9 +137,14 @@ class SlicedCopy:
                 self.engine.marks = None
 
     def abandon(self) -> None:
-        """The check is over: stop marking, and a cut still queued copies nothing."""
+        """The check is over: stop marking, and a cut still queued copies nothing. The
+        copied figures are let go (a check's result may keep its copy for its counts)."""
         self.abandoned = True
         self.stop()
+        self._accounts, self._buckets = [], []
+        self.marks.accounts, self.marks.buckets = set(), set()
+        for name in _COLUMNS:
+            setattr(self, name, [])
 
     def marking(self) -> bool:
         return self.engine.marks is self.marks
