@@ -144,8 +144,10 @@ def _canon(f: auditor.Facts) -> tuple[Any, ...]:
     )
 
 
+@pytest.mark.parametrize("in_place_max", [0, 10_000])  # merged by a pass / patched in place
 def test_checks_under_concurrent_traffic_copy_exactly_what_a_whole_copy_would(
     url: str,  # noqa: F811
+    in_place_max: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Holds, settlements, voids, top-ups, transfers, grants, account creation, budgets,
@@ -174,6 +176,7 @@ def test_checks_under_concurrent_traffic_copy_exactly_what_a_whole_copy_would(
 
     monkeypatch.setattr(SlicedCopy, "cut", cut)
     monkeypatch.setattr(SlicedCopy, "assemble", assemble)
+    monkeypatch.setattr(slices, "PATCH_IN_PLACE_MAX", in_place_max)
     # Small slices, each turn a little longer than a durable write: the copy spans many
     # operations of the traffic, as a copy of 100,000 tenants does.
     monkeypatch.setattr(slices, "CHECK_SLICE_OBJECTS", 5)

@@ -241,16 +241,41 @@ class SlicedCopy:
         return auditor.Cut(facts, t.spends, t.now_ms)
 
 
+# Up to this many changed objects are patched into the copy in place (a C search each);
+# more are merged by one pass. In place makes no new lists of every object: fresh big lists
+# are what the collector's young passes walk, holding the GIL, while the check goes on.
+PATCH_IN_PLACE_MAX = 256
+
+
 def _patched(
     ids: list[int], cols: list[list[Any]], patch: Mapping[int, tuple[Any, ...] | None]
 ) -> list[list[Any]]:
-    """`ids` and its columns without the patched ids, then the patched ids still present
-    with their figures from the patch."""
+    """`ids` and its columns with the patch applied: a patched id's figures replaced, or
+    removed (None); ids not in the copy appended."""
     if not patch:
         return [ids, *cols]
-    keep = [i not in patch for i in ids]
-    out = [list(compress(col, keep)) for col in (ids, *cols)]
-    for i, figures in patch.items():
+    out = [ids, *cols]
+    if len(patch) > PATCH_IN_PLACE_MAX:
+        keep = [i not in patch for i in ids]
+        out = [list(compress(col, keep)) for col in out]
+        missing = dict(patch)
+    else:
+        missing, gone = {}, []
+        for i, figures in patch.items():
+            try:
+                at = ids.index(i)
+            except ValueError:  # made after the copy began
+                missing[i] = figures
+                continue
+            if figures is None:
+                gone.append(at)
+            else:
+                for col, v in zip(cols, figures, strict=True):
+                    col[at] = v
+        for at in sorted(gone, reverse=True):
+            for col in out:
+                del col[at]
+    for i, figures in missing.items():
         if figures is not None:
             for col, v in zip(out, (i, *figures), strict=True):
                 col.append(v)
