@@ -12,8 +12,9 @@ the admin writes, which is what `Ledger` does minus the await per write), then r
    whole-history sum that statements used to take beside it;
 4. a month boundary where every tenant's monthly grant renews at once: batches, the longest
    sweep turn on the event loop, holds served meanwhile, and the time to drain;
-5. a ledger check of many tenants: its copy on the event loop, its comparison on a thread,
-   the longest loop stall meanwhile, and what checking on the loop (as before) took.
+5. a ledger check of many tenants: its copy's slices and its cut on the event loop, its
+   merge and comparison on a thread, the longest loop stall meanwhile, and what copying
+   everything at once and checking on the loop (as before) took.
 
     .venv/bin/python bench/scale.py [--dead-keys 200000] [--usage-rows 300000]
         [--weeks 4,16,52] [--users 100000] [--gc-freeze]
@@ -44,6 +45,7 @@ from tokenworks.ledger import Ledger, Period, Recurrence, auditor
 from tokenworks.ledger.engine import SWEEP_TURN_ITEMS
 from tokenworks.ledger.periods import from_ms
 from tokenworks.ledger.rows import Batch
+from tokenworks.ledger.slices import SlicedCopy
 from tokenworks.metering.store import open_usage_store
 from tokenworks.metering.usage import Usage, UsageRecord
 
@@ -392,6 +394,7 @@ async def bench_check(db: Db, users: int) -> dict[str, Any]:
         gc.collect()
         gc.freeze()  # as `tokenworks serve` does after start-up
         spans: dict[str, float] = {}
+        phases: list[tuple[str, float, float]] = []  # what ran when: where the longest stall fell
 
         def timed(name: str, fn: Any) -> Any:
             def run(*args: Any) -> Any:
@@ -400,15 +403,46 @@ async def bench_check(db: Db, users: int) -> dict[str, Any]:
                     return fn(*args)
                 finally:
                     spans[name] = time.perf_counter() - t0
+                    phases.append((name, t0, t0 + spans[name]))
 
             return run
 
-        capture, compare = auditor.capture, auditor.cut_violations
-        auditor.capture = timed("copy_on_loop", capture)  # type: ignore[assignment]
+        gc_pauses: list[tuple[float, float]] = []
+        gc_start = [0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                gc_start[0] = time.perf_counter()
+            else:
+                gc_pauses.append((gc_start[0], time.perf_counter()))
+                phases.append((f"gc gen {info['generation']}", gc_start[0], gc_pauses[-1][1]))
+
+        turns_ms: list[float] = []
+
+        def timed_turn(fn: Any) -> Any:
+            def run(*args: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args)
+                finally:
+                    turns_ms.append(time.perf_counter() - t0)
+                    phases.append(("a slice", t0, t0 + turns_ms[-1]))
+
+            return run
+
+        compare = auditor.cut_violations
+        reads = SlicedCopy._read_accounts, SlicedCopy._read_buckets
+        cut, assemble = SlicedCopy.cut, SlicedCopy.assemble
+        SlicedCopy._read_accounts = timed_turn(reads[0])  # type: ignore[method-assign]
+        SlicedCopy._read_buckets = timed_turn(reads[1])  # type: ignore[method-assign]
+        SlicedCopy.cut = timed("cut_on_loop", cut)  # type: ignore[method-assign]
+        SlicedCopy.assemble = timed("merge_on_thread", assemble)  # type: ignore[method-assign]
         auditor.cut_violations = timed("compare_on_thread", compare)  # type: ignore[assignment]
         gaps: list[float] = []
         held: list[float] = []
         done = asyncio.Event()
+
+        worst = [0.0, 0.0]  # the longest gap's start and end
 
         async def ticker() -> None:
             last = time.perf_counter()
@@ -416,6 +450,8 @@ async def bench_check(db: Db, users: int) -> dict[str, Any]:
                 await asyncio.sleep(0.001)
                 now = time.perf_counter()
                 gaps.append(now - last)
+                if now - last > worst[1] - worst[0]:
+                    worst[:] = [last, now]
                 last = now
 
         async def paying() -> None:
@@ -428,7 +464,25 @@ async def bench_check(db: Db, users: int) -> dict[str, Any]:
                                durable=True)  # fmt: skip
                 held.append(time.perf_counter() - t0)
 
+        real_snapshot = L.store.snapshot
+
+        async def timed_snapshot() -> Any:
+            snap = await real_snapshot()
+            real_audit = snap.audit
+
+            async def audit() -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return await real_audit()
+                finally:
+                    phases.append(("store audit", t0, time.perf_counter()))
+
+            snap.audit = audit
+            return snap
+
+        L.store.snapshot = timed_snapshot  # type: ignore[method-assign]
         tasks = [asyncio.create_task(ticker()), asyncio.create_task(paying())]
+        gc.callbacks.append(on_gc)
         t0 = time.perf_counter()
         try:
             violations = await L.check()
@@ -436,7 +490,15 @@ async def bench_check(db: Db, users: int) -> dict[str, Any]:
             took = time.perf_counter() - t0
             done.set()
             await asyncio.gather(*tasks)
-            auditor.capture, auditor.cut_violations = capture, compare  # type: ignore[assignment]
+            gc.callbacks.remove(on_gc)
+            auditor.cut_violations = compare  # type: ignore[assignment]
+            SlicedCopy._read_accounts, SlicedCopy._read_buckets = reads  # type: ignore[method-assign]
+            SlicedCopy.cut, SlicedCopy.assemble = cut, assemble  # type: ignore[method-assign]
+        copy = L.last_copy
+        assert copy is not None
+        t1 = time.perf_counter()
+        e.facts(L.now_ms())  # the whole copy at once (what the cut took before slices)
+        whole_copy = time.perf_counter() - t1
         t1 = time.perf_counter()
         e.check(L.now_ms())  # what the check held the loop for before: copy and check together
         on_loop = time.perf_counter() - t1
@@ -444,9 +506,19 @@ async def bench_check(db: Db, users: int) -> dict[str, Any]:
             "users": users,
             "violations": len(violations),
             "check_s": round(took, 2),
-            "copy_on_loop_ms": _ms(spans["copy_on_loop"]),
+            "slice_objects": copy.slice_objects,
+            "slice_turns": copy.turns,
+            "max_slice_turn_ms": _ms(max(turns_ms, default=0.0)),
+            "median_slice_turn_ms": _ms(statistics.median(turns_ms)) if turns_ms else None,
+            "recopied_at_cut": copy.recopied,
+            "whole_copy_at_cut": copy.whole,
+            "cut_on_loop_ms": _ms(spans["cut_on_loop"]),
+            "merge_on_thread_ms": _ms(spans["merge_on_thread"]),
             "compare_on_thread_ms": _ms(spans["compare_on_thread"]),
+            "whole_copy_on_loop_ms_before": _ms(whole_copy),
             "max_loop_gap_ms": _ms(max(gaps, default=0.0)),
+            "max_gap_overlaps": sorted({n for n, a, b in phases if a < worst[1] and b > worst[0]}),
+            "max_gc_pause_ms": _ms(max((b - a for a, b in gc_pauses), default=0.0)),
             "paying_served_meanwhile": len(held),
             "paying_p99_ms": _ms(_p(held, 0.99)) if held else None,
             "whole_check_on_loop_ms_before": _ms(on_loop),

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from tokenworks.ledger.store import AuditData
 
 
+HoldFact = tuple[str, int, tuple[tuple[int, int], ...], tuple[str, ...], int]
+BudgetFact = tuple[str, str, int, int, int]  # scope, period, held, delegated, want
+
+
 class Facts(NamedTuple):
     """A copy of the figures the in-memory invariants read, a list per field.
 
@@ -36,16 +40,17 @@ class Facts(NamedTuple):
     bucket_held: list[int]
     ended: list[bool]
     expires_ms: list[int | None]
-    holds: list[tuple[str, int, tuple[tuple[int, int], ...], tuple[str, ...], int]]
-    budgets: list[tuple[str, str, int, int, int]]  # scope, period, held, delegated, want
+    holds: list[HoldFact]
+    budgets: list[BudgetFact]
     grants_due: bool
     last_sweep_ms: int
     now_ms: int
 
 
 def facts(engine: Engine, now_ms: int) -> Facts:
-    """Copy what `fact_violations` reads; call under the engine's lock with accrued costs
-    posted. Open holds (bounded by requests in flight) and budgets are copied as rows."""
+    """Copy what `fact_violations` reads at once (O(accounts + buckets)); call under the
+    engine's lock with accrued costs posted. `Ledger.check` takes it in slices instead
+    (`slices.SlicedCopy`)."""
     accs, buckets = engine.accounts.values(), engine.buckets.values()
     return Facts(
         list(engine.accounts),
@@ -58,31 +63,42 @@ def facts(engine: Engine, now_ms: int) -> Facts:
         [b.held_nano for b in buckets],
         [b.ended for b in buckets],
         [b.expires_ms for b in buckets],
-        [
-            (
-                h.id,
-                h.amount_nano,
-                tuple((g.bucket_id, g.amount_nano) for g in h.legs),
-                tuple(h.scopes),
-                h.expires_ms,
-            )
-            for h in engine.holds.values()
-        ],
-        [
-            (
-                scope,
-                str(bg.period),
-                bg.held_nano,
-                bg.delegated_nano,
-                0 if bg.revoked else engine.children_unused(scope),
-            )
-            for scope, per in engine.budgets.items()
-            for bg in per.values()
-        ],
+        hold_facts(engine),
+        budget_facts(engine),
         engine.grants_due(now_ms),
         engine.last_sweep_ms,
         now_ms,
     )
+
+
+def hold_facts(engine: Engine) -> list[HoldFact]:
+    """Open holds as rows: bounded by requests in flight, copied whole at the cut."""
+    return [
+        (
+            h.id,
+            h.amount_nano,
+            tuple((g.bucket_id, g.amount_nano) for g in h.legs),
+            tuple(h.scopes),
+            h.expires_ms,
+        )
+        for h in engine.holds.values()
+    ]
+
+
+def budget_facts(engine: Engine) -> list[BudgetFact]:
+    """Budgets as rows, copied whole at the cut (their held and delegated figures move
+    with every hold, unmarked)."""
+    return [
+        (
+            scope,
+            str(bg.period),
+            bg.held_nano,
+            bg.delegated_nano,
+            0 if bg.revoked else engine.children_unused(scope),
+        )
+        for scope, per in engine.budgets.items()
+        for bg in per.values()
+    ]
 
 
 def fact_violations(f: Facts) -> list[str]:
@@ -91,7 +107,11 @@ def fact_violations(f: Facts) -> list[str]:
     total = sum(f.balances)
     if total != 0:
         v.append(f"sum of balances is {total}, not 0")
-    per_acc: dict[int, list[int]] = {}
+    # Two dicts of ints, not a [remaining, held] list per account: 100,000 lists made on
+    # the check's thread are 100,000 objects for the collector, whose passes hold the GIL
+    # (and so the event loop) for as long as they take.
+    acc_remaining: dict[int, int] = {}
+    acc_held: dict[int, int] = {}
     buckets = zip(f.bucket_ids, f.bucket_accounts, f.remaining, f.bucket_held, f.ended,
                   f.expires_ms, strict=True)  # fmt: skip
     for bid, acc_id, remaining, held, ended, expires_ms in buckets:
@@ -102,9 +122,8 @@ def fact_violations(f: Facts) -> list[str]:
         expired = expires_ms is not None and expires_ms <= f.now_ms and not ended
         if expired and not f.grants_due:  # due grants end it on the next op
             v.append(f"bucket {bid}: past expiry but not ended")
-        s = per_acc.setdefault(acc_id, [0, 0])
-        s[0] += remaining
-        s[1] += held
+        acc_remaining[acc_id] = acc_remaining.get(acc_id, 0) + remaining
+        acc_held[acc_id] = acc_held.get(acc_id, 0) + held
     accounts = zip(f.account_ids, f.balances, f.account_held, f.kinds, strict=True)
     for acc_id, balance, held, kind in accounts:
         if kind not in NEGATIVE_KINDS and balance < 0:
@@ -112,7 +131,7 @@ def fact_violations(f: Facts) -> list[str]:
         if not 0 <= held <= max(balance, 0):
             v.append(f"account {acc_id}: held {held} > balance {balance}")
         if kind in CUSTOMER_KINDS:
-            rem, bheld = per_acc.get(acc_id, [0, 0])
+            rem, bheld = acc_remaining.get(acc_id, 0), acc_held.get(acc_id, 0)
             if (rem, bheld) != (balance, held):
                 v.append(f"account {acc_id}: buckets {rem}/{bheld} != balance/held")
     leg_sum: dict[int, int] = {}
@@ -147,12 +166,17 @@ class Cut(NamedTuple):
 
 def capture(engine: Engine, now_ms: int) -> Cut:
     """The cut, taken while the writer holds the batch that ends at it: copies only (no
-    check runs here, on the event loop); `cut_violations` checks them on a thread."""
-    budgets = [
+    check runs here, on the event loop); `cut_violations` checks them on a thread. A whole
+    copy (O(accounts + buckets)): `slices.SlicedCopy.cut` is the check's, O(changes)."""
+    return Cut(engine.facts(now_ms), budget_spends(engine, now_ms), now_ms)
+
+
+def budget_spends(engine: Engine, now_ms: int) -> list[tuple[str, str, int, int]]:
+    """Each budget's spend in its period, rolled to `now_ms` first (as `facts` needs)."""
+    return [
         (b.scope, str(b.period), b.spent_nano, b.period_start_ms)
-        for b in engine.all_budgets(now_ms)  # rolled to now_ms, as `facts` needs
+        for b in engine.all_budgets(now_ms)
     ]
-    return Cut(engine.facts(now_ms), budgets, now_ms)
 
 
 def budgets_since_ms(cut: Cut) -> int:

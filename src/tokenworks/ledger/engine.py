@@ -67,6 +67,7 @@ from tokenworks.ledger.rows import (
     grant_row,
     hold_row,
 )
+from tokenworks.ledger.slices import Marks
 from tokenworks.money import format_nano
 
 OPERATOR_ACCOUNTS = (
@@ -187,6 +188,10 @@ class Engine:
         self.last_sweep_ms = 0
         self.seq = 0  # bumps on every state change; the writer acknowledges up to a seq
         self.journal = Journal()
+        # While a check copies the engine in slices (`slices.SlicedCopy`): the accounts and
+        # buckets whose checked figures changed since. None otherwise, which is all the
+        # marking costs the hot path: one test per change.
+        self.marks: Marks | None = None
 
     # ------------------------------------------------------------------ bootstrap
 
@@ -306,10 +311,36 @@ class Engine:
         return len(self.journal)
 
     def _dirty_account(self, a: Account) -> None:
+        """Every change of an account's balance, and its creation, comes through here."""
         self.journal.accounts[a.id] = a
+        if self.marks is not None:
+            self._mark(self.marks.accounts, a.id)
 
     def _dirty_bucket(self, b: Bucket, closed: bool = False) -> None:
+        """Every change of a bucket's remaining credit or end, its creation and its removal
+        come through here."""
         self.journal.buckets[b.id] = (b, closed)
+        if self.marks is not None:
+            self._mark(self.marks.buckets, b.id)
+
+    def _mark(self, ids: set[int], obj_id: int) -> None:
+        """Mark for the check copying now; past its bound, stop marking (the cut then
+        copies everything at once)."""
+        ids.add(obj_id)
+        if self.marks is not None and not self.marks.room():
+            self.marks = None
+
+    def _mark_legs(self, legs: Iterable[HoldLeg]) -> None:
+        """Held amounts change on a hold's legs only (placed, released); they are not
+        journalled (never stored), so they are marked here."""
+        m = self.marks
+        if m is None:
+            return
+        for leg in legs:
+            m.accounts.add(leg.account_id)
+            m.buckets.add(leg.bucket_id)
+        if not m.room():
+            self.marks = None
 
     def _dirty_budget(self, b: Budget) -> None:
         self.journal.budgets[(b.scope, str(b.period))] = b
@@ -1097,6 +1128,8 @@ class Engine:
                     left -= take
                     acc.held_nano += take
             assert left == 0, (left, amount_nano)
+            if self.marks is not None:
+                self._mark_legs(legs)
             for b in touched:
                 b.held_nano += amount_nano
             if delegations:
@@ -1142,6 +1175,8 @@ class Engine:
         not stored."""
         revenue = self.operator_account(AccountKind.REVENUE)
         left = price_nano
+        if self.marks is not None:
+            self._mark_legs(h.legs)
         for leg in h.legs:
             b = self.buckets[leg.bucket_id]
             acc = self.accounts[leg.account_id]

@@ -48,6 +48,7 @@ from tokenworks.ledger.engine import (
 )
 from tokenworks.ledger.periods import to_ms
 from tokenworks.ledger.rows import hold_from_row
+from tokenworks.ledger.slices import SlicedCopy
 from tokenworks.ledger.statement import build_statement, statement_csv
 from tokenworks.ledger.store import Store, open_store
 from tokenworks.ledger.writer import GroupCommitWriter
@@ -122,6 +123,8 @@ class Ledger:
         self._closed = False
         self.store_compared = False  # whether the last check() compared the store with memory
         self.read_timeout_s: float | None = READ_TIMEOUT_S  # a statement's or check's limit
+        self._checking = asyncio.Lock()  # one check copies the engine at a time
+        self.last_copy: SlicedCopy | None = None  # the last check's copy (its counts)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -574,14 +577,16 @@ class Ledger:
     async def check(self) -> list[str]:
         """Every invariant, in memory and in the store; an empty list means sound.
 
-        The engine and the store are compared at one commit boundary: the writer copies the
-        engine's figures as it takes a batch (`auditor.capture`, the only part on the event
-        loop) and, once that batch is committed, opens a read snapshot of the store, which
-        later commits do not change. The copy is checked and compared with the snapshot on a
-        thread, so traffic never has to pause. When the store cannot be read (it failed),
-        that is itself a violation: a check that did not compare the store does not pass.
-        Past `read_timeout_s` it raises `ReadTimeout` (a comparison already on its thread
-        finishes there, unread).
+        The engine and the store are compared at one commit boundary: the engine's figures
+        are copied a slice per loop turn while the engine marks what changes
+        (`slices.SlicedCopy`); the writer reads the changed objects again as it takes a batch
+        (the cut) and, once that batch is committed, opens a read snapshot of the store,
+        which later commits do not change. The copy is checked and compared with the
+        snapshot on a thread, so traffic never has to pause for long. Checks run one at a
+        time (a second waits, within its time limit). When the store cannot be read (it
+        failed), that is itself a violation: a check that did not compare the store does not
+        pass. Past `read_timeout_s` it raises `ReadTimeout` (a comparison already on its
+        thread finishes there, unread).
         """
         self.store_compared = False
         if self._closed:
@@ -596,21 +601,29 @@ class Ledger:
             raise ReadTimeout(self.read_timeout_s or 0.0) from exc
 
     async def _check(self) -> list[str]:
-        def capture() -> auditor.Cut:
-            return auditor.capture(self.engine, self.now_ms())
+        async with self._checking:
+            copy = self.last_copy = SlicedCopy(self.engine)
+            try:
+                await copy.copy()
+                return await self._compare(copy)
+            finally:
+                copy.abandon()  # cancelled, timed out or failed: marking stops with it
 
+    async def _compare(self, copy: SlicedCopy) -> list[str]:
         try:
-            cut, snap = await self.writer.cut(capture)
+            taken, snap = await self.writer.cut(lambda: copy.cut(self.now_ms()))
         except Exception as exc:
             if not isinstance(exc, StoreUnavailable):
                 log.exception("ledger check could not open a store snapshot")
             why = str(exc) if isinstance(exc, StoreUnavailable) else repr(exc)
-            facts = self.engine.facts(self.now_ms())
+            taken = copy.cut(self.now_ms())  # without the writer: nothing to compare with
+            cut = await asyncio.to_thread(copy.assemble, taken)
             return [
-                *await asyncio.to_thread(auditor.fact_violations, facts),
+                *await asyncio.to_thread(auditor.fact_violations, cut.facts),
                 f"store not compared: {why}",
             ]
         try:
+            cut = await asyncio.to_thread(copy.assemble, taken)
             audit = await snap.audit()
             settled = await snap.settled_scopes(auditor.budgets_since_ms(cut), MAX_TIME_MS)
         finally:

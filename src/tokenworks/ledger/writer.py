@@ -264,6 +264,8 @@ class GroupCommitWriter:
         taken: list[tuple[Any, asyncio.Future[Any]]] = []
         cuts, self._cuts = self._cuts, []
         for capture, fut in cuts:
+            if fut.done():  # its check gave up (cancelled, timed out): copy nothing for it
+                continue
             try:
                 taken.append((capture(), fut))
             except Exception as exc:
