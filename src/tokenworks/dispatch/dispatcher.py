@@ -3,17 +3,18 @@
 `scheduler.py` and `capacity.py` are pure and synchronous; this module gives them a clock, a
 future per waiting request and one timer, and turns their answers into what the relay needs:
 
-    slot = await dispatcher.acquire(call, candidates, index)  # a started request, or raises
+    slot = dispatcher.start(call, candidates, index) or await dispatcher.acquire(...)
     ...upstream call...; slot.output(n) every few streamed chunks
     slot.finish(outcome, input_tokens, output_tokens)          # or slot.failed(upstream_error)
 
-- **Fast path** (nothing waits): the first candidate whose breaker lets it through and whose
-  producer has capacity (concurrency, rpm, tpm, no Retry-After pause) starts at once, in the
-  caller's frame: no future, no timer, no task.
-- **Slow path**: the request is queued on the first candidate whose breaker is not open (a
-  shed there tries the next); it waits on a future that `poll` resolves when it starts or
-  expires, while a watcher sees a client that hangs up (it leaves the queue at once). One
-  timer calls `poll` at the scheduler's `next_wakeup()` (deadlines, rpm/tpm windows, pauses).
+- **Fast path** (`start`, nothing waits): the first candidate whose breaker lets it through
+  and whose producer has capacity (concurrency, rpm, tpm, no Retry-After pause) starts at
+  once, in the caller's frame: no coroutine, no future, no timer, no task.
+- **Slow path** (`acquire`): the request is queued on the first candidate whose breaker is
+  not open (a shed there tries the next); it waits on a future that `poll` resolves when it
+  starts or expires, while a watcher sees a client that hangs up (it leaves the queue at
+  once). One timer calls `poll` at the scheduler's `next_wakeup()` (deadlines, rpm/tpm
+  windows, pauses).
 - **Outcomes** feed the producer's adaptive limit (429/529/503/timeouts cut it, Retry-After
   pauses it, successes grow it) and the deployment's circuit breaker.
 
@@ -119,14 +120,9 @@ class Slot:
         if self.ticket.state is not _RUNNING:
             return
         dispatcher = self.dispatcher
-        dispatcher.scheduler.finish(
-            self.ticket,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            outcome=outcome,
-            retry_after_s=retry_after_s,
-        )
-        if dispatcher.scheduler.queued(self.deployment.producer):
+        if dispatcher.scheduler.finish(
+            self.ticket, input_tokens, output_tokens, outcome, retry_after_s
+        ):  # others wait for this producer: one of them may start now
             dispatcher.poll(self.deployment.producer)
 
     def failed(self, exc: UpstreamError, candidates: int) -> int | None:
@@ -253,11 +249,10 @@ class Dispatcher:
             call.stream,  # streamed
         )
 
-    async def acquire(self, call: Call, candidates: list[Deployment], index: int) -> Slot:
-        """Start the call on `candidates[index:]`: at once where capacity is free, else after
-        waiting in the first available one's queue. Raises `Shed` (429), `ClientGone` (499)
-        or `TooLargeForProducers` (400)."""
-        scheduler = self.scheduler
+    def start(self, call: Call, candidates: list[Deployment], index: int) -> Slot | None:
+        """The fast path: start the call at once on the first of `candidates[index:]` whose
+        breaker lets it through and whose producer has capacity; None: `acquire` waits.
+        Synchronous, so a call that never waits costs no coroutine."""
         request = self._request(call)
         for i in range(index, len(candidates)):
             d = candidates[i]
@@ -265,16 +260,22 @@ class Dispatcher:
             if breaker.state_ is not _CLOSED and not breaker.try_acquire(self.clock()):
                 continue
             request.deployment = key
-            ticket = scheduler.start_now(d.producer, request)
+            ticket = self.scheduler.start_now(d.producer, request)
             if ticket is not None:
                 return Slot(self, ticket, d, i)
             breaker.release()  # a half-open probe that did not go
+        return None
+
+    async def acquire(self, call: Call, candidates: list[Deployment], index: int) -> Slot:
+        """The slow path, when `start` found no capacity: the call waits in the first available
+        candidate's queue (a shed there tries the next). Raises `Shed` (429), `ClientGone`
+        (499) or `TooLargeForProducers` (400)."""
+        scheduler = self.scheduler
         order = [i for i in range(index, len(candidates)) if self.available(candidates[i])]
         shed: SchedulerShed | None = None
         for i in order or [index]:
             d = candidates[i]
-            if shed is not None:
-                request = self._request(call)
+            request = self._request(call)
             request.deployment = self._lookup(d)[0]
             admitted = scheduler.admit(d.producer, request)
             if isinstance(admitted, SchedulerShed):

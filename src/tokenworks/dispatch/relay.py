@@ -222,7 +222,9 @@ class Relay:
             index: int | None = 0
             for _ in range(self.max_attempts):
                 assert index is not None
-                slot = await self.dispatcher.acquire(call, candidates, index)
+                slot = self.dispatcher.start(call, candidates, index)
+                if slot is None:  # no capacity free now: wait in a queue
+                    slot = await self.dispatcher.acquire(call, candidates, index)
                 deployment = slot.deployment
                 producer = self.producers[deployment.producer]
                 fmt = self.formats[deployment.producer][call.endpoint]

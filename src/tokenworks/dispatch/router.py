@@ -98,11 +98,13 @@ class Router:
             ranked: tuple[Deployment, ...] | list[Deployment] = route.deployments  # as today
         else:
             ranked = self._ranked(route, prefs, call)
-        healthy = [d for d in ranked if self.health.available(d)]
-        cooling = [d for d in ranked if not self.health.available(d)]
+        available = self.health.available
+        cooling = [d for d in ranked if not available(d)]
+        if cooling:  # behind an open breaker: tried last, never dropped
+            ranked = [d for d in ranked if d not in cooling] + cooling
         if prefs is not None and not prefs.allow_fallbacks and not prefs.order:
-            return (healthy + cooling)[:1]  # only the first choice, no backups
-        return (healthy + cooling)[:max_attempts]
+            return list(ranked[:1])  # only the first choice, no backups
+        return list(ranked[:max_attempts])
 
     def _ranked(
         self, route: Route, prefs: ProviderPrefs | None, call: Call | None

@@ -632,18 +632,18 @@ class Scheduler:
     def finish(
         self,
         ticket: Ticket,
-        *,
         input_tokens: int,
         output_tokens: int,
         outcome: Outcome = Outcome.OK,
         retry_after_s: float | None = None,
-    ) -> None:
-        """The attempt ended: charge the actual, free the slot, feed AIMD and the breaker."""
+    ) -> int:
+        """The attempt ended: charge the actual, free the slot, feed AIMD and the breaker.
+        Returns how many wait in its pool (when some do, `poll` may start one now)."""
         if ticket.state is _QUEUED:
             self.cancel(ticket)
-            return
+            return ticket._pool.queued
         if ticket.state is not _RUNNING:
-            return
+            return ticket._pool.queued
         now = self._clock()
         request = ticket.request
         actual = request.input_weight * input_tokens + request.output_weight * output_tokens
@@ -667,6 +667,7 @@ class Scheduler:
             breaker.release()  # says nothing about the deployment's health
         else:
             breaker.record(outcome not in FAILURES, now, retry_after_s)
+        return ticket._pool.queued
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away. Queued: leaves the queue (O(1)). Running: finished as is."""
