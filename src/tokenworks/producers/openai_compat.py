@@ -129,10 +129,15 @@ class OpenAIProducer:
         """`post` for any method (GET and DELETE of a stored response)."""
         assert self._session is not None, "producer not started"
         sent = self._headers if headers is None else {**self._headers, **headers}
+        url = self.base_url + path
         try:
-            response = await self._session.request(
-                method, self.base_url + path, data=body, headers=sent
-            )
+            try:
+                response = await self._session.request(method, url, data=body, headers=sent)
+            except aiohttp.ServerDisconnectedError:
+                # A kept-alive connection the upstream closed as we reused it (its idle
+                # timeout, often 5 s, is shorter than ours): nothing was answered, so send
+                # once more, on a new connection, rather than fail a request for a race.
+                response = await self._session.request(method, url, data=body, headers=sent)
         except TimeoutError as exc:
             raise UpstreamError(self.name, "timeout", "upstream timed out") from exc
         except aiohttp.ClientError as exc:
