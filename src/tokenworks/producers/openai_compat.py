@@ -133,7 +133,7 @@ class OpenAIProducer:
         try:
             try:
                 response = await self._session.request(method, url, data=body, headers=sent)
-            except aiohttp.ServerDisconnectedError:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError):
                 # A kept-alive connection the upstream closed as we reused it (its idle
                 # timeout, often 5 s, is shorter than ours): nothing was answered, so send
                 # once more, on a new connection, rather than fail a request for a race.
