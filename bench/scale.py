@@ -271,8 +271,8 @@ GEN_SQL_CHUNK_ROWS = 250_000  # rows per INSERT ... SELECT (one transaction each
 
 
 def _gen_sql(dialect: str, keys: int) -> str:
-    """One chunk of rows made by the database itself (parameters: start_ms, step_ms, first,
-    end): the rows `_usage` describes, the key drawn from a Zipf law (s = 1.1) by inverting
+    """One chunk of rows made by the database itself (parameters: first, end, start_ms,
+    step_ms): the rows `_usage` describes, the key drawn from a Zipf law (s = 1.1) by inverting
     its continuous CDF."""
     lite = dialect == "sqlite"
     ph = "?" if lite else "%s"
@@ -296,16 +296,17 @@ def _gen_sql(dialect: str, keys: int) -> str:
     drawn = (f"SELECT i, {least}({zipf}, {keys - 1}) AS k, {u} AS um, {u} AS us, {u} AS ua,"
              f" {u} AS ub FROM {series}")  # fmt: skip
     shaped = (f"SELECT i, k, {model} AS m, {status} AS st, 10 + CAST(floor(ua * 3990) AS"
-              " INTEGER) AS tin, 1 + CAST(floor(ub * 999) AS INTEGER) AS tout"
-              f" FROM ({drawn}) AS d")  # fmt: skip
+              " INTEGER) AS tin, 1 + CAST(floor(ub * 999) AS INTEGER) AS tout FROM d")  # fmt: skip
     ts = f"CAST({ph} AS BIGINT) + CAST(i AS BIGINT) * CAST({ph} AS BIGINT)"
     values = (f"'req_bench' || {pad('i', 12)}, {ts}, 'key_' || {pad('k', 7)},"
               f" 'acc_' || {pad('k / 2', 6)}, m, 'p-' || m, m, 'chat', st, tin, 0, 0, tout, 0,"
               " 0, 1.0, NULL, 0, NULL, tin * 3 + tout * 15, tin * 4 + tout * 20, NULL, '{}', 0,"
               " 0.0")  # fmt: skip
-    verb = "INSERT OR IGNORE" if lite else "INSERT"
     columns = ", ".join(USAGE_COLUMNS)
-    return f"{verb} INTO usage ({columns}) SELECT {values} FROM ({shaped}) AS rows"
+    # MATERIALIZED: SQLite would otherwise flatten the subquery and draw random() again at
+    # each reference to a column, giving a key's rows other accounts and models.
+    return (f"WITH d AS MATERIALIZED ({drawn}) INSERT INTO usage ({columns})"
+            f" SELECT {values} FROM ({shaped}) AS rows")  # fmt: skip
 
 
 def generate_usage_sql(usage: UsageStore, rows: int, accounts: int, now_ms: int) -> dict[str, Any]:
@@ -320,7 +321,7 @@ def generate_usage_sql(usage: UsageStore, rows: int, accounts: int, now_ms: int)
     step_ms = 365 * DAY_MS // max(1, rows)
     t0 = time.perf_counter()
     for first in range(0, rows, GEN_SQL_CHUNK_ROWS):
-        params = [start_ms, step_ms, first, min(rows, first + GEN_SQL_CHUNK_ROWS)]
+        params = [first, min(rows, first + GEN_SQL_CHUNK_ROWS), start_ms, step_ms]
         if usage.dialect == "sqlite":
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(sql, params)
@@ -333,9 +334,11 @@ def generate_usage_sql(usage: UsageStore, rows: int, accounts: int, now_ms: int)
             print(f"generated {first:,} rows, {took_s:.0f} s, load {_load()}", file=sys.stderr)
     took = time.perf_counter() - t0
     # Every row generated is a row the store could have written: it reads back as a record
-    # whose row is itself.
+    # whose row is itself, and is one draw: its account is its key's, its cost its tokens'.
     for row in usage._fetch("SELECT * FROM usage ORDER BY ts_ms LIMIT 100", [], None):  # type: ignore[attr-defined]
         assert usage_row(record_from_row(row)) == tuple(dict(row)[c] for c in USAGE_COLUMNS), row
+        assert int(row["key_id"][4:]) // 2 == int(row["account_id"][4:]), row
+        assert row["cost_nano"] == row["input_tokens"] * 3 + row["output_tokens"] * 15, row
     return {"rows": rows, "how": "INSERT ... SELECT on the store's write connection",
             "s": round(took, 1), "rows_per_s": round(rows / took)}  # fmt: skip
 
@@ -544,7 +547,7 @@ async def _paying_cases(
             }
 
         # Right after an upgrade (no roll-up yet): the summary reads every raw row.
-        out["raw_rows"] = [await case(False) for _ in range(args.rounds)]
+        out["raw_rows"] = [await case(False) for _ in range(0 if args.skip_raw else args.rounds)]
         print(json.dumps({"raw_rows": out["raw_rows"]}), file=sys.stderr)
         out["rollup_catch_up"] = await asyncio.to_thread(catch_up_rollup, usage_url, now_ms)
         print(json.dumps(out["rollup_catch_up"]), file=sys.stderr)
@@ -808,6 +811,7 @@ def main() -> int:
     ap.add_argument("--gen-only", action="store_true", help="only generate the usage rows")
     ap.add_argument("--gen", choices=("sql", "store"), default="sql",
                     help="rows made by the database or by the store's bulk write")  # fmt: skip
+    ap.add_argument("--skip-raw", action="store_true", help="measure the rolled-up case only")
     ap.add_argument("--rounds", type=int, default=2, help="paying comparisons per case")
     ap.add_argument("--requests", type=int, default=4_000)
     ap.add_argument("--weeks", default="4,16,52")
