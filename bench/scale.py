@@ -5,9 +5,15 @@ Generates large ledgers with the project's own engine and stores (the engine dir
 the admin writes, which is what `Ledger` does minus the await per write), then reports:
 
 1. start-up and memory of the key store with many dead sub-agent keys beside a few live
-   ones (live-only loading) against loading every row (what start-up did before);
+   ones (live-only loading) against loading every row (what start-up did before), under
+   tracemalloc and as the RSS of a fresh process;
 2. the latency of paying ledger operations (hold + durable settle, the relay's ledger path)
-   alone, and while a full-history usage summary, a statement and a ledger check run;
+   alone, and while a full-history usage summary, a statement and a ledger check run, over
+   a year of usage rows (100,000 accounts, two keys each, Zipf-distributed traffic): first
+   reading the raw rows (the roll-up not yet run, as right after an upgrade), then the
+   retention job's roll-up caught up (`retention.run_once`, timed), then the steady state
+   that `tokenworks serve` keeps (whole days from `usage_daily`); on PostgreSQL also with
+   `max_parallel_workers_per_gather = 0` on the usage store's read connections;
 3. a 7-day statement of an account against its age (weeks of history), with the
    whole-history sum that statements used to take beside it;
 4. a month boundary where every tenant's monthly grant renews at once: batches, the longest
@@ -17,8 +23,12 @@ the admin writes, which is what `Ledger` does minus the await per write), then r
    everything at once and checking on the loop (as before) took.
 
     .venv/bin/python bench/scale.py [--dead-keys 200000] [--usage-rows 300000]
-        [--weeks 4,16,52] [--users 100000] [--gc-freeze]
-        [--only keys,paying,statement,boundary,check] [--pg [URL]]
+        [--accounts 100000] [--requests 4000] [--rounds 2] [--weeks 4,16,52]
+        [--users 100000] [--gc-freeze] [--only keys,paying,statement,boundary,check]
+        [--pg [URL]] [--usage-url URL [--gen-only]] [--gen sql|store]
+
+`--usage-url` keeps the usage rows between runs (generated there when the table is empty;
+never dropped by the bench): generate 10M once with `--gen-only`, then measure on them.
 
 Every figure is one process on whatever cores it gets: compare figures of one run (ratios),
 not across machines. Bounded in count and time: each part's sizes are its arguments.
@@ -28,25 +38,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tokenworks import retention
+from tokenworks.config import Retention
+from tokenworks.db.reads import ReadTimeout
 from tokenworks.keys.store import KEY_COLUMNS, KeyStore, _from_row, open_key_rows
 from tokenworks.ledger import Ledger, Period, Recurrence, auditor
 from tokenworks.ledger.engine import SWEEP_TURN_ITEMS
 from tokenworks.ledger.periods import from_ms
 from tokenworks.ledger.rows import Batch
 from tokenworks.ledger.slices import SlicedCopy
-from tokenworks.metering.store import open_usage_store
+from tokenworks.metering import partitions
+from tokenworks.metering.store import (
+    READERS,
+    USAGE_COLUMNS,
+    UsageStore,
+    open_usage_store,
+    record_from_row,
+    usage_row,
+)
 from tokenworks.metering.usage import Usage, UsageRecord
 
 DAY_MS = 86_400_000
@@ -132,37 +157,326 @@ def bench_keys(tmp: Path, dead: int, live: int) -> dict[str, Any]:
         measure.keep = keys  # type: ignore[attr-defined]
         return len(keys)
 
+    rss = {mode: _rss_of_start_up(url, mode) for mode in ("live_only", "every_row")}
     t_live, m_live, n_live = measure(live_only)
     t_all, m_all, n_all = measure(every_row)
     return {
         "keys": {"live": live, "dead": dead},
-        "live_only": {"loaded": n_live, "startup_ms": _ms(t_live), "mib": m_live / 2**20},
-        "every_row": {"loaded": n_all, "startup_ms": _ms(t_all), "mib": m_all / 2**20},
+        "load": _load(),
+        "live_only": {
+            "loaded": n_live,
+            "startup_ms": _ms(t_live),
+            "mib": m_live / 2**20,
+            **rss["live_only"],
+        },
+        "every_row": {
+            "loaded": n_all,
+            "startup_ms": _ms(t_all),
+            "mib": m_all / 2**20,
+            **rss["every_row"],
+        },
     }
+
+
+RSS_CHILD = """
+import json, sys, time
+from tokenworks.keys.store import KeyStore, _from_row, open_key_rows
+
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+url, mode = sys.argv[1], sys.argv[2]
+before = rss_kib()
+t0 = time.perf_counter()
+if mode == "live_only":
+    kept = KeyStore.open(url)
+else:  # what start-up did before: every row into memory
+    r = open_key_rows(url)
+    kept = [_from_row(x) for x in r._conn.execute("SELECT * FROM api_keys")]
+took = time.perf_counter() - t0
+print(json.dumps({"rss_startup_ms": round(took * 1000, 1),
+                  "rss_added_mib": round((rss_kib() - before) / 1024, 1),
+                  "rss_total_mib": round(rss_kib() / 1024, 1)}))
+"""
+
+
+def _rss_of_start_up(url: str, mode: str) -> dict[str, float]:
+    """Start-up time and resident memory of loading the keys in a fresh process (no
+    tracemalloc): what a gateway's RSS grows by at start-up."""
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, url, mode], capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(done.stdout))
 
 
 # ---------------------------------------------------------------------- 2. paying ops
 
+MODELS = ("m-small", "m-large", "m-embed", "m-reason")
+GEN_BATCH_ROWS = 20_000  # rows per `_write` transaction while generating
 
-def _usage(i: int, ts_ms: int) -> UsageRecord:
+
+def _key_weights(keys: int, skew: float) -> list[float]:
+    """Cumulative Zipf weights over key ranks: a few keys carry most of the traffic, most
+    keys little (as tenants do), so a day rolls up to far fewer rows than it has requests."""
+    total, out = 0.0, []
+    for rank in range(1, keys + 1):
+        total += rank**-skew
+        out.append(total)
+    return out
+
+
+def _usage(
+    i: int, ts_ms: int, key: int, keys_per_account: int, draws: tuple[float, ...]
+) -> UsageRecord:
+    """One request's record: each key belongs to one account and mostly uses one model (80 %
+    of its requests; any of the others otherwise); 1 % of requests fail."""
+    model_draw, status_draw, a, b = draws
+    model = MODELS[key % 3] if model_draw < 0.8 else MODELS[int(model_draw * 20) % 4]
+    status = 200 if status_draw < 0.99 else (429, 500)[int(status_draw * 1000) % 2]
+    tokens_in, tokens_out = 10 + int(a * 3_990), 1 + int(b * 999)
     return UsageRecord(
-        request_id=f"u{i}", ts_ms=ts_ms, key_id=f"key_{i % 997}", account_id=str(i % 101),
-        public_model="m", producer="p", upstream_model="m", endpoint="chat", status=200,
-        usage=Usage(input_tokens=30, output_tokens=16), latency_ms=1.0, ttft_ms=None,
-        streamed=False, error=None, cost_nano=100, price_nano=150, service_tier=None, tags={},
+        request_id=f"req_bench{i:012d}", ts_ms=ts_ms, key_id=f"key_{key:07d}",
+        account_id=f"acc_{key // keys_per_account:06d}", public_model=model,
+        producer=f"p-{model}", upstream_model=model, endpoint="chat", status=status,
+        usage=Usage(input_tokens=tokens_in, output_tokens=tokens_out), latency_ms=1.0,
+        ttft_ms=None, streamed=False, error=None, cost_nano=tokens_in * 3 + tokens_out * 15,
+        price_nano=tokens_in * 4 + tokens_out * 20, service_tier=None, tags={},
     )  # fmt: skip
 
 
-async def bench_paying(db: Db, usage_rows: int, requests: int) -> dict[str, Any]:
-    url = db.url("paying")
-    usage = open_usage_store(db.url("usage"))
-    start_ms = int(time.time() * 1000) - 365 * DAY_MS
-    for i in range(usage_rows):  # a year of rows, spread evenly
-        usage.submit(_usage(i, start_ms + i * (365 * DAY_MS // max(1, usage_rows))))
-        if i % 50_000 == 0:
-            usage.flush(60)
-    usage.flush(60)
-    L = await Ledger.open(url, sweep_interval_s=None)
+def _rows(first: int, chosen: list[int], start_ms: int, step_ms: int, keys_per_account: int,
+          rng: random.Random) -> list[tuple[Any, ...]]:  # fmt: skip
+    """`usage_row(_usage(...))` for a batch, built straight as tuples: the records and their
+    JSON cost ~10x more than the database's write of them. `generate_usage` checks the two
+    agree."""
+    out = []
+    rand = rng.random
+    for i, key in enumerate(chosen, first):
+        draws = (rand(), rand(), rand(), rand())
+        model_draw, status_draw, a, b = draws
+        model = MODELS[key % 3] if model_draw < 0.8 else MODELS[int(model_draw * 20) % 4]
+        status = 200 if status_draw < 0.99 else (429, 500)[int(status_draw * 1000) % 2]
+        tokens_in, tokens_out = 10 + int(a * 3_990), 1 + int(b * 999)
+        out.append((
+            f"req_bench{i:012d}", start_ms + i * step_ms, f"key_{key:07d}",
+            f"acc_{key // keys_per_account:06d}", model, f"p-{model}", model, "chat", status,
+            tokens_in, 0, 0, tokens_out, 0, 0, 1.0, None, 0, None,
+            tokens_in * 3 + tokens_out * 15, tokens_in * 4 + tokens_out * 20, None, "{}", 0,
+            0.0, draws,
+        ))  # fmt: skip
+    return out
+
+
+GEN_SQL_CHUNK_ROWS = 250_000  # rows per INSERT ... SELECT (one transaction each)
+
+
+def _gen_sql(dialect: str, keys: int) -> str:
+    """One chunk of rows made by the database itself (parameters: first, end, start_ms,
+    step_ms): the rows `_usage` describes, the key drawn from a Zipf law (s = 1.1) by inverting
+    its continuous CDF."""
+    lite = dialect == "sqlite"
+    ph = "?" if lite else "%s"
+    u = "(random() / 18446744073709551616.0 + 0.5)" if lite else "random()"
+
+    def pad(e: str, w: int) -> str:
+        return f"printf('%0{w}d', {e})" if lite else f"lpad(({e})::text, {w}, '0')"
+
+    if lite:
+        series = (f"(WITH RECURSIVE s(i) AS (SELECT {ph} UNION ALL SELECT i + 1 FROM s"
+                  f" WHERE i + 1 < {ph}) SELECT i FROM s) AS s")  # fmt: skip
+    else:
+        series = f"generate_series({ph}, {ph} - 1) AS s(i)"
+    least = "min" if lite else "least"
+    zipf = f"CAST(floor(power(1 - {u} * (1 - power({keys}.0, -0.1)), -10)) AS BIGINT) - 1"
+    models = " ".join(f"WHEN {n} THEN '{m}'" for n, m in enumerate(MODELS))
+    model = (f"CASE CASE WHEN um < 0.8 THEN mod(k, 3) ELSE mod(CAST(floor(um * 20) AS INTEGER),"
+             f" 4) END {models} END")  # fmt: skip
+    status = ("CASE WHEN us < 0.99 THEN 200 WHEN mod(CAST(floor(us * 1000) AS INTEGER), 2) = 0"
+              " THEN 429 ELSE 500 END")  # fmt: skip
+    drawn = (f"SELECT i, {least}({zipf}, {keys - 1}) AS k, {u} AS um, {u} AS us, {u} AS ua,"
+             f" {u} AS ub FROM {series}")  # fmt: skip
+    shaped = (f"SELECT i, k, {model} AS m, {status} AS st, 10 + CAST(floor(ua * 3990) AS"
+              " INTEGER) AS tin, 1 + CAST(floor(ub * 999) AS INTEGER) AS tout FROM d")  # fmt: skip
+    ts = f"CAST({ph} AS BIGINT) + CAST(i AS BIGINT) * CAST({ph} AS BIGINT)"
+    values = (f"'req_bench' || {pad('i', 12)}, {ts}, 'key_' || {pad('k', 7)},"
+              f" 'acc_' || {pad('k / 2', 6)}, m, 'p-' || m, m, 'chat', st, tin, 0, 0, tout, 0,"
+              " 0, 1.0, NULL, 0, NULL, tin * 3 + tout * 15, tin * 4 + tout * 20, NULL, '{}', 0,"
+              " 0.0")  # fmt: skip
+    columns = ", ".join(USAGE_COLUMNS)
+    # MATERIALIZED: SQLite would otherwise flatten the subquery and draw random() again at
+    # each reference to a column, giving a key's rows other accounts and models.
+    return (f"WITH d AS MATERIALIZED ({drawn}) INSERT INTO usage ({columns})"
+            f" SELECT {values} FROM ({shaped}) AS rows")  # fmt: skip
+
+
+def generate_usage_sql(usage: UsageStore, rows: int, accounts: int, now_ms: int) -> dict[str, Any]:
+    """The same year of rows as `generate_usage`, made by the database on the store's write
+    connection, `GEN_SQL_CHUNK_ROWS` a transaction: no Python per row, for 10M rows on a
+    machine where the store's own path (below) would take an hour."""
+    start_ms = now_ms - 365 * DAY_MS
+    conn: Any = usage._write_conn  # type: ignore[attr-defined]
+    if usage.dialect == "postgres":
+        partitions.ensure(conn, now_ms, start_ms)  # a partition per month, as `generate_usage`
+    sql = _gen_sql(usage.dialect, accounts * 2)
+    step_ms = 365 * DAY_MS // max(1, rows)
+    t0 = time.perf_counter()
+    for first in range(0, rows, GEN_SQL_CHUNK_ROWS):
+        params = [first, min(rows, first + GEN_SQL_CHUNK_ROWS), start_ms, step_ms]
+        if usage.dialect == "sqlite":
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(sql, params)
+            conn.execute("COMMIT")
+        else:
+            with conn.transaction():
+                conn.execute(sql, params)
+        if first % 1_000_000 == 0:
+            took_s = time.perf_counter() - t0
+            print(f"generated {first:,} rows, {took_s:.0f} s, load {_load()}", file=sys.stderr)
+    took = time.perf_counter() - t0
+    # Every row generated is a row the store could have written: it reads back as a record
+    # whose row is itself, and is one draw: its account is its key's, its cost its tokens'.
+    for row in usage._fetch("SELECT * FROM usage ORDER BY ts_ms LIMIT 100", [], None):  # type: ignore[attr-defined]
+        assert usage_row(record_from_row(row)) == tuple(dict(row)[c] for c in USAGE_COLUMNS), row
+        assert int(row["key_id"][4:]) // 2 == int(row["account_id"][4:]), row
+        assert row["cost_nano"] == row["input_tokens"] * 3 + row["output_tokens"] * 15, row
+    return {"rows": rows, "how": "INSERT ... SELECT on the store's write connection",
+            "s": round(took, 1), "rows_per_s": round(rows / took)}  # fmt: skip
+
+
+def generate_usage(usage: UsageStore, rows: int, accounts: int, now_ms: int) -> dict[str, Any]:
+    """A year of usage rows, evenly spread, written through the store's own bulk write (one
+    transaction per `GEN_BATCH_ROWS`), the next batch built while the last is written."""
+    start_ms = now_ms - 365 * DAY_MS
+    if usage.dialect == "postgres":
+        # A year-old deployment has a partition per month (the writer makes each as it
+        # comes); a fresh store has this month's and the next only.
+        partitions.ensure(usage._write_conn, now_ms, start_ms)  # type: ignore[attr-defined]
+    keys_per_account = 2
+    cum = _key_weights(accounts * keys_per_account, 1.1)
+    keys = range(accounts * keys_per_account)
+    rng = random.Random(13)
+    step_ms = 365 * DAY_MS // max(1, rows)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        pending: Any = None
+        for first in range(0, rows, GEN_BATCH_ROWS):
+            n = min(GEN_BATCH_ROWS, rows - first)
+            chosen = rng.choices(keys, cum_weights=cum, k=n)
+            built = _rows(first, chosen, start_ms, step_ms, keys_per_account, rng)
+            if first == 0:  # the fast rows are the records' rows
+                row = built[0]
+                record = _usage(0, row[1], chosen[0], keys_per_account, row[-1])
+                assert usage_row(record) == row[:-1], (usage_row(record), row)
+            batch = [row[:-1] for row in built]
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(usage._write, batch)  # type: ignore[attr-defined]
+            if first % 1_000_000 == 0:
+                took_s = time.perf_counter() - t0
+                print(f"generated {first:,} rows, {took_s:.0f} s, load {_load()}", file=sys.stderr)
+        if pending is not None:
+            pending.result()
+    took = time.perf_counter() - t0
+    return {"rows": rows, "s": round(took, 1), "rows_per_s": round(rows / took)}
+
+
+def usage_rows_in(usage: UsageStore) -> int:
+    return int(usage._fetch("SELECT COUNT(*) AS n FROM usage", [], None)[0]["n"])  # type: ignore[attr-defined]
+
+
+def usage_disk(usage: UsageStore) -> dict[str, Any]:
+    """Bytes the raw rows and the roll-up take, indexes included (SQLite: `dbstat`;
+    PostgreSQL: `pg_total_relation_size` of the table and its partitions)."""
+    fetch: Any = usage._fetch  # type: ignore[attr-defined]
+    if usage.dialect == "sqlite":
+        sql = ("SELECT SUM(pgsize) AS b FROM dbstat WHERE name IN (SELECT name FROM sqlite_master"
+               " WHERE tbl_name = ?)")  # fmt: skip
+    else:
+        sql = ("SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) AS b FROM pg_class c"
+               " WHERE c.oid = to_regclass(%s) OR c.oid IN (SELECT inhrelid FROM pg_inherits"
+               " WHERE inhparent = to_regclass(%s))")  # fmt: skip
+
+    def size(table: str) -> int:
+        params = [table] if usage.dialect == "sqlite" else [table, table]
+        return int(fetch(sql, params, None)[0]["b"] or 0)
+
+    raw, daily = size("usage"), size("usage_daily")
+    n = usage_rows_in(usage)
+    d = int(fetch("SELECT COUNT(*) AS n FROM usage_daily", [], None)[0]["n"])
+    return {"raw_mib": round(raw / 2**20), "raw_b_per_row": round(raw / max(1, n)),
+            "daily_rows": d, "daily_mib": round(daily / 2**20, 1)}  # fmt: skip
+
+
+def catch_up_rollup(url: str, now_ms: int) -> dict[str, Any]:
+    """The retention job's runs until the roll-up has nothing left (what `tokenworks serve`
+    does every `retention.interval_s`, `MAX_DAYS_PER_RUN` days a run)."""
+    runs: list[float] = []
+    days = 0
+    for _ in range(100):
+        t0 = time.perf_counter()
+        rolled = retention.run_once(Retention(), url, now_ms).days_rolled
+        runs.append(time.perf_counter() - t0)
+        days += rolled
+        if rolled < retention.MAX_DAYS_PER_RUN:
+            break
+    wall_min = len(runs) * Retention().interval_s / 60  # the runs are that far apart
+    return {"days": days, "runs": len(runs), "work_s": round(sum(runs), 1),
+            "longest_run_s": round(max(runs), 1),
+            "wall_min_at_default_interval": round(wall_min)}  # fmt: skip
+
+
+def _serial_reads(usage: UsageStore, workers: int) -> None:
+    """Set `max_parallel_workers_per_gather` on every read connection of a PostgreSQL usage
+    store (the pool's connections, all taken at once so each gets it)."""
+    with contextlib.ExitStack() as stack:
+        pool = usage._readers  # type: ignore[attr-defined]
+        for conn in [stack.enter_context(pool.conn()) for _ in range(READERS)]:
+            conn.execute(f"SET max_parallel_workers_per_gather = {int(workers)}")
+
+
+async def bench_paying(db: Db, args: Any) -> dict[str, Any]:
+    own_usage = args.usage_url is None
+    usage_url = db.url("usage") if own_usage else args.usage_url
+    usage = open_usage_store(usage_url)
+    now_ms = int(time.time() * 1000)
+    out: dict[str, Any] = {"usage_url": usage_url.split("?")[-1]}
+    try:
+        have = usage_rows_in(usage)
+        if have == 0:
+            gen = generate_usage if args.gen == "store" else generate_usage_sql
+            out["generate"] = gen(usage, args.usage_rows, args.accounts, now_ms)
+            if usage.dialect == "postgres":
+                with psycopg_connect(usage_url) as c:
+                    c.execute("VACUUM ANALYZE usage")  # what autovacuum does after a load
+        out["usage_rows"] = usage_rows_in(usage)
+        out["accounts"], out["load"] = args.accounts, _load()
+        out["disk_before_rollup"] = usage_disk(usage)
+        if args.gen_only:
+            return out
+        out.update(await _paying_cases(db, usage, usage_url, args, now_ms))
+        out["disk_after_rollup"] = usage_disk(usage)
+        return out
+    finally:
+        usage.close()
+
+
+def psycopg_connect(url: str) -> Any:
+    from tokenworks.db.postgres import connect
+
+    return connect(url)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+async def _paying_cases(
+    db: Db, usage: UsageStore, usage_url: str, args: Any, now_ms: int
+) -> dict[str, Any]:
+    L = await Ledger.open(db.url("paying"), sweep_interval_s=None)
+    out: dict[str, Any] = {}
     try:
         org = (await L.create_account("org", None, "organisation", idempotency_key="o")).id
         await L.top_up(org, 10**15, idempotency_key="t")
@@ -173,10 +487,13 @@ async def bench_paying(db: Db, usage_rows: int, requests: int) -> dict[str, Any]
         await L.flush()
         counter = 0
 
-        async def paying(n: int) -> list[float]:
+        async def paying(n: int, during: asyncio.Task[None] | None = None) -> list[float]:
+            """At least `n` paying operations, and on while `during` runs (bounded)."""
             nonlocal counter
-            out = []
-            for _ in range(n):
+            out: list[float] = []
+            for i in range(100 * n):
+                if i >= n and (during is None or during.done()):
+                    break
                 counter += 1
                 rid = f"r{counter}"
                 t0 = time.perf_counter()
@@ -185,43 +502,68 @@ async def bench_paying(db: Db, usage_rows: int, requests: int) -> dict[str, Any]
                 out.append(time.perf_counter() - t0)
             return out
 
-        async def workers(n: int) -> list[float]:
-            parts = await asyncio.gather(*(paying(n // 8) for _ in range(8)))
+        async def workers(n: int, during: asyncio.Task[None] | None = None) -> list[float]:
+            parts = await asyncio.gather(*(paying(n // 8, during) for _ in range(8)))
             return [x for p in parts for x in p]
 
-        alone = await workers(requests)
-        reads_done: list[str] = []
+        async def summary(use_rollup: bool) -> float | str:
+            """The admin usage summary over all history, by key, under its read limit."""
+            t0 = time.perf_counter()
+            try:
+                await asyncio.to_thread(usage.query, ["key"], use_rollup=use_rollup)
+            except ReadTimeout:  # the admin API answers 503 query_timeout
+                return f"read limit ({usage.read_timeout_s} s) passed"
+            return round(time.perf_counter() - t0, 3)
 
-        async def reads() -> None:
-            since = datetime.now(UTC) - timedelta(days=400)
-            until = datetime.now(UTC) + timedelta(days=1)
-            t0 = time.perf_counter()
-            await asyncio.to_thread(usage.query, ["key"])
-            reads_done.append(f"usage summary {time.perf_counter() - t0:.2f} s")
-            t0 = time.perf_counter()
-            await L.statement(org, since, until)
-            reads_done.append(f"statement {time.perf_counter() - t0:.3f} s")
-            t0 = time.perf_counter()
-            await L.check()
-            reads_done.append(f"check {time.perf_counter() - t0:.2f} s")
+        async def case(use_rollup: bool) -> dict[str, Any]:
+            summary_alone = await summary(use_rollup)
+            alone = await workers(args.requests)
+            reads_done: dict[str, float | str] = {}
 
-        reader = asyncio.create_task(reads())
-        under_reads = await workers(requests)
-        await reader
-        return {
-            "usage_rows": usage_rows,
-            "requests": requests,
-            "alone": {"p50_ms": _ms(_p(alone, 0.5)), "p99_ms": _ms(_p(alone, 0.99))},
-            "with_reads": {
-                "p50_ms": _ms(_p(under_reads, 0.5)),
-                "p99_ms": _ms(_p(under_reads, 0.99)),
-            },
-            "p99_ratio": round(_p(under_reads, 0.99) / _p(alone, 0.99), 2),
-            "reads": reads_done,
-        }
+            async def reads() -> None:
+                since = datetime.now(UTC) - timedelta(days=400)
+                until = datetime.now(UTC) + timedelta(days=1)
+                reads_done["usage_summary_s"] = await summary(use_rollup)
+                t0 = time.perf_counter()
+                await L.statement(org, since, until)
+                reads_done["statement_s"] = round(time.perf_counter() - t0, 3)
+                t0 = time.perf_counter()
+                await L.check()
+                reads_done["check_s"] = round(time.perf_counter() - t0, 3)
+
+            load = _load()
+            reader = asyncio.create_task(reads())
+            under_reads = await workers(args.requests, reader)
+            await reader
+            return {
+                "load": load,
+                "summary_alone_s": summary_alone,
+                "alone": {"p50_ms": _ms(_p(alone, 0.5)), "p99_ms": _ms(_p(alone, 0.99))},
+                "with_reads": {
+                    "p50_ms": _ms(_p(under_reads, 0.5)),
+                    "p99_ms": _ms(_p(under_reads, 0.99)),
+                },
+                "p99_ratio": round(_p(under_reads, 0.99) / _p(alone, 0.99), 2),
+                "ops": [len(alone), len(under_reads)],
+                "reads": reads_done,
+            }
+
+        # Right after an upgrade (no roll-up yet): the summary reads every raw row.
+        out["raw_rows"] = [await case(False) for _ in range(0 if args.skip_raw else args.rounds)]
+        print(json.dumps({"raw_rows": out["raw_rows"]}), file=sys.stderr)
+        out["rollup_catch_up"] = await asyncio.to_thread(catch_up_rollup, usage_url, now_ms)
+        print(json.dumps(out["rollup_catch_up"]), file=sys.stderr)
+        # The steady state: the roll-up current, as the retention job keeps it.
+        out["rolled_up"] = [await case(True) for _ in range(args.rounds)]
+        print(json.dumps({"rolled_up": out["rolled_up"]}), file=sys.stderr)
+        if usage.dialect == "postgres":
+            _serial_reads(usage, 0)
+            out["rolled_up_serial_reads"] = [await case(True) for _ in range(args.rounds)]
+            out["raw_rows_serial_reads"] = [await case(False) for _ in range(args.rounds)]
+            print(json.dumps({k: out[k] for k in out if "serial" in k}), file=sys.stderr)
+        return out
     finally:
         await L.close()
-        usage.close()
 
 
 # ---------------------------------------------------------------------- 3. statements
@@ -532,7 +874,18 @@ def main() -> int:
     ap.add_argument("--dead-keys", type=int, default=200_000)
     ap.add_argument("--live-keys", type=int, default=1_000)
     ap.add_argument("--usage-rows", type=int, default=300_000)
-    ap.add_argument("--requests", type=int, default=2_000)
+    ap.add_argument("--accounts", type=int, default=100_000, help="accounts the usage is over")
+    ap.add_argument(
+        "--usage-url",
+        default=None,
+        help="measure this usage store (kept after; generated first if empty)",
+    )
+    ap.add_argument("--gen-only", action="store_true", help="only generate the usage rows")
+    ap.add_argument("--gen", choices=("sql", "store"), default="sql",
+                    help="rows made by the database or by the store's bulk write")  # fmt: skip
+    ap.add_argument("--skip-raw", action="store_true", help="measure the rolled-up case only")
+    ap.add_argument("--rounds", type=int, default=2, help="paying comparisons per case")
+    ap.add_argument("--requests", type=int, default=4_000)
     ap.add_argument("--weeks", default="4,16,52")
     ap.add_argument("--per-week", type=int, default=300)
     ap.add_argument("--users", type=int, default=100_000)
@@ -560,7 +913,7 @@ def run_parts(out: dict[str, Any], parts: set[str], args: Any, tmp: Path, db: Db
         out["keys"] = bench_keys(tmp, args.dead_keys, args.live_keys)
         print(json.dumps(out["keys"]), file=sys.stderr)
     if "paying" in parts:
-        out["paying"] = asyncio.run(bench_paying(db, args.usage_rows, args.requests))
+        out["paying"] = asyncio.run(bench_paying(db, args))
         print(json.dumps(out["paying"]), file=sys.stderr)
     if "statement" in parts:
         out["statement"] = [
