@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
-from tokenworks.keys.store import KeyStore, open_key_rows
+import pytest
+
+from tokenworks.keys.store import LOAD_LIVE, KeyStore, open_key_rows
 
 from ..conftest import both_stores
 
@@ -116,3 +119,21 @@ def test_a_name_finds_its_keys_in_any_case_dead_ones_included(database: str) -> 
         assert keys.page(10, name="ada") == [] and keys.page(10, name="ada-agent%") == []
     finally:
         keys.close()
+
+
+def test_start_up_reads_neither_revoked_nor_expired_rows(database: str) -> None:
+    """The start-up read is two index ranges (no expiry; expiry after now): a million
+    sub-agent keys that simply expired are not scanned to find the live ones."""
+    if not database.startswith("sqlite"):
+        pytest.skip("the plan asserted is SQLite's; PostgreSQL's planner weighs statistics")
+    open_key_rows(database).close()
+    conn = sqlite3.connect(database.removeprefix("sqlite:///"))
+    try:
+        plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {LOAD_LIVE.format(ph='?')}", (1,))]
+    finally:
+        conn.close()
+    searches = [p for p in plan if p.startswith("SEARCH")]
+    assert searches == [
+        "SEARCH api_keys USING INDEX api_keys_unrevoked_expiry (expires_ms=?)",
+        "SEARCH api_keys USING INDEX api_keys_unrevoked_expiry (expires_ms>?)",
+    ], plan
