@@ -14,7 +14,13 @@ from tests.metering.test_stores import record
 from tokenworks.config import ConfigError, Retention, loads
 from tokenworks.ledger import Ledger
 from tokenworks.metering.store import open_usage_store
-from tokenworks.retention import RetentionJob, run_once
+from tokenworks.retention import (
+    BACKLOG_PAUSE_MIN_S,
+    Report,
+    RetentionJob,
+    next_wait_s,
+    run_once,
+)
 
 DAY_MS = 86_400_000
 NOW_MS = 1_790_000_000_000  # 2026-09-21
@@ -97,11 +103,11 @@ def test_one_pass_rolls_up_deletes_and_compacts(database: str) -> None:
     policy = Retention(usage_rows_days=30, holds_days=40, batch_rows=100)
     first = run_once(policy, database, NOW_MS)
     # A run is bounded: 31 days of backlog rolled up, and only those may lose rows.
-    assert first.days_rolled == 31
+    assert first.days_rolled == 31 and first.more  # a backlog: the next run comes soon
     assert first.holds_compacted == 1
     assert first.usage_rows_deleted > 0
     second = run_once(policy, database, NOW_MS)
-    assert second.days_rolled >= 28
+    assert second.days_rolled >= 28 and not second.more
     store = open_usage_store(database)
     try:
         assert store.records(until_ms=NOW_MS - 31 * DAY_MS) == []
@@ -122,6 +128,14 @@ def test_one_pass_rolls_up_deletes_and_compacts(database: str) -> None:
     assert asyncio.run(check()) == []
     again = run_once(policy, database, NOW_MS)  # nothing left to do
     assert (again.days_rolled, again.usage_rows_deleted, again.holds_compacted) == (0, 0, 0)
+    assert not again.more
+
+
+def test_a_backlog_shortens_the_pause_to_the_runs_own_length() -> None:
+    assert next_wait_s(Report(), 300, took_s=50) == 300
+    assert next_wait_s(Report(more=True), 300, took_s=50) == 50
+    assert next_wait_s(Report(more=True), 300, took_s=0.01) == BACKLOG_PAUSE_MIN_S
+    assert next_wait_s(Report(more=True), 30, took_s=50) == 30
 
 
 def test_the_job_runs_on_its_thread_until_stopped(tmp_path: object) -> None:

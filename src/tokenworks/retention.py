@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
 MAX_DAYS_PER_RUN = 31  # days rolled up per run: a year of backlog is caught up in 12 runs
 MAX_BATCHES_PER_RUN = 100
+BACKLOG_PAUSE_MIN_S = 1.0
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class Report:
     usage_rows_deleted: int = 0
     holds_compacted: int = 0
     transfers_deleted: int = 0
+    more: bool = False  # a step stopped at its bound: there is a backlog left
 
 
 def run_once(policy: Retention, url: str, now_ms: int) -> Report:
@@ -68,7 +70,21 @@ def run_once(policy: Retention, url: str, now_ms: int) -> Report:
             )
     finally:
         transfers.close()
+    most_rows = policy.batch_rows * MAX_BATCHES_PER_RUN
+    report.more = report.days_rolled >= MAX_DAYS_PER_RUN or any(
+        n >= most_rows
+        for n in (report.usage_rows_deleted, report.holds_compacted, report.transfers_deleted)
+    )
     return report
+
+
+def next_wait_s(report: Report, interval_s: float, took_s: float) -> float:
+    """The pause before the next run: the interval; with a backlog left (a year of days to
+    roll up after an upgrade), a pause as long as the run took, so that the backlog is gone
+    within the hour yet the job never takes more than half the time."""
+    if not report.more:
+        return interval_s
+    return min(interval_s, max(BACKLOG_PAUSE_MIN_S, took_s))
 
 
 class RetentionJob:
@@ -95,12 +111,17 @@ class RetentionJob:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.policy.interval_s):
+        wait_s = self.policy.interval_s
+        while not self._stop.wait(wait_s):
+            wait_s = self.policy.interval_s
+            started = time.monotonic()
             try:
                 self.last = run_once(self.policy, self.url, int(time.time() * 1000))
             except Exception:
                 # The next run tries again; nothing is deleted that is not rolled up first.
                 log.exception("retention: the run failed")
+                continue
+            wait_s = next_wait_s(self.last, self.policy.interval_s, time.monotonic() - started)
 
 
-__all__ = ["Report", "RetentionJob", "run_once"]
+__all__ = ["Report", "RetentionJob", "next_wait_s", "run_once"]
