@@ -7,8 +7,11 @@ tables in that schema. `table.py` declares tables; `sqlite.py` and `postgres.py`
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Literal
+import sqlite3
+from collections.abc import Iterator
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 Dialect = Literal["sqlite", "postgres"]
@@ -44,4 +47,22 @@ def split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(rest))), schema
 
 
-__all__ = ["Dialect", "backend", "split_schema", "sqlite_path"]
+@contextlib.contextmanager
+def job_transaction(conn: Any) -> Iterator[None]:
+    """One transaction of a background job on its own connection: on SQLite `BEGIN
+    IMMEDIATE`, so the write lock is taken before the reads its writes depend on (a
+    deferred transaction could be refused the lock halfway); psycopg's own block else."""
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    else:
+        with conn.transaction():
+            yield
+
+
+__all__ = ["Dialect", "backend", "job_transaction", "split_schema", "sqlite_path"]

@@ -26,10 +26,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import sqlite3
-from collections.abc import Iterator
 from typing import Any
 
-from tokenworks.db import backend, sqlite_path
+from tokenworks.db import backend, job_transaction, sqlite_path
 from tokenworks.ledger.schema import HOLDS_COMPACTED
 
 DAY_MS = 86_400_000
@@ -67,19 +66,8 @@ class HoldCompactor:
     def close(self) -> None:
         self._conn.close()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        if isinstance(self._conn, sqlite3.Connection):
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        else:
-            with self._conn.transaction():
-                yield
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        return job_transaction(self._conn)
 
     def _has_holds_table(self) -> bool:
         if self.dialect == "sqlite":

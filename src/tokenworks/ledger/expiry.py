@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from tokenworks.db import backend, sqlite_path
+from tokenworks.db import backend, job_transaction, sqlite_path
 from tokenworks.ledger.compaction import DAY_MS, MIN_HOLDS_DAYS
 from tokenworks.ledger.schema import HORIZON_KEY, PERIOD_MS, TRANSFERS_DEFAULT, VERIFIED_KEY
 from tokenworks.ledger.store import exact
@@ -130,19 +129,8 @@ class TransferExpiry:
 
     # ------------------------------------------------------------------ SQL plumbing
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        if isinstance(self._conn, sqlite3.Connection):
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        else:
-            with self._conn.transaction():
-                yield
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        return job_transaction(self._conn)
 
     def _sql(self, text: str) -> str:
         return text.replace("XSUM(", "xsum(" if self.dialect == "sqlite" else "SUM(")

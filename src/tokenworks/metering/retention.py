@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
 from typing import Any
 
-from tokenworks.db import backend, sqlite_path
+from tokenworks.db import backend, job_transaction, sqlite_path
 from tokenworks.metering import partitions, rollup
 from tokenworks.metering.rollup import DAY_MS, day_of, day_start_ms
 
@@ -59,19 +58,8 @@ class UsageRetention:
 
     # ------------------------------------------------------------------ SQL plumbing
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        if self._lite is not None:
-            self._lite.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._lite.execute("ROLLBACK")
-                raise
-            self._lite.execute("COMMIT")
-        else:
-            with self._pg.transaction():
-                yield
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        return job_transaction(self._lite if self._lite is not None else self._pg)
 
     def _exec(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> int:
         conn: Any = self._lite if self._lite is not None else self._pg
