@@ -75,15 +75,22 @@ def account_label(row: dict[str, Any]) -> str:
     return f"{row['id']} ({row['name']})"
 
 
+def _by_id(get: Get, path: str) -> dict[str, Any] | None:
+    """What looks like an id is one cheap read; a 404 means it may be a name after all."""
+    try:
+        row: dict[str, Any] = get(path)
+        return row
+    except AdminError as exc:
+        if not str(exc).startswith("404"):
+            raise
+    return None
+
+
 def account(get: Get, ref: str) -> dict[str, Any]:
     """The account `ref` names (operator accounts included), as the list endpoint shows it."""
-    if ref.isdigit():  # an id: one cheap read, and its 404 says what is missing
-        try:
-            row: dict[str, Any] = get(f"/admin/v1/accounts/{ref}")
-            return row
-        except AdminError as exc:
-            if not str(exc).startswith("404"):
-                raise
+    row = _by_id(get, f"/admin/v1/accounts/{ref}") if ref.isdigit() else None
+    if row is not None:
+        return row
     rows = named(get, "/admin/v1/accounts", {"include_operator": "true"}, ref)
     found: dict[str, Any] = _pick(ref, "account", rows, lambda r: f"{account_label(r)} {r['kind']}")
     return found
@@ -91,13 +98,10 @@ def account(get: Get, ref: str) -> dict[str, Any]:
 
 def key(get: Get, ref: str) -> dict[str, Any]:
     """The key `ref` names; among keys of one name, the one still live when only one is."""
-    if ref.startswith("key_") and "/" not in ref:  # an id: one cheap read
-        try:
-            row: dict[str, Any] = get(f"/admin/v1/keys/{urllib.parse.quote(ref)}")
-            return row
-        except AdminError as exc:
-            if not str(exc).startswith("404"):
-                raise
+    is_id = ref.startswith("key_") and "/" not in ref
+    row = _by_id(get, f"/admin/v1/keys/{urllib.parse.quote(ref)}") if is_id else None
+    if row is not None:
+        return row
     rows = named(get, "/admin/v1/keys", {}, ref)
     live = [r for r in rows if not r.get("revoked_at")]
     try:
