@@ -8,6 +8,7 @@ violations as sentences; an empty list means sound.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import TYPE_CHECKING, NamedTuple
 
 from tokenworks.ledger.domain import CUSTOMER_KINDS, NEGATIVE_KINDS, AccountKind
@@ -188,6 +189,17 @@ def budgets_since_ms(cut: Cut) -> int:
 def cut_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, int]]) -> list[str]:
     """The engine's invariants at the cut, then the store against it: safe on any thread."""
     return [*fact_violations(cut.facts), *store_violations(cut, audit, settled)]
+
+
+def let_go(cut: Cut, audit: AuditData) -> None:
+    """Empty the cut's and the audit's lists AUDIT_CHUNK_ROWS items a call; on the check's
+    thread, once compared. Dropped whole on the loop (the check's last reference), a list of
+    200,000 figures is freed in one call that holds the GIL: 45 ms measured for them all."""
+    lists = [*cut.facts, *(getattr(audit, f.name) for f in fields(audit))]
+    for col in lists:
+        if type(col) is list:
+            while col:
+                del col[-AUDIT_CHUNK_ROWS:]
 
 
 def chunked_dict(keys: list[int], values: list[int]) -> dict[int, int]:
