@@ -11,6 +11,7 @@ outlives a cancelled or timed-out check, or grows without bound; two checks at o
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from datetime import timedelta
 from types import SimpleNamespace
@@ -559,5 +560,23 @@ def test_overlapping_checks_copy_one_at_a_time(
         with pytest.raises(LedgerBusy):
             SlicedCopy(L.engine)
         first.abandon()
+
+    run(with_ledger(url, body))
+
+
+def test_the_copys_columns_start_old_for_the_collector(url: str) -> None:  # noqa: F811
+    """The collector's young passes walk every element of a young list, the GIL held: the
+    copy's columns, grown to a figure per account or bucket, are made old while empty."""
+
+    def young() -> set[int]:
+        return {id(o) for o in gc.get_objects(0)} | {id(o) for o in gc.get_objects(1)}
+
+    async def body(L: Ledger, _: Clock) -> None:
+        copy = SlicedCopy(L.engine)
+        try:
+            cols = [getattr(copy, name) for name in slices._COLUMNS]
+            assert cols and not {id(c) for c in cols} & young()
+        finally:
+            copy.abandon()
 
     run(with_ledger(url, body))

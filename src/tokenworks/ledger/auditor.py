@@ -8,9 +8,11 @@ violations as sentences; an empty list means sound.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import TYPE_CHECKING, NamedTuple
 
 from tokenworks.ledger.domain import CUSTOMER_KINDS, NEGATIVE_KINDS, AccountKind
+from tokenworks.ledger.store import AUDIT_CHUNK_ROWS
 
 if TYPE_CHECKING:
     from tokenworks.ledger.engine import Engine
@@ -189,6 +191,30 @@ def cut_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, int
     return [*fact_violations(cut.facts), *store_violations(cut, audit, settled)]
 
 
+def let_go(cut: Cut, audit: AuditData) -> None:
+    """Empty the cut's and the audit's lists AUDIT_CHUNK_ROWS items a call; on the check's
+    thread, once compared. Dropped whole on the loop (the check's last reference), a list of
+    200,000 figures is freed in one call that holds the GIL: 45 ms measured for them all."""
+    lists = [*cut.facts, *(getattr(audit, f.name) for f in fields(audit))]
+    for col in lists:
+        if type(col) is list:
+            while col:
+                del col[-AUDIT_CHUNK_ROWS:]
+
+
+def chunked_dict(keys: list[int], values: list[int]) -> dict[int, int]:
+    """`dict(zip(keys, values))`, AUDIT_CHUNK_ROWS entries a call: one call for 200,000
+    holds the GIL (and so the event loop) for as long as it takes; between two calls the
+    loop may run."""
+    if len(keys) != len(values):
+        raise ValueError("keys and values differ in length")
+    out: dict[int, int] = {}
+    for i in range(0, len(keys), AUDIT_CHUNK_ROWS):
+        j = i + AUDIT_CHUNK_ROWS
+        out.update(zip(keys[i:j], values[i:j], strict=True))
+    return out
+
+
 def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, int]]) -> list[str]:
     """The store at the cut's commit against the engine at it: balances and buckets equal
     to their transfers and to memory, every settled hold charged its price, costs posted,
@@ -196,10 +222,12 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
     (`settled`: (scopes JSON, price, closed ms) since `budgets_since_ms`). Transfers that
     retention deleted count through the sums it kept (`expiry.py`, `AuditData`)."""
     violations: list[str] = []
-    engine_balances = dict(zip(cut.facts.account_ids, cut.facts.balances, strict=True))
-    engine_buckets = dict(zip(cut.facts.bucket_ids, cut.facts.remaining, strict=True))
+    engine_balances = chunked_dict(cut.facts.account_ids, cut.facts.balances)
+    engine_buckets = chunked_dict(cut.facts.bucket_ids, cut.facts.remaining)
     total = 0
-    for acc_id, stored, net, periods in audit.accounts:
+    accounts = zip(audit.account_ids, audit.account_balances, audit.account_nets,
+                   audit.account_periods, strict=True)  # fmt: skip
+    for acc_id, stored, net, periods in accounts:
         total += stored
         if stored != net:
             violations.append(f"store account {acc_id}: balance {stored} != transfers {net}")
@@ -225,7 +253,9 @@ def store_violations(cut: Cut, audit: AuditData, settled: list[tuple[str, int, i
             f"store: {audit.dropped_after_horizon} sums of deleted transfers at or after the "
             f"horizon {audit.horizon_ms}"
         )
-    for bucket_id, remaining, closed, net in audit.buckets:
+    buckets = zip(audit.bucket_ids, audit.bucket_remaining, audit.bucket_closed,
+                  audit.bucket_nets, strict=True)  # fmt: skip
+    for bucket_id, remaining, closed, net in buckets:
         if remaining != net:
             violations.append(f"store bucket {bucket_id}: {remaining} != transfers {net}")
         if closed and remaining:

@@ -628,6 +628,13 @@ class Ledger:
             settled = await snap.settled_scopes(auditor.budgets_since_ms(cut), MAX_TIME_MS)
         finally:
             await snap.close()
-        violations = await asyncio.to_thread(auditor.cut_violations, cut, audit, settled)
+
+        def compare() -> list[str]:
+            try:
+                return auditor.cut_violations(cut, audit, settled)
+            finally:
+                auditor.let_go(cut, audit)  # here, a chunk a call: not all at once on the loop
+
+        violations = await asyncio.to_thread(compare)
         self.store_compared = True
         return violations

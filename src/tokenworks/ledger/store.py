@@ -7,6 +7,7 @@ back, and answers the audit and statement queries. All judgement lives in the en
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,11 +37,6 @@ class AuditData:
     Transfers retention deleted (`expiry.py`) count through what it kept in their place:
     each period row's `dropped_nano`, each bucket's base, the per-week, per-kind sums."""
 
-    # (account_id, stored balance, net of its transfers with the dropped ones, sum of its
-    # period nets)
-    accounts: list[tuple[int, int, int, int]]
-    # (bucket_id, stored remaining, closed, net of its transfers with its base)
-    buckets: list[tuple[int, int, int, int]]
     # settled holds whose spend transfers do not add up to their price: (id, price, posted)
     mischarged: list[tuple[str, int, int]]
     bad_transfers: int  # non-positive amounts or self-transfers other than rollovers
@@ -54,6 +50,18 @@ class AuditData:
     unbalanced_weeks: list[tuple[int, int]] = field(default_factory=list)
     horizon_ms: int = 0  # every transfer from here on is kept (0: none deleted)
     dropped_after_horizon: int = 0  # sums of deleted transfers at or after it: none, ever
+    # A column of ints per figure, not a tuple per row (`AuditReader`). Per account: its id,
+    # stored balance, the net of its transfers with the dropped ones, the sum of its period
+    # nets.
+    account_ids: list[int] = field(default_factory=list)
+    account_balances: list[int] = field(default_factory=list)
+    account_nets: list[int] = field(default_factory=list)
+    account_periods: list[int] = field(default_factory=list)
+    # Per bucket: its id, stored remaining, closed (0/1), the net of its transfers with its base.
+    bucket_ids: list[int] = field(default_factory=list)
+    bucket_remaining: list[int] = field(default_factory=list)
+    bucket_closed: list[int] = field(default_factory=list)
+    bucket_nets: list[int] = field(default_factory=list)
 
 
 Movement = tuple[str, int, str | None, int, str | None]
@@ -286,18 +294,56 @@ def exact(value: Any) -> int:
     return 0 if value is None else value if type(value) is int else int(value)
 
 
+# Rows an audit read holds at once. The per-account and per-bucket queries (AUDIT_ROWS) are
+# read this many rows at a time into columns of ints: a fetch of every row is one call that
+# holds the GIL (and so the event loop) while it builds a tuple per row, and 300,000 live
+# tuples wake the collector, whose passes hold it too; ints are not tracked, and a chunk's
+# tuples are freed before the next.
+AUDIT_CHUNK_ROWS = 1_000
+
+
+class AuditReader:
+    """AuditData from the audit queries: the small ones whole (`AUDIT_QUERIES`: each is a
+    row or the rows that disagree), then AUDIT_ROWS' rows a chunk at a time (`take`)."""
+
+    chunk_rows = AUDIT_CHUNK_ROWS  # rows a store fetches per `take`
+
+    def __init__(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        self.data = audit_data(rows)
+        # The collector walks every element of a young list (a cache miss per element, the
+        # GIL held): passed to the oldest generation while empty, the columns are not
+        # walked again as they grow (a full pass aside). A pass over the few young objects.
+        gc.collect(1)
+        # Per account: its period nets less what its transfers add up to, over the weeks
+        # that disagree (AUDIT_WEEKS); its net is its period nets less that.
+        self._off: dict[int, int] = {}
+        for a, _, net, counted in self.data.weeks:
+            self._off[a] = self._off.get(a, 0) + net - counted
+
+    def take(self, name: str, chunk: Sequence[Any]) -> None:
+        """Add at most `chunk_rows` rows of AUDIT_ROWS[name] to the columns."""
+        d, off = self.data, self._off
+        if name == "accounts":
+            for i, bal, p in chunk:
+                periods = exact(p)
+                d.account_ids.append(i)
+                d.account_balances.append(exact(bal))
+                d.account_nets.append(periods - off.get(i, 0))
+                d.account_periods.append(periods)
+            return
+        for i, rem, closed, c, dr, base in chunk:
+            d.bucket_ids.append(i)
+            d.bucket_remaining.append(exact(rem))
+            d.bucket_closed.append(int(closed))
+            d.bucket_nets.append(exact(c) - exact(dr) + exact(base))
+
+
 def audit_data(rows: dict[str, list[tuple[Any, ...]]]) -> AuditData:
-    """AuditData from the rows of AUDIT_QUERIES (by name), the nets taken exactly."""
+    """AuditData from the rows of AUDIT_QUERIES (by name), the nets taken exactly; its
+    columns empty (`AuditReader` fills them)."""
     # (account, week, period net, what its transfers add up to, dropped ones included):
     # p - q is the period net less that.
     weeks = [(a, w, exact(n), exact(n) - exact(p) + exact(q)) for a, w, p, q, n in rows["weeks"]]
-    off: dict[int, int] = {}
-    for a, _, net, counted in weeks:
-        off[a] = off.get(a, 0) + net - counted
-    accounts = []
-    for i, bal, p in rows["accounts"]:
-        periods = exact(p)
-        accounts.append((i, exact(bal), periods - off.get(i, 0), periods))
     compacted, orphaned, dropped_spend = (exact(v) for v in rows["orphan_spend"][0])
     mischarged = list(rows["mischarged"])
     if compacted != orphaned + dropped_spend:
@@ -305,11 +351,6 @@ def audit_data(rows: dict[str, list[tuple[Any, ...]]]) -> AuditData:
     posted, settled, dropped_cost = rows["costs"][0]
     horizon, after = rows["horizon"][0]
     return AuditData(
-        accounts=accounts,
-        buckets=[
-            (i, exact(rem), closed, exact(c) - exact(d) + exact(base))
-            for i, rem, closed, c, d, base in rows["buckets"]
-        ],
         mischarged=mischarged,
         bad_transfers=int(rows["bad_transfers"][0][0]),
         costs=(exact(posted) + exact(dropped_cost), exact(settled)),
@@ -322,10 +363,8 @@ def audit_data(rows: dict[str, list[tuple[Any, ...]]]) -> AuditData:
 
 
 AUDIT_QUERIES = {
-    "accounts": AUDIT_ACCOUNTS,
     "weeks": AUDIT_WEEKS,
     "unbalanced_weeks": AUDIT_UNBALANCED_WEEKS,
-    "buckets": AUDIT_BUCKETS,
     "mischarged": AUDIT_MISCHARGED,
     "orphan_spend": AUDIT_ORPHAN_SPEND,
     "bad_transfers": AUDIT_BAD_TRANSFERS,
@@ -333,6 +372,8 @@ AUDIT_QUERIES = {
     "open_holds": AUDIT_OPEN_HOLDS,
     "horizon": AUDIT_HORIZON,
 }
+# A row per account and per bucket: read AUDIT_CHUNK_ROWS at a time (`AuditReader.take`).
+AUDIT_ROWS = {"accounts": AUDIT_ACCOUNTS, "buckets": AUDIT_BUCKETS}
 
 
 def upsert_tail(table: Table, excluded: str) -> str:

@@ -32,6 +32,7 @@ from tokenworks.ledger.rows import Batch, Snapshot
 from tokenworks.ledger.schema import PERIOD_MS, TRANSFERS, ddl
 from tokenworks.ledger.store import (
     AUDIT_QUERIES,
+    AUDIT_ROWS,
     BATCH_TABLES,
     GET_HOLD,
     GET_HORIZON,
@@ -43,8 +44,8 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
+    AuditReader,
     StatementData,
-    audit_data,
     net_before_params,
     net_of,
     numbered,
@@ -147,7 +148,16 @@ async def _fetch(
 
 
 async def _read_audit(conn: asyncpg.Connection) -> AuditData:
-    return audit_data({k: await _fetch(conn, q, {}) for k, q in AUDIT_QUERIES.items()})
+    """The audit, on the event loop: the per-account and per-bucket rows through a cursor
+    of the snapshot's transaction, AUDIT_CHUNK_ROWS at a time, each chunk turned into
+    columns of ints between two awaits (a `fetch` of every row would make them all, and a
+    tuple of each, in one turn)."""
+    reader = AuditReader({k: await _fetch(conn, q, {}) for k, q in AUDIT_QUERIES.items()})
+    for name, q in AUDIT_ROWS.items():
+        cursor = await conn.cursor(_sql(q))
+        while chunk := await cursor.fetch(reader.chunk_rows):
+            reader.take(name, chunk)
+    return reader.data
 
 
 class PostgresSnapshot:

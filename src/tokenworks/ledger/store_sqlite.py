@@ -28,6 +28,7 @@ from tokenworks.ledger.rows import Batch, Snapshot
 from tokenworks.ledger.schema import ddl
 from tokenworks.ledger.store import (
     AUDIT_QUERIES,
+    AUDIT_ROWS,
     BATCH_TABLES,
     GET_HOLD,
     GET_HORIZON,
@@ -39,8 +40,8 @@ from tokenworks.ledger.store import (
     SETTLED_SCOPES,
     Attachment,
     AuditData,
+    AuditReader,
     StatementData,
-    audit_data,
     net_before_params,
     net_of,
     upsert_tail,
@@ -121,8 +122,15 @@ def read_statement(
 
 
 def read_audit(conn: sqlite3.Connection) -> AuditData:
-    rows = {k: [tuple(r) for r in conn.execute(sql(q))] for k, q in AUDIT_QUERIES.items()}
-    return audit_data(rows)
+    """The audit, the per-account and per-bucket rows AUDIT_CHUNK_ROWS at a time: each
+    `fetchmany` holds the GIL only while it builds that many tuples (SQLite's own work
+    releases it), and they are freed before the next."""
+    reader = AuditReader({k: conn.execute(sql(q)).fetchall() for k, q in AUDIT_QUERIES.items()})
+    for name, q in AUDIT_ROWS.items():
+        cursor = conn.execute(sql(q))
+        while chunk := cursor.fetchmany(reader.chunk_rows):
+            reader.take(name, chunk)
+    return reader.data
 
 
 def exact_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
