@@ -155,3 +155,24 @@ def test_a_ledger_check_past_its_time_limit_is_a_503(
     ledger.read_timeout_s = WAIT_S
     r = gateway.admin("GET", "/admin/v1/ledger/check")
     assert r.status_code == 200 and r.json()["ok"], r.text
+
+
+def test_a_usage_answer_is_whole_json_whatever_its_size(gateway: Gateway) -> None:
+    """The answer is encoded in chunks (`ENCODE_CHUNK_ROWS`); empty, one chunk and more
+    must all be one valid JSON document."""
+    empty = gateway.admin("GET", "/admin/v1/usage", params={"group_by": "key"})
+    assert empty.status_code == 200 and empty.json() == {
+        "object": "list", "group_by": ["key"], "data": []
+    }  # fmt: skip
+    for i in range(3):
+        key = gateway.create_key(name=f"u{i}")
+        c = httpx.post(
+            f"{gateway.v1}/chat/completions",
+            headers={"Authorization": f"Bearer {key['key']}"},
+            json={"model": "chat-fast", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert c.status_code == 200, c.text
+    body = gateway.admin("GET", "/admin/v1/usage", params={"group_by": "key"}).json()
+    assert len(body["data"]) == 3 and all(r["requests"] == 1 for r in body["data"])
+    assert {"cost", "price", "total_tokens"} <= set(body["data"][0])

@@ -303,6 +303,20 @@ class Summary:
     sums: dict[str, int]
 
 
+FETCH_CHUNK_ROWS = 500
+
+
+def fetch_yielding(cursor: Any) -> list[Any]:
+    """A cursor's rows, fetched `FETCH_CHUNK_ROWS` at a time with the GIL let go between
+    chunks: `fetchall` of a 200,000-group summary is one C call that holds it throughout,
+    and the event loop's paying requests would wait for the whole of it."""
+    rows: list[Any] = []
+    while chunk := cursor.fetchmany(FETCH_CHUNK_ROWS):
+        rows += chunk
+        time.sleep(0)  # a waiting thread (the event loop's) takes the GIL here
+    return rows
+
+
 def summaries(groups: list[str], rows: Iterable[Mapping[str, Any]]) -> list[Summary]:
     # int(): PostgreSQL's SUM(bigint) is numeric, which arrives as Decimal.
     return [
@@ -592,9 +606,9 @@ class SqliteUsageStore(UsageStore):
     ) -> list[Mapping[str, Any]]:
         if self._readers is None:  # in memory: the writer's connection, behind the lock
             with self._read_lock, sqlite_deadline(self._read_conn, timeout_s):
-                return self._read_conn.execute(sql, params).fetchall()
+                return fetch_yielding(self._read_conn.execute(sql, params))
         with self._readers.conn() as conn, sqlite_deadline(conn, timeout_s):
-            return conn.execute(sql, params).fetchall()
+            return fetch_yielding(conn.execute(sql, params))
 
     def _close_connections(self) -> None:
         self._write_conn.close()

@@ -25,7 +25,14 @@ import psycopg
 from tokenworks.db.postgres import REFUSED_SQLSTATE_CLASSES, connect
 from tokenworks.db.reads import ReadPool, ReadTimeout, pg_timeout_ms
 from tokenworks.metering import partitions, rollup
-from tokenworks.metering.store import READERS, USAGE, USAGE_SCHEMA, UsageStore, upgrade_sql
+from tokenworks.metering.store import (
+    READERS,
+    USAGE,
+    USAGE_SCHEMA,
+    UsageStore,
+    fetch_yielding,
+    upgrade_sql,
+)
 
 WRITE_ATTEMPTS = 5
 log = logging.getLogger(__name__)
@@ -131,13 +138,13 @@ class PostgresUsageStore(UsageStore):
     ) -> Sequence[Mapping[str, Any]]:
         with self._readers.conn() as conn:
             if timeout_s is None:
-                return conn.execute(sql, params).fetchall()
+                return fetch_yielding(conn.execute(sql, params))
             try:
                 with conn.transaction():
                     # SET LOCAL: the limit ends with this read's transaction.
                     limit = str(pg_timeout_ms(timeout_s))
                     conn.execute("SELECT set_config('statement_timeout', %s, true)", (limit,))
-                    return conn.execute(sql, params).fetchall()
+                    return fetch_yielding(conn.execute(sql, params))
             except psycopg.errors.QueryCanceled as exc:
                 raise ReadTimeout(timeout_s) from exc
 
