@@ -468,6 +468,16 @@ def test_text_the_store_cannot_hold_is_refused_or_replaced(url: str) -> None:
     run(with_ledger(url, body))
 
 
+async def tamper(L: Ledger, sql: str) -> None:
+    """Change the store behind the ledger's back, as a bug or a hand would."""
+    store: Any = L.store
+    if store.dialect == "sqlite":
+        await store._run(store.conn.execute, sql)
+    else:
+        async with store._pool.acquire() as c:
+            await c.execute(sql)
+
+
 def test_check_sees_a_tampered_store(url: str) -> None:
     async def body(L: Ledger, _: Clock) -> None:
         org, _, _ = await org_tree(L)
@@ -476,17 +486,10 @@ def test_check_sees_a_tampered_store(url: str) -> None:
             await L.hold([org], 100, request_id=f"r{i}")
             await L.settle(f"r{i}", price_nano=50, cost_nano=cost, producer="p", model="m")
         assert await L.check() == []
-        store: Any = L.store
-
-        async def tamper(sql: str) -> None:
-            if store.dialect == "sqlite":
-                await store._run(store.conn.execute, sql)
-            else:
-                async with store._pool.acquire() as c:
-                    await c.execute(sql)
-
-        await tamper(f"UPDATE ledger_accounts SET balance_nano = balance_nano + 1 WHERE id = {org}")
-        await tamper("UPDATE ledger_holds SET cost_nano = 31 WHERE id = 'r0'")
+        await tamper(
+            L, f"UPDATE ledger_accounts SET balance_nano = balance_nano + 1 WHERE id = {org}"
+        )
+        await tamper(L, "UPDATE ledger_holds SET cost_nano = 31 WHERE id = 'r0'")
         v = await L.check()
         assert any("sum of balances" in x for x in v)
         assert any(f"store account {org}" in x for x in v)
@@ -524,23 +527,14 @@ def test_check_reads_the_store_a_bounded_chunk_at_a_time(
         assert max(n for _, n in taken) <= 2
         assert sum(n for name, n in taken if name == "accounts") == n_accounts
         assert sum(n for name, n in taken if name == "buckets") == n_buckets
-        store: Any = L.store
-
-        async def tamper(sql: str) -> None:
-            if store.dialect == "sqlite":
-                await store._run(store.conn.execute, sql)
-            else:
-                async with store._pool.acquire() as c:
-                    await c.execute(sql)
-
         first, last = orgs[0], orgs[-1]
         await tamper(
-            f"UPDATE ledger_accounts SET balance_nano = balance_nano + 1 WHERE id = {last}"
+            L, f"UPDATE ledger_accounts SET balance_nano = balance_nano + 1 WHERE id = {last}"
         )
-        await tamper(f"UPDATE ledger_account_periods SET net_nano = net_nano + 2 "
+        await tamper(L, f"UPDATE ledger_account_periods SET net_nano = net_nano + 2 "
                      f"WHERE account_id = {first}")  # fmt: skip
         bucket = max(L.engine.buckets)
-        await tamper(f"UPDATE ledger_buckets SET remaining_nano = remaining_nano + 3 "
+        await tamper(L, f"UPDATE ledger_buckets SET remaining_nano = remaining_nano + 3 "
                      f"WHERE id = {bucket}")  # fmt: skip
         v = await L.check()
         balance = L.engine.accounts[last].balance_nano
