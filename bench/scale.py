@@ -624,25 +624,33 @@ async def bench_statement(db: Db, weeks: int, per_week: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- 4. boundary
 
 
+async def _tenants_on_monthly_grants(L: Ledger, users: int) -> int:
+    """`users` accounts with a monthly grant each (the engine directly, as fast as it goes),
+    and a funded payer account for the paying operations; returns the payer's id."""
+    e = L.engine
+    now_ms = L.now_ms()
+    for i in range(users):
+        acc = e.create_account(f"u{i}", None, "organisation", draws_on_parent=False,
+                               idempotency_key=f"a{i}", now_ms=now_ms)  # fmt: skip
+        e.grant(acc["id"], 1_000, recurring=Recurrence(Period.MONTH), rollover_cap_nano=0,
+                priority=0, expires_ms=None, effective_ms=None, idempotency_key=f"g{i}",
+                now_ms=now_ms)  # fmt: skip
+        if i % 10_000 == 0:
+            await L.flush()
+    payer: int = e.create_account("payer", None, "organisation", draws_on_parent=False,
+                                  idempotency_key="p", now_ms=now_ms)["id"]  # fmt: skip
+    e.top_up(payer, 10**12, idempotency_key="pt", now_ms=now_ms)
+    await L.flush()
+    return payer
+
+
 async def bench_boundary(db: Db, users: int, freeze: bool) -> dict[str, Any]:
     clock_s = [datetime(2026, 3, 31, 23, tzinfo=UTC).timestamp()]
     L = await Ledger.open(db.url("boundary"), clock=lambda: clock_s[0],
                           sweep_interval_s=None)  # fmt: skip
     try:
         e = L.engine
-        now_ms = L.now_ms()
-        for i in range(users):
-            acc = e.create_account(f"u{i}", None, "organisation", draws_on_parent=False,
-                                   idempotency_key=f"a{i}", now_ms=now_ms)  # fmt: skip
-            e.grant(acc["id"], 1_000, recurring=Recurrence(Period.MONTH), rollover_cap_nano=0,
-                    priority=0, expires_ms=None, effective_ms=None, idempotency_key=f"g{i}",
-                    now_ms=now_ms)  # fmt: skip
-            if i % 10_000 == 0:
-                await L.flush()
-        payer = e.create_account("payer", None, "organisation", draws_on_parent=False,
-                                 idempotency_key="p", now_ms=now_ms)["id"]  # fmt: skip
-        e.top_up(payer, 10**12, idempotency_key="pt", now_ms=now_ms)
-        await L.flush()
+        payer = await _tenants_on_monthly_grants(L, users)
         if freeze:  # what a server could do after start-up: the loaded state leaves the GC
             gc.collect()
             gc.freeze()
@@ -720,19 +728,7 @@ async def bench_check(db: Db, users: int) -> dict[str, Any]:
     L = await Ledger.open(db.url("check"), sweep_interval_s=None)
     try:
         e = L.engine
-        now_ms = L.now_ms()
-        for i in range(users):  # a tenant with a monthly grant each, as at the boundary
-            acc = e.create_account(f"u{i}", None, "organisation", draws_on_parent=False,
-                                   idempotency_key=f"a{i}", now_ms=now_ms)  # fmt: skip
-            e.grant(acc["id"], 1_000, recurring=Recurrence(Period.MONTH), rollover_cap_nano=0,
-                    priority=0, expires_ms=None, effective_ms=None, idempotency_key=f"g{i}",
-                    now_ms=now_ms)  # fmt: skip
-            if i % 10_000 == 0:
-                await L.flush()
-        payer = e.create_account("payer", None, "organisation", draws_on_parent=False,
-                                 idempotency_key="p", now_ms=now_ms)["id"]  # fmt: skip
-        e.top_up(payer, 10**12, idempotency_key="pt", now_ms=now_ms)
-        await L.flush()
+        payer = await _tenants_on_monthly_grants(L, users)
         gc.collect()
         gc.freeze()  # as `tokenworks serve` does after start-up
         spans: dict[str, float] = {}

@@ -393,6 +393,16 @@ def test_rows_survive_the_store_exactly(url: str) -> None:
     run(with_ledger(url, after))
 
 
+async def tamper(L: Ledger, sql: str) -> None:
+    """Change the store behind the ledger's back, as a bug or a hand would."""
+    store: Any = L.store
+    if store.dialect == "sqlite":
+        await store._run(store.conn.execute, sql)
+    else:
+        async with store._pool.acquire() as c:
+            await c.execute(sql)
+
+
 def test_holds_an_earlier_version_stored_open_are_closed_on_open(url: str) -> None:
     """The previous version wrote holds when they opened; a database it left behind after a
     crash has open rows. Opening it closes them: they reserve nothing, and a late settle
@@ -410,12 +420,7 @@ def test_holds_an_earlier_version_stored_open_are_closed_on_open(url: str) -> No
             f"expires_ms, price_nano, cost_nano, clamped_nano) VALUES ('stale', 'open', "
             f"'[{org}]', '[\"account:{org}\"]', 500, 1, 99999999999999, 0, 0, 0)"
         )
-        store: Any = L.store
-        if store.dialect == "sqlite":
-            await store._run(store.conn.execute, sql)
-        else:
-            async with store._pool.acquire() as c:
-                await c.execute(sql)
+        await tamper(L, sql)
 
     async def after(L: Ledger, clock: Clock) -> None:
         with pytest.raises(HoldClosed):
@@ -466,16 +471,6 @@ def test_text_the_store_cannot_hold_is_refused_or_replaced(url: str) -> None:
         assert await L.check() == []
 
     run(with_ledger(url, body))
-
-
-async def tamper(L: Ledger, sql: str) -> None:
-    """Change the store behind the ledger's back, as a bug or a hand would."""
-    store: Any = L.store
-    if store.dialect == "sqlite":
-        await store._run(store.conn.execute, sql)
-    else:
-        async with store._pool.acquire() as c:
-            await c.execute(sql)
 
 
 def test_check_sees_a_tampered_store(url: str) -> None:
