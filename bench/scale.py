@@ -26,6 +26,7 @@ the admin writes, which is what `Ledger` does minus the await per write), then r
         [--accounts 100000] [--requests 4000] [--rounds 2] [--weeks 4,16,52]
         [--users 100000] [--gc-freeze] [--only keys,paying,statement,boundary,check]
         [--pg [URL]] [--usage-url URL [--gen-only]] [--gen sql|store]
+        [--summary pages|whole] [--page-keys 1000]
 
 `--usage-url` keeps the usage rows between runs (generated there when the table is empty;
 never dropped by the bench): generate 10M once with `--gen-only`, then measure on them.
@@ -506,11 +507,32 @@ async def _paying_cases(
             parts = await asyncio.gather(*(paying(n // 8, during) for _ in range(8)))
             return [x for p in parts for x in p]
 
+        pages: dict[str, Any] = {}
+
         async def summary(use_rollup: bool) -> float | str:
-            """The admin usage summary over all history, by key, under its read limit."""
+            """The admin usage summary over all history, by key, under its read limit: whole
+            (`--summary whole`, one statement, as before pages), or every page of it one
+            after another (`--summary pages`, what `tokenworks usage` does now)."""
             t0 = time.perf_counter()
             try:
-                await asyncio.to_thread(usage.query, ["key"], use_rollup=use_rollup)
+                if args.summary == "whole":
+                    await asyncio.to_thread(usage.query, ["key"], use_rollup=use_rollup)
+                else:
+                    after, page_s = None, []
+                    for _ in range(100_000):
+                        p0 = time.perf_counter()
+                        page = await asyncio.to_thread(
+                            usage.query_page, ["key"], limit=args.page_keys, after=after,
+                            use_rollup=use_rollup,
+                        )  # fmt: skip
+                        page_s.append(time.perf_counter() - p0)
+                        if not page.has_more:
+                            break
+                        after = page.last
+                    pages.update(
+                        pages=len(page_s), first_page_ms=_ms(page_s[0]),
+                        page_p50_ms=_ms(_p(page_s, 0.5)), page_max_ms=_ms(max(page_s)),
+                    )  # fmt: skip
             except ReadTimeout:  # the admin API answers 503 query_timeout
                 return f"read limit ({usage.read_timeout_s} s) passed"
             return round(time.perf_counter() - t0, 3)
@@ -546,6 +568,7 @@ async def _paying_cases(
                 "p99_ratio": round(_p(under_reads, 0.99) / _p(alone, 0.99), 2),
                 "ops": [len(alone), len(under_reads)],
                 "reads": reads_done,
+                "summary_pages": dict(pages),
             }
 
         # Right after an upgrade (no roll-up yet): the summary reads every raw row.
@@ -881,6 +904,13 @@ def main() -> int:
                     help="rows made by the database or by the store's bulk write")  # fmt: skip
     ap.add_argument("--skip-raw", action="store_true", help="measure the rolled-up case only")
     ap.add_argument("--rounds", type=int, default=2, help="paying comparisons per case")
+    ap.add_argument(
+        "--summary",
+        choices=["pages", "whole"],
+        default="pages",
+        help="the usage summary as the API's pages (default) or one statement",
+    )
+    ap.add_argument("--page-keys", type=int, default=1_000, help="keys per summary page")
     ap.add_argument("--requests", type=int, default=4_000)
     ap.add_argument("--weeks", default="4,16,52")
     ap.add_argument("--per-week", type=int, default=300)

@@ -26,14 +26,14 @@ def test_a_slow_usage_query_does_not_stall_a_paying_request(
     _, key = gateway.funded_key(1_000_000_000)
     store = gateway.app.state.gateway.store  # type: ignore[attr-defined]
     entered, release = threading.Event(), threading.Event()
-    query = store.query
+    query = store.query_page  # a grouped summary is read a page at a time
 
     def slow_query(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         release.wait(WAIT_S)
         return query(*args, **kwargs)
 
-    monkeypatch.setattr(store, "query", slow_query)
+    monkeypatch.setattr(store, "query_page", slow_query)
     finished: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
 
@@ -162,7 +162,7 @@ def test_a_usage_answer_is_whole_json_whatever_its_size(gateway: Gateway) -> Non
     must all be one valid JSON document."""
     empty = gateway.admin("GET", "/admin/v1/usage", params={"group_by": "key"})
     assert empty.status_code == 200 and empty.json() == {
-        "object": "list", "group_by": ["key"], "data": []
+        "object": "list", "group_by": ["key"], "has_more": False, "next_after": None, "data": []
     }  # fmt: skip
     for i in range(3):
         key = gateway.create_key(name=f"u{i}")
@@ -176,3 +176,63 @@ def test_a_usage_answer_is_whole_json_whatever_its_size(gateway: Gateway) -> Non
     body = gateway.admin("GET", "/admin/v1/usage", params={"group_by": "key"}).json()
     assert len(body["data"]) == 3 and all(r["requests"] == 1 for r in body["data"])
     assert {"cost", "price", "total_tokens"} <= set(body["data"][0])
+
+
+def test_a_grouped_usage_answer_comes_in_pages(gateway: Gateway) -> None:
+    """`limit` values of the first group a page, `next_after` to the next; the CLI's walk
+    (`resolve.usage`) puts the pages back together into the whole answer."""
+    from tokenworks.cli import resolve
+
+    for i in range(5):
+        key = gateway.create_key(name=f"p{i}")
+        c = httpx.post(
+            f"{gateway.v1}/chat/completions",
+            headers={"Authorization": f"Bearer {key['key']}"},
+            json={"model": "chat-fast", "messages": CHAT, "max_tokens": 5},
+            timeout=30,
+        )
+        assert c.status_code == 200, c.text
+
+    def get(path: str) -> Any:
+        r = gateway.admin("GET", path)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    whole = get("/admin/v1/usage?group_by=key,model&limit=10000")
+    assert len(whole["data"]) == 5 and whole["has_more"] is False
+    pages, after = [], None
+    for _ in range(10):
+        page = get(
+            "/admin/v1/usage?group_by=key,model&limit=2" + (f"&after={after}" if after else "")
+        )
+        pages.append(page["data"])
+        if not page["has_more"]:
+            break
+        after = page["next_after"]
+        assert after == page["data"][-1]["key"]
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [r for p in pages for r in p] == whole["data"]
+    walked = resolve.usage(get, {"group_by": "key,model", "limit": "2"})
+    assert walked["data"] == whole["data"] and walked["has_more"] is False
+    # By day: a page of calendar days; by status: `after` is a number.
+    assert get("/admin/v1/usage?group_by=day&limit=1")["has_more"] is False
+    assert get("/admin/v1/usage?group_by=status&after=200")["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("group_by=team&after=3", "after"),  # a rolled-up first group cannot be paged
+        ("group_by=month&limit=5", "limit"),
+        ("group_by=key&limit=0", "limit"),
+        ("group_by=key&limit=10001", "limit"),
+        ("group_by=key&limit=ten", "limit"),
+        ("group_by=status&after=ok", "after"),
+        ("group_by=day&after=2026-13-01", "after"),
+        ("group_by=key&after=a%00b", "after"),
+    ],
+)
+def test_a_bad_usage_page_is_a_400(gateway: Gateway, query: str, param: str) -> None:
+    r = gateway.admin("GET", f"/admin/v1/usage?{query}")
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -46,6 +46,27 @@ def test_a_new_table_is_partitioned_with_next_month_ahead(database: str) -> None
         store.close()
 
 
+def test_a_new_month_waits_for_inserts_in_flight(
+    database: str, pg: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """The ledger's commits insert usage rows beside the usage writer: a month is attached
+    only with the table locked against them (one routed to the default partition before
+    the ATTACH and written after it would be refused), and waits for its turn when the
+    table stays busy, rather than attach under an insert in flight."""
+    store = open_usage_store(database)
+    try:
+        now = partitions.month_start_ms(int(time.time() * 1000))
+        later = partitions.next_month_ms(partitions.next_month_ms(now))
+        with pg.transaction():  # an insert in flight: the lock an INSERT takes, held
+            pg.execute("LOCK TABLE ONLY usage IN ROW EXCLUSIVE MODE")
+            store._ensure_partitions(later + 1000)  # type: ignore[attr-defined]
+        assert partitions.name_of(later) not in partitions.months(pg)
+        store._ensure_partitions(later + 1000)  # type: ignore[attr-defined]
+        assert partitions.name_of(later) in partitions.months(pg)
+    finally:
+        store.close()
+
+
 def test_retention_drops_whole_months(database: str) -> None:
     store = open_usage_store(database)
     job = UsageRetention(database)

@@ -32,6 +32,7 @@ from tokenworks.api.openai import GatewayView, gateway_of, open_ledger, read_jso
 from tokenworks.keys import lifecycle
 from tokenworks.ledger import LedgerError, NotFound
 from tokenworks.metering import regroup
+from tokenworks.metering.store import GROUPS, MAX_PAGE_VALUES, day_ms
 from tokenworks.money import format_nano
 from tokenworks.pricing.quote import PricingError
 
@@ -258,21 +259,39 @@ async def usage(request: Request) -> Response:
         raise ApiError(400, "'key' must not contain NUL characters", param="key")
     since_ms = parse_time_ms(params.get("since"), "since")
     until_ms = parse_time_ms(params.get("until"), "until")
+    paging = _usage_paging(params, groups)
     gateway = gateway_of(request)
     await gateway.flush_usage()
     ancestors = _ancestors(gateway, groups)  # the engine's accounts: read on the loop
 
     def answer() -> bytes:
+        key_id = params.get("key") or None
+        stored = regroup.stored_groups(groups)
+        has_more, next_after = False, None
         try:
-            rows = gateway.store.query(
-                regroup.stored_groups(groups), since_ms=since_ms, until_ms=until_ms,
-                key_id=params.get("key") or None,
-            )  # fmt: skip
+            if paging is None:
+                rows = gateway.store.query(stored, since_ms, until_ms, key_id)
+            else:
+                page = gateway.store.query_page(
+                    stored, since_ms, until_ms, key_id, limit=paging[0], after=paging[1]
+                )
+                rows, has_more = page.rows, page.has_more
+                next_after = page.last if page.has_more else None
         except ValueError as exc:
             raise ApiError(400, f"{exc}, {_DERIVED_GROUPS}", param="group_by") from exc
         if any(g in regroup.TREE_GROUPS or g in regroup.PERIOD_GROUPS for g in groups):
             rows = regroup.rollup(groups, rows, ancestors)
-        head = _encode({"object": "list", "group_by": groups})[:-1] + b', "data": ['
+        head = (
+            _encode(
+                {
+                    "object": "list",
+                    "group_by": groups,
+                    "has_more": has_more,
+                    "next_after": next_after,
+                }
+            )[:-1]
+            + b', "data": ['
+        )
         parts = []
         for i in range(0, len(rows), ENCODE_CHUNK_ROWS):
             parts.append(_encode([_usage_item(r) for r in rows[i : i + ENCODE_CHUNK_ROWS]])[1:-1])
@@ -283,6 +302,43 @@ async def usage(request: Request) -> Response:
 
 
 ENCODE_CHUNK_ROWS = 1_000
+DEFAULT_USAGE_PAGE = 1_000  # values of the first group a page holds unless `limit` says
+
+
+def _usage_paging(params: Any, groups: list[str]) -> tuple[int, Any] | None:
+    """(limit, after) of a grouped summary whose first group the store keeps; None when the
+    answer comes whole (no groups, or a first group rolled up from stored ones: a team's
+    accounts or a month's days would be split across pages)."""
+    first = groups[0] if groups else None
+    if first not in GROUPS:
+        if first is not None and ("limit" in params or "after" in params):
+            raise ApiError(
+                400,
+                f"pages follow the first group_by, which must be one of {', '.join(GROUPS)}"
+                f" (not {first!r}); put one of those first, or leave out 'limit' and 'after'",
+                param="after" if "after" in params else "limit",
+            )
+        return None
+    try:
+        limit = int(params.get("limit", DEFAULT_USAGE_PAGE))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE_VALUES:
+        raise ApiError(400, f"'limit' must be an integer in [1, {MAX_PAGE_VALUES}]", param="limit")
+    after: Any = params.get("after") or None
+    if after is None:
+        return limit, None
+    if "\x00" in after:
+        raise ApiError(400, "'after' must not contain NUL characters", param="after")
+    try:
+        if first == "status":
+            after = int(after)
+        elif first == "day":
+            day_ms(after)
+    except ValueError:
+        kind = "an HTTP status" if first == "status" else "a day, YYYY-MM-DD"
+        raise ApiError(400, f"'after' must be {kind}: {after[:64]!r}", param="after") from None
+    return limit, after
 
 
 def _usage_item(row: Any) -> dict[str, Any]:

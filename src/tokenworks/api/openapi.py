@@ -624,7 +624,18 @@ def _admin_paths() -> Schema:
             "get": _admin_op(
                 "Usage summed over records, optionally grouped",
                 200,
-                _obj({**LIST["properties"], "group_by": {"type": "array"}}, ("data",)),
+                _obj(
+                    {
+                        **LIST["properties"],
+                        "group_by": {"type": "array"},
+                        "has_more": {"type": "boolean"},
+                        "next_after": {
+                            "description": "the first group's last value: the next page's"
+                            " 'after' (null on the last page)"
+                        },
+                    },
+                    ("data",),
+                ),
                 params=[
                     _query(
                         "group_by",
@@ -636,6 +647,14 @@ def _admin_paths() -> Schema:
                     _query("since", TIME),
                     _query("until", TIME),
                     _query("key", STRING, "a key id"),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 10_000},
+                        "values of the first group per page (default 1,000; days when it is"
+                        " day); pages follow a first group the store keeps (not team, org,"
+                        " week, month)",
+                    ),
+                    _query("after", STRING, "the previous page's next_after"),
                 ],
             )
         },

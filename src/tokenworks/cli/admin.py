@@ -276,16 +276,15 @@ def _usage(args: argparse.Namespace, admin_key: str, console: Console) -> int:
         query["since"] = str(relative_time(args.since))
     if args.until:
         query["until"] = str(relative_time(args.until))
-    path = "/admin/v1/usage?" + urllib.parse.urlencode(query)
     get = getter(args.url, admin_key)
-    result = get(path)
+    result = resolve.usage(get, query)
     if args.json:
         print(json.dumps(result))
         return 0
     groups: list[str] = result["group_by"]
     names: dict[str, str] = {}
     if "key" in groups:
-        names.update({k["id"]: k["name"] for k in get("/admin/v1/keys")["data"]})
+        names.update({k["id"]: k["name"] for k in resolve.every(get, "/admin/v1/keys", {})})
     if _ACCOUNT_GROUPS & set(groups):
         names.update(account_names(get))
     unit = currency(get)

@@ -311,8 +311,8 @@ def _account_list(args: argparse.Namespace, call: _Call) -> int:
 def _spent_this_month(call: _Call, accounts: list[dict[str, Any]]) -> dict[int, str]:
     """What each account and everything below it was charged since the month began (UTC),
     from metered usage: a parent's spend includes its children's."""
-    query = urllib.parse.urlencode({"group_by": "account", "since": _month_start_s()})
-    usage = call.get(f"/admin/v1/usage?{query}")["data"]
+    query = {"group_by": "account", "since": str(_month_start_s())}
+    usage = resolve.usage(call.get, query)["data"]
     parents = {a["id"]: a["parent_id"] for a in accounts}
     totals: dict[int, Decimal] = {}
     for row in usage:

@@ -60,6 +60,24 @@ def every(get: Get, path: str, query: dict[str, str]) -> list[dict[str, Any]]:
     raise AdminError(f"{path}: more than {MAX_PAGES} pages")
 
 
+def usage(get: Get, query: dict[str, str]) -> dict[str, Any]:
+    """A whole usage summary, its pages followed (`next_after`); the first page's answer
+    with every page's rows in `data`."""
+    params = dict(query)
+    answer: dict[str, Any] | None = None
+    for _ in range(MAX_PAGES):
+        page = get(f"/admin/v1/usage?{urllib.parse.urlencode(params)}")
+        if answer is None:
+            answer = page
+        else:
+            answer["data"] += page["data"]
+        if not page.get("has_more") or page.get("next_after") is None:
+            answer["has_more"], answer["next_after"] = False, None
+            return answer
+        params["after"] = str(page["next_after"])
+    raise AdminError(f"/admin/v1/usage: more than {MAX_PAGES} pages")
+
+
 def named(get: Get, path: str, query: dict[str, str], ref: str) -> list[dict[str, Any]]:
     """The rows a listing's `name` filter finds for `ref`: one read, not a walk of every
     page. The filter folds case with the database's `lower()`, which on SQLite knows only

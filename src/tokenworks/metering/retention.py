@@ -43,7 +43,7 @@ class UsageRetention:
             from tokenworks.db.sqlite import connect_rows
             from tokenworks.metering.store import USAGE
 
-            self._lite = connect_rows(sqlite_path(url), USAGE.ddl("sqlite") + rollup.DDL)
+            self._lite = connect_rows(sqlite_path(url), USAGE.ddl("sqlite") + rollup.ddl("sqlite"))
         else:
             from tokenworks.db.postgres import connect
             from tokenworks.metering.store_postgres import ddl

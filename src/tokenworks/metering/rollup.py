@@ -54,6 +54,24 @@ DDL = [
     "CREATE TABLE IF NOT EXISTS usage_rollup (name TEXT PRIMARY KEY, until_ms BIGINT NOT NULL)",
 ]
 
+# Paged summaries (`store.UsageStore.query_page`) walk a first group's values in order, by
+# index. PostgreSQL orders text by code point (`COLLATE "C"`, as both dialects answer), and
+# an index only serves the collation it was built with: these are built with it.
+PAGE_INDEXES = {
+    "sqlite": [
+        "CREATE INDEX IF NOT EXISTS usage_daily_account_day ON usage_daily (account_id, day)",
+    ],
+    "postgres": [
+        'CREATE INDEX IF NOT EXISTS usage_daily_key_c ON usage_daily (key_id COLLATE "C", day)',
+        "CREATE INDEX IF NOT EXISTS usage_daily_account_c ON usage_daily"
+        ' (account_id COLLATE "C", day)',
+    ],
+}
+
+
+def ddl(dialect: str) -> list[str]:
+    return DDL + PAGE_INDEXES[dialect]
+
 
 def day_of(ms: int) -> str:
     """The UTC day of an instant, as the summary's `day` group spells it (YYYY-MM-DD)."""
@@ -133,6 +151,34 @@ def split_window(
     return start, end
 
 
+# A page of a summary (`store.UsageStore.query_page`): the stored column of its first group,
+# the value after which it starts (None: from the first, NULL included) and the value it
+# ends with, included (None: no end).
+PageRange = tuple[str, Any, Any]
+
+
+def page_condition(
+    dialect: str, page: PageRange, ph: str, *, tail: bool = False
+) -> tuple[str, list[Any]]:
+    """The condition that keeps a page's rows. `tail`: the raw rows are the few after the
+    roll-up's watermark, which SQLite must read by time, not walk by the column's index
+    through every row the column's values ever had (unary `+` keeps the index out)."""
+    column, after, upper = page
+    collate = ' COLLATE "C"' if dialect == "postgres" and column != "status" else ""
+    col = ("+" if tail and dialect == "sqlite" else "") + column + collate
+    conds: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        conds.append(f"{col} > {ph}")
+        params.append(after)
+    if upper is not None:
+        conds.append(f"{col} <= {ph}")
+        params.append(upper)
+        if after is None:  # the first page: NULL sorts first, so it is this page's
+            conds[-1] = f"({column} IS NULL OR {conds[-1]})"
+    return " AND ".join(conds) or "TRUE", params
+
+
 def combined_sql(
     dialect: str,
     groups: Sequence[str],
@@ -142,38 +188,23 @@ def combined_sql(
     span: tuple[int | None, int],
     key_id: str | None,
     ph: str,
+    page: PageRange | None = None,
 ) -> tuple[str, list[Any]]:
     """A summary over the raw rows outside `span` and the roll-up inside it, grouped and
-    ordered as the raw-rows summary is (`store.query_sql`)."""
-    start, end = span
-    raw_where: list[str] = []
-    params: list[Any] = []
-    # The raw rows: [since, start) and [end, until).
-    if since_ms is not None and start is not None:  # start is None exactly when since is
-        raw_ranges = f"(ts_ms >= {ph} AND ts_ms < {ph}) OR ts_ms >= {ph}"
-        params += [since_ms, start, end]
-    else:
-        raw_ranges = f"ts_ms >= {ph}"
-        params.append(end)
-    raw_where.append(f"({raw_ranges})")
-    if until_ms is not None:
-        raw_where.append(f"ts_ms < {ph}")
-        params.append(until_ms)
-    if key_id is not None:
-        raw_where.append(f"key_id = {ph}")
-        params.append(key_id)
+    ordered as the raw-rows summary is (`store.query_sql`); `page` keeps one page of it."""
+    raw_where, params = raw_window(since_ms, until_ms, span, key_id, ph)
+    daily_where, daily_params = daily_window(span, key_id, ph)
+    if page is not None:
+        cond, cond_params = page_condition(dialect, page, ph, tail=True)
+        raw_where.append(cond)
+        params += cond_params
+        cond, cond_params = page_condition(dialect, page, ph)
+        daily_where.append(cond)
+        daily_params += cond_params
+    params += daily_params
     raw_select = [f"{raw_expr[g]} AS {g}" for g in groups]
     raw_select += ["COUNT(*) AS requests"] + [f"COALESCE(SUM({s}), 0) AS {s}" for s in SUMS]
     raw = f"SELECT {', '.join(raw_select)} FROM usage WHERE {' AND '.join(raw_where)}"
-    # The roll-up: days [start, end).
-    daily_where = [f"day < {ph}"]
-    params.append(day_of(end))
-    if start is not None:
-        daily_where.append(f"day >= {ph}")
-        params.append(day_of(start))
-    if key_id is not None:
-        daily_where.append(f"key_id = {ph}")
-        params.append(key_id)
     daily_select = [f"{_daily_column(g)} AS {g}" for g in groups]
     daily_select += ["SUM(requests) AS requests"] + [f"SUM({s}) AS {s}" for s in SUMS]
     daily = f"SELECT {', '.join(daily_select)} FROM usage_daily WHERE {' AND '.join(daily_where)}"
@@ -187,6 +218,45 @@ def combined_sql(
         sql += " GROUP BY " + ", ".join(groups)
         sql += " ORDER BY " + ", ".join(_order(g, dialect) for g in groups)
     return sql, params
+
+
+def raw_window(
+    since_ms: int | None,
+    until_ms: int | None,
+    span: tuple[int | None, int],
+    key_id: str | None,
+    ph: str,
+) -> tuple[list[str], list[Any]]:
+    """The raw rows a summary reads beside the roll-up's `span`: [since, start) and
+    [end, until), a few partial or not yet rolled-up days."""
+    start, end = span
+    if since_ms is not None and start is not None:  # start is None exactly when since is
+        where = [f"((ts_ms >= {ph} AND ts_ms < {ph}) OR ts_ms >= {ph})"]
+        params: list[Any] = [since_ms, start, end]
+    else:
+        where, params = [f"ts_ms >= {ph}"], [end]
+    if until_ms is not None:
+        where.append(f"ts_ms < {ph}")
+        params.append(until_ms)
+    if key_id is not None:
+        where.append(f"key_id = {ph}")
+        params.append(key_id)
+    return where, params
+
+
+def daily_window(
+    span: tuple[int | None, int], key_id: str | None, ph: str
+) -> tuple[list[str], list[Any]]:
+    """The roll-up's rows of the days [start, end)."""
+    start, end = span
+    where, params = [f"day < {ph}"], [day_of(end)]
+    if start is not None:
+        where.append(f"day >= {ph}")
+        params.append(day_of(start))
+    if key_id is not None:
+        where.append(f"key_id = {ph}")
+        params.append(key_id)
+    return where, params
 
 
 def _daily_column(group: str) -> str:

@@ -21,6 +21,7 @@ differ only in how a batch is written, what counts as a refusal and how a query 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import queue
@@ -251,11 +252,18 @@ def query_sql(
     since_ms: int | None = None,
     until_ms: int | None = None,
     key_id: str | None = None,
+    page: rollup.PageRange | None = None,
 ) -> tuple[str, list[Any]]:
-    """The summary query for a dialect (`?` placeholders for SQLite, `%s` for PostgreSQL)."""
+    """The summary query for a dialect (`?` placeholders for SQLite, `%s` for PostgreSQL);
+    `page` keeps one page of it."""
     select = [f"{group_expr(g, dialect)} AS {g}" for g in groups]
     select += ["COUNT(*) AS requests"] + [f"COALESCE(SUM({s}),0) AS {s}" for s in SUMS]
-    where, params = _where(PLACEHOLDER[dialect], since_ms, until_ms, key_id)
+    ph = PLACEHOLDER[dialect]
+    where, params = _where(ph, since_ms, until_ms, key_id)
+    if page is not None:
+        cond, cond_params = rollup.page_condition(dialect, page, ph)
+        where += (" AND " if where else " WHERE ") + cond
+        params += cond_params
     sql = f"SELECT {', '.join(select)} FROM usage{where}"
     if groups:
         sql += (
@@ -296,12 +304,35 @@ def records_sql(
 PLACEHOLDER = {"sqlite": "?", "postgres": "%s"}
 
 
+def day_ms(day: str) -> int:
+    """The start of a `YYYY-MM-DD` UTC day, in ms (ValueError when it is not one)."""
+    parsed = datetime.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=datetime.UTC)
+    return int(parsed.timestamp()) * 1000
+
+
 @dataclass(slots=True)
 class Summary:
     group: dict[str, Any]
     requests: int
     sums: dict[str, int]
 
+
+@dataclass(slots=True)
+class SummaryPage:
+    """A page of a summary: every group whose first value lies in the page. `last` is the
+    first group's value the page ends with, the `after` of the next page (None: nothing
+    followed the page's NULL group)."""
+
+    rows: list[Summary]
+    has_more: bool
+    last: Any
+
+
+MAX_PAGE_VALUES = 10_000  # first-group values a page may ask for
+DAY_PAGE_EDGES = (
+    "SELECT MIN(ts_ms) AS lo, MAX(ts_ms) AS hi FROM usage",
+    "SELECT MIN(day) AS lo, MAX(day) AS hi FROM usage_daily",
+)
 
 FETCH_CHUNK_ROWS = 500
 
@@ -517,6 +548,129 @@ class UsageStore:
             )  # fmt: skip
         return summaries(groups, self._fetch(sql, params, self.read_timeout_s))
 
+    def query_page(
+        self,
+        group_by: Iterable[str],
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        key_id: str | None = None,
+        *,
+        limit: int,
+        after: Any = None,
+        use_rollup: bool = True,
+    ) -> SummaryPage:
+        """`query`, one page at a time: the groups of the first `limit` values of the first
+        group after `after`, each with all its rows. A page reads its own values by index
+        (the roll-up's first-group indexes; the raw rows after the watermark by time), so
+        a summary of 100,000 keys is many short reads, none of which the paying traffic
+        waits behind, rather than one that runs past the read limit. `day` first pages by
+        `limit` calendar days."""
+        groups = list(group_by)
+        assert groups and 1 <= limit <= MAX_PAGE_VALUES, (groups, limit)
+        first = groups[0]
+        group_expr(first, self.dialect)  # an unknown group is a ValueError, as in `query`
+        if first == "day":
+            return self._day_page(groups, since_ms, until_ms, key_id, limit, after, use_rollup)
+        column = GROUPS[first]
+        watermark = (
+            self._fetch(rollup.WATERMARK_QUERY, [], self.read_timeout_s) if use_rollup else []
+        )
+        span = rollup.split_window(
+            since_ms, until_ms, watermark[0]["until_ms"] if watermark else None
+        )
+        # The page ends at the limit-th value of whichever source reaches it first; the
+        # other source's values up to there belong to the page too.
+        upper, more = None, False
+        for values in self._next_values(column, since_ms, until_ms, key_id, span, after, limit):
+            if len(values) > limit:
+                more = True
+                upper = values[limit - 1] if upper is None else min(upper, values[limit - 1])
+        page = (column, after, upper)
+        if span is None:
+            sql, params = query_sql(self.dialect, groups, since_ms, until_ms, key_id, page)
+        else:
+            raw_expr = {g: group_expr(g, self.dialect) for g in groups}
+            sql, params = rollup.combined_sql(
+                self.dialect, groups, raw_expr, since_ms, until_ms, span, key_id,
+                PLACEHOLDER[self.dialect], page,
+            )  # fmt: skip
+        rows = summaries(groups, self._fetch(sql, params, self.read_timeout_s))
+        # Both sources' values up to `upper` can be twice the limit: keep the first `limit`.
+        seen, last = 0, None
+        for i, row in enumerate(rows):
+            value = row.group[first]
+            if value is None or value == last:
+                continue
+            if seen == limit:
+                return SummaryPage(rows[:i], True, last)
+            seen, last = seen + 1, value
+        return SummaryPage(rows, more, last)
+
+    def _next_values(
+        self,
+        column: str,
+        since_ms: int | None,
+        until_ms: int | None,
+        key_id: str | None,
+        span: tuple[int | None, int] | None,
+        after: Any,
+        limit: int,
+    ) -> Iterator[list[Any]]:
+        """Each source's first `limit + 1` values of `column` after `after`, in order: the
+        raw rows of the window (only those past the roll-up when there is one), then the
+        roll-up's days. A walk of an index in order that stops at the limit."""
+        ph = PLACEHOLDER[self.dialect]
+        collate = ' COLLATE "C"' if self.dialect == "postgres" and column != "status" else ""
+        sources: list[tuple[str, list[str], list[Any], bool]] = []
+        if span is None:
+            where, params = _where(ph, since_ms, until_ms, key_id)
+            conds = [where.removeprefix(" WHERE ")] if where else []
+            sources.append(("usage", conds, params, False))
+        else:
+            raw = rollup.raw_window(since_ms, until_ms, span, key_id, ph)
+            sources.append(("usage", *raw, True))
+            sources.append(("usage_daily", *rollup.daily_window(span, key_id, ph), False))
+        for table, conds, params, tail in sources:
+            col = ("+" if tail and self.dialect == "sqlite" else "") + column + collate
+            conds.append(f"{col} > {ph}" if after is not None else f"{column} IS NOT NULL")
+            params += [after] if after is not None else []
+            sql = (
+                f"SELECT DISTINCT {col} AS v FROM {table} WHERE {' AND '.join(conds)}"
+                f" ORDER BY v LIMIT {ph}"
+            )
+            yield [r["v"] for r in self._fetch(sql, [*params, limit + 1], self.read_timeout_s)]
+
+    def _day_page(
+        self,
+        groups: list[str],
+        since_ms: int | None,
+        until_ms: int | None,
+        key_id: str | None,
+        limit: int,
+        after: Any,
+        use_rollup: bool,
+    ) -> SummaryPage:
+        """A page of `limit` calendar days: the window narrowed to them (a day's rows come
+        from the time index or the roll-up's day index)."""
+        edges = [self._fetch(sql, [], self.read_timeout_s)[0] for sql in DAY_PAGE_EDGES]
+        firsts = [edges[0]["lo"]] + ([day_ms(edges[1]["lo"])] if edges[1]["lo"] else [])
+        lasts = [edges[0]["hi"]] + ([day_ms(edges[1]["hi"])] if edges[1]["hi"] else [])
+        if not [t for t in firsts if t is not None]:
+            return SummaryPage([], False, None)
+        lo = rollup.day_start_ms(min(t for t in firsts if t is not None))
+        if after is not None:
+            lo = max(lo, day_ms(str(after)) + rollup.DAY_MS)
+        if since_ms is not None:
+            lo = max(lo, since_ms)
+        hi = rollup.day_start_ms(lo) + limit * rollup.DAY_MS
+        if until_ms is not None:
+            hi = min(hi, until_ms)
+        if lo >= hi:
+            return SummaryPage([], False, None)
+        rows = self.query(groups, lo, hi, key_id, use_rollup=use_rollup)
+        latest = max(t for t in lasts if t is not None)
+        return SummaryPage(rows, latest >= hi, rollup.day_of(hi - 1))
+
     def records(
         self, since_ms: int | None = None, until_ms: int | None = None, limit: int = 1_000_000
     ) -> list[UsageRecord]:
@@ -552,7 +706,7 @@ class SqliteUsageStore(UsageStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.path = sqlite_path(url)
-        ddl = USAGE.ddl("sqlite") + rollup.DDL
+        ddl = USAGE.ddl("sqlite") + rollup.ddl("sqlite")
         self._write_conn = connect_rows(self.path, ddl)
         columns = [row["name"] for row in self._write_conn.execute("PRAGMA table_info(usage)")]
         for stmt in upgrade_sql("sqlite", columns):

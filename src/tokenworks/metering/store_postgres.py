@@ -35,6 +35,7 @@ from tokenworks.metering.store import (
 )
 
 WRITE_ATTEMPTS = 5
+PARTITION_LOCK_TIMEOUT_MS = 1_000  # what the ledger's commits may queue behind a new month
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +59,7 @@ def ddl() -> list[str]:
         "DO $$ BEGIN IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('usage')) = 'p'"
         f" THEN {default}; END IF; END $$"
     )
-    return [table, only_if_partitioned, *USAGE.indexes, *rollup.DDL]
+    return [table, only_if_partitioned, *USAGE.indexes, *rollup.ddl("postgres")]
 
 
 _FLOAT_COLUMNS = tuple(i for i, (_, ty) in enumerate(USAGE_SCHEMA) if ty == "DOUBLE PRECISION")
@@ -95,7 +96,14 @@ class PostgresUsageStore(UsageStore):
         if through_ms < self._partitions_until_ms:
             return
         try:
-            self._partitions_until_ms = partitions.ensure(self._write_conn, through_ms, now_ms)
+            # The parent locked first, as the ledger's months are: the ledger's commits
+            # insert usage rows too, and one routed to the default partition before an
+            # ATTACH and written after it would be refused.
+            self._partitions_until_ms = partitions.ensure(
+                self._write_conn, through_ms, now_ms, lock_timeout_ms=PARTITION_LOCK_TIMEOUT_MS
+            )
+        except psycopg.errors.LockNotAvailable:
+            log.info("usage store: usage is busy; its next partition is made on a later batch")
         except Exception:
             # Rows of a month without its partition land in the default one, never lost;
             # the next batch tries again.
