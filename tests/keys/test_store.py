@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tokenworks.keys.store import LOAD_LIVE, KeyStore, open_key_rows
+from tokenworks.keys.store import LOAD_LIMITS, LOAD_LIVE, KeyStore, open_key_rows
 
 from ..conftest import both_stores
 
@@ -137,3 +137,14 @@ def test_start_up_reads_neither_revoked_nor_expired_rows(database: str) -> None:
         "SEARCH api_keys USING INDEX api_keys_unrevoked_expiry (expires_ms=?)",
         "SEARCH api_keys USING INDEX api_keys_unrevoked_expiry (expires_ms>?)",
     ], plan
+    # Their rate limits: the accounts' range, then one lookup per live key; no scan.
+    conn = sqlite3.connect(database.removeprefix("sqlite:///"))
+    try:
+        plan = [
+            r[3]
+            for r in conn.execute(f"EXPLAIN QUERY PLAN {LOAD_LIMITS.format(ph='?', c='')}", (1,))
+        ]
+    finally:
+        conn.close()
+    assert not [p for p in plan if p.startswith("SCAN")], plan
+    assert sum("rate_limits" in p and p.startswith("SEARCH") for p in plan) >= 2, plan

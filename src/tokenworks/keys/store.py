@@ -228,6 +228,14 @@ LOAD_LIVE = (
     "SELECT * FROM api_keys WHERE revoked_ms IS NULL AND expires_ms IS NULL "
     "UNION ALL SELECT * FROM api_keys WHERE revoked_ms IS NULL AND expires_ms > {ph}"
 )
+# And their rate limits: the accounts' scopes as a range of the key (';' follows ':' by code
+# point, hence "C" on PostgreSQL, whose locales may order punctuation otherwise), then a
+# lookup per live key, so that a dead key's limits are never read either.
+LOAD_LIMITS = (
+    "SELECT * FROM rate_limits WHERE scope{c} >= 'account:' AND scope{c} < 'account;' "
+    "UNION ALL SELECT r.* FROM (" + LOAD_LIVE.replace("SELECT *", "SELECT id") + ") k "
+    "JOIN rate_limits r ON r.scope = 'key:' || k.id"
+)
 
 
 class _SqlKeyRows:
@@ -246,6 +254,7 @@ class _SqlKeyRows:
             f"UPDATE api_keys SET revoked_ms = {ph} WHERE id = {ph} AND revoked_ms IS NULL"
         )
         self._upsert_limits = _UPSERT_LIMITS.format(ph)
+        self._load_limits = LOAD_LIMITS.format(ph=ph, c=' COLLATE "C"' if ph == "%s" else "")
 
     def load(self, now_ms: int) -> list[Mapping[str, Any]]:
         ph = self.placeholder
@@ -281,13 +290,7 @@ class _SqlKeyRows:
         return list(self._conn.execute(sql, (*params, limit)).fetchall())
 
     def load_limits(self, now_ms: int) -> list[Mapping[str, Any]]:
-        ph = self.placeholder
-        sql = (
-            f"SELECT r.* FROM rate_limits r WHERE r.scope LIKE {ph} OR EXISTS ("
-            "SELECT 1 FROM api_keys k WHERE r.scope = 'key:' || k.id AND k.revoked_ms IS NULL "
-            f"AND (k.expires_ms IS NULL OR k.expires_ms > {ph}))"
-        )
-        return list(self._conn.execute(sql, ("account:%", now_ms)).fetchall())
+        return list(self._conn.execute(self._load_limits, (now_ms,)).fetchall())
 
     def close(self) -> None:
         self._conn.close()
