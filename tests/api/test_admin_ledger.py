@@ -8,10 +8,8 @@ import csv
 import http.server
 import io
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -20,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, MODELS, Gateway, Sim, both_stores
+from tests.conftest import ADMIN_KEY, MODELS, Gateway, Sim, both_stores, run_cli
 
 NANO = 10**9
 
@@ -94,15 +92,8 @@ def error(response: Any, status: int, code: str | None = None) -> dict[str, Any]
 
 
 def tokenworks(gw: Gateway, *args: str, admin_key: str = ADMIN_KEY) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "TOKENWORKS_URL": gw.url}
-    env["TOKENWORKS_ADMIN_KEY"] = admin_key
-    return subprocess.run(
-        [sys.executable, "-m", "tokenworks", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    env = {"COLUMNS": "200", "TOKENWORKS_URL": gw.url, "TOKENWORKS_ADMIN_KEY": admin_key}
+    return run_cli(*args, env=env)
 
 
 # --------------------------------------------------------------------------- lifecycle

@@ -11,12 +11,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import ADMIN_KEY, Gateway
+from tests.conftest import ADMIN_KEY, Gateway, run_cli
 
 CHAT = [{"role": "user", "content": "hi"}]
 
 
 def tokenworks(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    if args[:1] != ("serve",):  # a serve that wrongly started would hold this process
+        return run_cli(*args, env={"COLUMNS": "200", **(env or {})})
     return subprocess.run(
         [sys.executable, "-m", "tokenworks", *args],
         capture_output=True,

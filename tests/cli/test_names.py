@@ -4,15 +4,13 @@ columns with every id whole; `--version`, `config check` and relative times."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import openai
 
-from tests.conftest import ADMIN_KEY, Gateway
+from tests.conftest import ADMIN_KEY, Gateway, run_cli
 from tokenworks.cli.admin import relative_time
 from tokenworks.cli.tables import money_column
 
@@ -21,16 +19,10 @@ ROOT = Path(__file__).parents[2]
 
 
 def tw(gw: Gateway | None, *args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": str(columns), "TOKENWORKS_ADMIN_KEY": ADMIN_KEY}
+    env = {"COLUMNS": str(columns), "TOKENWORKS_ADMIN_KEY": ADMIN_KEY}
     if gw is not None:
         env["TOKENWORKS_URL"] = gw.url
-    return subprocess.run(
-        [sys.executable, "-m", "tokenworks", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    return run_cli(*args, env=env)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
