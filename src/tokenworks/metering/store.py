@@ -329,9 +329,10 @@ class SummaryPage:
 
 
 MAX_PAGE_VALUES = 10_000  # first-group values a page may ask for
+# One MIN or MAX a subquery: SQLite reads either end of an index only for a lone MIN or MAX.
 DAY_PAGE_EDGES = (
-    "SELECT MIN(ts_ms) AS lo, MAX(ts_ms) AS hi FROM usage",
-    "SELECT MIN(day) AS lo, MAX(day) AS hi FROM usage_daily",
+    "SELECT (SELECT MIN(ts_ms) FROM usage) AS lo, (SELECT MAX(ts_ms) FROM usage) AS hi",
+    "SELECT (SELECT MIN(day) FROM usage_daily) AS lo, (SELECT MAX(day) FROM usage_daily) AS hi",
 )
 
 FETCH_CHUNK_ROWS = 500
@@ -617,21 +618,29 @@ class UsageStore:
         limit: int,
     ) -> Iterator[list[Any]]:
         """Each source's first `limit + 1` values of `column` after `after`, in order: the
-        raw rows of the window (only those past the roll-up when there is one), then the
-        roll-up's days. A walk of an index in order that stops at the limit."""
+        raw rows of the window (only those past the roll-up when there is one: a few days,
+        read by time), then the roll-up's days. The roll-up's key and account are read by
+        a skip scan of their index (`rollup.next_values_sql`): one probe a value, however
+        many rows each value has and whether or not the planner has statistics yet."""
         ph = PLACEHOLDER[self.dialect]
         collate = ' COLLATE "C"' if self.dialect == "postgres" and column != "status" else ""
-        sources: list[tuple[str, list[str], list[Any], bool]] = []
+        sources: list[tuple[str, list[str], list[Any]]] = []
         if span is None:
             where, params = _where(ph, since_ms, until_ms, key_id)
             conds = [where.removeprefix(" WHERE ")] if where else []
-            sources.append(("usage", conds, params, False))
+            sources.append(("usage", conds, params))
         else:
             raw = rollup.raw_window(since_ms, until_ms, span, key_id, ph)
-            sources.append(("usage", *raw, True))
-            sources.append(("usage_daily", *rollup.daily_window(span, key_id, ph), False))
-        for table, conds, params, tail in sources:
-            col = ("+" if tail and self.dialect == "sqlite" else "") + column + collate
+            sources.append((rollup.raw_rows(self.dialect), *raw))
+            sources.append(("usage_daily", *rollup.daily_window(span, key_id, ph)))
+        for table, conds, params in sources:
+            if table == "usage_daily" and column in rollup.PAGE_INDEXED:
+                sql, params = rollup.next_values_sql(
+                    self.dialect, column, conds, params, after, limit + 1, ph
+                )
+                yield [r["v"] for r in self._fetch(sql, params, self.read_timeout_s)]
+                continue
+            col = column + collate
             conds.append(f"{col} > {ph}" if after is not None else f"{column} IS NOT NULL")
             params += [after] if after is not None else []
             sql = (
@@ -669,7 +678,8 @@ class UsageStore:
             return SummaryPage([], False, None)
         rows = self.query(groups, lo, hi, key_id, use_rollup=use_rollup)
         latest = max(t for t in lasts if t is not None)
-        return SummaryPage(rows, latest >= hi, rollup.day_of(hi - 1))
+        more = latest >= hi and (until_ms is None or hi < until_ms)
+        return SummaryPage(rows, more, rollup.day_of(hi - 1))
 
     def records(
         self, since_ms: int | None = None, until_ms: int | None = None, limit: int = 1_000_000
