@@ -582,7 +582,8 @@ async def _paying_cases(
         if usage.dialect == "postgres":
             _serial_reads(usage, 0)
             out["rolled_up_serial_reads"] = [await case(True) for _ in range(args.rounds)]
-            out["raw_rows_serial_reads"] = [await case(False) for _ in range(args.rounds)]
+            raw_rounds = 0 if args.skip_raw else args.rounds
+            out["raw_rows_serial_reads"] = [await case(False) for _ in range(raw_rounds)]
             print(json.dumps({k: out[k] for k in out if "serial" in k}), file=sys.stderr)
         return out
     finally:
