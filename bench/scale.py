@@ -911,7 +911,7 @@ def main() -> int:
         default="pages",
         help="the usage summary as the API's pages (default) or one statement",
     )
-    ap.add_argument("--page-keys", type=int, default=1_000, help="keys per summary page")
+    ap.add_argument("--page-keys", type=int, default=200, help="keys per summary page")
     ap.add_argument("--requests", type=int, default=4_000)
     ap.add_argument("--weeks", default="4,16,52")
     ap.add_argument("--per-week", type=int, default=300)

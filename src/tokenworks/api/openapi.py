@@ -650,7 +650,7 @@ def _admin_paths() -> Schema:
                     _query(
                         "limit",
                         {"type": "integer", "minimum": 1, "maximum": 10_000},
-                        "values of the first group per page (default 1,000; days when it is"
+                        "values of the first group per page (default 200; days when it is"
                         " day); pages follow a first group the store keeps (not team, org,"
                         " week, month)",
                     ),

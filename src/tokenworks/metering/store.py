@@ -626,8 +626,8 @@ class UsageStore:
         limit: int,
     ) -> Iterator[list[Any]]:
         """Each source's first `limit + 1` values of `column` after `after`, in order: the
-        raw rows of the window (only those past the roll-up when there is one: a few days,
-        read by time), then the roll-up's days. The roll-up's key and account are read by
+        raw rows of the window when nothing of it is rolled up, else the roll-up's days.
+        The roll-up's key and account are read by
         a skip scan of their index (`rollup.next_values_sql`): one probe a value, however
         many rows each value has and whether or not the planner has statistics yet."""
         ph = PLACEHOLDER[self.dialect]
@@ -638,8 +638,9 @@ class UsageStore:
             conds = [where.removeprefix(" WHERE ")] if where else []
             sources.append(("usage", conds, params))
         else:
-            raw = rollup.raw_window(since_ms, until_ms, span, key_id, ph)
-            sources.append((rollup.raw_rows(self.dialect), *raw))
+            # The roll-up's values alone: the raw days beside it add values up to the
+            # page's end too, which the page keeps the first `limit` of (`query_page`), so
+            # their bound is not needed, and finding it would read those days once more.
             sources.append(("usage_daily", *rollup.daily_window(span, key_id, ph)))
         for table, conds, params in sources:
             if table == "usage_daily" and column in rollup.PAGE_INDEXED:
