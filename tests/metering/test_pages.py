@@ -5,7 +5,6 @@ the page size (hypothesis), and each page holds at most `limit` values of the fi
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,17 +22,6 @@ pytestmark = both_stores
 
 KEYS = [f"key_{i:02d}" for i in range(23)]
 MAX_PAGES = 200  # a walk that has not ended by then is not going to
-
-
-@pytest.fixture
-def stores(database: str) -> Iterator[tuple[UsageStore, UsageRetention]]:
-    store = open_usage_store(database)
-    job = UsageRetention(database)
-    try:
-        yield store, job
-    finally:
-        job.close()
-        store.close()
 
 
 def _fill(store: UsageStore, n: int, seed: int) -> None:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,24 +16,13 @@ from tests.conftest import both_stores
 from tests.metering.test_stores import record
 from tokenworks.metering.retention import UsageRetention
 from tokenworks.metering.rollup import DAY_MS, GRACE_MS
-from tokenworks.metering.store import GROUPS, UsageStore, open_usage_store
+from tokenworks.metering.store import GROUPS, UsageStore
 
 pytestmark = both_stores
 
 # 2024-03-30 00:00 UTC, a day boundary.
 DAY0_MS = 1_711_756_800_000
 LATER_MS = DAY0_MS + 40 * DAY_MS  # every day of the data is closed by then
-
-
-@pytest.fixture
-def stores(database: str) -> Iterator[tuple[UsageStore, UsageRetention]]:
-    store = open_usage_store(database)
-    job = UsageRetention(database)
-    try:
-        yield store, job
-    finally:
-        job.close()
-        store.close()
 
 
 def _clear(job: UsageRetention) -> None:
