@@ -230,6 +230,7 @@ def test_a_grouped_usage_answer_comes_in_pages(gateway: Gateway) -> None:
         ("group_by=status&after=ok", "after"),
         ("group_by=day&after=2026-13-01", "after"),
         ("group_by=key&after=a%00b", "after"),
+        ("group_by=colour&limit=5", "group_by"),  # an unknown group is named as such
     ],
 )
 def test_a_bad_usage_page_is_a_400(gateway: Gateway, query: str, param: str) -> None:

@@ -313,8 +313,9 @@ def _usage_paging(params: Any, groups: list[str]) -> tuple[int, Any] | None:
     answer comes whole (no groups, or a first group rolled up from stored ones: a team's
     accounts or a month's days would be split across pages)."""
     first = groups[0] if groups else None
-    if first not in GROUPS:
-        if first is not None and ("limit" in params or "after" in params):
+    if first not in GROUPS:  # none, derived, or unknown (the store's 400 names the groups)
+        derived = first in regroup.TREE_GROUPS or first in regroup.PERIOD_GROUPS
+        if derived and ("limit" in params or "after" in params):
             raise ApiError(
                 400,
                 f"pages follow the first group_by, which must be one of {', '.join(GROUPS)}"
