@@ -90,7 +90,7 @@ def next_values_sql(
     probe of the index (`PAGE_INDEXES`). A DISTINCT would read every row of the values it
     returns, and without statistics PostgreSQL plans it as a scan of the whole table."""
     assert column in PAGE_INDEXED, column
-    col = column + (' COLLATE "C"' if dialect == "postgres" else "")
+    col = column + collation(dialect, column)
     where = " AND ".join(window)
     first = f"{col} > {ph}" if after is not None else f"{column} IS NOT NULL"
     probe = f"SELECT {col} FROM usage_daily WHERE {where} AND {{lower}} ORDER BY 1 LIMIT 1"
@@ -188,11 +188,15 @@ def split_window(
 PageRange = tuple[str, Any, Any]
 
 
+def collation(dialect: str, column: str) -> str:
+    """What orders a text column by code point, as both dialects answer (SQLite's BINARY)."""
+    return ' COLLATE "C"' if dialect == "postgres" and column != "status" else ""
+
+
 def page_condition(dialect: str, page: PageRange, ph: str) -> tuple[str, list[Any]]:
     """The condition that keeps a page's rows."""
     column, after, upper = page
-    collate = ' COLLATE "C"' if dialect == "postgres" and column != "status" else ""
-    col = column + collate
+    col = column + collation(dialect, column)
     conds: list[str] = []
     params: list[Any] = []
     if after is not None:
@@ -221,11 +225,10 @@ def combined_sql(
     ordered as the raw-rows summary is (`store.query_sql`); `page` keeps one page of it."""
     raw_where, params = raw_window(since_ms, until_ms, span, key_id, ph)
     daily_where, daily_params = daily_window(span, key_id, ph)
-    if page is not None:
+    if page is not None:  # the same column and values in both sources
         cond, cond_params = page_condition(dialect, page, ph)
         raw_where.append(cond)
         params += cond_params
-        cond, cond_params = page_condition(dialect, page, ph)
         daily_where.append(cond)
         daily_params += cond_params
     params += daily_params
@@ -299,8 +302,7 @@ def _daily_column(group: str) -> str:
 
 def _order(group: str, dialect: str) -> str:
     # As store._order: NULL first, text by code point on both dialects.
-    collate = ' COLLATE "C"' if dialect == "postgres" and group != "status" else ""
-    return f"{group}{collate} NULLS FIRST"
+    return f"{group}{collation(dialect, group)} NULLS FIRST"
 
 
 __all__ = [

@@ -278,8 +278,7 @@ def query_sql(
 def _order(group: str, dialect: str) -> str:
     # Both dialects order the same way: NULL first (SQLite's default) and text by code point
     # (PostgreSQL would otherwise use the database's locale).
-    collate = ' COLLATE "C"' if dialect == "postgres" and group != "status" else ""
-    return f"{group_expr(group, dialect)}{collate} NULLS FIRST"
+    return f"{group_expr(group, dialect)}{rollup.collation(dialect, group)} NULLS FIRST"
 
 
 def records_sql(
@@ -587,14 +586,11 @@ class UsageStore:
         span = rollup.split_window(
             since_ms, until_ms, watermark[0]["until_ms"] if watermark else None
         )
-        # The page ends at the limit-th value of whichever source reaches it first; the
-        # other source's values up to there belong to the page too.
-        upper, more = None, False
-        for values in self._next_values(column, since_ms, until_ms, key_id, span, after, limit):
-            if len(values) > limit:
-                more = True
-                upper = values[limit - 1] if upper is None else min(upper, values[limit - 1])
-        page = (column, after, upper)
+        # The page ends at the limit-th value of the roll-up (or, with none, of the raw
+        # rows); the raw days beside the roll-up add values up to there, trimmed below.
+        values = self._next_values(column, since_ms, until_ms, key_id, span, after, limit)
+        more = len(values) > limit
+        page = (column, after, values[limit - 1] if more else None)
         if span is None:
             sql, params = query_sql(self.dialect, groups, since_ms, until_ms, key_id, page)
         else:
@@ -624,39 +620,35 @@ class UsageStore:
         span: tuple[int | None, int] | None,
         after: Any,
         limit: int,
-    ) -> Iterator[list[Any]]:
-        """Each source's first `limit + 1` values of `column` after `after`, in order: the
-        raw rows of the window when nothing of it is rolled up, else the roll-up's days.
-        The roll-up's key and account are read by
-        a skip scan of their index (`rollup.next_values_sql`): one probe a value, however
-        many rows each value has and whether or not the planner has statistics yet."""
+    ) -> list[Any]:
+        """The first `limit + 1` values of `column` after `after`, in order: the roll-up's
+        when part of the window is rolled up (the raw days beside it add values up to the
+        page's end, which `query_page` keeps the first `limit` of, so reading them here
+        would read those days twice), else the raw rows'. The roll-up's key and account
+        are read by a skip scan of their index (`rollup.next_values_sql`): one probe a
+        value, however many rows each value has and whether or not the planner has
+        statistics yet."""
         ph = PLACEHOLDER[self.dialect]
-        collate = ' COLLATE "C"' if self.dialect == "postgres" and column != "status" else ""
-        sources: list[tuple[str, list[str], list[Any]]] = []
-        if span is None:
-            where, params = _where(ph, since_ms, until_ms, key_id)
-            conds = [where.removeprefix(" WHERE ")] if where else []
-            sources.append(("usage", conds, params))
-        else:
-            # The roll-up's values alone: the raw days beside it add values up to the
-            # page's end too, which the page keeps the first `limit` of (`query_page`), so
-            # their bound is not needed, and finding it would read those days once more.
-            sources.append(("usage_daily", *rollup.daily_window(span, key_id, ph)))
-        for table, conds, params in sources:
-            if table == "usage_daily" and column in rollup.PAGE_INDEXED:
+        if span is not None:
+            conds, params = rollup.daily_window(span, key_id, ph)
+            table = "usage_daily"
+            if column in rollup.PAGE_INDEXED:
                 sql, params = rollup.next_values_sql(
                     self.dialect, column, conds, params, after, limit + 1, ph
                 )
-                yield [r["v"] for r in self._fetch(sql, params, self.read_timeout_s)]
-                continue
-            col = column + collate
-            conds.append(f"{col} > {ph}" if after is not None else f"{column} IS NOT NULL")
-            params += [after] if after is not None else []
-            sql = (
-                f"SELECT DISTINCT {col} AS v FROM {table} WHERE {' AND '.join(conds)}"
-                f" ORDER BY v LIMIT {ph}"
-            )
-            yield [r["v"] for r in self._fetch(sql, [*params, limit + 1], self.read_timeout_s)]
+                return [r["v"] for r in self._fetch(sql, params, self.read_timeout_s)]
+        else:
+            where, params = _where(ph, since_ms, until_ms, key_id)
+            conds = [where.removeprefix(" WHERE ")] if where else []
+            table = "usage"
+        col = column + rollup.collation(self.dialect, column)
+        conds.append(f"{col} > {ph}" if after is not None else f"{column} IS NOT NULL")
+        params += [after] if after is not None else []
+        sql = (
+            f"SELECT DISTINCT {col} AS v FROM {table} WHERE {' AND '.join(conds)}"
+            f" ORDER BY v LIMIT {ph}"
+        )
+        return [r["v"] for r in self._fetch(sql, [*params, limit + 1], self.read_timeout_s)]
 
     def _day_page(
         self,
